@@ -1,0 +1,62 @@
+"""The `workbench` command line.
+
+Each command's work lives in its own module; this file only parses arguments and turns the errors a
+user can fix into one readable line and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, OSError)
+
+
+def _cmd_layers(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from workbench.layers import compressible_layers
+    from workbench.pipelines import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    layers = compressible_layers(pipe.unet, min_numel=args.min_numel)
+    if not layers:
+        raise ValueError(f"no layer of {args.model}'s UNet has more than {args.min_numel} weights; lower --min-numel")
+    rows = [{"layer": n, "type": type(m).__name__, "shape": tuple(m.weight.shape), "numel": m.weight.numel()}
+            for n, m in layers.items()]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(pd.DataFrame(rows).to_string(index=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from workbench import __version__
+
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("layers", help="list the compressible layers of a pipeline's UNet")
+    p.add_argument("model", nargs="?", default=None, help="hub id or local path (default: the demo model)")
+    p.add_argument("--min-numel", type=int, default=100_000, help="layers with more weights than this (default 1e5)")
+    p.set_defaults(func=_cmd_layers)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("workbench: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"workbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
