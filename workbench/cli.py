@@ -22,10 +22,38 @@ def _cmd_layers(args: argparse.Namespace) -> None:
     layers = compressible_layers(pipe.unet, min_numel=args.min_numel)
     if not layers:
         raise ValueError(f"no layer of {args.model}'s UNet has more than {args.min_numel} weights; lower --min-numel")
-    rows = [{"layer": n, "type": type(m).__name__, "shape": tuple(m.weight.shape), "numel": m.weight.numel()}
-            for n, m in layers.items()]
+    rows = [
+        {"layer": n, "type": type(m).__name__, "shape": tuple(m.weight.shape), "numel": m.weight.numel()}
+        for n, m in layers.items()
+    ]
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(pd.DataFrame(rows).to_string(index=False))
+
+
+def _cmd_recipe(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from workbench.recipes import PreAnalysis
+
+    analysis = PreAnalysis.load(args.file)
+    names = [args.name] if args.name else list(analysis.recipes)
+    numels = None
+    if args.model is not None:
+        from workbench.layers import compressible_layers
+        from workbench.pipelines import load_pipeline
+
+        layers = compressible_layers(load_pipeline(args.model).unet, min_numel=args.min_numel)
+        numels = {name: layer.weight.numel() for name, layer in layers.items()}
+    print(f"{args.file}: model_version={analysis.model_version!r}, {len(analysis.recipes)} recipes")
+    for name in names:
+        recipe = analysis.recipe(name)
+        counts = ", ".join(f"{bits}-bit: {n}" for bits, n in sorted(Counter(recipe.bits.values()).items()))
+        line = f"  {name}: {len(recipe.bits)} layers ({counts})"
+        if numels is not None:
+            recipe.validate(numels)
+            line += f"; {recipe.bits_per_param(numels):.2f} bits/param on this model"
+        psnr = analysis.baselines.get(name)
+        print(line + (f"; PSNR {psnr} dB" if psnr is not None else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="hub id or local path (default: the demo model)")
     p.add_argument("--min-numel", type=int, default=100_000, help="layers with more weights than this (default 1e5)")
     p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser("recipe", help="check and summarise a recipe file (ours or the reference's JSON)")
+    p.add_argument("file", help="pre-analysis or recipe JSON")
+    p.add_argument("--name", default=None, help="one recipe of the file (default: all)")
+    p.add_argument("--model", default=None, help="validate layer names against this pipeline's UNet")
+    p.add_argument("--min-numel", type=int, default=0, help="layers counted in bits/param (default: all)")
+    p.set_defaults(func=_cmd_recipe)
 
     return parser
 

@@ -1,0 +1,96 @@
+"""The simulation is the shipped model: Core ML's palettized weights equal ours, bit for bit."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workbench.coreml import coreml_weight_names, package_weights, palettized_weight_names
+from workbench.layers import compressible_layers
+from workbench.palettize import PaletteConfig, fit_palette
+
+ct = pytest.importorskip("coremltools")
+
+
+class SmallNet(nn.Module):
+    """Convs and linears on both sides of coremltools' 10,000-element k-means switch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 64, 3, padding=1)  # 4,608 weights: scikit-learn path
+        self.block = nn.ModuleList([nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 128, 1)])  # 36,864 / 8,192
+        self.head = nn.Linear(128, 256)  # 32,768: exact 1-D path
+        self.out = nn.Linear(256, 64)  # 16,384
+
+    def forward(self, x):
+        for layer in (self.stem, *self.block):
+            x = torch.relu(layer(x))
+        return self.out(torch.relu(self.head(x.mean((2, 3)))))
+
+
+def _small_net():
+    net = SmallNet().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+def _convert(net, target):
+    x = torch.zeros(1, 8, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            torch.jit.trace(net, x),
+            inputs=[ct.TensorType(name="x", shape=x.shape)],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=target,
+        )
+
+
+RECIPES = {
+    "per_tensor": {
+        name: PaletteConfig(nbits)
+        for name, nbits in zip(["stem", "block.0", "block.1", "head", "out"], [4, 6, 2, 8, 1])
+    },
+    "per_tensor_3bit": {name: PaletteConfig(3) for name in ["stem", "block.0", "head"]},
+    "per_tensor_1bit": {name: PaletteConfig(1) for name in ["stem", "block.0", "block.1", "head", "out"]},
+    "grouped": {
+        name: PaletteConfig(nbits, granularity="per_grouped_channel", group_size=16)
+        for name, nbits in zip(["stem", "block.0", "block.1", "head", "out"], [2, 3, 4, 6, 8])
+    },
+    "uniform": {name: PaletteConfig(4, mode="uniform") for name in ["stem", "block.0", "head"]},
+}
+
+
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
+def test_coreml_package_weights_equal_the_simulation(recipe_name, tmp_path):
+    recipe = RECIPES[recipe_name]
+    net = _small_net()
+    ios18 = any(cfg.needs_ios18 for cfg in recipe.values())
+    model = _convert(net, ct.target.iOS18 if ios18 else ct.target.iOS17)
+    layers = compressible_layers(net, min_numel=0)
+    names = coreml_weight_names(layers)
+    config = ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in recipe.items()}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = ct.optimize.coreml.palettize_weights(model, config)
+    path = tmp_path / "net.mlpackage"
+    compressed.save(str(path))
+
+    stored = package_weights(path)  # read back from disk and decompressed
+    assert palettized_weight_names(path) == {names[layer] for layer in recipe}
+    for layer, cfg in recipe.items():
+        ours = fit_palette(layers[layer].weight, cfg).dense()
+        theirs = stored[names[layer]]
+        assert theirs.dtype == np.float16 and theirs.shape == ours.shape
+        assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16)), f"{layer} ({cfg.key}) differs"
+    for layer in set(layers) - set(recipe):  # left float16
+        expected = layers[layer].weight.detach().half().numpy()
+        assert np.array_equal(stored[names[layer]], expected), layer

@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workbench.layers import LayerNotFoundError, compressible_layers, get_layer
+from workbench.palettize import (
+    PaletteCache,
+    PaletteConfig,
+    fit_palette,
+    linear_quantize_tensor,
+    palettize_,
+    palettized,
+)
+from workbench.size import size_report
+
+
+def _net(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(4, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.Flatten(), nn.Linear(64, 128))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="unsupported nbits 5.*1, 2, 3, 4, 6, 8"):
+        PaletteConfig(nbits=5)
+    with pytest.raises(ValueError, match="unknown palettization mode 'median'"):
+        PaletteConfig(mode="median")
+    with pytest.raises(ValueError, match="group_size"):
+        PaletteConfig(granularity="per_grouped_channel")
+    cfg = PaletteConfig(4, granularity="per_grouped_channel", group_size=8)
+    assert PaletteConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.key == "kmeans4_g8"
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("numel", [3_000, 40_000])  # below and above coremltools' 1-D k-means switch
+def test_palette_has_at_most_2_to_the_n_values_and_error_falls_with_bits(nbits, numel):
+    w = torch.randn(numel // 100, 100, generator=torch.Generator().manual_seed(nbits))
+    pal = fit_palette(w, PaletteConfig(nbits))
+    dense = pal.dense()
+    assert pal.lut.dtype == np.float16 and pal.indices.dtype == np.uint8
+    assert pal.lut.shape == (1, 2**nbits) and dense.shape == tuple(w.shape)
+    # float32: numpy's float16 sort (and so np.unique) is wrong on AVX-512 CPUs (numpy 2.2-2.3)
+    assert len(np.unique(dense.astype(np.float32))) <= 2**nbits
+    assert np.array_equal(dense, pal.lut[0][pal.indices])
+    sqnr = 10 * np.log10(w.pow(2).sum().item() / ((w.numpy() - dense.astype(np.float32)) ** 2).sum())
+    # Floors: the Lloyd-Max optimum for a Gaussian (4.40, 9.30, 14.62, 20.22 dB at 1-4 bits), which exact
+    # k-means reaches on the large tensor; scikit-learn's tol=1e-2 path (small tensors) stops a little short.
+    floor = {1: 4.3, 2: 8.8, 3: 14.0, 4: 19.5, 6: 31.0, 8: 43.0}[nbits]
+    if numel >= 10_000 and nbits <= 4:
+        floor = {1: 4.38, 2: 9.28, 3: 14.6, 4: 20.2}[nbits]
+    assert sqnr >= floor, f"SQNR {sqnr:.2f} dB is too low"
+
+
+def test_grouped_palette_is_one_lut_per_group_and_beats_per_tensor():
+    w = torch.randn(64, 200, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 2, 64)[:, None]
+    per_tensor = fit_palette(w, PaletteConfig(3)).dense().astype(np.float32)
+    pal = fit_palette(w, PaletteConfig(3, granularity="per_grouped_channel", group_size=8))
+    assert pal.lut.shape == (8, 8)
+    for g in range(8):
+        assert set(pal.dense()[8 * g : 8 * g + 8].ravel().tolist()) <= set(pal.lut[g])
+    err = lambda d: ((w.numpy() - d.astype(np.float32)) ** 2).sum()  # noqa: E731
+    assert err(pal.dense()) < 0.85 * err(per_tensor)
+    with pytest.raises(ValueError, match="does not divide the 64 output channels"):
+        fit_palette(w, PaletteConfig(3, granularity="per_grouped_channel", group_size=7))
+
+
+def test_uniform_mode_is_evenly_spaced():
+    w = torch.linspace(-1, 1, 20_000).reshape(100, 200)
+    lut = fit_palette(w, PaletteConfig(4, mode="uniform")).lut[0].astype(np.float64)
+    assert np.allclose(np.diff(lut), 2 / 15, rtol=2e-3)
+
+
+def test_palettized_restores_weights_bitwise_and_uses_no_copy_of_the_model():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    storage_before = {n: m.weight.data_ptr() for n, m in compressible_layers(net, 0).items()}
+    recipe = {"0": 2, "2": PaletteConfig(4), "4": 16}
+    with palettized(net, recipe) as same:
+        assert same is net
+        assert not torch.equal(net[0].weight, before["0.weight"])
+        assert len(torch.unique(net[2].weight)) <= 16
+        assert torch.equal(net[4].weight, before["4.weight"])  # 16 bits: untouched
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+        assert v.view(torch.int32).equal(before[k].view(torch.int32)), f"{k} not bitwise restored"
+    for n, m in compressible_layers(net, 0).items():
+        assert m.weight.data_ptr() == storage_before[n], "the original storage must come back, not a copy"
+
+
+def test_palettized_restores_on_error():
+    net = _net()
+    before = net[0].weight.clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        with palettized(net, {"0": 1}):
+            raise RuntimeError("boom")
+    assert torch.equal(net[0].weight, before)
+
+
+def test_cache_fits_once_and_refits_a_changed_weight():
+    net = _net()
+    cache = PaletteCache()
+    for _ in range(3):
+        with palettized(net, {"2": 4}, cache=cache):
+            first = net[2].weight.clone()
+    assert cache.fits == 1
+    with torch.no_grad():
+        net[2].weight.mul_(2.0)  # in-place change: the cached palette is stale
+    with palettized(net, {"2": 4}, cache=cache):
+        assert not torch.equal(net[2].weight, first)
+    assert cache.fits == 2
+
+
+def test_palettize_in_place_and_int8_baselines():
+    net = _net()
+    w = net[4].weight.detach().clone()
+    per_tensor = linear_quantize_tensor(w, per_channel=False)
+    per_channel = linear_quantize_tensor(w, per_channel=True)
+    assert len(torch.unique(per_tensor)) <= 256
+    for c in range(w.shape[0]):
+        assert len(torch.unique(per_channel[c])) <= 255
+    err_t, err_c = (w - per_tensor).pow(2).sum(), (w - per_channel).pow(2).sum()
+    assert err_c <= err_t
+    palettize_(net, {"4": 6})
+    assert len(torch.unique(net[4].weight)) <= 64
+
+
+def test_unknown_layer_lists_closest_names():
+    net = nn.Module()
+    net.down = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    with pytest.raises(LayerNotFoundError, match=r"'down\.2'.*closest: down\.0, down\.1|closest: down\.1"):
+        get_layer(net, "down.2")
+    with pytest.raises(LayerNotFoundError):
+        with palettized(net, {"down.7": 4}):
+            pass
+
+
+def test_compressible_layers_threshold_is_strict():
+    net = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 11), nn.LayerNorm(10))
+    assert list(compressible_layers(net, 100)) == ["1"]
+    assert list(compressible_layers(net, 99)) == ["0", "1"]
+
+
+def test_size_report_counts_luts_and_packing():
+    net = _net()
+    layers = compressible_layers(net, 0)
+    report = size_report(layers, {"0": 4, "2": PaletteConfig(2, granularity="per_grouped_channel", group_size=16)})
+    n0, n2, n4 = (layers[k].weight.numel() for k in ("0", "2", "4"))
+    assert report.bits_per_param == pytest.approx((4 * n0 + 2 * n2 + 16 * n4) / (n0 + n2 + n4))
+    assert report.nbytes == (n0 * 4 + 7) // 8 + 16 * 2 + (n2 * 2 + 7) // 8 + 4 * 4 * 2 + 2 * n4
+    assert report.float16_nbytes == 2 * (n0 + n2 + n4)
+    assert report.size_reduction_pct == pytest.approx(100 * (1 - report.bits_per_param / 16))
+    assert len(report.to_frame()) == 3

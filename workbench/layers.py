@@ -1,0 +1,60 @@
+"""Which layers of a model palettization applies to, by their diffusers module path."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+REFERENCE_MIN_NUMEL = 100_000  # the reference's candidates: weight.numel() > 1e5
+
+
+class LayerNotFoundError(KeyError):
+    """A layer name that is not in the model; the message lists the closest real names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def compressible_layers(module: nn.Module, min_numel: int = REFERENCE_MIN_NUMEL) -> dict[str, nn.Module]:
+    """The `nn.Linear` and `nn.Conv2d` layers whose weight has more than `min_numel` elements.
+
+    Args:
+        module (`nn.Module`): a UNet, text encoder or VAE.
+        min_numel (`int`, defaults to 100,000): strict lower bound on `weight.numel()`, as in the reference.
+            Tiny models need a lower one (coremltools' own default is 2,048).
+
+    Returns:
+        `dict[str, nn.Module]`: module path -> layer, in the model's module order.
+    """
+    if min_numel < 0:
+        raise ValueError(f"min_numel must be >= 0, got {min_numel}")
+    return {
+        name: layer
+        for name, layer in module.named_modules()
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and layer.weight.numel() > min_numel
+    }
+
+
+def closest_names(name: str, names, n: int = 5) -> list[str]:
+    """Up to `n` names from `names` that look most like `name`."""
+    names = list(names)
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    if len(close) < n:
+        # Long dotted paths differ in one index; fall back to the shared-prefix neighbours.
+        tail = name.rsplit(".", 1)[-1]
+        close += [c for c in names if c.endswith("." + tail) and c not in close][: n - len(close)]
+    return close
+
+
+def get_layer(module: nn.Module, name: str) -> nn.Module:
+    """The submodule at `name`, or a `LayerNotFoundError` that names the closest real layers."""
+    try:
+        layer = module.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if layer is None or not hasattr(layer, "weight"):
+        candidates = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        hint = ", ".join(closest_names(name, candidates)) or "none"
+        raise LayerNotFoundError(f"no layer {name!r} with a weight in {type(module).__name__}; closest: {hint}")
+    return layer

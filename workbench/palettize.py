@@ -1,0 +1,314 @@
+"""Palettization: n-bit lookup tables of float16 values, fitted exactly as Core ML fits them.
+
+A palettized weight is a LUT of 2**nbits float16 values and, for every weight, a uint8 index into
+it. `fit_palette` reproduces `coremltools.optimize.coreml.palettize_weights` (coremltools 9) bit for
+bit: the weight is cast to float16; in `"kmeans"` mode a tensor (or channel group) with >= 10,000
+elements gets exact 1-D k-means over its distinct values weighted by their counts, a smaller one
+scikit-learn's KMeans with coremltools' settings; `"uniform"` mode is coremltools' linear LUT.
+
+Example:
+    >>> cfg = PaletteConfig(nbits=4)
+    >>> with palettized(pipe.unet, {"mid_block.attentions.0.proj_in": cfg}):
+    ...     image = pipe(prompt).images[0]   # weights restored exactly on exit
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench.kmeans import kmeans_1d, unique_float16
+from workbench.layers import get_layer
+
+SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
+FLOAT_BITS = 16  # a recipe's "leave this layer float16"
+MODES = ("kmeans", "uniform")
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+KMEANS_1D_MIN_NUMEL = 10_000  # coremltools' switch from scikit-learn to exact 1-D k-means
+
+
+@dataclass(frozen=True)
+class PaletteConfig:
+    """How to palettize one weight.
+
+    Args:
+        nbits (`int`, defaults to 6): bits per index, one of 1, 2, 3, 4, 6, 8 (a LUT of 2**nbits values).
+        mode (`str`, defaults to `"kmeans"`): `"kmeans"` (exact 1-D k-means) or `"uniform"` (evenly spaced).
+        granularity (`str`, defaults to `"per_tensor"`): one LUT per tensor, or `"per_grouped_channel"`:
+            one LUT per `group_size` output channels (Core ML iOS18/macOS15).
+        group_size (`int`, defaults to 0): output channels per LUT; must be > 0 for grouped palettes.
+    """
+
+    nbits: int = 6
+    mode: str = "kmeans"
+    granularity: str = "per_tensor"
+    group_size: int = 0
+
+    def __post_init__(self):
+        if self.nbits not in SUPPORTED_NBITS:
+            raise ValueError(f"unsupported nbits {self.nbits!r}; valid: {', '.join(map(str, SUPPORTED_NBITS))}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown palettization mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        if self.granularity == "per_grouped_channel" and self.group_size < 1:
+            raise ValueError(f"per_grouped_channel needs group_size >= 1, got {self.group_size}")
+        if self.granularity == "per_tensor" and self.group_size != 0:
+            raise ValueError(f"group_size={self.group_size} only applies to per_grouped_channel palettes")
+
+    @property
+    def key(self) -> str:
+        """A short stable name, e.g. `kmeans4` or `kmeans4_g16`."""
+        suffix = f"_g{self.group_size}" if self.granularity == "per_grouped_channel" else ""
+        return f"{self.mode}{self.nbits}{suffix}"
+
+    @property
+    def needs_ios18(self) -> bool:
+        """Grouped palettes and 3-bit LUTs need the iOS18/macOS15 `constexpr_lut_to_dense` op."""
+        return self.granularity == "per_grouped_channel" or self.nbits == 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PaletteConfig:
+        unknown = set(d) - {"nbits", "mode", "granularity", "group_size"}
+        if unknown:
+            raise ValueError(f"unknown PaletteConfig keys {sorted(unknown)}")
+        return cls(**d)
+
+    def to_coreml(self):
+        """The equivalent `coremltools.optimize.coreml.OpPalettizerConfig`."""
+        import coremltools as ct
+
+        # weight_threshold=0: these are per-op configs, so compress whatever they name.
+        kwargs = {"mode": self.mode, "nbits": self.nbits, "weight_threshold": 0}
+        if self.granularity == "per_grouped_channel":
+            kwargs.update(granularity="per_grouped_channel", group_size=self.group_size)
+        return ct.optimize.coreml.OpPalettizerConfig(**kwargs)
+
+
+def as_config(spec: int | PaletteConfig | None) -> PaletteConfig | None:
+    """A recipe entry as a config: an int is k-means per tensor at that width; 16 or None means float16."""
+    if spec is None or isinstance(spec, PaletteConfig):
+        return spec
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        return None if spec == FLOAT_BITS else PaletteConfig(nbits=int(spec))
+    raise TypeError(f"a recipe entry must be an int bit width or a PaletteConfig, got {spec!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Palette:
+    """A fitted palette: `dense()[c, ...] == lut[c // group_size, indices[c, ...]]`.
+
+    Attributes:
+        lut (`np.ndarray`): float16, shape (n_groups, 2**nbits); unused entries are 0.
+        indices (`np.ndarray`): uint8, the weight's shape.
+        config (`PaletteConfig`): how it was fitted.
+    """
+
+    lut: np.ndarray
+    indices: np.ndarray
+    config: PaletteConfig = field(repr=False)
+
+    def dense(self) -> np.ndarray:
+        """The palettized weight, float16, in the weight's shape."""
+        groups = self.lut.shape[0]
+        rows = self.indices.reshape(groups, -1)
+        return np.take_along_axis(self.lut, rows.astype(np.intp), axis=1).reshape(self.indices.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: indices packed at nbits each, plus the float16 LUT(s)."""
+        return math.ceil(self.indices.size * self.config.nbits / 8) + self.lut.size * 2
+
+
+def _as_float16_numpy(weight: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(weight, torch.Tensor):
+        weight = weight.detach().to("cpu", torch.float16).numpy()
+    weight = np.asarray(weight).astype(np.float16, copy=False)
+    if weight.ndim == 0 or weight.size == 0:
+        raise ValueError(f"cannot palettize a weight of shape {weight.shape}")
+    return weight
+
+
+def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.ndarray, np.ndarray]:
+    lut = np.zeros(1 << nbits)
+    if values.size >= KMEANS_1D_MIN_NUMEL:
+        unique = unique_float16(values)
+        n_clusters = min(len(unique.values), len(lut))
+        labels, centroids = kmeans_1d(unique.values, unique.counts, n_clusters, solver=solver)
+        lut[:n_clusters] = centroids
+        return lut, labels[unique.inverse]
+    from sklearn.cluster import KMeans
+
+    # coremltools' small-tensor path, with its exact settings, on the same float16 column.
+    n_clusters = min(values.size, len(lut))
+    kmeans = KMeans(n_clusters, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(values.reshape(-1, 1))
+    lut[:n_clusters] = kmeans.cluster_centers_[:, 0]
+    return lut, kmeans.labels_
+
+
+def _fit_group_uniform(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    # coremltools' arithmetic, kept in float16 as it does, so the LUT matches bit for bit.
+    lo, hi = np.amin(values), np.amax(values)
+    levels = (1 << nbits) - 1
+    if hi == lo:
+        return np.full(1 << nbits, lo), np.zeros(values.size, dtype=np.uint8)
+    indices = np.round(((values - lo) / (hi - lo)) * levels).astype(np.uint8)
+    return np.arange(1 << nbits) * ((hi - lo) / levels) + lo, indices
+
+
+def fit_palette(weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver: str = "auto") -> Palette:
+    """Fit an n-bit palette to a weight, exactly as coremltools 9's `palettize_weights` does.
+
+    Args:
+        weight (`torch.Tensor` or `np.ndarray`): any float dtype; cast to float16 first, as Core ML stores it.
+            Axis 0 is the output-channel axis that grouped palettes split.
+        config (`PaletteConfig`): bits, mode and granularity.
+        solver (`str`, defaults to `"auto"`): the 1-D k-means solver (see `workbench.kmeans.kmeans_1d`).
+
+    Returns:
+        `Palette` with a float16 LUT per channel group and uint8 indices in the weight's shape.
+    """
+    w = _as_float16_numpy(weight)
+    channels = w.shape[0]
+    group_size = config.group_size if config.granularity == "per_grouped_channel" else channels
+    if channels % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide the {channels} output channels of a weight of shape {w.shape}"
+        )
+    luts, indices = [], []
+    for group in np.split(w, channels // group_size, axis=0):
+        values = group.reshape(-1)
+        if config.mode == "kmeans":
+            lut, idx = _fit_group_kmeans(values, config.nbits, solver)
+        else:
+            lut, idx = _fit_group_uniform(values, config.nbits)
+        luts.append(lut.astype(np.float16))
+        indices.append(np.asarray(idx).astype(np.uint8).reshape(group.shape))
+    return Palette(np.stack(luts), np.concatenate(indices, axis=0), config)
+
+
+@torch.no_grad()
+def palettize_tensor(weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
+    """The weight with every value replaced by its palette entry; same shape, dtype and device."""
+    dense = fit_palette(weight, config).dense()
+    return torch.from_numpy(dense).to(device=weight.device, dtype=weight.dtype)
+
+
+@torch.no_grad()
+def linear_quantize_tensor(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Simulated 8-bit linear quantization, the reference's baselines.
+
+    - `per_channel=False`: asymmetric uint8 over the whole tensor, the reference's `linear_8bit`:
+      `scale = (max - min) / 255`, `zero = round(-min / scale)`, `q = clip(round(w / scale) + zero, 0, 255)`.
+    - `per_channel=True`: symmetric int8 per output channel (coremltools' default `linear_symmetric`):
+      `scale_c = max|w_c| / 127`, `q = clip(round(w / scale_c), -127, 127)`.
+
+    Returns `(q - zero) * scale` in float16 precision, cast back to the weight's dtype.
+    """
+    w = weight.detach().float()
+    if per_channel:
+        scale = w.abs().flatten(1).amax(dim=1).clamp_min(1e-12) / 127.0
+        scale = scale.view(-1, *([1] * (w.dim() - 1)))
+        q = torch.clamp(torch.round(w / scale), -127, 127)
+        out = q * scale
+    else:
+        lo, hi = w.min().clamp_max(0.0), w.max().clamp_min(0.0)
+        scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(w / scale) + zero, 0, 255)
+        out = (q - zero) * scale
+    return out.half().to(dtype=weight.dtype)
+
+
+class PaletteCache:
+    """Fitted palettes per (layer, config), so a sweep runs k-means once per layer and width.
+
+    Palettes are kept as uint8 indices plus LUTs (about a byte per weight), and expanded to a dense
+    tensor on request. A weight that changed since its palette was fitted (another tensor, or
+    modified in place) is refitted, never served stale.
+    """
+
+    def __init__(self, solver: str = "auto"):
+        self.solver = solver
+        self._palettes: dict[tuple[str, PaletteConfig], tuple[tuple, Palette]] = {}
+        self.fits = 0
+
+    @staticmethod
+    def _identity(weight: torch.Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+
+    def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+        key, identity = (name, config), self._identity(weight)
+        hit = self._palettes.get(key)
+        if hit is None or hit[0] != identity:
+            self._palettes[key] = (identity, fit_palette(weight, config, solver=self.solver))
+            self.fits += 1
+        return self._palettes[key][1]
+
+    def get(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
+        dense = self.palette(name, weight, config).dense()
+        return torch.from_numpy(dense).to(device=weight.device, dtype=weight.dtype)
+
+    def __len__(self) -> int:
+        return len(self._palettes)
+
+
+def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None) -> torch.Tensor | None:
+    if spec == "linear8" or spec == "linear8_per_channel":
+        return linear_quantize_tensor(layer.weight, per_channel=spec == "linear8_per_channel")
+    config = as_config(spec)
+    if config is None:
+        return None
+    if cache is not None:
+        return cache.get(name, layer.weight, config)
+    return palettize_tensor(layer.weight, config)
+
+
+@contextmanager
+@torch.no_grad()
+def palettized(
+    model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str | None], cache: PaletteCache | None = None
+) -> Iterator[nn.Module]:
+    """Palettize `model`'s layers in place for the duration of a `with` block, then restore them exactly.
+
+    Nothing is deep-copied: each listed layer's `weight.data` is swapped for its palettized values and
+    the original tensor (the same object, so bitwise identical) is put back on exit, also on error.
+
+    Args:
+        model (`nn.Module`): e.g. `pipe.unet`.
+        recipe (`Mapping[str, int | PaletteConfig | str | None]`): layer name -> bit width (16 or None:
+            leave it), a `PaletteConfig`, or `"linear8"` / `"linear8_per_channel"` for the int8 baselines.
+        cache (`PaletteCache`, *optional*): reuse palettes across calls.
+    """
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for name, spec in recipe.items():
+            layer = get_layer(model, name)
+            new = _replacement(name, layer, spec, cache)
+            if new is not None:
+                originals[name] = layer.weight.data
+                layer.weight.data = new
+        yield model
+    finally:
+        for name, data in originals.items():
+            get_layer(model, name).weight.data = data
+
+
+@torch.no_grad()
+def palettize_(model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str | None]) -> nn.Module:
+    """Palettize `model`'s layers in place, for good (see `palettized` for a reversible version)."""
+    for name, spec in recipe.items():
+        layer = get_layer(model, name)
+        new = _replacement(name, layer, spec, None)
+        if new is not None:
+            layer.weight.data = new
+    return model
