@@ -1,0 +1,130 @@
+"""load_pipeline and pick_device: local folders, the offline HF cache, helpful errors, never the network."""
+
+import socket
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from workbench import cli
+from workbench.pipelines import DEMO_MODEL, ModelNotAvailableError, load_pipeline, pick_device
+from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # on a shared 2-core machine a busy second core makes 2-thread torch ops ~30x slower than 1-thread ones
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network at all, HF offline mode, and an empty HF cache of our own under tmp_path/hub."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"load_pipeline tried to open a connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def assert_same_image(pipe, image):
+    # weights load bitwise-identical; unaligned views into the file may change the last bit of a reduction
+    np.testing.assert_allclose(generate(pipe), image, rtol=0, atol=1e-5)
+
+
+def generate(pipe):
+    out = pipe("a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    return out.images[0]
+
+
+@pytest.fixture(scope="module")
+def saved_sd(tmp_path_factory):
+    """(folder of a saved tiny SD pipeline, the image it makes)."""
+    pipe = tiny_sd_pipeline(seed=0)
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    pipe.save_pretrained(folder)
+    return folder, generate(pipe)
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert pick_device() == torch.device("cpu")
+        with pytest.raises(ValueError, match=r"'cuda' is not available here; available: cpu"):
+            pick_device("cuda")
+    with pytest.raises(ValueError, match=r"'gpu' is not a device name"):
+        pick_device("gpu")
+
+
+def test_demo_model_path():
+    assert DEMO_MODEL == Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-shapes"
+
+
+def test_load_pipeline_from_a_local_folder(saved_sd, offline):
+    folder, image = saved_sd
+    pipe = load_pipeline(folder, device="cpu")
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
+    assert pipe.device == torch.device("cpu") and pipe.unet.dtype == torch.float32
+    assert_same_image(pipe, image)
+    half = load_pipeline(str(folder), dtype=torch.float16)
+    assert half.unet.dtype == half.vae.dtype == half.text_encoder.dtype == torch.float16
+
+
+def test_load_pipeline_detects_sdxl(tmp_path, offline):
+    tiny_sdxl_pipeline(seed=0).save_pretrained(tmp_path / "xl")
+    assert isinstance(load_pipeline(tmp_path / "xl"), StableDiffusionXLPipeline)
+
+
+def test_load_pipeline_from_the_hf_cache(saved_sd, offline):
+    # lay the saved pipeline out as `huggingface-cli download workbench-tests/tiny-sd` would
+    folder, image = saved_sd
+    repo = offline / "models--workbench-tests--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / commit).symlink_to(folder, target_is_directory=True)
+    pipe = load_pipeline("workbench-tests/tiny-sd", device="cpu")
+    assert pipe.name_or_path == "workbench-tests/tiny-sd"
+    assert_same_image(pipe, image)
+
+
+@pytest.mark.parametrize("model_id", ["runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"])
+def test_uncached_hub_id_says_how_to_get_it(offline, model_id):
+    with pytest.raises(ModelNotAvailableError) as err:
+        load_pipeline(model_id)
+    message = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert f"'{model_id}' is not available locally" in message
+    assert f"huggingface-cli download {model_id}" in message and "HF_HOME" in message and "local" in message
+
+
+@pytest.mark.parametrize("missing", ["./no-such-model", "/no/such/model", "data/models/no-such-model"])
+def test_missing_path_names_it(offline, missing):
+    with pytest.raises(ModelNotAvailableError, match=f"no such file or folder: '{missing}'"):
+        load_pipeline(missing)
+
+
+def test_folder_without_model_index(tmp_path, offline):
+    with pytest.raises(ModelNotAvailableError, match="no model_index.json"):
+        load_pipeline(tmp_path)
+
+
+def test_cli_layers_lists_the_unet_layers(saved_sd, offline, capsys):
+    folder, _ = saved_sd
+    assert cli.main(["layers", str(folder), "--min-numel", "2048"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 104  # header + the tiny UNet's Linear/Conv2d layers over 2048 weights
+    assert cli.main(["layers", str(folder / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""The tiny offline pipelines: real tokenizer, deterministic weights and images, save/load round trip."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPTokenizer
+
+from workbench.testing import DEFAULT_WORDS, tiny_sd_pipeline, tiny_sdxl_pipeline, write_clip_tokenizer
+
+PROMPT = "a photo of a red circle"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # on a shared 2-core machine a busy second core makes 2-thread torch ops ~30x slower than 1-thread ones
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generate(pipe, seed=0):
+    """The 64x64 image for PROMPT after 2 steps, HWC float32 in [0, 1]."""
+    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return out.images[0]
+
+
+def assert_same_images(loaded, image):
+    # weights load bitwise-identical, but as views into the file at unaligned offsets, which can change which
+    # CPU kernel runs and so the last bit of a reduction (seen for SDXL's 48-wide text encoder: 1e-6)
+    np.testing.assert_allclose(generate(loaded), image, rtol=0, atol=1e-5)
+
+
+def state_dicts_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tokenizer_makes_each_word_one_token(tmp_path):
+    words = [*DEFAULT_WORDS, "zigzag", "café"]
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, words))
+    vocab = tok.get_vocab()
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>")
+    not_single = [w for w in words if len(tok(w).input_ids) != 3 or tok.decode(tok(w).input_ids[1:2]) != w]
+    assert not_single == []
+    assert tok("red").input_ids == [tok.bos_token_id, vocab["red</w>"], tok.eos_token_id]
+    # CLIP's layout: 256 byte characters, then the same with "</w>", merges, then the two special tokens last
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256 and tok.eos_token_id == len(vocab) - 1
+    # words outside the list still tokenize, case- and whitespace-normalized, without <unk>
+    ids = tok("A  Zebra, 3 cats").input_ids
+    assert tok.convert_ids_to_tokens(ids)[:3] == ["<|startoftext|>", "a</w>", "z"]
+    assert tok.eos_token_id not in ids[1:-1] and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "a zebra , 3 cats"
+    padded = tok(PROMPT, padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(padded) == 77 and padded[7:] == [tok.pad_token_id] * 70  # bos, 5 words, eos, then padding
+
+
+@pytest.mark.parametrize("bad", ["Red", "3d", "two words", "x-ray", ""])
+def test_tokenizer_rejects_words_that_cannot_be_one_token(tmp_path, bad):
+    with pytest.raises(ValueError, match="lowercase letters"):
+        write_clip_tokenizer(tmp_path, ["red", bad])
+
+
+def test_building_leaves_the_global_rng_alone():
+    seed, state = torch.initial_seed(), torch.get_rng_state()
+    tiny_sd_pipeline(seed=3)
+    tiny_sdxl_pipeline(seed=3)
+    assert torch.initial_seed() == seed
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd_image(sd):
+    return generate(sd)
+
+
+def test_tiny_sd_pipeline_architecture(sd):
+    assert isinstance(sd, StableDiffusionPipeline) and sd.safety_checker is None
+    assert sum(p.numel() for p in sd.unet.parameters()) == 1_427_012  # REFERENCE.md's tiny UNet
+    assert sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size == 32
+    assert len(sd.tokenizer) == sd.text_encoder.config.vocab_size
+    assert (sd.scheduler.config.steps_offset, sd.scheduler.config.timestep_spacing) == (1, "leading")
+    assert sd.vae_scale_factor == 2 and sd.unet.config.sample_size == 32
+
+
+def test_tiny_sd_pipeline_is_deterministic(sd, sd_image):
+    again = tiny_sd_pipeline(seed=0)
+    for name in ("unet", "vae", "text_encoder"):
+        assert state_dicts_equal(getattr(sd, name), getattr(again, name)), name
+    assert not state_dicts_equal(sd.unet, tiny_sd_pipeline(seed=1).unet)
+    assert sd_image.shape == (64, 64, 3) and sd_image.std() > 0.02  # an image, not a constant
+    np.testing.assert_array_equal(generate(again), sd_image)
+    # pins the seed -> weights -> image chain (diffusers-style slice; tolerant of BLAS rounding only)
+    expected = np.array([0.3171, 0.3562, 0.4324, 0.4434, 0.4207, 0.4991, 0.5341, 0.4516, 0.4921])
+    np.testing.assert_allclose(sd_image[-3:, -3:, -1].ravel(), expected, atol=1e-3)
+
+
+def test_tiny_sd_pipeline_round_trips_through_save_pretrained(sd, sd_image, tmp_path):
+    sd.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.tokenizer.get_vocab() == sd.tokenizer.get_vocab()
+    for name in ("unet", "vae", "text_encoder"):
+        assert state_dicts_equal(getattr(sd, name), getattr(loaded, name)), name
+    assert_same_images(loaded, sd_image)
+
+
+def test_tiny_sdxl_pipeline(tmp_path):
+    pipe = tiny_sdxl_pipeline(seed=0)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    hidden = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert pipe.unet.config.cross_attention_dim == hidden
+    assert pipe.unet.config.projection_class_embeddings_input_dim == 6 * 8 + pipe.text_encoder_2.config.projection_dim
+    assert pipe.tokenizer_2.pad_token == "!"
+    image = generate(pipe)
+    assert image.shape == (64, 64, 3) and image.std() > 0.02
+
+    again = tiny_sdxl_pipeline(seed=0)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert state_dicts_equal(getattr(pipe, name), getattr(again, name)), name
+    np.testing.assert_array_equal(generate(again), image)
+    expected = np.array([0.3433, 0.4082, 0.3203, 0.3145, 0.3676, 0.4151, 0.4865, 0.4311, 0.4952])
+    np.testing.assert_allclose(image[-3:, -3:, -1].ravel(), expected, atol=1e-3)
+
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionXLPipeline.from_pretrained(tmp_path, local_files_only=True, add_watermarker=False)
+    assert loaded.tokenizer_2.pad_token == "!"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert state_dicts_equal(getattr(pipe, name), getattr(loaded, name)), name
+    assert_same_images(loaded, image)
