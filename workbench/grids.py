@@ -1,0 +1,315 @@
+"""Seed-matched image comparisons: generate the same prompts from the same seeds under several recipes,
+and lay the images out as a captioned grid (prompts as rows, recipes as columns).
+
+The first column is the reference (the float model); every other cell carries its image PSNR against the
+reference cell of its row, so a reader sees at a glance where a recipe starts to change the picture.
+
+Example:
+    >>> comparison = seed_matched_images(pipe, ["a red circle"], {"6-bit": six_bit, "4-bit": four_bit}, steps=8)
+    >>> comparison.render().save("grid.png")
+    >>> comparison.to_frame()   # one row per cell: prompt, column, bits/param, size, image PSNR
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+REFERENCE_COLUMN = "float16"  # the unpalettized model's column, as the reference labels it
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+MUTED = (90, 90, 90)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a comparison: a recipe and its size.
+
+    Attributes:
+        name: the column's title, e.g. `"4-bit"` or `"recipe_4.50_bit_mixedpalette"`.
+        bits_per_param: sum(bits * numel) / sum(numel) over the sized layers (16 for the float model).
+        nbytes: stored bytes of the sized layers (packed indices + LUTs, float16 for the rest).
+    """
+
+    name: str
+    bits_per_param: float
+    nbytes: int
+
+    @property
+    def caption(self) -> str:
+        """`"4.00 bits/param\n0.71 MB"`: the lines under the column's title."""
+        return f"{self.bits_per_param:.2f} bits/param\n{format_megabytes(self.nbytes)}"
+
+
+def format_megabytes(nbytes: int) -> str:
+    """Bytes as MB (10**6 bytes) with 2 significant decimals below 10 MB."""
+    mb = nbytes / 1e6
+    return f"{mb:.2f} MB" if mb < 10 else f"{mb:.1f} MB"
+
+
+def image_psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """PSNR of two uint8 images, `workbench.metrics.psnr` with peak 255: `10*log10(255**2 / mse)`; inf if equal."""
+    from workbench.metrics import psnr
+
+    return psnr(reference, test, peak=255.0)
+
+
+def image_ssim(reference: np.ndarray, test: np.ndarray) -> float:
+    """SSIM of two uint8 HWC images, `workbench.metrics.ssim` with data range 255."""
+    from workbench.metrics import ssim
+
+    return ssim(reference, test, data_range=255.0)
+
+
+@dataclass(frozen=True)
+class SeedMatchedImages:
+    """Images for `prompts` x `columns`, each row generated from `seeds[row]` in every column.
+
+    Attributes:
+        prompts: one per row.
+        seeds: the generator seed of each row (the same in every column).
+        columns: `columns[0]` is the reference the PSNRs are measured against.
+        images: `images[row][col]`, HWC uint8 RGB arrays.
+        psnr: `psnr[row][col]`, image PSNR in dB against `images[row][0]` (`inf` in column 0).
+        ssim: `ssim[row][col]`, SSIM against `images[row][0]` (1.0 in column 0).
+        steps: sampling steps used for every image.
+    """
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    columns: tuple[Column, ...]
+    images: tuple[tuple[np.ndarray, ...], ...] = field(repr=False)
+    psnr: tuple[tuple[float, ...], ...]
+    ssim: tuple[tuple[float, ...], ...]
+    steps: int
+
+    def to_frame(self):
+        """One row per cell: prompt, seed, column, bits/param, size (MB), image PSNR (dB), SSIM."""
+        import pandas as pd
+
+        rows = []
+        for r, prompt in enumerate(self.prompts):
+            for c, column in enumerate(self.columns):
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "seed": self.seeds[r],
+                        "column": column.name,
+                        "bits_per_param": round(column.bits_per_param, 3),
+                        "size_mb": round(column.nbytes / 1e6, 4),
+                        "image_psnr_db": self.psnr[r][c],
+                        "ssim": self.ssim[r][c],
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def mean_psnr(self) -> dict[str, float]:
+        """Column name -> mean image PSNR over the rows (finite values only; `inf` if all are identical)."""
+        out = {}
+        for c, column in enumerate(self.columns):
+            values = [row[c] for row in self.psnr if math.isfinite(row[c])]
+            out[column.name] = float(np.mean(values)) if values else math.inf
+        return out
+
+    def render(self, *, cell_size: int = 128, title: str | None = None):
+        """The comparison as one captioned PIL image (see `image_grid`)."""
+        captions = [[_psnr_caption(value) if c else "reference" for c, value in enumerate(row)] for row in self.psnr]
+        return image_grid(
+            self.images,
+            row_labels=[f"{p}\n(seed {s})" for p, s in zip(self.prompts, self.seeds)],
+            column_labels=[f"{col.name}\n{col.caption}" for col in self.columns],
+            cell_captions=captions,
+            cell_size=cell_size,
+            title=title,
+        )
+
+
+def _psnr_caption(value: float) -> str:
+    return "identical" if math.isinf(value) else f"PSNR {value:.1f} dB"
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    # Pillow >= 10.1 ships a scalable default font (FreeType), so no system font file is needed.
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font, width: int, draw) -> list[str]:
+    """Greedy word wrap of each line of `text` to `width` pixels."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}".strip()
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def image_grid(
+    images: Sequence[Sequence],
+    *,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+    cell_captions: Sequence[Sequence[str]] | None = None,
+    cell_size: int = 128,
+    title: str | None = None,
+    font_size: int = 13,
+):
+    """Lay out `images[row][col]` as one PIL image with row labels on the left, column headers on top and a
+    caption under each cell. Images are upscaled with nearest-neighbour so pixels stay visible.
+
+    Args:
+        images (`Sequence[Sequence]`): rows of PIL images or HWC uint8 arrays; every row the same length.
+        row_labels (`Sequence[str]`, *optional*): one per row (wrapped; `\\n` starts a new line).
+        column_labels (`Sequence[str]`, *optional*): one per column; the first line is drawn bold-dark, the rest muted.
+        cell_captions (`Sequence[Sequence[str]]`, *optional*): `cell_captions[row][col]`, under each image.
+        cell_size (`int`, defaults to 128): displayed side of each image in pixels.
+        title (`str`, *optional*): a line across the top.
+        font_size (`int`, defaults to 13): label text size in pixels.
+
+    Returns:
+        `PIL.Image.Image`: RGB.
+    """
+    from PIL import Image, ImageDraw
+
+    n_rows = len(images)
+    if n_rows == 0:
+        raise ValueError("image_grid needs at least one row of images")
+    n_cols = len(images[0])
+    if n_cols == 0 or any(len(row) != n_cols for row in images):
+        raise ValueError(f"every row needs the same, non-zero number of images; got {[len(r) for r in images]}")
+    for name, labels, n in (("row_labels", row_labels, n_rows), ("column_labels", column_labels, n_cols)):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{name} has {len(labels)} entries for {n} {name.split('_')[0]}s")
+    if cell_captions is not None and [len(r) for r in cell_captions] != [n_cols] * n_rows:
+        raise ValueError(f"cell_captions must be {n_rows} rows of {n_cols}")
+
+    font, small = _font(font_size), _font(font_size - 2)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, line_h, small_h = 6, font_size + 4, font_size + 2
+    label_w = 0
+    wrapped_rows = []
+    if row_labels is not None:
+        label_w = max(150, cell_size + 30)
+        wrapped_rows = [_wrap(label, font, label_w - 2 * pad, measure) for label in row_labels]
+    wrapped_cols = [_wrap(label, font, cell_size, measure) for label in (column_labels or [])]
+    header_h = (max(len(lines) for lines in wrapped_cols) * line_h + pad) if wrapped_cols else 0
+    caption_h = small_h + pad if cell_captions is not None else 0
+    title_h = line_h + 2 * pad if title else 0
+    row_h = max(cell_size + caption_h, max((len(r) * line_h for r in wrapped_rows), default=0)) + pad
+    width = label_w + n_cols * (cell_size + pad) + pad
+    height = title_h + header_h + n_rows * row_h + pad
+
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill=TEXT, font=font)
+    for c, lines in enumerate(wrapped_cols):
+        x = label_w + pad + c * (cell_size + pad)
+        for i, line in enumerate(lines):
+            draw.text((x, title_h + i * line_h), line, fill=TEXT if i == 0 else MUTED, font=font)
+    for r, row in enumerate(images):
+        y = title_h + header_h + r * row_h
+        for i, line in enumerate(wrapped_rows[r] if wrapped_rows else []):
+            draw.text((pad, y + i * line_h), line, fill=TEXT if i == 0 else MUTED, font=font)
+        for c, image in enumerate(row):
+            x = label_w + pad + c * (cell_size + pad)
+            tile = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+            canvas.paste(tile.convert("RGB").resize((cell_size, cell_size), Image.NEAREST), (x, y))
+            if cell_captions is not None:
+                draw.text((x, y + cell_size + 2), cell_captions[r][c], fill=MUTED, font=small)
+    return canvas
+
+
+def column_for(name: str, layers: Mapping[str, torch.nn.Module], recipe: Mapping) -> Column:
+    """A `Column` sized with `workbench.size.size_report` over `layers` (e.g. `compressible_layers(unet)`)."""
+    from workbench.size import size_report
+
+    report = size_report(layers, {k: v for k, v in recipe.items() if k in layers})
+    return Column(name, report.bits_per_param, report.nbytes)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, **kwargs) -> list[np.ndarray]:
+    """One image per prompt, prompt `i` from `torch.Generator().manual_seed(seeds[i])`, as HWC uint8 arrays.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline.
+        prompts (`Sequence[str]`): the batch.
+        seeds (`Sequence[int]`): one per prompt.
+        steps (`int`): `num_inference_steps`.
+        kwargs: passed to the pipeline (e.g. `guidance_scale`).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    device = getattr(pipe, "device", torch.device("cpu"))
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    if device.type != "cpu":
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    out = pipe(list(prompts), num_inference_steps=steps, generator=generators, output_type="np", **kwargs)
+    return [np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8) for image in out.images]
+
+
+@torch.no_grad()
+def seed_matched_images(
+    pipe,
+    prompts: Sequence[str],
+    recipes: Mapping[str, Mapping],
+    *,
+    layers: Mapping[str, torch.nn.Module] | None = None,
+    seed: int = 0,
+    steps: int = 20,
+    cache=None,
+    reference_name: str = REFERENCE_COLUMN,
+    **kwargs,
+) -> SeedMatchedImages:
+    """Generate `prompts` with the float UNet and with each recipe applied (in place, restored after), from
+    the same seeds, and measure each image's PSNR against the float image of its row.
+
+    Row `i` uses seed `seed + i` in every column.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline; its UNet is palettized in place and restored exactly.
+        prompts (`Sequence[str]`): one row each.
+        recipes (`Mapping[str, Mapping]`): column name -> recipe (layer -> bits or `PaletteConfig`), in order.
+        layers (`Mapping[str, nn.Module]`, *optional*): layers to size the columns by; defaults to every
+            Linear/Conv2d of the UNet (`compressible_layers(unet, min_numel=0)`).
+        seed (`int`, defaults to 0): seed of the first row.
+        steps (`int`, defaults to 20): sampling steps.
+        cache (`PaletteCache`, *optional*): reuse palettes across calls.
+        reference_name (`str`, defaults to `"float16"`): the first column's title.
+        kwargs: passed to the pipeline.
+
+    Returns:
+        `SeedMatchedImages`.
+    """
+    from workbench.layers import compressible_layers
+    from workbench.palettize import palettized
+
+    if not prompts:
+        raise ValueError("seed_matched_images needs at least one prompt")
+    if reference_name in recipes:
+        raise ValueError(f"a recipe is named {reference_name!r}, the reference column's name; rename it")
+    if layers is None:
+        layers = compressible_layers(pipe.unet, min_numel=0)
+    seeds = tuple(seed + i for i in range(len(prompts)))
+    columns = [column_for(reference_name, layers, {})]
+    per_column = [generate(pipe, prompts, seeds, steps=steps, **kwargs)]
+    for name, recipe in recipes.items():
+        columns.append(column_for(name, layers, recipe))
+        with palettized(pipe.unet, recipe, cache=cache):
+            per_column.append(generate(pipe, prompts, seeds, steps=steps, **kwargs))
+    images = tuple(tuple(column[r] for column in per_column) for r in range(len(prompts)))
+    psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)
+    ssim = tuple(tuple(image_ssim(row[0], image) for image in row) for row in images)
+    return SeedMatchedImages(tuple(prompts), seeds, tuple(columns), images, psnr, ssim, steps)
