@@ -56,6 +56,23 @@ def _cmd_recipe(args: argparse.Namespace) -> None:
         print(line + (f"; PSNR {psnr} dB" if psnr is not None else ""))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from workbench.coreml import export_model
+
+    components = [c.strip() for c in args.components.split(",") if c.strip()]
+    report = export_model(
+        args.model,
+        args.out,
+        recipe_file=args.recipe,
+        recipe_name=args.recipe_name,
+        nbits=args.nbits,
+        components=components,
+        min_numel=args.min_numel,
+    )
+    print(report.summary())
+    print(f"verification report: {report.out_dir}/verification.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workbench import __version__
 
@@ -74,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="validate layer names against this pipeline's UNet")
     p.add_argument("--min-numel", type=int, default=0, help="layers counted in bits/param (default: all)")
     p.set_defaults(func=_cmd_recipe)
+
+    p = sub.add_parser("export", help="export a pipeline to Core ML packages, palettize and verify them")
+    p.add_argument("model", nargs="?", default=None, help="hub id or local path (default: the demo model)")
+    p.add_argument("--out", required=True, help="folder for the .mlpackage files and verification.json")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--recipe", default=None, help="recipe JSON (ours or the reference's pre-analysis); UNet only")
+    how.add_argument("--nbits", type=int, default=None, help="uniform palette width for every component's layers")
+    p.add_argument("--recipe-name", default=None, help="which recipe of --recipe (default: the file's only one)")
+    p.add_argument(
+        "--components", default="unet", help="comma-separated: unet,text_encoder,text_encoder_2,vae_decoder"
+    )
+    p.add_argument("--min-numel", type=int, default=2048, help="--nbits layers: more weights than this (2048)")
+    p.set_defaults(func=_cmd_export)
 
     return parser
 

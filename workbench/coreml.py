@@ -1025,3 +1025,41 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(seed)
     out = pipe(prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="np", **kwargs)
     return np.asarray(out.images, dtype=np.float32)
+
+
+def export_model(
+    model: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    *,
+    recipe_file: str | os.PathLike | None = None,
+    recipe_name: str | None = None,
+    nbits: int | None = None,
+    components: Iterable[str] = ("unet",),
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> ExportReport:
+    """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
+
+    Args:
+        model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
+        recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
+            (optional when the file holds one).
+        nbits, components, min_numel: see `export_pipeline`.
+    """
+    from workbench.pipelines import DEMO_MODEL, load_pipeline
+    from workbench.recipes import load_recipe
+
+    if recipe_name is not None and recipe_file is None:
+        raise ValueError("--recipe-name needs --recipe FILE")
+    if recipe_file is not None and nbits is not None:
+        raise ValueError("pass a recipe or nbits, not both")
+    if nbits is not None:
+        from workbench.palettize import as_config
+
+        as_config(int(nbits))  # an unsupported width fails before the pipeline loads
+    recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
+    components = [_check_component(c) for c in components]  # fail before the pipeline loads
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    source = str(model) if model is not None else str(DEMO_MODEL)
+    return export_pipeline(
+        pipe, out_dir, recipe=recipe, nbits=nbits, components=components, min_numel=min_numel, source=source
+    )

@@ -1,0 +1,220 @@
+"""Core ML export: recipes applied by name, packages read back bit-exact, emulation equal to the simulation."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.coreml import (
+    EMULATION_LABEL,
+    CoreMLUnavailableError,
+    attach_predictors,
+    compress_model,
+    convert_component,
+    coreml_pipeline,
+    export_pipeline,
+    export_wrapper,
+    generate,
+    package_weights,
+    palette_plan,
+    palettized_weight_names,
+)
+from workbench.layers import compressible_layers
+from workbench.palettize import PaletteConfig, fit_palette, palettized
+from workbench.recipes import PreAnalysis, load_recipe
+from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+ct = pytest.importorskip("coremltools")
+
+MIN_NUMEL = 2048
+GEN = {"num_inference_steps": 2, "height": 32, "width": 32}  # 16x16 latents: fast, same code path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # on a shared 2-core machine a busy second core makes 2-thread torch ops far slower than 1-thread ones
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def mixed_recipe(unet) -> dict[str, int]:
+    """Every width the reference uses, 16 (float) included, cycled over the UNet's candidate layers."""
+    widths = (1, 2, 4, 6, 8, 16)
+    return {name: widths[i % len(widths)] for i, name in enumerate(compressible_layers(unet, MIN_NUMEL))}
+
+
+@pytest.fixture(scope="module")
+def sd_export(tmp_path_factory):
+    """The tiny SD UNet exported with a mixed-bit recipe read from a file in the reference's format."""
+    pipe = _quiet(tiny_sd_pipeline())
+    bits = mixed_recipe(pipe.unet)
+    out = tmp_path_factory.mktemp("sd_export")
+    # a reference-style pre-analysis file with two recipes; the one we ask for by name is applied
+    PreAnalysis(
+        model_version="tiny-sd",
+        baselines={"original": 200.0},
+        recipes={"recipe_other": {next(iter(bits)): 8}, "recipe_mixed": bits},
+    ).save(out / "pre_analysis.json")
+    recipe = load_recipe(out / "pre_analysis.json", "recipe_mixed")
+    report = export_pipeline(pipe, out / "packages", recipe=recipe, components=["unet"], source="tiny-sd")
+    return pipe, bits, report
+
+
+def test_mixed_recipe_from_reference_file_is_bit_exact_for_every_layer(sd_export):
+    pipe, bits, report = sd_export
+    package = report.package("unet")
+    verification = package.verification
+    planned = {name: b for name, b in bits.items() if b != 16}
+    # every layer the recipe palettizes, and only those, is stored palettized, at its own width
+    assert {c.layer: c.nbits for c in verification.layers} == planned
+    assert all(c.bit_exact for c in verification.layers), [c.layer for c in verification.layers if not c.bit_exact]
+    assert verification.unexpected_palettized == ()
+    assert verification.float16_layers >= len(bits) - len(planned) and verification.float16_exact == (
+        verification.float16_layers
+    )
+    assert report.all_bit_exact and "ALL BIT-EXACT" in report.summary()
+    # independent re-check straight from the package on disk
+    stored = package_weights(package.path)
+    layers = compressible_layers(pipe.unet, MIN_NUMEL)
+    for name in list(planned)[:6]:
+        ours = fit_palette(layers[name].weight, PaletteConfig(planned[name])).dense()
+        theirs = stored["unet_" + name.replace(".", "_") + "_weight_to_fp16"]
+        assert np.array_equal(ours.view(np.uint16), theirs.view(np.uint16)), name
+    # palettization pays: 1-8 bits on most weights
+    numel = {n: m.weight.numel() for n, m in layers.items()}
+    assert package.bits_per_param == pytest.approx(sum(bits[n] * k for n, k in numel.items()) / sum(numel.values()))
+    assert package.nbytes < 0.7 * package.float16_nbytes
+    assert min(c.psnr_db for c in verification.layers if c.nbits == 8) > 35.0
+
+
+def test_package_has_names_metadata_and_verification_json(sd_export):
+    _, bits, report = sd_export
+    package = report.package("unet")
+    spec = ct.utils.load_spec(package.path)
+    assert [i.name for i in spec.description.input] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [o.name for o in spec.description.output] == ["noise_pred"]
+    meta = dict(spec.description.metadata.userDefined)
+    assert meta["source_model"] == "tiny-sd" and meta["recipe"] == "recipe_mixed" and meta["component"] == "unet"
+    assert float(meta["bits_per_param"]) == pytest.approx(package.bits_per_param, abs=1e-4)
+    assert "recipe_mixed" in spec.description.metadata.shortDescription
+    saved = json.loads((Path(report.out_dir) / "verification.json").read_text())
+    assert saved["all_bit_exact"] is True
+    assert len(saved["packages"][0]["verification"]["layers"]) == sum(b != 16 for b in bits.values())
+    assert set(report.layers_frame().columns) >= {"layer", "nbits", "bit_exact", "psnr_db"}
+    assert report.to_frame().loc[0, "n_palettized"] == sum(b != 16 for b in bits.values())
+
+
+def test_emulate_gives_the_torch_simulation_image(sd_export):
+    pipe, bits, report = sd_export
+    before = {n: m.weight.detach().clone() for n, m in compressible_layers(pipe.unet, MIN_NUMEL).items()}
+    float_image = generate(pipe, "a red circle", seed=7, **GEN)
+    with palettized(pipe.unet, bits):
+        simulated = generate(pipe, "a red circle", seed=7, **GEN)
+    with coreml_pipeline(pipe, report, backend="emulate") as emulated:
+        assert emulated.label == EMULATION_LABEL and EMULATION_LABEL in str(emulated)
+        assert len(emulated.loaded["unet"]) == sum(b != 16 for b in bits.values())
+        image = generate(emulated, "a red circle", seed=7, **GEN)
+    assert np.array_equal(image, simulated)
+    assert np.abs(image - float_image).max() > 1e-3  # the recipe does change the image
+    for name, weight in before.items():  # restored exactly
+        assert torch.equal(compressible_layers(pipe.unet, MIN_NUMEL)[name].weight, weight), name
+
+
+def test_coreml_backend_glue_reproduces_torch_with_stand_in_predictors():
+    """The code that routes UNet / text encoder / VAE calls through `MLModel.predict`, minus the Core ML runtime."""
+    pipe, twin = _quiet(tiny_sd_pipeline()), tiny_sd_pipeline()
+
+    class Predictor:  # an MLModel stand-in: named numpy inputs -> named numpy outputs
+        def __init__(self, wrapper):
+            self.wrapper = wrapper
+
+        @torch.no_grad()
+        def predict(self, inputs):
+            outs = self.wrapper(*(torch.from_numpy(v) for v in inputs.values()))
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            return {name: o.numpy() for name, o in zip(self.wrapper.output_names, outs)}
+
+    expected = generate(pipe, "a blue square", seed=1, **GEN)
+    predictors = {c: (Predictor(export_wrapper(twin, c)), 2 if c == "unet" else 1) for c in ("unet", "text_encoder")}
+    predictors["vae_decoder"] = (Predictor(export_wrapper(twin, "vae_decoder")), 1)
+    with attach_predictors(pipe, predictors) as routed:
+        image = generate(routed, "a blue square", seed=1, **GEN)
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    assert "forward" not in vars(pipe.unet) and "decode" not in vars(pipe.vae)  # restored
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML prediction exists on macOS")
+def test_coreml_backend_off_macos_names_emulate(sd_export):
+    pipe, _, report = sd_export
+    with pytest.raises(CoreMLUnavailableError, match="backend='emulate'"):
+        coreml_pipeline(pipe, report, backend="coreml")
+    with pytest.raises(ValueError, match="valid: emulate, coreml"):
+        coreml_pipeline(pipe, report, backend="ane")
+
+
+def test_recipe_naming_missing_layers_lists_them():
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(ValueError, match=r"2 layers .*down_blocks\.9\.conv, mid_block\.nope"):
+        palette_plan(pipe.unet, {"down_blocks.9.conv": 4, "mid_block.nope": 2, "conv_in": 8})
+    with pytest.raises(ValueError, match="not both"):
+        palette_plan(pipe.unet, {"conv_in": 8}, nbits=4)
+    # a layer the torch module has but the package lacks: the VAE encoder, in a decoder-only package
+    model = convert_component(pipe, "vae_decoder")
+    with pytest.raises(ValueError, match=r"no weight for 1 recipe layers: encoder\.conv_in"):
+        compress_model(model, {"encoder.conv_in": PaletteConfig(4), "decoder.conv_in": PaletteConfig(4)}, prefix="vae")
+
+
+def test_tiny_sdxl_unet_exports_and_compresses_with_grouped_and_3bit_palettes(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    layers = list(compressible_layers(pipe.unet, MIN_NUMEL))
+    recipe = {name: [4, 6, 8][i % 3] for i, name in enumerate(layers)}
+    recipe[layers[0]] = PaletteConfig(3)
+    recipe[layers[1]] = PaletteConfig(4, granularity="per_grouped_channel", group_size=16)
+    report = export_pipeline(pipe, tmp_path, recipe=recipe, components=["unet"])
+    package = report.package("unet")
+    assert package.deployment_target == "iOS18"  # grouped and 3-bit LUTs need it
+    assert report.all_bit_exact and len(package.verification.layers) == len(layers)
+    assert palettized_weight_names(package.path) == {c.weight for c in package.verification.layers}
+    spec = ct.utils.load_spec(package.path)
+    assert [i.name for i in spec.description.input] == [
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "text_embeds",
+        "time_ids",
+    ]
+    assert package.nbytes < 0.6 * package.float16_nbytes
+
+
+def test_cli_export(tmp_path, capsys):
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    assert (
+        main(["export", str(tmp_path / "model"), "--out", str(out), "--nbits", "4", "--components", "vae_decoder"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert str(out / "vae_decoder.mlpackage") in printed and "4.00 bits/param" in printed
+    assert "ALL BIT-EXACT" in printed and (out / "verification.json").exists()
+    # bad input: one line on stderr, exit 2, before anything is converted
+    for argv in (
+        ["--nbits", "5"],
+        ["--components", "unet,vae"],
+        ["--recipe", str(tmp_path / "missing.json")],
+        ["--recipe-name", "x"],
+    ):
+        assert main(["export", str(tmp_path / "model"), "--out", str(out), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("workbench export: error:") and err.count("\n") == 1, err
