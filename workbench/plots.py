@@ -170,6 +170,41 @@ def plot_quality_vs_bits(table, *, x: str = "bits_per_param", columns=None, ax=N
     return fig
 
 
+def plot_recipe_metric(table, metric: str = "image_psnr_db", *, ylabel: str | None = None, ax=None, title=None):
+    """One metric of mixed-bit recipes against bits per parameter, one line per strategy.
+
+    Args:
+        table (`pd.DataFrame`): `workbench.tables.recipe_table` rows (columns `strategy`, `bits_per_param`, `metric`).
+        metric (`str`, defaults to `"image_psnr_db"`): the y column.
+        ylabel (`str`, *optional*): y-axis label with its unit; defaults to one for the known metrics.
+        ax (`matplotlib.axes.Axes`, *optional*), title (`str`, *optional*).
+
+    Returns:
+        `matplotlib.figure.Figure`.
+    """
+    labels = {
+        "image_psnr_db": "image PSNR vs float model (dB), full sampling",
+        "psnr_one_step_db": "latent PSNR, one step (dB)",
+        "ssim": "SSIM vs float model (1 = identical)",
+    }
+    fig, ax = _new_axes(ax, (6.5, 3.8))
+    names = {"apple": "reference rule (Apple)", "size-aware": "size-aware (ours)"}
+    rows = table[table["strategy"] != "float"].dropna(subset=[metric]) if metric in table else table.iloc[:0]
+    for i, (strategy, group) in enumerate(rows.groupby("strategy", sort=True)):
+        group = group.sort_values("bits_per_param")
+        ax.plot(
+            group["bits_per_param"], group[metric], marker="o", color=_color(i), label=names.get(strategy, strategy)
+        )
+    ax.set_xlabel("bits per parameter (compressible UNet layers)")
+    ax.set_ylabel(ylabel or labels.get(metric, metric))
+    ax.grid(alpha=0.3)
+    if len(rows):
+        ax.legend(title="recipe strategy")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def _color(i: int) -> str:
     return ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"][i % 6]
 
@@ -180,3 +215,78 @@ def _as_numpy(weight) -> np.ndarray:
 
         return weight.detach().to("cpu", torch.float16).numpy()
     return np.asarray(weight).astype(np.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-analysis figure (workbench.analysis).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
+    """The reference's pre-analysis figure for a `workbench.analysis.AnalysisResult`.
+
+    x: "Model size reduction (%)" = 100 * (1 - bits/param / 16) over the candidate layers; y: "PSNR (dB)" of the
+    one-step latents (the reference's metric). One line per palette width from the cumulative sweeps (layers
+    added least-sensitive first), the reference-rule mixed-bit recipes (black, labelled with bits/param), our
+    size-aware recipes (red squares), the linear 8-bit per-tensor marker at 50 % (star) and per-channel int8
+    (plus). Grouped-palette sweeps are dashed, their LUT bits counted in x. An "original" far above the curves
+    (identical outputs on a deterministic device, ~200 dB) is stated in a note instead of stretching the axis.
+
+    Returns:
+        `matplotlib.figure.Figure`.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = _new_axes(ax, (9, 6))
+    baselines = result.preanalysis.baselines
+    original = baselines["original"]
+    curves = result.curves()
+    per_tensor = sorted((k for k in curves if "_g" not in k), key=lambda k: int(k.removeprefix("kmeans")))
+    cmap = plt.get_cmap("viridis")
+    for i, key in enumerate(per_tensor):
+        color = cmap(i / max(len(per_tensor) - 1, 1))
+        xs, ys = zip(*curves[key])
+        ax.plot(xs, ys, "-", color=color, lw=1.5, label=f"{key.removeprefix('kmeans')}-bit palette, cumulative")
+        for g in (k for k in curves if k.startswith(key + "_g")):
+            gx, gy = zip(*curves[g])
+            ax.plot(gx, gy, "--", color=color, lw=1.2, label=f"{g.removeprefix('kmeans')} grouped, cumulative")
+
+    kept = sorted((r for r in result.recipes if r.bits_per_param < 16), key=lambda r: r.bits_per_param)
+    by_strategy = {s: [r for r in kept if r.strategy == s] for s in ("apple", "size-aware")}
+    if by_strategy["apple"]:
+        apple = by_strategy["apple"]
+        ax.plot([r.size_reduction_pct for r in apple], [r.psnr_mean for r in apple], "o-", color="black", ms=6,
+                lw=1.8, label="mixed-bit recipes (reference rule)")  # fmt: skip
+        for r in apple:
+            ax.annotate(f"{r.bits_per_param:.2f}", (r.size_reduction_pct, r.psnr_mean), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)  # fmt: skip
+    if by_strategy["size-aware"]:
+        ours = by_strategy["size-aware"]
+        ax.plot([r.size_reduction_pct for r in ours], [r.psnr_mean for r in ours], "s-", color="crimson", ms=6,
+                lw=1.8, label="size-aware recipes (ours)")  # fmt: skip
+    lin8 = baselines["linear_8bit"]
+    ax.plot([50.0], [lin8], "*", color="orange", ms=15, mec="black", label=f"linear 8-bit, per tensor ({lin8:.1f} dB)")
+    lin8c = baselines.get("linear_8bit_per_channel")
+    if lin8c is not None:
+        ax.plot([50.0], [lin8c], "P", color="teal", ms=10, mec="black", label=f"int8 per channel ({lin8c:.1f} dB)")
+
+    ys = [y for c in curves.values() for _, y in c] + [r.psnr_mean for r in result.recipes] + [lin8]
+    finite = [y for y in ys if np.isfinite(y) and y < 150]
+    if original < 150:
+        ax.axhline(original, color="gray", ls=":", lw=1, label=f"original (harness noise), {original:.1f} dB")
+        finite.append(original)
+    else:
+        ax.text(0.99, 0.99, f"original = {original:.1f} dB: bitwise identical outputs (epsilon cap), not drawn",
+                transform=ax.transAxes, fontsize=7, color="gray", ha="right", va="top")  # fmt: skip
+    if finite:
+        # the reference's figure spans ~20 dB; keep the recipes' range readable when the 1-bit curves dive
+        recipe_ys = [r.psnr_mean for r in result.recipes if r.bits_per_param < 16] + [lin8]
+        low = min(min(recipe_ys) - 8, min(finite)) if recipe_ys else min(finite)
+        ax.set_ylim(max(low, max(finite) - 60), max(finite) + 3)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("Model size reduction (%)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title or f"{result.preanalysis.model_version}: one-step latent PSNR vs size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return fig
