@@ -361,10 +361,14 @@ def read_shape(image) -> ShapeReading:
 
 @dataclass(frozen=True)
 class AdherenceReport:
-    """Per-image readings against what each prompt asked for; adherence = fraction of matches."""
+    """Per-image readings against what each prompt asked for; adherence = fraction of matches.
+
+    `images` holds the scored images, (N, H, W, 3) uint8, when the report made them (`generate_and_score`).
+    """
 
     expected: tuple[ShapeAttributes, ...]
     readings: tuple[ShapeReading, ...]
+    images: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def _rate(self, attribute: str) -> float:
         hits = [getattr(r, attribute) == getattr(e, attribute) for e, r in zip(self.expected, self.readings)]
@@ -423,3 +427,44 @@ def score_adherence(images, attributes: Sequence[ShapeAttributes | str]) -> Adhe
     if len(images) != len(expected):
         raise ValueError(f"got {len(images)} images but {len(expected)} attributes/prompts")
     return AdherenceReport(expected, tuple(read_shape(image) for image in images))
+
+
+def benchmark_attributes(n: int = 64, seed: int = 0) -> list[ShapeAttributes]:
+    """`n` fixed prompts' attributes: a seeded shuffle of `all_attributes()` (cycled past 324)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    combos = all_attributes()
+    order = np.random.default_rng(seed).permutation(len(combos))
+    return [combos[order[i % len(combos)]] for i in range(n)]
+
+
+def generate_and_score(
+    pipe, attributes: Sequence[ShapeAttributes], *, seed: int = 0, batch_size: int = 16, **pipe_kwargs
+) -> AdherenceReport:
+    """Generate one image per prompt with a text-to-image pipeline and score it with `score_adherence`.
+
+    Image `i` starts from `torch.Generator("cpu").manual_seed(seed + i)`, so it does not depend on the batch it
+    falls in (up to float rounding of batched math). Everything else is the pipeline's default (scheduler,
+    `num_inference_steps`, `guidance_scale`, height and width) unless given in `pipe_kwargs`.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline (e.g. `workbench.pipelines.load_pipeline(DEMO_MODEL)`).
+        attributes (`Sequence[ShapeAttributes]`): what to ask for, e.g. `benchmark_attributes(64)`.
+        seed (`int`, defaults to 0): seed of the first image.
+        batch_size (`int`, defaults to 16): prompts per pipeline call.
+        **pipe_kwargs: passed to `pipe(...)`.
+
+    Returns:
+        `AdherenceReport` with `images` set (N, H, W, 3) uint8.
+    """
+    import torch
+
+    images = []
+    for start in range(0, len(attributes), batch_size):
+        chunk = attributes[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipe([a.caption for a in chunk], generator=generators, output_type="np", **pipe_kwargs)
+        images.append(np.rint(np.clip(out.images, 0.0, 1.0) * 255).astype(np.uint8))
+    images = np.concatenate(images)
+    report = score_adherence(images, attributes)
+    return AdherenceReport(report.expected, report.readings, images)
