@@ -503,7 +503,8 @@ class ExportedPackage:
         nbytes: package size on disk; float16_nbytes: the same component converted without palettization.
         bits_per_param: sum(bits * numel) / sum(numel) over the component's Linear/Conv2d layers with more than
             `min_numel` weights (16 for float16 layers), the reference's measure.
-        deployment_target: e.g. `"iOS17"`; export_s / compress_s: wall time of trace + convert / palettize + save.
+        deployment_target: e.g. `"iOS17"`; export_s / compress_s / verify_s: wall time of trace + convert /
+            palettize + save / read back + compare.
         verification: the read-back check (None when not verified).
     """
 
@@ -516,6 +517,7 @@ class ExportedPackage:
     deployment_target: str
     export_s: float
     compress_s: float
+    verify_s: float = 0.0
     verification: Verification | None = None
 
     @property
@@ -567,6 +569,7 @@ class ExportReport:
                     "deployment_target": p.deployment_target,
                     "export_s": p.export_s,
                     "compress_s": p.compress_s,
+                    "verify_s": p.verify_s,
                 }
             )
         return pd.DataFrame(rows)
@@ -723,7 +726,9 @@ def export_pipeline(
             shutil.rmtree(path)
         compressed.save(str(path))
         compress_s = time.perf_counter() - start
+        start = time.perf_counter()
         verification = verify_package(path, module, plan, component=component, prefix=prefix) if verify else None
+        verify_s = time.perf_counter() - start
         packages.append(
             ExportedPackage(
                 component=component,
@@ -735,6 +740,7 @@ def export_pipeline(
                 deployment_target=target,
                 export_s=export_s,
                 compress_s=compress_s,
+                verify_s=verify_s,
                 verification=verification,
             )
         )
