@@ -1,0 +1,87 @@
+"""The `coreml` backend for real: `MLModel.predict` on macOS, compared with torch (skipped elsewhere).
+
+Run on a Mac with `pytest -m macos tests/test_coreml_macos.py`. Packages have fixed shapes: the tiny pipelines'
+64x64 images (32x32 latents), UNet batch 2 (classifier-free guidance).
+"""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.coreml import COREML_LABEL, coreml_pipeline, export_pipeline, generate
+from workbench.layers import compressible_layers
+from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+pytestmark = [
+    pytest.mark.macos,
+    pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction runs on macOS only"),
+]
+ct = pytest.importorskip("coremltools")
+
+GEN = {"num_inference_steps": 4, "height": 64, "width": 64}
+
+
+def psnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """20 * log10(max|reference| / rmse), float64."""
+    ref = reference.astype(np.float64)
+    rmse = np.sqrt(np.mean((ref - test.astype(np.float64)) ** 2))
+    return float("inf") if rmse == 0 else float(20 * np.log10(np.abs(ref).max() / rmse))
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    float16 = export_pipeline(
+        pipe, tmp_path_factory.mktemp("float16"), components=["unet", "text_encoder", "vae_decoder"]
+    )
+    palettized = export_pipeline(pipe, tmp_path_factory.mktemp("6bit"), nbits=6, components=["unet"])
+    return pipe, float16, palettized
+
+
+def test_float16_packages_predict_like_torch(sd):
+    pipe, float16, _ = sd
+    expected = generate(pipe, "a red circle", seed=0, **GEN)
+    with coreml_pipeline(pipe, float16, backend="coreml") as coreml:
+        assert coreml.label == COREML_LABEL
+        image = generate(coreml, "a red circle", seed=0, **GEN)
+    assert image.shape == expected.shape
+    assert psnr_db(expected, image) >= 30.0  # float16 arithmetic on the Core ML runtime vs float32 torch
+
+
+def test_unet_noise_prediction_matches_torch(sd):
+    pipe, float16, _ = sd
+    model = ct.models.MLModel(str(float16.package("unet").path))
+    g = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    timestep = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        expected = pipe.unet(sample, timestep, encoder_hidden_states=hidden).sample.numpy()
+    out = model.predict(
+        {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": hidden.numpy()}
+    )["noise_pred"]
+    assert psnr_db(expected, out) >= 40.0
+
+
+def test_palettized_package_predicts_like_its_emulation(sd):
+    pipe, _, palettized = sd
+    with coreml_pipeline(pipe, palettized, backend="emulate") as emulated:
+        expected = generate(emulated, "a blue square", seed=1, **GEN)
+    with coreml_pipeline(pipe, palettized, backend="coreml") as coreml:
+        image = generate(coreml, "a blue square", seed=1, **GEN)
+    # same weights bit for bit; only the runtime's float16 arithmetic differs
+    assert psnr_db(expected, image) >= 30.0
+    assert len(compressible_layers(pipe.unet, 2048)) == palettized.package("unet").n_palettized
+
+
+def test_sdxl_unet_package_runs_in_the_pipeline(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    report = export_pipeline(pipe, tmp_path, nbits=8, components=["unet"])
+    with coreml_pipeline(pipe, report, backend="emulate") as emulated:
+        expected = generate(emulated, "a red circle", seed=0, **GEN)
+    with coreml_pipeline(pipe, report, backend="coreml") as coreml:
+        image = generate(coreml, "a red circle", seed=0, **GEN)
+    assert psnr_db(expected, image) >= 30.0
