@@ -1,9 +1,23 @@
-"""Core ML packages: weight names by construction, and reading weights back out of a saved package.
+"""Core ML packages: export, palettize by exact name, prove the weights, run inference.
 
 The torch frontend of coremltools names the float16 constant of a module's weight after the module's
 path: `down_blocks.0.attentions.0.proj_in.weight` becomes `down_blocks_0_attentions_0_proj_in_weight_to_fp16`.
 Since we convert the model ourselves, that mapping is known by construction (no weight hashing, unlike
-the reference), and `coreml_weight_names` checks it is one-to-one before anything relies on it.
+the reference), and `coreml_weight_names` checks it is one-to-one before anything relies on it. The export
+wrappers hold the pipeline's module under an attribute (`UNetExport.unet`, `TextEncoderExport.text_encoder`,
+`VAEDecoderExport.vae`), so in an exported package the UNet layer `L` is `coreml_weight_name("unet." + L)`,
+e.g. `unet_down_blocks_0_attentions_0_proj_in_weight_to_fp16`, for Conv2d and Linear layers alike.
+
+Flow:
+    >>> report = export_pipeline(pipe, "out/", recipe=load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette"),
+    ...                          components=["unet", "text_encoder", "vae_decoder"])
+    >>> print(report.summary())          # sizes, bits/param, bit-exact per package; out/verification.json
+    >>> with coreml_pipeline(pipe, report, backend="emulate") as emulated:   # any OS
+    ...     images = generate(emulated, "a red circle", seed=0)
+    >>> emulated.label
+    'weight-exact emulation (not the Core ML runtime)'
+
+`backend="coreml"` runs `MLModel.predict` and exists on macOS only.
 """
 
 from __future__ import annotations
