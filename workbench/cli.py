@@ -73,6 +73,59 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"verification report: {report.out_dir}/verification.json")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from workbench.train import run
+
+    run(args)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from workbench.analysis import (
+        DEFAULT_PROMPTS,
+        AnalysisConfig,
+        is_demo_model,
+        load_analysis_pipeline,
+        read_prompts,
+        run_analysis,
+    )
+
+    prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    trajectory_prompts = None
+    if args.trajectory and is_demo_model(args.model):
+        from workbench.shapes import make_dataset
+
+        trajectory_prompts = tuple(make_dataset(len(prompts), seed=1).captions)  # the demo model's own world
+    config = AnalysisConfig(
+        nbits=tuple(args.nbits),
+        min_numel=args.min_numel,
+        prompts=prompts,
+        seed=args.seed,
+        num_recipes=args.num_recipes,
+        strategies=tuple(args.strategies),
+        threshold_rule=args.threshold_rule,
+        group_size=args.group_size,
+        trajectory=args.trajectory,
+        trajectory_steps=args.trajectory_steps,
+        trajectory_prompts=trajectory_prompts,
+    )
+    torch.set_num_threads(args.threads)  # the CLI process is ours: set once, here
+    pipe = load_analysis_pipeline(args.model, device=args.device)
+    result = run_analysis(pipe, config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    print(result.recipes_frame().to_string(index=False))
+    for row in result.matched_comparison():
+        print(json.dumps(row))
+    t = result.timing
+    print(
+        f"wrote {args.out}/preanalysis.json, evaluations.csv, recipes.csv, run.json, psnr_vs_size.png; "
+        f"{t['evaluations']} evaluations ({t['new_evaluations']} new), wall {t['wall_s']:.1f} s, "
+        f"UNet forward {t['forward_s']:.1f} s, overhead {t['overhead']:.3f}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workbench import __version__
 
@@ -104,6 +157,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-numel", type=int, default=2048, help="--nbits layers: more weights than this (2048)")
     p.set_defaults(func=_cmd_export)
+
+    # the same options as `python -m workbench.train` (workbench.train.add_arguments), kept here so that parsing
+    # does not import torch
+    p = sub.add_parser("train", help="train the tiny-shapes demo model and write its pipeline folder and card")
+    p.add_argument("--out", default="data/models/tiny-shapes", help="pipeline folder to write")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (default: the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints here (not in the repo)")
+    p.add_argument("--device", default="cpu", help="training device (default cpu)")
+    p.add_argument("--no-card", action="store_true", help="skip the benchmark and README.md after training")
+    p.add_argument("--card-only", action="store_true", help="only re-measure --out and rewrite its README.md")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("analyze", help="mixed-bit pre-analysis: PSNR sweeps, recipes (reference + size-aware), plot")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="hub id, local pipeline folder, or tiny-sd / tiny-sdxl (default: the demo model)",
+    )
+    p.add_argument("--out", required=True, help="output folder (JSON, CSV, PNG, run.json, resumable store)")
+    p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 4, 6, 8], help="palette widths (default 1 2 4 6 8)")
+    p.add_argument(
+        "--min-numel",
+        type=int,
+        default=100_000,
+        help="candidate layers have more weights than this (default 1e5; tiny models: 2048)",
+    )
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: 8 built-in prompts)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--num-recipes", type=int, default=7, help="recipes per strategy (default 7)")
+    p.add_argument("--strategies", nargs="+", default=["apple", "size-aware"], choices=["apple", "size-aware"])
+    p.add_argument(
+        "--threshold-rule",
+        default="curves",
+        choices=["curves", "reference"],
+        help="apple thresholds: from the measured curves (default) or linspace(original-1, lin8+5, K)",
+    )
+    p.add_argument("--group-size", type=int, default=0, help="> 0: add grouped-channel palette sweeps")
+    p.add_argument(
+        "--trajectory",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also compare full-trajectory images of every recipe with the float model's",
+    )
+    p.add_argument("--trajectory-steps", type=int, default=None, help="steps for --trajectory (default: pipeline's)")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse finished evaluations of the same configuration in --out (default on)",
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, mps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_analyze)
 
     return parser
 
