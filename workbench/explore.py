@@ -360,3 +360,19 @@ def _in_notebook() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+
+
+def recipe_preview(pipe, prompt: str, *, seed: int = 0, steps: int = 20, size: int = 192) -> Callable:
+    """A `RecipeExplorer` preview: `(name, bits) -> PIL image` of `prompt` from `seed` with the recipe applied
+    (in place, restored after), upscaled to `size` pixels with nearest-neighbour."""
+    from PIL import Image
+
+    from workbench.grids import generate
+    from workbench.palettize import palettized
+
+    def preview(name: str, bits: Mapping[str, int]):
+        with palettized(pipe.unet, bits):
+            image = generate(pipe, [prompt], [seed], steps=steps)[0]
+        return Image.fromarray(image).resize((size, size), Image.NEAREST)
+
+    return preview

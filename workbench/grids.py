@@ -140,12 +140,13 @@ def _font(size: int):
 
 
 def _wrap(text: str, font, width: int, draw) -> list[str]:
-    """Greedy word wrap of each line of `text` to `width` pixels."""
+    """Greedy word wrap of each line of `text` to `width` pixels; a word wider than `width` (a long recipe
+    name) is broken after `_` or `.` where possible, else between characters."""
     lines = []
     for paragraph in text.split("\n"):
         line = ""
-        for word in paragraph.split(" "):
-            candidate = f"{line} {word}".strip()
+        for word, glued in _split_long(paragraph.split(" "), font, width, draw):
+            candidate = line + word if glued else f"{line} {word}".strip()
             if line and draw.textlength(candidate, font=font) > width:
                 lines.append(line)
                 line = word
@@ -153,6 +154,23 @@ def _wrap(text: str, font, width: int, draw) -> list[str]:
                 line = candidate
         lines.append(line)
     return lines
+
+
+def _split_long(words, font, width, draw) -> list[tuple[str, bool]]:
+    """`(piece, glued)` pairs: `glued` pieces continue the previous piece of the same word (no space)."""
+    out = []
+    for word in words:
+        glued = False
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            breaks = [i + 1 for i in range(cut) if word[i] in "_."]
+            cut = breaks[-1] if breaks else cut
+            out.append((word[:cut], glued))
+            word, glued = word[cut:], True
+        out.append((word, glued))
+    return out
 
 
 def image_grid(
@@ -171,7 +189,7 @@ def image_grid(
     Args:
         images (`Sequence[Sequence]`): rows of PIL images or HWC uint8 arrays; every row the same length.
         row_labels (`Sequence[str]`, *optional*): one per row (wrapped; `\\n` starts a new line).
-        column_labels (`Sequence[str]`, *optional*): one per column; the first line is drawn bold-dark, the rest muted.
+        column_labels (`Sequence[str]`, *optional*): one per column; the first line is drawn dark, the rest muted.
         cell_captions (`Sequence[Sequence[str]]`, *optional*): `cell_captions[row][col]`, under each image.
         cell_size (`int`, defaults to 128): displayed side of each image in pixels.
         title (`str`, *optional*): a line across the top.
@@ -205,23 +223,27 @@ def image_grid(
     wrapped_cols = [_wrap(label, font, cell_size, measure) for label in (column_labels or [])]
     header_h = (max(len(lines) for lines in wrapped_cols) * line_h + pad) if wrapped_cols else 0
     caption_h = small_h + pad if cell_captions is not None else 0
-    title_h = line_h + 2 * pad if title else 0
+    title_lines = _wrap(title, font, label_w + n_cols * (cell_size + pad) - pad, measure) if title else []
+    title_h = len(title_lines) * line_h + 2 * pad if title else 0
     row_h = max(cell_size + caption_h, max((len(r) * line_h for r in wrapped_rows), default=0)) + pad
     width = label_w + n_cols * (cell_size + pad) + pad
     height = title_h + header_h + n_rows * row_h + pad
 
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, pad), title, fill=TEXT, font=font)
+    for i, line in enumerate(title_lines):
+        draw.text((pad, pad + i * line_h), line, fill=TEXT, font=font)
     for c, lines in enumerate(wrapped_cols):
         x = label_w + pad + c * (cell_size + pad)
+        dark = len(_wrap(column_labels[c].split("\n")[0], font, cell_size, measure))  # the title's lines
         for i, line in enumerate(lines):
-            draw.text((x, title_h + i * line_h), line, fill=TEXT if i == 0 else MUTED, font=font)
+            draw.text((x, title_h + i * line_h), line, fill=TEXT if i < dark else MUTED, font=font)
     for r, row in enumerate(images):
         y = title_h + header_h + r * row_h
-        for i, line in enumerate(wrapped_rows[r] if wrapped_rows else []):
-            draw.text((pad, y + i * line_h), line, fill=TEXT if i == 0 else MUTED, font=font)
+        if wrapped_rows:
+            dark = len(_wrap(row_labels[r].split("\n")[0], font, label_w - 2 * pad, measure))
+            for i, line in enumerate(wrapped_rows[r]):
+                draw.text((pad, y + i * line_h), line, fill=TEXT if i < dark else MUTED, font=font)
         for c, image in enumerate(row):
             x = label_w + pad + c * (cell_size + pad)
             tile = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
@@ -313,3 +335,131 @@ def seed_matched_images(
     psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)
     ssim = tuple(tuple(image_ssim(row[0], image) for image in row) for row in images)
     return SeedMatchedImages(tuple(prompts), seeds, tuple(columns), images, psnr, ssim, steps)
+
+
+def uniform_recipes(layers, nbits) -> dict[str, dict[str, int]]:
+    """`{"8-bit": {layer: 8, ...}, ...}`: every layer of `layers` palettized at each width of `nbits`."""
+    return {f"{b}-bit": {name: int(b) for name in layers} for b in nbits}
+
+
+@torch.no_grad()
+def latent_psnr_one_step(
+    pipe, recipes: Mapping[str, Mapping], prompts: Sequence[str], *, seed: int = 0, cache=None
+) -> dict[str, float]:
+    """The reference's metric for each recipe: latent PSNR after one denoising step, averaged over prompts.
+
+    Uses `workbench.analysis.OneStepProbe` (the pipeline's single step at t=1 with the fixed generator state,
+    guidance and empty negative prompt; PSNR peak from the test latent, rounded to 0.1 dB per prompt).
+
+    Returns:
+        recipe name -> mean PSNR in dB.
+    """
+    from workbench.analysis import OneStepProbe
+    from workbench.palettize import palettized
+
+    probe = OneStepProbe(pipe, prompts, seed)
+    out = {}
+    for name, recipe in recipes.items():
+        with palettized(pipe.unet, recipe, cache=cache):
+            out[name] = float(np.mean(probe.psnr()))
+    return out
+
+
+def adherence_by_column(comparison: SeedMatchedImages) -> dict[str, dict[str, float]]:
+    """Prompt adherence of every column's images (demo model prompts: "a small red circle at the top left").
+
+    Returns:
+        column name -> {"color": x, "shape": y, "position": z} fractions in [0, 1], from
+        `workbench.shapes.score_adherence`. Raises `ValueError` if a prompt is not a shapes caption.
+    """
+    from workbench.shapes import score_adherence
+
+    out = {}
+    for c, column in enumerate(comparison.columns):
+        report = score_adherence([row[c] for row in comparison.images], comparison.prompts)
+        out[column.name] = {
+            "color": report.color_adherence,
+            "shape": report.shape_adherence,
+            "position": report.position_adherence,
+        }
+    return out
+
+
+def recipe_summary(
+    comparison: SeedMatchedImages, *, latent_psnr: Mapping[str, float] | None = None, adherence: bool = False
+):
+    """One row per column: name, bits/param, size (MB), % of float16, latent PSNR (one step), image PSNR, SSIM,
+    and (with `adherence=True`, demo-model prompts only) colour/shape/position adherence.
+
+    Image PSNR and SSIM are means over the prompts against the reference column (float model, same seeds).
+    The reference column's own PSNR is left empty rather than infinite.
+    """
+    import pandas as pd
+
+    float16 = comparison.columns[0].nbytes
+    scores = adherence_by_column(comparison) if adherence else {}
+    rows = []
+    for c, column in enumerate(comparison.columns):
+        psnrs = [row[c] for row in comparison.psnr]
+        row = {
+            "name": column.name,
+            "bits_per_param": round(column.bits_per_param, 3),
+            "size_mb": round(column.nbytes / 1e6, 4),
+            "pct_of_float16": round(100.0 * column.nbytes / float16, 1),
+            "latent_psnr_db": None if latent_psnr is None else latent_psnr.get(column.name),
+            "image_psnr_db": None if c == 0 else round(float(np.mean(psnrs)), 2),
+            "ssim": round(float(np.mean([row[c] for row in comparison.ssim])), 4),
+        }
+        for attribute, value in scores.get(column.name, {}).items():
+            row[f"{attribute}_adherence"] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns=["latent_psnr_db"]) if latent_psnr is None else frame
+
+
+@torch.no_grad()
+def backend_comparison(
+    pipe,
+    packages,
+    recipe_name: str,
+    recipe: Mapping[str, int],
+    prompts: Sequence[str],
+    *,
+    layers: Mapping[str, torch.nn.Module],
+    seed: int = 0,
+    steps: int = 20,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[SeedMatchedImages, str]:
+    """Seed-matched images of the float model, the recipe simulated in torch, and the exported Core ML package.
+
+    The package runs through `workbench.coreml.coreml_pipeline`: the real Core ML runtime on macOS
+    (`backend="coreml"`), weight-exact emulation elsewhere (`"emulate"`: the package's decompressed weights in
+    torch). PSNRs are against the float model; the third column's name carries the backend's label.
+
+    Returns:
+        `(SeedMatchedImages, label)`: the label says what produced the Core ML column.
+    """
+    import sys
+
+    from workbench.coreml import coreml_pipeline
+    from workbench.palettize import palettized
+
+    backend = backend or ("coreml" if sys.platform == "darwin" else "emulate")
+    seeds = tuple(seed + i for i in range(len(prompts)))
+    columns = [
+        column_for(REFERENCE_COLUMN, layers, {}),
+        column_for(f"{recipe_name} (torch simulation)", layers, recipe),
+    ]
+    per_column = [generate(pipe, prompts, seeds, steps=steps, **kwargs)]
+    with palettized(pipe.unet, recipe):
+        per_column.append(generate(pipe, prompts, seeds, steps=steps, **kwargs))
+    with coreml_pipeline(pipe, packages, backend=backend) as core:
+        label = core.label
+        per_column.append(generate(core.pipe, prompts, seeds, steps=steps, **kwargs))
+    title = "Core ML package (emulated on Linux)" if backend == "emulate" else "Core ML package (Core ML runtime)"
+    columns.append(Column(title, columns[1].bits_per_param, columns[1].nbytes))
+    images = tuple(tuple(column[r] for column in per_column) for r in range(len(prompts)))
+    psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)
+    ssim = tuple(tuple(image_ssim(row[0], image) for image in row) for row in images)
+    return SeedMatchedImages(tuple(prompts), seeds, tuple(columns), images, psnr, ssim, steps), label

@@ -1,0 +1,99 @@
+"""Seed-matched image grids: layout, captions, PSNR against the float column, exact restore of the UNet."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.grids import (
+    Column,
+    SeedMatchedImages,
+    image_grid,
+    recipe_summary,
+    seed_matched_images,
+    uniform_recipes,
+)
+from workbench.layers import compressible_layers
+from workbench.palettize import PaletteCache
+from workbench.testing import tiny_sd_pipeline
+
+PROMPTS = ["a large red circle at the center", "a small blue square at the top left"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def comparison(pipe):
+    layers = compressible_layers(pipe.unet, 2048)
+    recipes = uniform_recipes(layers, [8, 2])
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = seed_matched_images(pipe, PROMPTS, recipes, layers=layers, steps=2, seed=3, cache=PaletteCache())
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "UNet not restored exactly"
+    return result
+
+
+def test_columns_rows_and_sizes(comparison):
+    assert [c.name for c in comparison.columns] == ["float16", "8-bit", "2-bit"]
+    assert comparison.seeds == (3, 4)
+    assert [c.bits_per_param for c in comparison.columns] == [16.0, 8.0, 2.0]
+    f16, b8, b2 = (c.nbytes for c in comparison.columns)
+    assert b2 < b8 < f16 and b8 <= f16 / 2 + 104 * 256 * 2  # 8-bit: half of float16 plus one 256-entry LUT a layer
+    assert all(img.dtype == np.uint8 and img.shape == (64, 64, 3) for row in comparison.images for img in row)
+
+
+def test_psnr_against_the_float_column(comparison):
+    for row_psnr, row_ssim in zip(comparison.psnr, comparison.ssim):
+        assert math.isinf(row_psnr[0]) and row_ssim[0] == pytest.approx(1.0)
+        assert row_psnr[1] > row_psnr[2] + 5, f"8-bit should be much closer to float than 2-bit: {row_psnr}"
+        assert row_psnr[1] >= 35, f"8-bit image PSNR {row_psnr[1]:.1f} dB is too low"
+    frame = comparison.to_frame()
+    assert len(frame) == 6 and set(frame.columns) >= {"prompt", "seed", "column", "image_psnr_db", "ssim"}
+
+
+def test_same_seed_is_reproducible(pipe, comparison):
+    again = seed_matched_images(pipe, PROMPTS[:1], {}, steps=2, seed=3)
+    assert np.array_equal(again.images[0][0], comparison.images[0][0])
+
+
+def test_summary_and_adherence_columns(comparison):
+    table = recipe_summary(comparison, latent_psnr={"8-bit": 40.0, "2-bit": 20.0}, adherence=True)
+    assert list(table["name"]) == ["float16", "8-bit", "2-bit"]
+    assert table["image_psnr_db"].isna().tolist() == [True, False, False]
+    assert table["pct_of_float16"].iloc[0] == 100.0 and table["pct_of_float16"].iloc[2] < 15
+    assert {"color_adherence", "shape_adherence", "position_adherence"} <= set(table.columns)
+    assert table["latent_psnr_db"].tolist()[1:] == [40.0, 20.0]
+
+
+def test_render_has_room_for_labels(comparison):
+    image = comparison.render(cell_size=96, title="t")
+    assert image.mode == "RGB"
+    assert image.width >= 3 * 96 + 150 and image.height >= 2 * 96
+    pixels = np.asarray(image)
+    assert (pixels[:20] < 100).any(), "title text missing"
+
+
+def test_image_grid_validates_shapes():
+    tile = np.zeros((8, 8, 3), np.uint8)
+    grid = image_grid([[tile, tile]], row_labels=["r"], column_labels=["a", "b"], cell_captions=[["x", "y"]])
+    assert grid.width > 2 * 128
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        image_grid([[tile, tile], [tile]])
+    with pytest.raises(ValueError, match="column_labels has 1 entries for 2"):
+        image_grid([[tile, tile]], column_labels=["a"])
+    with pytest.raises(ValueError, match="at least one row"):
+        image_grid([])
+
+
+def test_column_caption_names_bits_and_megabytes():
+    assert Column("4-bit", 4.0, 710_000).caption == "4.00 bits/param\n0.71 MB"
+    assert isinstance(SeedMatchedImages.__dataclass_fields__["psnr"].name, str)

@@ -1,0 +1,135 @@
+"""Recipe tables for notebooks and reports: one row per recipe with its size and every measured quality number.
+
+Example:
+    >>> result = run_analysis(pipe, config, out_dir="analysis")
+    >>> recipe_table(result)          # name, strategy, bits/param, size MB, % of float16, PSNRs, SSIM, adherence
+    >>> pick_recipes(result.preanalysis.recipes, result.layers, targets=[3.5, 4.5, 6.5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from workbench.palettize import as_config
+from workbench.size import layer_nbytes
+
+STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware"}
+
+
+def strategy_of(recipe_name: str) -> str:
+    """`recipe_4.50_bit_mixedpalette` -> `"apple"`, `..._sizeaware` -> `"size-aware"`, else the name's suffix."""
+    suffix = recipe_name.rsplit("_", 1)[-1]
+    return STRATEGY_BY_SUFFIX.get(suffix, suffix)
+
+
+def recipe_nbytes(recipe: Mapping[str, int], numels: Mapping[str, int]) -> int:
+    """Stored bytes of the layers in `numels` under `recipe`: packed indices plus one float16 LUT per tensor,
+    float16 for layers at 16 bits or absent (`workbench.size.layer_nbytes`)."""
+    return sum(layer_nbytes(n, 1, as_config(int(recipe.get(layer, 16)))) for layer, n in numels.items())
+
+
+def bits_per_param(recipe: Mapping[str, int], numels: Mapping[str, int]) -> float:
+    """`sum(bits * numel) / sum(numel)` over `numels`; absent layers count 16 bits."""
+    total = sum(numels.values())
+    return sum(int(recipe.get(layer, 16)) * n for layer, n in numels.items()) / total
+
+
+def recipe_table(result):
+    """One row per recipe of a `workbench.analysis.AnalysisResult`, best first within each strategy.
+
+    Columns: name, strategy, bits_per_param, size_mb (candidate layers, LUTs included), pct_of_float16,
+    psnr_one_step_db (the reference's latent PSNR, mean over prompts), and when the analysis ran full
+    trajectories: image_psnr_db and ssim (means over prompts, against the float model's images from the same
+    seed) and color/shape/position adherence (demo model prompts). A first row "float16" gives the float
+    model's own adherence.
+    """
+    import pandas as pd
+
+    numels = result.layers
+    float16 = 2 * sum(numels.values())
+    trajectories = {t.recipe: t for t in getattr(result, "trajectory", [])}
+    rows = []
+    if "float" in trajectories:
+        rows.append(_row("float16", "float", {}, numels, float16, None, trajectories["float"]))
+    for r in sorted(result.recipes, key=lambda r: (r.strategy, -r.bits_per_param)):
+        rows.append(_row(r.name, r.strategy, r.bits, numels, float16, r.psnr_mean, trajectories.get(r.name)))
+    return pd.DataFrame(rows)
+
+
+def _row(name, strategy, bits, numels, float16, one_step, trajectory) -> dict:
+    nbytes = recipe_nbytes(bits, numels)
+    row = {
+        "name": name,
+        "strategy": strategy,
+        "bits_per_param": round(bits_per_param(bits, numels), 3),
+        "size_mb": round(nbytes / 1e6, 4),
+        "pct_of_float16": round(100.0 * nbytes / float16, 1),
+        "psnr_one_step_db": None if one_step is None else round(one_step, 2),
+    }
+    if trajectory is not None:
+        finite = [v for v in trajectory.image_psnr if np.isfinite(v)]
+        row["image_psnr_db"] = round(float(np.mean(finite)), 2) if finite else None
+        row["ssim"] = round(float(np.mean(trajectory.ssim)), 4)
+        for attribute in ("color", "shape", "position"):
+            if trajectory.adherence:
+                row[f"{attribute}_adherence"] = trajectory.adherence[attribute]
+    return row
+
+
+def pick_recipes(
+    recipes: Mapping[str, Mapping[str, int]],
+    numels: Mapping[str, int],
+    targets: Sequence[float],
+    strategies: Sequence[str] | None = None,
+) -> dict[str, dict[str, int]]:
+    """For each strategy and each target bits/param, the recipe whose bits/param is closest (each kept once).
+
+    Args:
+        recipes: name -> {layer: bits} (e.g. `PreAnalysis.recipes`).
+        numels: layer -> weight count, what bits/param is measured over.
+        targets: bits/param to look near, e.g. `[3.5, 4.5, 6.5]` (the seed post's 3.41 / 4.50 / 6.55).
+        strategies: keep only these (`strategy_of` each name); None = all.
+
+    Returns:
+        name -> bits, ordered by strategy then descending bits/param (the grid's column order).
+    """
+    by_strategy: dict[str, list[str]] = {}
+    for name in recipes:
+        strategy = strategy_of(name)
+        if strategies is None or strategy in strategies:
+            by_strategy.setdefault(strategy, []).append(name)
+    if not by_strategy:
+        raise ValueError(f"no recipe of strategies {list(strategies or [])}; recipes: {', '.join(recipes)}")
+    chosen: list[str] = []
+    bpp = {name: bits_per_param(bits, numels) for name, bits in recipes.items()}
+    for strategy, names in by_strategy.items():
+        picked = {min(names, key=lambda n, t=t: abs(bpp[n] - t)) for t in targets}
+        chosen += sorted(picked, key=lambda n: -bpp[n])
+    return {name: dict(recipes[name]) for name in chosen}
+
+
+def load_analysis_outputs(analysis_dir):
+    """The reference-format JSON and the settings an analysis wrote (`workbench analyze --out DIR`, notebook 03).
+
+    Returns:
+        `(PreAnalysis, config dict)`: the config from `run.json` (empty if absent), e.g. its `min_numel`.
+
+    Raises:
+        FileNotFoundError: no `preanalysis.json` there; the message says how to make one.
+    """
+    import json
+    from pathlib import Path
+
+    from workbench.recipes import PreAnalysis
+
+    folder = Path(analysis_dir)
+    if not (folder / "preanalysis.json").is_file():
+        raise FileNotFoundError(
+            f"no analysis in {folder} (no preanalysis.json): run notebook 03_mixed_bit_analysis with the same out_dir "
+            "first, or `workbench analyze --out DIR` and pass analysis_dir=DIR"
+        )
+    run = folder / "run.json"
+    config = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+    return PreAnalysis.load(folder / "preanalysis.json"), config
