@@ -56,11 +56,14 @@ def coreml_weight_names(layers: Iterable[str]) -> dict[str, str]:
     return mapping
 
 
-def load_program(package: str | os.PathLike):
-    """The MIL program of a saved `.mlpackage`, with its weights, on any OS (no Core ML runtime needed)."""
+def load_program(package):
+    """The MIL program of a saved `.mlpackage` (or an in-memory `MLModel`), with its weights, on any OS."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load
 
+    if not isinstance(package, (str, os.PathLike)):  # an MLModel: its spec and weights folder
+        spec = package.get_spec()
+        return load(spec, specification_version=spec.specificationVersion, file_weights_dir=package.weights_dir)
     package = Path(package)
     if not (package / "Manifest.json").exists():
         raise FileNotFoundError(f"not an .mlpackage (no Manifest.json): {package}")
@@ -69,34 +72,33 @@ def load_program(package: str | os.PathLike):
     return load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights_dir))
 
 
+def _weight_ops(program):
+    """(weight name, op, palettized?) for palettized weights and float16 constants of >= 2 dimensions."""
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type == "constexpr_lut_to_dense":
+                yield op.name.removesuffix("_palettized"), op, True
+            elif op.op_type == "const" and op.outputs[0].val is not None:
+                value = op.outputs[0].val
+                if getattr(value, "dtype", None) == np.float16 and np.ndim(value) >= 2:
+                    yield op.name, op, False
+
+
 def package_weights(package: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every weight of a saved package, decompressed, keyed by its uncompressed constant's name.
 
     Palettized weights (`constexpr_lut_to_dense` ops, named `<const>_palettized`) are expanded from
     their LUT and indices exactly as Core ML does; float constants are returned as stored.
     """
-    program = load_program(package)
-    weights: dict[str, np.ndarray] = {}
-    for function in program.functions.values():
-        for op in function.operations:
-            if op.op_type == "constexpr_lut_to_dense":
-                weights[op.name.removesuffix("_palettized")] = np.asarray(op.materialized_val_inference())
-            elif op.op_type == "const" and op.outputs[0].val is not None:
-                value = np.asarray(op.outputs[0].val)
-                if value.dtype == np.float16 and value.ndim >= 2:
-                    weights[op.name] = value
-    return weights
+    return {
+        name: np.asarray(op.materialized_val_inference() if palettized else op.outputs[0].val)
+        for name, op, palettized in _weight_ops(load_program(package))
+    }
 
 
 def palettized_weight_names(package: str | os.PathLike) -> set[str]:
     """Names of the weights a package stores palettized."""
-    program = load_program(package)
-    return {
-        op.name.removesuffix("_palettized")
-        for function in program.functions.values()
-        for op in function.operations
-        if op.op_type == "constexpr_lut_to_dense"
-    }
+    return {name for name, _, palettized in _weight_ops(load_program(package)) if palettized}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -287,25 +289,8 @@ def convert_component(
 
 
 def program_weight_names(model_or_package) -> set[str]:
-    """Names of the weight constants (float16, >= 2-D, or palettized) of an MLModel or a saved package."""
-    if isinstance(model_or_package, (str, os.PathLike)):
-        return set(package_weights(model_or_package))
-    from coremltools.converters.mil.frontend.milproto.load import load
-
-    spec = model_or_package.get_spec()
-    program = load(
-        spec, specification_version=spec.specificationVersion, file_weights_dir=model_or_package.weights_dir
-    )
-    names = set()
-    for function in program.functions.values():
-        for op in function.operations:
-            if op.op_type == "constexpr_lut_to_dense":
-                names.add(op.name.removesuffix("_palettized"))
-            elif op.op_type == "const" and op.outputs[0].val is not None:
-                value = np.asarray(op.outputs[0].val)
-                if value.dtype == np.float16 and value.ndim >= 2:
-                    names.add(op.name)
-    return names
+    """Names of the weights (float16 constants of >= 2 dimensions, or palettized) of an MLModel or a package."""
+    return {name for name, _, _ in _weight_ops(load_program(model_or_package))}
 
 
 RecipeLike = Union["Recipe", Mapping[str, "int | PaletteConfig | None"], None]
