@@ -126,6 +126,27 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from workbench.report import ReportConfig, run_report, select_notebooks
+
+    config = ReportConfig(
+        run=args.run,
+        model=args.model,
+        smoke=args.smoke,
+        notebooks=select_notebooks(args.notebooks),
+        out_root=args.out_root,
+        threads=args.threads,
+    )
+    result = run_report(config)
+    if not result.ok:
+        failed = ", ".join(r.notebook for r in result.runs if not r.ok)
+        print(
+            f"workbench report: error: {failed} stopped on an error; see {config.out_dir / 'index.html'}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workbench import __version__
 
@@ -213,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("report", help="execute the notebooks with papermill into reports/RUN/ (HTML, figures, tables)")
+    p.add_argument("--run", default="demo", help="run name: the folder under --out-root (default demo)")
+    p.add_argument("--model", default="", help="hub id or pipeline folder (default: the demo model; tiny-sd: random)")
+    p.add_argument("--smoke", action="store_true", help="shrink every notebook (few prompts and steps), as CI does")
+    p.add_argument("--notebooks", default="", help="comma-separated notebook names or numbers (default: all)")
+    p.add_argument("--out-root", default="reports", help="parent folder of the run folder (default reports)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads inside the notebooks (default 2)")
+    p.set_defaults(func=_cmd_report)
 
     return parser
 
