@@ -118,3 +118,33 @@ def test_cli_bad_input_is_one_line_exit_2_and_no_results(tmp_path, capsys, argv,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (out / "preanalysis.json").exists()
+
+
+def test_grouped_palette_sweep_is_reported_with_its_lut_bits(pipe):
+    config = AnalysisConfig(
+        nbits=(4,), min_numel=60_000, prompts=PROMPTS, height=32, width=32, num_recipes=1, strategies=("apple",),
+        group_size=16,
+    )  # fmt: skip
+    with torch_threads(1):
+        result = run_analysis(pipe, config, progress=False)
+    curves = result.curves()
+    assert set(curves) == {"kmeans4", "kmeans4_g16"}
+    # same layers in the same order: the grouped curve is a bit larger (its LUTs) and at least as accurate here
+    (x, y), (gx, gy) = curves["kmeans4"][-1], curves["kmeans4_g16"][-1]
+    assert gx < x and gy >= y - 0.5
+
+
+def test_trajectory_compares_decoded_images_with_the_float_model(pipe):
+    from workbench.trajectory import evaluate_trajectories
+
+    bits = dict.fromkeys(["down_blocks.1.attentions.0.proj_in", "up_blocks.0.attentions.0.proj_out"], 1)
+    with torch_threads(1):
+        results = evaluate_trajectories(
+            pipe, {"r": bits}, ["a small red circle at the top left"], num_inference_steps=2, height=32, width=32
+        )
+    float_result, recipe = results
+    assert float_result.recipe == "float" and float_result.image_psnr == (float("inf"),)
+    assert float_result.ssim[0] == pytest.approx(1.0)
+    assert 0 < recipe.image_psnr[0] < 200 and recipe.ssim[0] < 1.0
+    assert set(float_result.adherence) == {"color", "shape", "position", "size"}  # a shapes caption: scored
+    assert len(recipe.to_frame()) == 1

@@ -231,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse finished evaluations of the same configuration in --out (default on)",
     )
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: 2 threads on a shared 2-core box contend badly)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)
 
