@@ -136,6 +136,12 @@ def test_emulate_gives_the_torch_simulation_image(sd_export):
     assert np.abs(image - float_image).max() > 1e-3  # the recipe does change the image
     for name, weight in before.items():  # restored exactly
         assert torch.equal(compressible_layers(pipe.unet, MIN_NUMEL)[name].weight, weight), name
+    # include_float16: the float layers take the package's float16 rounding too
+    with coreml_pipeline(pipe, report.out_dir, backend="emulate", include_float16=True) as emulated:
+        layers = compressible_layers(pipe.unet, MIN_NUMEL)
+        assert set(emulated.loaded["unet"]) >= set(layers)
+        for name in [n for n, b in bits.items() if b == 16][:5]:
+            assert torch.equal(layers[name].weight, before[name].half().float()), name
 
 
 def test_coreml_backend_glue_reproduces_torch_with_stand_in_predictors():
