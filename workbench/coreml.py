@@ -945,8 +945,23 @@ def attach_predictors(pipe, predictors: Mapping[str, tuple], *, label: str = COR
     return result
 
 
-def _package_batch(model) -> int:
-    return int(model.get_spec().description.input[0].type.multiArrayType.shape[0])
+class _ShapeCheckedModel:
+    """An `MLModel` whose `predict` names the package's fixed input shapes when given others."""
+
+    def __init__(self, model, path: Path):
+        self.model, self.path = model, path
+        inputs = model.get_spec().description.input
+        self.shapes = {i.name: tuple(int(d) for d in i.type.multiArrayType.shape) for i in inputs}
+        self.batch = next(iter(self.shapes.values()))[0]
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict:
+        for name, value in inputs.items():
+            if tuple(value.shape) != self.shapes[name]:
+                raise ValueError(
+                    f"{self.path.name} takes {name} of shape {self.shapes[name]}, got {tuple(value.shape)}: packages "
+                    "have the fixed shapes they were exported with (generate at the pipeline's default size)"
+                )
+        return self.model.predict(dict(inputs))
 
 
 def coreml_pipeline(
@@ -998,8 +1013,8 @@ def coreml_pipeline(
     import coremltools as ct
 
     units = getattr(ct.ComputeUnit, compute_units)
-    models = {c: ct.models.MLModel(str(p), compute_units=units) for c, p in paths.items()}
-    result = attach_predictors(pipe, {c: (m, _package_batch(m)) for c, m in models.items()})
+    models = {c: _ShapeCheckedModel(ct.models.MLModel(str(p), compute_units=units), p) for c, p in paths.items()}
+    result = attach_predictors(pipe, {c: (m, m.batch) for c, m in models.items()})
     result.packages.update(paths)
     return result
 
