@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 RUN ?= demo
 MODEL ?=
 
-.PHONY: install report test test-slow lint format lab clean-reports lock
+.PHONY: install report readme-figures test test-slow lint format lab clean-reports lock
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 report: install
 	$(BIN)/workbench report --run $(RUN) $(if $(MODEL),--model $(MODEL),)
+
+# The README's two figures (docs/*.png), from a full report on the demo model.
+readme-figures: report
+	$(BIN)/python -c "from workbench.report import readme_figures; print(*readme_figures('reports/$(RUN)', 'docs'))"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -212,11 +212,15 @@ class PaletteExplorer:
         )
         plt.close(self.figure)  # shown through the Output widget only, not again by the inline backend
         if _in_notebook():
-            from IPython.display import display
+            import io
 
+            from IPython.display import Image, display
+
+            buffer = io.BytesIO()
+            self.figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # whatever the backend
             self.output.clear_output(wait=True)
             with self.output:
-                display(self.figure)
+                display(Image(data=buffer.getvalue(), format="png"))
 
 
 @dataclass(frozen=True)

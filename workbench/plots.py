@@ -40,7 +40,7 @@ def plot_weight_histogram(weight, palette=None, *, ax=None, bins: int = 200, tit
         `matplotlib.figure.Figure`.
     """
     values = _as_numpy(weight).astype(np.float32).ravel()
-    fig, ax = _new_axes(ax, (8, 3.6))
+    fig, ax = _new_axes(ax, (9, 3.6))
     ax.hist(values, bins=bins, color="#7f7f7f", label=f"{values.size:,} weights")
     if palette is not None:
         used = np.unique(palette.indices[: max(1, palette.indices.shape[0] // palette.lut.shape[0])])
@@ -52,7 +52,7 @@ def plot_weight_histogram(weight, palette=None, *, ax=None, bins: int = 200, tit
             )
     ax.set_xlabel("weight value (float16, unitless)")
     ax.set_ylabel("number of weights")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: the bars fill the axes
     if title:
         ax.set_title(title)
     return fig
@@ -72,7 +72,7 @@ def plot_palette_histograms(weight, palettes, *, title: str | None = None, bins:
     """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(palettes), 1, figsize=(8, 2.8 * len(palettes)), sharex=True, layout="constrained")
+    fig, axes = plt.subplots(len(palettes), 1, figsize=(9, 2.8 * len(palettes)), sharex=True, layout="constrained")
     for ax, palette in zip(np.atleast_1d(axes), palettes):
         n = palette.config.nbits
         plot_weight_histogram(weight, palette, ax=ax, bins=bins, title=f"{n}-bit palette: {1 << n} values")
@@ -96,7 +96,8 @@ def plot_palette_error_vs_bits(table, *, ax=None, title: str | None = None):
     fig, ax = _new_axes(ax, (6.5, 3.8))
     for i, (granularity, rows) in enumerate(table.groupby("granularity", sort=False)):
         rows = rows.sort_values("nbits")
-        ax.plot(rows["nbits"], rows["weight_snr_db"], marker="o", label=granularity, color=_color(i))
+        style = {"marker": "os"[i % 2], "ls": "-" if i == 0 else "--", "ms": 7 if i == 0 else 5}
+        ax.plot(rows["nbits"], rows["weight_snr_db"], label=granularity, color=_color(i), **style)
     ax.set_xlabel("palette bit width n (LUT of 2^n values)")
     ax.set_ylabel("weight SNR (dB, higher is better)")
     ax.set_xticks(sorted(table["nbits"].unique()))

@@ -144,16 +144,30 @@ class Artifacts:
         return [Path(self.out_dir) / r["path"] for r in self.records if kind is None or r["kind"] == kind]
 
     def figure(self, fig, name: str, caption: str, *, dpi: int = 110) -> None:
-        """Save a matplotlib figure as `figures/NN_name.png`, show it, then its caption; close it."""
+        """Save a matplotlib figure as `figures/NN_name.png`, show that PNG, then its caption; close the figure.
+
+        The PNG itself is displayed (not the figure object), so the notebook shows exactly the saved file
+        whatever matplotlib backend is active.
+        """
+        import io
+
         import matplotlib.pyplot as plt
 
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        png = buffer.getvalue()
         path = None
         if self.enabled:
             path = self._path("figures", name, ".png")
             path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        _display(fig)
-        plt.close(fig)
+            path.write_bytes(png)
+        try:
+            from IPython.display import Image
+        except ImportError:
+            pass
+        else:
+            _display(Image(data=png, format="png"))
         _caption("Figure", caption)
         self._record("figure", path, caption)
 
@@ -225,6 +239,7 @@ class ReportConfig:
         notebooks (`tuple[str, ...]`): which notebooks, in order (default: all five).
         out_root (`str`, defaults to `"reports"`): parent folder of the run folder.
         timeout_s (`int`, defaults to 1200): per-cell execution timeout.
+        threads (`int`, defaults to 2): torch CPU threads inside the notebooks.
     """
 
     run: str = "demo"
@@ -233,6 +248,7 @@ class ReportConfig:
     notebooks: tuple[str, ...] = NOTEBOOKS
     out_root: str = "reports"
     timeout_s: int = 1200
+    threads: int = 2
 
     def __post_init__(self):
         if not self.run or "/" in self.run or self.run.startswith("."):
@@ -241,6 +257,8 @@ class ReportConfig:
         if unknown:
             raise ValueError(f"unknown notebooks {unknown}; valid: {', '.join(NOTEBOOKS)}")
         object.__setattr__(self, "notebooks", tuple(self.notebooks))
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def out_dir(self) -> Path:
@@ -252,6 +270,32 @@ class ReportConfig:
     @classmethod
     def from_dict(cls, d) -> ReportConfig:
         return cls(**{**d, "notebooks": tuple(d.get("notebooks", NOTEBOOKS))})
+
+
+def select_notebooks(spec: str) -> tuple[str, ...]:
+    """`"01,3,04_seed_matched_comparison"` -> those notebooks' full names, in report order; `""` -> all."""
+    if not spec.strip():
+        return NOTEBOOKS
+    chosen = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        matches = [n for n in NOTEBOOKS if n == item or n.split("_", 1)[0] == item.zfill(2)]
+        if not matches:
+            raise ValueError(f"unknown notebook {item!r}; valid: numbers 1-{len(NOTEBOOKS)} or {', '.join(NOTEBOOKS)}")
+        chosen += matches
+    return tuple(n for n in NOTEBOOKS if n in chosen)
+
+
+def check_model(model: str) -> None:
+    """Fail before any notebook runs when the model cannot be found (demo model not built, no such folder)."""
+    from workbench.pipelines import DEMO_MODEL, ModelNotAvailableError
+
+    if not model and not (DEMO_MODEL / "model_index.json").is_file():
+        raise ModelNotAvailableError(
+            f"the demo model is missing ({DEMO_MODEL} has no model_index.json); build it with `workbench train`, "
+            "or pass --model tiny-sd (random weights) or a pipeline folder"
+        )
+    if model and model != TINY_MODEL and model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise ModelNotAvailableError(f"no such pipeline folder: {model!r}")
 
 
 @dataclass(frozen=True)
@@ -361,11 +405,18 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print, progres
     """
     import shutil
 
+    check_model(config.model)
     out_dir = config.out_dir
     for sub in ("notebooks", "html", "figures", "tables", "recipes", "artifacts"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = {"model": config.model, "smoke": config.smoke, "out_dir": str(out_dir.resolve()), "explorer": False}
+    base = {
+        "model": config.model,
+        "smoke": config.smoke,
+        "out_dir": str(out_dir.resolve()),
+        "explorer": False,  # widgets need a live kernel; the HTML would show their text repr
+        "threads": config.threads,
+    }
     record = {"report": config.to_dict(), "notebooks": {}, "environment": environment()}
     write_json_atomic(out_dir / "parameters.json", record)
     runs, start = [], time.perf_counter()
@@ -396,6 +447,13 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; 
 figcaption { color: #444; font-size: 0.95em; } .failed { color: #b00; font-weight: bold; } .ok { color: #070; }
 ul.files li { margin: 0.2em 0; }
 """
+
+
+def _inline_code(text: str) -> str:
+    """Markdown `code` spans in a caption as HTML <code>."""
+    import re
+
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
 
 
 def write_index(out_dir: Path, config: ReportConfig, result: ReportResult) -> Path:
@@ -433,7 +491,7 @@ def write_index(out_dir: Path, config: ReportConfig, result: ReportResult) -> Pa
             parts.append(f"<p class='failed'>Stopped on an error: {esc(run.error)}</p>")
         files = []
         for art in _artifacts(out_dir, run.notebook):
-            path, caption = esc(art["path"]), esc(art["caption"])
+            path, caption = esc(art["path"]), _inline_code(esc(art["caption"]))
             if art["kind"] == "figure":
                 parts.append(f"<figure><img src='{path}' alt='{caption}'><figcaption>{caption}</figcaption></figure>")
             else:
@@ -442,3 +500,31 @@ def write_index(out_dir: Path, config: ReportConfig, result: ReportResult) -> Pa
             parts.append("<p>Files:</p><ul class='files'>" + "".join(files) + "</ul>")
     parts.append("</body></html>")
     return write_text_atomic(out_dir / "index.html", "\n".join(parts))
+
+
+README_FIGURES = {"03_psnr_vs_size.png": "psnr_vs_size.png", "04_seed_matched_grid.png": "seed_matched_grid.png"}
+
+
+def readme_figures(run_dir: str | os.PathLike, docs_dir: str | os.PathLike, max_width: int = 900) -> list[Path]:
+    """Copy the README's figures out of a finished report, shrunk to `max_width` pixels and palette-quantised
+    (small enough to commit): `figures/03_psnr_vs_size.png` and `figures/04_seed_matched_grid.png`.
+
+    Returns:
+        the written paths under `docs_dir`.
+    """
+    from PIL import Image
+
+    written = []
+    for source, target in README_FIGURES.items():
+        path = Path(run_dir) / "figures" / source
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `workbench report` (notebooks 03 and 04) first")
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.width > max_width:
+                image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+            out = Path(docs_dir) / target
+            out.parent.mkdir(parents=True, exist_ok=True)
+            image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+        written.append(out)
+    return written

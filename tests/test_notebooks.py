@@ -1,0 +1,134 @@
+"""Every notebook, executed through papermill with smoke=True by `workbench report`, writes what it must.
+
+One report run (module fixture) executes notebooks 01-05 in order into a temporary reports folder, as
+`make report` does; 04 and 05 read the analysis 03 wrote. The model is the tiny random-weight SD pipeline
+(`model="tiny-sd"`): the notebooks' code paths are the same as on the demo model, at a size CI can afford.
+"""
+
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+from PIL import Image
+
+from workbench.report import NOTEBOOK_DIR, NOTEBOOKS, ReportConfig, notebook_parameters, run_report
+
+MODEL = "tiny-sd"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reports")
+    result = run_report(
+        ReportConfig(run="smoke", model=MODEL, smoke=True, out_root=str(root), threads=1), log=print, progress=False
+    )
+    return result
+
+
+def _figure(out, name):
+    path = out / "figures" / name
+    assert path.is_file(), f"missing figure {name}"
+    with Image.open(path) as image:
+        assert image.width >= 300 and image.height >= 150, f"{name} is {image.size}"
+    return path
+
+
+def _table(out, name):
+    path = out / "tables" / name
+    assert path.is_file(), f"missing table {name}"
+    return pd.read_csv(path)
+
+
+def test_source_notebooks_follow_the_rules():
+    for name in NOTEBOOKS:
+        book = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first code cell is not tagged parameters"
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{name} is committed with outputs"
+        params = notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")
+        assert {"model", "smoke", "out_dir"} <= set(params), f"{name}: {sorted(params)}"
+        assert all(p["help"] and p["inferred_type_name"] != "None" for p in params.values()), name
+
+
+def test_every_notebook_ran_without_error(report):
+    assert [r.notebook for r in report.runs] == list(NOTEBOOKS)
+    failed = {r.notebook: r.error for r in report.runs if not r.ok}
+    assert not failed, failed
+    for run in report.runs:
+        book = nbformat.read(report.out_dir / "notebooks" / f"{run.notebook}.ipynb", as_version=4)
+        errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors
+        assert (report.out_dir / "html" / f"{run.notebook}.html").stat().st_size > 10_000
+        assert run.parameters["smoke"] is True and run.parameters["model"] == MODEL
+
+
+def test_index_and_parameters(report):
+    index = (report.out_dir / "index.html").read_text()
+    for name in NOTEBOOKS:
+        assert f"html/{name}.html" in index and f"notebooks/{name}.ipynb" in index
+    assert "figures/03_psnr_vs_size.png" in index and "emulated" in index
+    record = json.loads((report.out_dir / "parameters.json").read_text())
+    assert record["report"]["smoke"] is True
+    assert record["environment"]["packages"]["torch"]
+    assert set(record["notebooks"]) == set(NOTEBOOKS)
+
+
+def test_01_basics(report):
+    out = report.out_dir
+    for name in ("01_weight_histogram.png", "01_error_vs_bits.png", "01_bytes_vs_bits.png"):
+        _figure(out, name)
+    table = _table(out, "01_error_vs_bits.csv")
+    tensor = table[table.granularity == "per_tensor"].set_index("nbits")
+    assert list(tensor.index) == [1, 2, 4]
+    assert tensor["weight_snr_db"].is_monotonic_increasing
+    assert len(_table(out, "01_lut_2bit.csv")) == 4
+
+
+def test_02_uniform(report):
+    out = report.out_dir
+    _figure(out, "02_psnr_vs_bits.png")
+    _figure(out, "02_uniform_grid.png")
+    summary = _table(out, "02_uniform_summary.csv")
+    assert list(summary["name"]) == ["float16", "4-bit", "2-bit"]
+    assert (
+        summary.set_index("name").loc["4-bit", "image_psnr_db"]
+        > summary.set_index("name").loc["2-bit", "image_psnr_db"]
+    )
+    assert summary["latent_psnr_db"].iloc[1:].notna().all()
+
+
+def test_03_analysis(report):
+    out = report.out_dir
+    _figure(out, "03_psnr_vs_size.png")
+    recipes = _table(out, "03_recipes.csv")
+    assert {"name", "bits_per_param", "size_mb", "pct_of_float16", "psnr_one_step_db", "image_psnr_db", "ssim"} <= set(
+        recipes.columns
+    )
+    assert set(recipes["strategy"]) >= {"apple", "size-aware"}
+    saved = json.loads((out / "recipes" / "03_preanalysis.json").read_text())
+    assert set(saved) >= {"model_version", "single_layer", "cumulative", "baselines", "recipes"}
+    assert saved["recipes"] and (out / "analysis" / "preanalysis.json").is_file()
+
+
+def test_04_seed_matched(report):
+    out = report.out_dir
+    _figure(out, "04_seed_matched_grid.png")
+    summary = _table(out, "04_recipe_summary.csv")
+    assert summary["name"].iloc[0] == "float16" and len(summary) >= 2
+    cells = _table(out, "04_cells.csv")
+    assert len(cells) == 2 * len(summary)  # 2 prompts in smoke
+    assert (cells.groupby("prompt")["seed"].nunique() == 1).all(), "a row must use one seed in every column"
+
+
+def test_05_coreml(report):
+    out = report.out_dir
+    _figure(out, "05_torch_vs_coreml.png")
+    packages = _table(out, "05_packages.csv")
+    assert packages["nbytes"].iloc[0] < packages["float16_nbytes"].iloc[0]
+    assert packages["bit_exact"].iloc[0] == packages["n_palettized"].iloc[0] > 0
+    verification = json.loads((out / "coreml" / "verification.json").read_text())
+    assert verification["all_bit_exact"] is True
+    images = _table(out, "05_torch_vs_coreml.csv").set_index("name")
+    simulated, packaged = images["image_psnr_db"].iloc[1], images["image_psnr_db"].iloc[2]
+    assert packaged == simulated, "emulated package images must equal the torch simulation's"
