@@ -256,15 +256,15 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     by_strategy = {s: [r for r in kept if r.strategy == s] for s in ("apple", "size-aware")}
     if by_strategy["apple"]:
         apple = by_strategy["apple"]
-        ax.plot([r.size_reduction_pct for r in apple], [r.psnr_mean for r in apple], "o-", color="black", ms=6,
-                lw=1.8, label="mixed-bit recipes (reference rule)")  # fmt: skip
+        ax.plot([r.size_reduction_pct for r in apple], [r.psnr_mean for r in apple], "o-", color="black", ms=9,
+                mfc="none", lw=1.8, label="mixed-bit recipes (reference rule)")  # fmt: skip
         for r in apple:
             ax.annotate(f"{r.bits_per_param:.2f}", (r.size_reduction_pct, r.psnr_mean), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)  # fmt: skip
     if by_strategy["size-aware"]:
         ours = by_strategy["size-aware"]
-        ax.plot([r.size_reduction_pct for r in ours], [r.psnr_mean for r in ours], "s-", color="crimson", ms=6,
-                lw=1.8, label="size-aware recipes (ours)")  # fmt: skip
+        ax.plot([r.size_reduction_pct for r in ours], [r.psnr_mean for r in ours], "s-", color="crimson", ms=5,
+                lw=1.4, label="size-aware recipes (ours)")  # fmt: skip
     lin8 = baselines["linear_8bit"]
     ax.plot([50.0], [lin8], "*", color="orange", ms=15, mec="black", label=f"linear 8-bit, per tensor ({lin8:.1f} dB)")
     lin8c = baselines.get("linear_8bit_per_channel")
