@@ -122,7 +122,12 @@ def palette_state(layer: str, weight, config: PaletteConfig) -> PaletteState:
 
 
 def palette_error_table(
-    weight, *, layer: str = "weight", nbits: Sequence[int] = SUPPORTED_NBITS, group_size: int | None = None
+    weight,
+    *,
+    layer: str = "weight",
+    nbits: Sequence[int] = SUPPORTED_NBITS,
+    group_size: int | None = None,
+    group_nbits: Sequence[int] | None = None,
 ):
     """Weight SNR and bytes of one weight at each bit width, per tensor and (if `group_size`) grouped.
 
@@ -131,6 +136,8 @@ def palette_error_table(
         layer (`str`, defaults to `"weight"`): name for the table.
         nbits (`Sequence[int]`, defaults to every supported width 1, 2, 3, 4, 6, 8).
         group_size (`int`, *optional*): also fit one LUT per `group_size` output channels.
+        group_nbits (`Sequence[int]`, *optional*): the widths to fit grouped LUTs at (default: `nbits`); grouped
+            8-bit k-means is the slowest fit and gains least.
 
     Returns:
         `pd.DataFrame`: one `PaletteState.row()` per (granularity, nbits).
@@ -139,7 +146,8 @@ def palette_error_table(
 
     configs = [PaletteConfig(n) for n in nbits]
     if group_size:
-        configs += [PaletteConfig(n, granularity="per_grouped_channel", group_size=group_size) for n in nbits]
+        grouped = nbits if group_nbits is None else group_nbits
+        configs += [PaletteConfig(n, granularity="per_grouped_channel", group_size=group_size) for n in grouped]
     return pd.DataFrame([palette_state(layer, weight, c).row() for c in configs])
 
 

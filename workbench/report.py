@@ -82,18 +82,22 @@ def open_model(model: str = "", *, device: str | None = "cpu", threads: int | No
 
 
 def quiet_logs() -> None:
-    """Silence the import-time chatter of coremltools (untested torch/sklearn versions, no Core ML runtime on
-    Linux) and transformers (no torchvision) in a notebook's output; warnings and errors from our code still show.
-    Call it once at the top of a notebook; it changes those two libraries' log levels for the process.
+    """Silence library chatter in a notebook's output: coremltools' import-time warnings (untested torch/sklearn
+    versions, no Core ML runtime on Linux), transformers' and diffusers' loading bars and notices. Our own
+    warnings and every error still show. Call it once at the top of a notebook; it sets those libraries' log
+    levels for the process.
     """
     import logging
 
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     try:
+        from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
     except ImportError:
         return
-    transformers_logging.set_verbosity_error()
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def resolve_analysis_dir(analysis_dir: str, out_dir: str) -> Path:
