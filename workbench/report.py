@@ -100,6 +100,17 @@ def quiet_logs() -> None:
         library.disable_progress_bar()
 
 
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Drop what a noisy library writes to stderr in the block (coremltools' conversion progress bars would
+    fill a notebook's HTML with hundreds of lines). Exceptions still propagate with their tracebacks."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def resolve_analysis_dir(analysis_dir: str, out_dir: str) -> Path:
     """Where notebooks 03-05 keep the mixed-bit analysis: `analysis_dir` if given, else `<out_dir>/analysis`,
     else `reports/lab/analysis` (a notebook opened by hand)."""
