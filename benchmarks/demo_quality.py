@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64, help="images to generate (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call (default 16)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: best on a shared CPU)")
     parser.add_argument("--grid", default=None, help="also save the images as a PNG grid here")
     args = parser.parse_args(argv)
 

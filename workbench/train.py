@@ -2,14 +2,24 @@
 
 The components are the ones of SD 1.x at toy scale: a `CLIPTokenizer` (one token per caption word), a
 `CLIPTextModel`, an `AutoencoderKL` with 4 latent channels and 4x downsampling (64x64 images, 16x16 latents),
-a `UNet2DConditionModel` with cross-attention, and SD 1.x's PNDM scheduler for inference. Training runs in
-two stages on `workbench.shapes` images:
+a `UNet2DConditionModel` with cross-attention, SD 1.x's scaled-linear noise schedule (rescaled to zero terminal
+SNR) and DDIM for inference, with SD 2.x's v-prediction. Training runs in two stages on `workbench.shapes` images:
 
-1. the VAE alone: L1 + L2 reconstruction + a small KL term; then it is frozen, the whole dataset is encoded
-   once, and the scaling factor is set to 1 / std of the latents (SD's 0.18215 is the same idea);
-2. the UNet and the text encoder jointly: epsilon-prediction MSE under SD's scaled-linear DDPM schedule with
-   min-SNR-5 loss weights, captions replaced by "" 10% of the time (for classifier-free guidance), and an EMA
-   of the weights, which is what gets saved.
+1. the VAE alone: L1 + L2 reconstruction (shape pixels weighted up) + a small KL term; then it is frozen, the
+   whole dataset is encoded once, and the scaling factor is set to 1 / std of the latents (SD's 0.18215 is the
+   same idea);
+2. the UNet and the text encoder jointly: v-prediction MSE under SD's scaled-linear DDPM schedule with capped
+   loss weights, captions replaced by "" 10% of the time (for classifier-free guidance), and an EMA of the
+   weights, which is what gets saved.
+
+Where SD 1.x's recipe was changed, and why: where a shape goes is decided in the first, noisiest sampling
+steps, and a first run with SD 1.x's recipe (epsilon-prediction, min-SNR weights, PNDM, 3-level UNet) drew the
+asked-for colour (1.00) and shape (0.89) at a position set by the noise alone (0.125; chance is 0.11): the
+same seed put the shape in the same place whatever position the prompt named. Three things push the other
+way: v-prediction (the image error keeps weight >= 1 at high noise, where epsilon weights it by SNR ~0.01),
+a zero-terminal-SNR schedule (the noisiest training input is pure noise, so position can only come from the
+prompt, not from finding the faint shape in the noise), and a UNet that can tell where it is (see
+`build_unet`).
 
 Every random draw comes from a generator seeded by (seed, stage, step), so a run is reproducible on one
 device and a resumed run continues exactly where a checkpoint left off.
@@ -53,12 +63,23 @@ class TrainConfig:
         vae_channels (`tuple[int, ...]`, defaults to (16, 32, 64)): VAE `block_out_channels`; the image is
             downsampled 2**(len - 1) times per side.
         vae_steps, vae_batch, vae_lr, kl_weight: VAE stage (AdamW, cosine decay after a 5% warmup).
-        unet_channels (`tuple[int, ...]`, defaults to (32, 64, 96)): UNet `block_out_channels`; cross-attention
-            at all but the first (full-resolution) level.
+        vae_foreground_weight (`float`, defaults to 10.0): extra reconstruction weight of shape pixels; without
+            it the background (90-98% of every image) dominates the loss and the VAE learns grey blobs.
+        unet_channels (`tuple[int, ...]`, defaults to (32, 64, 96, 80)): UNet `block_out_channels`; cross-attention
+            at all but the first (full-resolution) level. Four levels take 16x16 latents down to 2x2.
+        unet_conv_in_kernel (`int`, defaults to 7): kernel of the UNet's first conv.
         unet_steps, unet_batch, unet_lr: UNet + text encoder stage (AdamW, 5% warmup, cosine decay).
         ema_decay (`float`, defaults to 0.999): EMA of the UNet and text encoder weights (warmup (1+n)/(10+n)).
         caption_dropout (`float`, defaults to 0.1): probability that a caption is replaced by "".
-        snr_gamma (`float`, defaults to 5.0): min-SNR loss weight min(SNR, gamma) / SNR; 0 turns it off.
+        prediction_type (`str`, defaults to "v_prediction"): the UNet's target, "epsilon" (SD 1.x) or
+            "v_prediction" (SD 2.x); written to the scheduler config.
+        zero_terminal_snr (`bool`, defaults to True): rescale the betas so that the last training step is pure
+            noise and ship DDIM with "trailing" spacing (see `build_schedulers`). Without it the noisiest
+            training input still holds 7% of the image, and the UNet learned to find the shape in the noise
+            rather than read its position from the prompt.
+        snr_gamma (`float`, defaults to 5.0): caps the weight of the low-noise steps; 0 turns weighting off.
+            In terms of the image error |x0 - x0'|^2 the weight is min(SNR, gamma) for epsilon (min-SNR,
+            Hang et al. 2023) and min(SNR + 1, gamma) for v-prediction.
         checkpoint_every (`int`, defaults to 250): UNet steps between checkpoints (when a folder is given).
         threads (`int`, defaults to 1): torch CPU threads during training. One, because on a CPU shared with
             other jobs two OpenMP threads spin at every barrier waiting for a descheduled sibling: measured here
@@ -73,16 +94,20 @@ class TrainConfig:
     text_heads: int = 4
     max_length: int = 16
     vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_steps: int = 300
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_steps: int = 1200
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    unet_channels: tuple[int, ...] = (32, 64, 96)
-    unet_steps: int = 1600
-    unet_batch: int = 64
+    vae_foreground_weight: float = 10.0
+    unet_channels: tuple[int, ...] = (32, 64, 96, 80)
+    unet_conv_in_kernel: int = 7
+    unet_steps: int = 3600
+    unet_batch: int = 32
     unet_lr: float = 5e-4
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
     snr_gamma: float = 5.0
     checkpoint_every: int = 250
     threads: int = 1
@@ -91,7 +116,7 @@ class TrainConfig:
         object.__setattr__(self, "vae_channels", tuple(self.vae_channels))
         object.__setattr__(self, "unet_channels", tuple(self.unet_channels))
         positive = ["n_images", "image_size", "text_hidden", "text_layers", "text_heads", "max_length"]
-        positive += ["vae_batch", "unet_batch", "checkpoint_every", "threads"]
+        positive += ["vae_batch", "unet_batch", "checkpoint_every", "threads", "unet_conv_in_kernel"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -102,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"text_hidden={self.text_hidden} must be a multiple of text_heads={self.text_heads}")
         if self.max_length < 12:
             raise ValueError(f"max_length={self.max_length} is too short: captions take up to 11 tokens")
+        if self.unet_conv_in_kernel % 2 == 0:
+            raise ValueError(f"unet_conv_in_kernel must be odd, got {self.unet_conv_in_kernel}")
         if len(self.vae_channels) < 2 or len(self.unet_channels) < 2:
             raise ValueError("vae_channels and unet_channels need at least two levels")
         latent = self.image_size // 2 ** (len(self.vae_channels) - 1)
@@ -110,6 +137,10 @@ class TrainConfig:
         for name in ("caption_dropout",):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr needs prediction_type='v_prediction' (epsilon is undefined at SNR 0)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -217,7 +248,14 @@ def build_vae(config: TrainConfig):
 
 def build_unet(config: TrainConfig):
     """SD 1.x block types; no attention at full latent resolution (like SD's last level, but at the top: on a
-    CPU, self-attention over 16x16 tokens costs more than the rest of the UNet)."""
+    CPU, self-attention over 16x16 tokens costs more than the rest of the UNet).
+
+    Where a shape goes needs absolute position, which a UNet has no embedding for: convolutions only see it
+    through zero padding (the CoordConv problem, Liu et al. 2018). A 3-level UNet (16 -> 4x4) trained like this
+    drew the asked-for colour and shape at a position set by the noise alone (position adherence 0.125, chance
+    0.11). Two stock settings make padding say more: a 2x2 bottom level, where every cell has its own set of
+    padded neighbours, and a 7x7 `conv_in`, whose output statistics differ with the distance to the border.
+    """
     from diffusers import UNet2DConditionModel
 
     n = len(config.unet_channels)
@@ -232,19 +270,41 @@ def build_unet(config: TrainConfig):
         cross_attention_dim=config.text_hidden,
         attention_head_dim=8,
         norm_num_groups=min(16, config.unet_channels[0]),
+        conv_in_kernel=config.unet_conv_in_kernel,
     )
 
 
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def build_schedulers():
-    """(training DDPM, inference PNDM) with SD 1.x's betas, "leading" spacing and steps_offset=1."""
-    from diffusers import DDPMScheduler, PNDMScheduler
+def build_schedulers(prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """(training DDPM, inference scheduler) with SD 1.x's scaled-linear betas.
 
-    train = DDPMScheduler(**_SD_BETAS, clip_sample=False)
+    Without `zero_terminal_snr`: SD 1.x's PNDM, "leading" spacing, steps_offset=1. With it: the betas rescaled
+    so that the last step is pure noise, and DDIM with "trailing" spacing so that sampling starts there (Lin et
+    al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"; needs v-prediction).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    rescale = {"rescale_betas_zero_snr": True} if zero_terminal_snr else {}
+    train = DDPMScheduler(**_SD_BETAS, clip_sample=False, prediction_type=prediction_type, **rescale)
+    if zero_terminal_snr:
+        infer = DDIMScheduler(
+            **_SD_BETAS,
+            **rescale,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            timestep_spacing="trailing",
+            prediction_type=prediction_type,
+        )
+        return train, infer
     infer = PNDMScheduler(
-        **_SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
+        **_SD_BETAS,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
     )
     return train, infer
 
@@ -275,7 +335,11 @@ def _to_model_input(images_uint8: torch.Tensor, device) -> torch.Tensor:
 
 
 def train_vae(vae, images: torch.Tensor, config: TrainConfig, log: Callable[[str], None], device="cpu") -> list[float]:
-    """Stage 1: loss = |x - x'| + (x - x')^2 + kl_weight * KL(q(z|x) || N(0, I)), mean over elements."""
+    """Stage 1: loss = mean(w * (|x - x'| + (x - x')^2)) / mean(w) + kl_weight * mean KL(q(z|x) || N(0, I)),
+    with w = 1 + vae_foreground_weight on pixels that differ from the background colour, 1 elsewhere."""
+    from workbench.shapes import BACKGROUND
+
+    background = torch.tensor(BACKGROUND, dtype=torch.float32, device=device).view(1, 3, 1, 1) / 127.5 - 1.0
     vae.train().to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     losses, start = [], time.perf_counter()
@@ -287,7 +351,9 @@ def train_vae(vae, images: torch.Tensor, config: TrainConfig, log: Callable[[str
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
         recon = vae.decode(z).sample
-        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + config.kl_weight * posterior.kl().mean()
+        w = 1.0 + config.vae_foreground_weight * ((x - background).abs().amax(dim=1, keepdim=True) > 1e-3).float()
+        error = ((recon - x).abs() + (recon - x).pow(2)) * w
+        loss = error.mean() / w.mean() + config.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -345,15 +411,18 @@ def train_unet(
 ):
     """Stage 2: the UNet and text encoder together; returns (EMA UNet, EMA text encoder, losses).
 
-    loss = mean_i w_i * |eps_i - eps_theta(sqrt(abar_t) z_i + sqrt(1 - abar_t) eps_i, t, text_i)|^2, with
-    w = min(SNR_t, snr_gamma) / SNR_t and SNR_t = abar_t / (1 - abar_t) (Hang et al. 2023, "min-SNR").
+    loss = mean_i w_i * |y_i - y_theta(sqrt(abar_t) z_i + sqrt(1 - abar_t) eps_i, t, text_i)|^2 with
+    SNR_t = abar_t / (1 - abar_t) and, for epsilon, y = eps and w = min(SNR_t, gamma) / SNR_t (min-SNR); for
+    v-prediction, y = v = sqrt(abar_t) eps - sqrt(1 - abar_t) z and w = min(SNR_t + 1, gamma) / (SNR_t + 1).
+    Both make the weight of the image error |z - z'|^2 the capped SNR (+1 for v: >= 1 at every step).
     """
     import copy
 
-    noise_scheduler, _ = build_schedulers()
+    noise_scheduler, _ = build_schedulers(config.prediction_type, config.zero_terminal_snr)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    weights = torch.clamp(snr, max=config.snr_gamma) / snr if config.snr_gamma > 0 else torch.ones_like(snr)
+    base = snr if config.prediction_type == "epsilon" else snr + 1
+    weights = torch.clamp(base, max=config.snr_gamma) / base if config.snr_gamma > 0 else torch.ones_like(snr)
 
     unet.train().to(device)
     text_encoder.train().to(device)
@@ -394,7 +463,8 @@ def train_unet(
 
         text = text_encoder(batch_ids)[0]
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, text).sample
-        loss = (weights[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(z, noise, t)
+        loss = (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -418,11 +488,14 @@ def train_unet(
 # ------------------------------------------------------------------------------------------- the run
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet):
-    """The SD 1.x pipeline around trained components: PNDM scheduler, no safety checker."""
+def assemble_pipeline(
+    vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon", zero_terminal_snr: bool = False
+):
+    """A `StableDiffusionPipeline` around trained components, with `build_schedulers`' inference scheduler and
+    no safety checker."""
     from diffusers import StableDiffusionPipeline
 
-    _, scheduler = build_schedulers()
+    _, scheduler = build_schedulers(prediction_type, zero_terminal_snr)
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -524,10 +597,16 @@ def document(out: str | Path, *, n_images: int = 64, log: Callable[[str], None] 
     unet_cfg = pipe.unet.config
     layer_sizes = [m.weight.numel() for m in pipe.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     over_2048, over_1e5 = sum(n > 2048 for n in layer_sizes), sum(n > 100_000 for n in layer_sizes)
+    sc = pipe.scheduler.config
+    scheduler_text = (
+        f"SD 1.x's scaled-linear betas {sc.beta_start}-{sc.beta_end} over {sc.num_train_timesteps} steps"
+        + (", rescaled to zero terminal SNR" if sc.get("rescale_betas_zero_snr") else "")
+        + f', "{sc.timestep_spacing}" spacing, steps_offset {sc.steps_offset}, {sc.prediction_type}'
+    )
     card = f"""# tiny-shapes: a small trained text-to-image latent diffusion model
 
-A Stable Diffusion 1.x-style pipeline (CLIP tokenizer and text encoder, `AutoencoderKL`, `UNet2DConditionModel`
-with cross-attention, PNDM scheduler) trained in-house, on a CPU, on the procedural shapes world of
+A Stable Diffusion-style pipeline (CLIP tokenizer and text encoder, `AutoencoderKL`, `UNet2DConditionModel`
+with cross-attention, a diffusers scheduler) trained in-house, on a CPU, on the procedural shapes world of
 `workbench/shapes.py`: one flat-coloured circle, square or triangle on a dark grey background, in one of 6
 colours, 9 grid positions and 2 sizes. It draws what a caption such as "a small red circle at the top left"
 asks for, so a compressed copy can be checked for *prompt adherence*, not only PSNR. Not an image model for
@@ -540,7 +619,8 @@ image = pipe("a large blue triangle at the bottom right", generator=torch.Genera
 # or: workbench.pipelines.load_pipeline("data/models/tiny-shapes")
 ```
 
-Defaults are SD 1.x's: 50 PNDM steps, guidance 7.5, 64x64 images (`unet.config.sample_size` 16 x VAE factor 4).
+Defaults are the pipeline's: 50 {type(pipe.scheduler).__name__} steps, guidance 7.5, 64x64 images
+(`unet.config.sample_size` {unet_cfg.sample_size} x VAE factor {pipe.vae_scale_factor}).
 
 ## Measured quality (float32, CPU)
 
@@ -556,7 +636,7 @@ the transparent scorer `workbench.shapes.read_shape`:
 | size (not a target) | {report.size_adherence:.3f} | {round_trip.size_adherence:.3f} | {scorer.size_adherence:.3f} |
 
 Benchmark wall time: {bench_seconds:.0f} s for {n_images} images x 50 steps with guidance (UNet batch 32),
-{config.threads} torch threads. Last line: `{report.summary()}`
+{config.threads} torch thread(s). Last line: `{report.summary()}`
 
 ## Sample grid
 
@@ -582,9 +662,8 @@ the scorer read a wrong colour, shape or position (`!` in the grid):
 64x64 -> {config.latent_size}x{config.latent_size}, `scaling_factor` {info["scaling_factor"]:.4f} | {params["vae"]:,} |
 | UNet | `UNet2DConditionModel` | `block_out_channels` {tuple(unet_cfg.block_out_channels)}, \
 {list(unet_cfg.down_block_types)}, 1 layer per block, cross-attention dim {unet_cfg.cross_attention_dim}, \
-8 heads | {params["unet"]:,} |
-| scheduler | `PNDMScheduler` | SD 1.x: scaled-linear betas 0.00085-0.012, 1000 steps, "leading", steps_offset 1, \
-skip_prk_steps | - |
+8 heads, `conv_in` {unet_cfg.conv_in_kernel}x{unet_cfg.conv_in_kernel} | {params["unet"]:,} |
+| scheduler | `{type(pipe.scheduler).__name__}` | {scheduler_text} | - |
 
 Total {sum(params.values()):,} parameters; the folder is {_folder_megabytes(out):.1f} MB (float32 safetensors).
 The UNet has {len(layer_sizes)} Linear/Conv2d layers, {over_2048} of them with more than 2048 weights
@@ -613,16 +692,18 @@ loss curves:
 ```
 
 1. VAE: {config.vae_steps} AdamW steps, batch {config.vae_batch}, lr {config.vae_lr} (5% warmup, cosine),
-   loss L1 + L2 + {config.kl_weight} x KL; then frozen, the dataset encoded once, `scaling_factor` = 1 / std of
-   the latents.
+   loss L1 + L2 with shape pixels weighted {1 + config.vae_foreground_weight:g}x (the background is 90-98% of every
+   image; unweighted, the VAE learned grey blobs) + {config.kl_weight} x KL; then frozen, the dataset encoded
+   once, `scaling_factor` = 1 / std of the latents.
 2. UNet + text encoder jointly: {config.unet_steps} AdamW steps, batch {config.unet_batch}, lr {config.unet_lr}
-   (5% warmup, cosine), weight decay 0.01, grad-norm clip 1; epsilon-prediction MSE under SD's DDPM schedule
-   with min-SNR-{config.snr_gamma:g} weights; captions dropped to "" with probability {config.caption_dropout}
-   (classifier-free guidance); EMA of the weights (decay min({config.ema_decay}, (1+n)/(10+n))) is what is saved.
+   (5% warmup, cosine), weight decay 0.01, grad-norm clip 1; {config.prediction_type} MSE under SD's DDPM
+   schedule, image-error weight min(SNR (+1 for v), {config.snr_gamma:g}); captions dropped to "" with
+   probability {config.caption_dropout} (classifier-free guidance); the EMA of the weights (decay
+   min({config.ema_decay}, (1+n)/(10+n))) is what is saved.
 
 Wall time: {total / 60:.1f} min in all (dataset {seconds.get("dataset", 0):.0f} s, VAE {seconds.get("vae", 0):.0f} s,
 encoding {seconds.get("encode", 0):.0f} s, UNet {seconds.get("unet", 0):.0f} s) on {os.cpu_count()} CPU cores
-({platform.machine()}, {config.threads} torch threads, shared with other jobs), torch {torch.__version__}.
+({platform.machine()}, {config.threads} torch thread(s), shared with other jobs), torch {torch.__version__}.
 Final losses: VAE {np.mean(info["vae_losses"][-50:]):.4f}, UNet {np.mean(info["unet_losses"][-50:]):.4f}
 (mean of the last 50 steps).
 """
@@ -631,10 +712,17 @@ Final losses: VAE {np.mean(info["vae_losses"][-50:]):.4f}, UNet {np.mean(info["u
     return report
 
 
+_STAGE1_FIELDS = ("seed", "n_images", "image_size", "vae_channels", "vae_steps", "vae_batch", "vae_lr", "kl_weight")
+_STAGE1_FIELDS += ("vae_foreground_weight",)
+
+
 def _load_stage1(path: Path, config: TrainConfig, vae, log):
+    """The stage-1 checkpoint, if it was made with the same stage-1 settings (UNet settings may differ)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["config"] != config.to_dict():
-        raise ValueError(f"checkpoint {path} was written with another config; delete it or use that one")
+    mine = {k: v for k, v in config.to_dict().items() if k in _STAGE1_FIELDS}
+    theirs = {k: v for k, v in state["config"].items() if k in _STAGE1_FIELDS}
+    if mine != theirs:
+        raise ValueError(f"checkpoint {path} was written with other VAE settings ({theirs}); delete it")
     vae.load_state_dict(state["vae"])
     log(f"loaded the trained VAE and encoded latents from {path}")
     return state["losses"], state["scaling_factor"], (state["latent_mean"], state["latent_std"]), state["seconds"]
@@ -720,7 +808,9 @@ def train(
         )
         seconds["unet"] = time.perf_counter() - t0
 
-        pipe = assemble_pipeline(vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu())
+        pipe = assemble_pipeline(
+            vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), config.prediction_type, config.zero_terminal_snr
+        )
         pipe.save_pretrained(out, safe_serialization=True)
         parameters = {name: _count(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}
         seconds["total"] = time.perf_counter() - started + sum(stage1_seconds.values())
@@ -744,6 +834,10 @@ def _parse_override(text: str) -> tuple[str, Any]:
     kind = types[key]
     if "tuple" in str(kind):
         return key, tuple(int(v) for v in value.split(","))
+    if kind in ("bool", bool):
+        return key, value.lower() in ("1", "true", "yes")
+    if kind in ("str", str):
+        return key, value
     return key, float(value) if kind in ("float", float) else int(value)
 
 
