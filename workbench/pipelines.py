@@ -154,4 +154,6 @@ def load_pipeline(
         # the checker is a second, 1.2 GB model that blanks flagged images; it would distort every comparison
         extra = {"safety_checker": None, "requires_safety_checker": False}
     pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, variant=variant, local_files_only=True, **extra)
-    return pipe.to(target, dtype)  # a no-op cast here; older diffusers ignore `dtype` (they want `torch_dtype`)
+    if pipe.dtype != dtype:  # older diffusers ignore `dtype` (they want `torch_dtype`)
+        pipe = pipe.to(dtype=dtype)
+    return pipe.to(target)

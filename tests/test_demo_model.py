@@ -1,0 +1,113 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.pipelines import DEMO_MODEL, load_pipeline
+from workbench.shapes import ShapeAttributes, benchmark_attributes, generate_and_score
+from workbench.train import TrainConfig, add_arguments, train
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = load_pipeline(DEMO_MODEL, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_committed_model_is_a_small_sd1_pipeline(pipe):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    config = pipe.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert config.timestep_spacing == "trailing" and config.beta_schedule == "scaled_linear"
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    assert "CrossAttnDownBlock2D" in pipe.unet.config.down_block_types
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    # every caption word is one token
+    ids = pipe.tokenizer("a small red circle at the top left").input_ids
+    assert len(ids) == 2 + 8
+    weights = sorted(p.name for p in DEMO_MODEL.rglob("*.safetensors"))
+    assert weights == [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+    ]
+    megabytes = sum(f.stat().st_size for f in DEMO_MODEL.rglob("*") if f.is_file()) / 1e6
+    assert megabytes < 20, f"the demo model folder is {megabytes:.1f} MB"
+    assert (DEMO_MODEL / "README.md").exists() and (DEMO_MODEL / "sample_grid.png").exists()
+
+
+def test_diffusers_loads_it_directly():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO_MODEL, local_files_only=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_same_seed_same_image_and_it_follows_the_prompt(pipe):
+    prompts = ["a large red square at the top left", "a large blue circle at the bottom right"]
+
+    def generate(seed):
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        return pipe(prompts, generator=generators, num_inference_steps=20, output_type="np").images
+
+    first, again, other = generate(0), generate(0), generate(100)
+    assert first.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 0.1
+    from workbench.shapes import score_adherence
+
+    report = score_adherence(first, prompts)
+    assert report.color_adherence == 1.0, report.to_frame()[["prompt", "read_color", "read_position"]]
+
+
+def test_benchmark_prompts_are_fixed_and_varied():
+    a, b = benchmark_attributes(64), benchmark_attributes(64)
+    assert a == b and len(set(a)) == 64
+    assert {x.shape for x in a} == {"circle", "square", "triangle"}
+    assert len({x.color for x in a}) == 6 and len({x.position for x in a}) == 9
+
+
+def test_generate_and_score_a_few_images(pipe):
+    attributes = [ShapeAttributes("square", "yellow", "center", "large"), ShapeAttributes("circle", "green", "top")]
+    report = generate_and_score(pipe, attributes, seed=0, num_inference_steps=20)
+    assert report.images.shape == (2, 64, 64, 3) and report.images.dtype == np.uint8
+    assert report.color_adherence >= 0.5
+
+
+def test_train_config_round_trips_and_names_bad_values():
+    config = TrainConfig(unet_steps=10, vae_channels=[16, 32, 64])
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown TrainConfig keys \\['steps'\\]"):
+        TrainConfig.from_dict({"steps": 3})
+    with pytest.raises(ValueError, match="caption_dropout must be in"):
+        TrainConfig(caption_dropout=1.5)
+
+
+def test_cli_train_options_match_the_module():
+    from workbench.cli import build_parser
+
+    module = {a.dest for a in add_arguments(argparse.ArgumentParser())._actions} - {"help"}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cli = {a.dest for a in sub.choices["train"]._actions} - {"help"}
+    assert cli == module
+
+
+def test_training_is_reproducible_and_writes_a_loadable_pipeline(tmp_path):
+    config = TrainConfig(
+        n_images=32, vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=2, vae_channels=(8, 8, 8), text_layers=1
+    )
+    runs = [train(config, tmp_path / name, card=False, log=lambda line: None) for name in ("a", "b")]
+    assert runs[0].unet_losses == runs[1].unet_losses and runs[0].scaling_factor == runs[1].scaling_factor
+    pipe = load_pipeline(tmp_path / "a", device="cpu")
+    image = pipe("a small red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["config"] == config.to_dict()
