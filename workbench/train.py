@@ -624,6 +624,7 @@ any other use.
 
 ```python
 from diffusers import StableDiffusionPipeline
+
 pipe = StableDiffusionPipeline.from_pretrained("data/models/tiny-shapes")  # float32, offline
 image = pipe("a large blue triangle at the bottom right", generator=torch.Generator().manual_seed(0)).images[0]
 # or: workbench.pipelines.load_pipeline("data/models/tiny-shapes")
