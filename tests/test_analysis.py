@@ -148,3 +148,11 @@ def test_trajectory_compares_decoded_images_with_the_float_model(pipe):
     assert 0 < recipe.image_psnr[0] < 200 and recipe.ssim[0] < 1.0
     assert set(float_result.adherence) == {"color", "shape", "position", "size"}  # a shapes caption: scored
     assert len(recipe.to_frame()) == 1
+
+
+def test_default_threshold_keeps_the_reference_for_real_models_and_the_small_layers_of_ours():
+    from workbench.analysis import default_min_numel
+
+    assert default_min_numel("runwayml/stable-diffusion-v1-5") == 100_000
+    assert default_min_numel(None) == default_min_numel("data/models/tiny-shapes") == 2048
+    assert default_min_numel("tiny-sd") == default_min_numel("tiny-sdxl") == 2048

@@ -7,9 +7,11 @@ from workbench.layers import LayerNotFoundError, compressible_layers, get_layer
 from workbench.palettize import (
     PaletteCache,
     PaletteConfig,
+    as_config,
     fit_palette,
     linear_quantize_tensor,
     palettize_,
+    palettize_tensor,
     palettized,
 )
 from workbench.size import size_report
@@ -115,6 +117,29 @@ def test_cache_fits_once_and_refits_a_changed_weight():
     assert cache.fits == 2
 
 
+def test_background_fits_equal_foreground_fits_and_never_serve_a_changed_weight():
+    net = _net()
+    recipe = {"0": 2, "2": 4, "4": PaletteConfig(nbits=3, granularity="per_grouped_channel", group_size=4)}
+    expected = {}
+    for name, spec in recipe.items():
+        with palettized(net, {name: spec}):
+            expected[name] = net.get_submodule(name).weight.clone()
+    with PaletteCache() as cache:
+        cache.prefetch((n, net.get_submodule(n).weight, as_config(s)) for n, s in recipe.items())
+        with torch.no_grad():
+            net[2].weight.add_(1.0)  # changed after its fit was submitted: that fit must not be used
+        for name, spec in recipe.items():
+            with palettized(net, {name: spec}, cache=cache):
+                got = net.get_submodule(name).weight.clone()
+            if name == "2":
+                assert not torch.equal(got, expected[name])
+                assert torch.equal(got, palettize_tensor(net[2].weight, PaletteConfig(nbits=4)))
+            else:
+                assert torch.equal(got, expected[name])
+        assert cache.fits == 3
+    assert cache._executor is None and not cache._pending
+
+
 def test_palettize_in_place_and_int8_baselines():
     net = _net()
     w = net[4].weight.detach().clone()
@@ -155,3 +180,26 @@ def test_size_report_counts_luts_and_packing():
     assert report.float16_nbytes == 2 * (n0 + n2 + n4)
     assert report.size_reduction_pct == pytest.approx(100 * (1 - report.bits_per_param / 16))
     assert len(report.to_frame()) == 3
+
+
+def test_small_tensor_palettes_do_not_depend_on_thread_count_or_calling_thread():
+    # Below 10,000 weights coremltools (and so fit_palette) uses scikit-learn's KMeans, whose LUT changes
+    # in its last bits with the OpenMP thread count unless pinned.
+    from threading import Thread
+
+    from threadpoolctl import threadpool_limits
+
+    weight = torch.from_numpy(np.random.default_rng(0).standard_normal((50, 40)) * 0.1)  # differs unpinned
+    config = PaletteConfig(nbits=8)
+    reference = fit_palette(weight, config)
+    fits = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            fits.append(fit_palette(weight, config))
+    worker = Thread(target=lambda: fits.append(fit_palette(weight, config)))
+    worker.start()
+    worker.join()
+    assert len(fits) == 3
+    for fit in fits:
+        assert np.array_equal(fit.lut.view(np.uint16), reference.lut.view(np.uint16))
+        assert np.array_equal(fit.indices, reference.indices)

@@ -602,10 +602,7 @@ class AnalysisResult:
 
 
 def _save_figure(path: Path, result: AnalysisResult) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # a no-op where a backend (a notebook's) is already in use
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the caller's (headless: matplotlib falls back to Agg)
 
     from workbench.plots import plot_psnr_vs_size
 
@@ -707,6 +704,7 @@ def run_analysis(
     progress: bool = True,
     callback: Callable[[Evaluation], None] | None = None,
     cache: PaletteCache | None = None,
+    background_fits: bool | None = None,
 ) -> AnalysisResult:
     """Run the pre-analysis on `pipe` (any diffusers text-to-image pipeline with a UNet, SD-1.x/2.x or SDXL).
 
@@ -725,6 +723,8 @@ def run_analysis(
         progress (`bool`, defaults to True): a tqdm bar (notebook-aware) with done/left and ETA.
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
         cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
+        background_fits (`bool`, *optional*): fit the sweep's palettes in a background thread while the UNet
+            runs (`PaletteCache.prefetch`); same results. Default: when torch leaves a CPU core free.
 
     Returns:
         `AnalysisResult`.
@@ -769,6 +769,16 @@ def run_analysis(
             lin8c = runner.measure(
                 "baseline/linear_8bit_per_channel", "baseline", config="linear_8bit_per_channel", bits_per_param=8.0
             )
+
+        if background_fits is None:
+            background_fits = torch.get_num_threads() < (os.cpu_count() or 1)
+        if background_fits:  # widest (slowest k-means) first, while the sweep below starts at the narrowest
+            descending = sorted(widths, reverse=True)
+            jobs = [(name, layers[name].weight, PaletteConfig(nbits=b)) for b in descending for name in layers]
+            if config.group_size:
+                grouped = {"granularity": "per_grouped_channel", "group_size": config.group_size}
+                jobs += [(n, layers[n].weight, PaletteConfig(nbits=b, **grouped)) for b in descending for n in layers]
+            cache.prefetch(jobs)
 
         # Isolated sweep: one layer at a time, restored after each.
         isolated: dict[int, dict[str, tuple[float, ...]]] = {}
@@ -861,6 +871,7 @@ def run_analysis(
             )
     finally:
         runner.close()
+        cache.close()  # stops background fits; the fitted palettes stay cached
 
     preanalysis = PreAnalysis(
         model_version=model_version(pipe),
@@ -921,6 +932,12 @@ def load_analysis_pipeline(model: str | os.PathLike | None = None, device: str |
         pipe = load_pipeline(model, device=pick_device(device or "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def default_min_numel(model: str | os.PathLike | None) -> int:
+    """The candidate-layer threshold for `model`: the reference's 1e5 for real checkpoints, 2048 (coremltools'
+    own palettization threshold) for the demo model and the tiny test pipelines, where 1e5 leaves 0-4 layers."""
+    return 2048 if model in BUILTIN_MODELS or is_demo_model(model) else 100_000
 
 
 def is_demo_model(model: str | os.PathLike | None) -> bool:

@@ -15,13 +15,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFou
 def _cmd_layers(args: argparse.Namespace) -> None:
     import pandas as pd
 
+    from workbench.analysis import default_min_numel, load_analysis_pipeline
     from workbench.layers import compressible_layers
-    from workbench.pipelines import load_pipeline
 
-    pipe = load_pipeline(args.model)
-    layers = compressible_layers(pipe.unet, min_numel=args.min_numel)
+    pipe = load_analysis_pipeline(args.model)
+    min_numel = default_min_numel(args.model) if args.min_numel is None else args.min_numel
+    layers = compressible_layers(pipe.unet, min_numel=min_numel)
     if not layers:
-        raise ValueError(f"no layer of {args.model}'s UNet has more than {args.min_numel} weights; lower --min-numel")
+        raise ValueError(f"no layer of {args.model}'s UNet has more than {min_numel} weights; lower --min-numel")
     rows = [
         {"layer": n, "type": type(m).__name__, "shape": tuple(m.weight.shape), "numel": m.weight.numel()}
         for n, m in layers.items()
@@ -87,6 +88,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     from workbench.analysis import (
         DEFAULT_PROMPTS,
         AnalysisConfig,
+        default_min_numel,
         is_demo_model,
         load_analysis_pipeline,
         read_prompts,
@@ -101,7 +103,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         trajectory_prompts = tuple(make_dataset(len(prompts), seed=1).captions)  # the demo model's own world
     config = AnalysisConfig(
         nbits=tuple(args.nbits),
-        min_numel=args.min_numel,
+        min_numel=default_min_numel(args.model) if args.min_numel is None else args.min_numel,
         prompts=prompts,
         seed=args.seed,
         num_recipes=args.num_recipes,
@@ -155,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("layers", help="list the compressible layers of a pipeline's UNet")
-    p.add_argument("model", nargs="?", default=None, help="hub id or local path (default: the demo model)")
-    p.add_argument("--min-numel", type=int, default=100_000, help="layers with more weights than this (default 1e5)")
+    p.add_argument("model", nargs="?", default=None, help="hub id, local path or tiny-sd (default: the demo model)")
+    p.add_argument(
+        "--min-numel", type=int, default=None, help="layers with more weights than this (default 1e5; demo: 2048)"
+    )
     p.set_defaults(func=_cmd_layers)
 
     p = sub.add_parser("recipe", help="check and summarise a recipe file (ours or the reference's JSON)")
@@ -203,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-numel",
         type=int,
-        default=100_000,
-        help="candidate layers have more weights than this (default 1e5; tiny models: 2048)",
+        default=None,
+        help="candidate layers have more weights than this (default: 1e5 as the reference; 2048 for the demo "
+        "model and tiny-sd / tiny-sdxl, whose layers are small)",
     )
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: 8 built-in prompts)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.palettize import PaletteConfig
+from workbench.palettize import PaletteConfig, sklearn_single_thread
 
 if TYPE_CHECKING:
     from workbench.recipes import Recipe
@@ -364,7 +364,7 @@ def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
     config = ct.optimize.coreml.OptimizationConfig(
         op_name_configs={names[f"{prefix}.{layer}"]: cfg.to_coreml() for layer, cfg in plan.items()}
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
         return ct.optimize.coreml.palettize_weights(model, config)
 

@@ -15,7 +15,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -138,6 +139,21 @@ def _as_float16_numpy(weight: torch.Tensor | np.ndarray) -> np.ndarray:
     return weight
 
 
+def sklearn_single_thread():
+    """A context in which scikit-learn's KMeans runs on one OpenMP thread in the calling thread.
+
+    Its Lloyd iterations sum per-thread partial centroids, so the LUT of a small tensor (the path
+    coremltools takes below 10,000 weights per tensor or channel group) changes in its last bits with the
+    thread count: 2 threads and 1 give different float16 LUTs on our machines. Pinning one thread makes
+    the simulation deterministic, the same in a background thread as in the main one, and bit-exact with
+    coremltools when `workbench.coreml` runs its `palettize_weights` the same way. (An OpenMP thread count
+    is per calling thread, so this does not slow the caller's other threads.)
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="openmp")
+
+
 def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.ndarray, np.ndarray]:
     lut = np.zeros(1 << nbits)
     if values.size >= KMEANS_1D_MIN_NUMEL:
@@ -150,7 +166,8 @@ def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.n
 
     # coremltools' small-tensor path, with its exact settings, on the same float16 column.
     n_clusters = min(values.size, len(lut))
-    kmeans = KMeans(n_clusters, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(values.reshape(-1, 1))
+    with sklearn_single_thread():
+        kmeans = KMeans(n_clusters, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(values.reshape(-1, 1))
     lut[:n_clusters] = kmeans.cluster_centers_[:, 0]
     return lut, kmeans.labels_
 
@@ -240,6 +257,8 @@ class PaletteCache:
     def __init__(self, solver: str = "auto"):
         self.solver = solver
         self._palettes: dict[tuple[str, PaletteConfig], tuple[tuple, Palette]] = {}
+        self._pending: dict[tuple[str, PaletteConfig], tuple[tuple, Future]] = {}
+        self._executor: ThreadPoolExecutor | None = None
         self.fits = 0
 
     @staticmethod
@@ -250,9 +269,51 @@ class PaletteCache:
         key, identity = (name, config), self._identity(weight)
         hit = self._palettes.get(key)
         if hit is None or hit[0] != identity:
-            self._palettes[key] = (identity, fit_palette(weight, config, solver=self.solver))
+            pending = self._pending.pop(key, None)
+            if pending is not None and pending[0] == identity and not pending[1].cancel():
+                palette = pending[1].result()  # fitted in the background (see `prefetch`), or being fitted
+            else:  # not submitted, stale, or still queued (then cancelled: fitting it here is sooner)
+                palette = fit_palette(weight, config, solver=self.solver)
+            self._palettes[key] = (identity, palette)
             self.fits += 1
         return self._palettes[key][1]
+
+    def prefetch(self, jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]], workers: int = 1) -> None:
+        """Start fitting palettes in background threads, in the order given, so they are ready when asked for.
+
+        The fits spend their time in numpy and coremltools' compiled solver, which release the GIL, so on a
+        machine with a core the model does not use they overlap its forward passes instead of adding to
+        them. `palette` waits for a fit that is running, and fits a still-queued one itself (cancelling the
+        queued job), so submit the most expensive fits (the widest palettes) first and the caller works up
+        from the cheap end. A weight that changed after it was submitted is refitted. Results are the same
+        as without prefetching. Call `close` (or use the cache as a context manager) to stop the threads.
+
+        Args:
+            jobs (`Iterable[tuple[str, torch.Tensor, PaletteConfig]]`): (layer name, its weight, config).
+            workers (`int`, defaults to 1): background threads.
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
+        for name, weight, config in jobs:
+            key = (name, config)
+            if key in self._palettes or key in self._pending:
+                continue
+            weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
+            future = self._executor.submit(fit_palette, weight, config, solver=self.solver)
+            self._pending[key] = (self._identity(weight), future)
+
+    def close(self) -> None:
+        """Cancel the fits not started yet, wait for the running ones and stop the background threads."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._pending.clear()
+
+    def __enter__(self) -> PaletteCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
         dense = self.palette(name, weight, config).dense()
