@@ -831,9 +831,11 @@ def train(
         result = TrainResult(out, config, seconds, parameters, scaling_factor, vae_losses, unet_losses)
         (out / "training.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
         log(f"wrote {out}: {parameters}, seconds { ({k: round(v, 1) for k, v in seconds.items()}) }")
-        return result
     finally:
         torch.set_num_threads(threads)
+    if card:
+        document(out, log=log)
+    return result
 
 
 # ------------------------------------------------------------------------------------------- command line
