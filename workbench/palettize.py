@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -140,7 +140,8 @@ def _as_float16_numpy(weight: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def sklearn_single_thread():
-    """A context in which scikit-learn's KMeans runs on one OpenMP thread in the calling thread.
+    """A context in which scikit-learn's KMeans (`fit_palette`'s path for groups under 10,000 weights) runs
+    on one OpenMP thread in the calling thread.
 
     Its Lloyd iterations sum per-thread partial centroids, so the LUT of a small tensor (the path
     coremltools takes below 10,000 weights per tensor or channel group) changes in its last bits with the
@@ -166,8 +167,7 @@ def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.n
 
     # coremltools' small-tensor path, with its exact settings, on the same float16 column.
     n_clusters = min(values.size, len(lut))
-    with sklearn_single_thread():
-        kmeans = KMeans(n_clusters, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(values.reshape(-1, 1))
+    kmeans = KMeans(n_clusters, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(values.reshape(-1, 1))
     lut[:n_clusters] = kmeans.cluster_centers_[:, 0]
     return lut, kmeans.labels_
 
@@ -202,14 +202,17 @@ def fit_palette(weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver
             f"group_size={group_size} does not divide the {channels} output channels of a weight of shape {w.shape}"
         )
     luts, indices = [], []
-    for group in np.split(w, channels // group_size, axis=0):
-        values = group.reshape(-1)
-        if config.mode == "kmeans":
-            lut, idx = _fit_group_kmeans(values, config.nbits, solver)
-        else:
-            lut, idx = _fit_group_uniform(values, config.nbits)
-        luts.append(lut.astype(np.float16))
-        indices.append(np.asarray(idx).astype(np.uint8).reshape(group.shape))
+    small_groups = config.mode == "kmeans" and w.size // (channels // group_size) < KMEANS_1D_MIN_NUMEL
+    # scikit-learn's path: pinned once per weight, not per group (setting the pin costs ~5 ms)
+    with sklearn_single_thread() if small_groups else nullcontext():
+        for group in np.split(w, channels // group_size, axis=0):
+            values = group.reshape(-1)
+            if config.mode == "kmeans":
+                lut, idx = _fit_group_kmeans(values, config.nbits, solver)
+            else:
+                lut, idx = _fit_group_uniform(values, config.nbits)
+            luts.append(lut.astype(np.float16))
+            indices.append(np.asarray(idx).astype(np.uint8).reshape(group.shape))
     return Palette(np.stack(luts), np.concatenate(indices, axis=0), config)
 
 
