@@ -2,7 +2,8 @@
 
 import pytest
 
-from workbench.tables import bits_per_param, pick_recipes, recipe_nbytes, strategy_of
+from workbench.size import bits_per_param, recipe_nbytes
+from workbench.tables import pick_recipes, strategy_of
 
 NUMELS = {"a": 1000, "b": 3000}
 RECIPES = {

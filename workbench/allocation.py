@@ -25,8 +25,7 @@ import numpy as np
 
 from workbench.metrics import distortion_from_psnr
 from workbench.recipes import recipe_name
-
-FLOAT_BITS = 16
+from workbench.size import FLOAT_BITS, bits_per_param
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,6 @@ class AllocatedRecipe:
     threshold: float | None = None
     target: float | None = None
     predicted_psnr: float | None = None
-
-
-def bits_per_param(bits: Mapping[str, int], numels: Mapping[str, int]) -> float:
-    """`sum(bits * numel) / sum(numel)` over `numels`; layers missing from `bits` count as 16."""
-    total = sum(numels.values())
-    return sum(bits.get(n, FLOAT_BITS) * k for n, k in numels.items()) / total
 
 
 def _unique_names(recipes: list[AllocatedRecipe], suffix: str) -> list[AllocatedRecipe]:

@@ -38,6 +38,7 @@ from workbench.layers import compressible_layers
 from workbench.metrics import psnr_per_item
 from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig, palettized
 from workbench.recipes import PreAnalysis
+from workbench.size import bits_per_param, size_reduction_pct
 
 SCHEMA_VERSION = 1
 STRATEGIES = ("apple", "size-aware")
@@ -460,7 +461,7 @@ class RecipeResult:
 
     @property
     def size_reduction_pct(self) -> float:
-        return 100.0 * (1.0 - self.bits_per_param / 16.0)
+        return size_reduction_pct(self.bits_per_param)
 
 
 @dataclass
@@ -505,7 +506,7 @@ class AnalysisResult:
                 "position": e.position,
                 "recipe": e.recipe,
                 "bits_per_param": e.bits_per_param,
-                "size_reduction_pct": None if e.bits_per_param is None else 100.0 * (1 - e.bits_per_param / 16),
+                "size_reduction_pct": None if e.bits_per_param is None else size_reduction_pct(e.bits_per_param),
                 "psnr_mean": e.psnr_mean,
                 "psnr_min": min(e.psnr),
                 "psnr": ";".join(f"{p:g}" for p in e.psnr),
@@ -544,7 +545,7 @@ class AnalysisResult:
         out: dict[str, list[tuple[float, float]]] = {}
         for e in self.evaluations:
             if e.kind == "cumulative":
-                out.setdefault(e.config, []).append((100.0 * (1 - e.bits_per_param / 16), e.psnr_mean))
+                out.setdefault(e.config, []).append((size_reduction_pct(e.bits_per_param), e.psnr_mean))
         return out if total else {}
 
     def matched_comparison(self) -> list[dict]:
@@ -834,7 +835,7 @@ def run_analysis(
             for r in allocation.threshold_recipes(measurements, config.num_recipes, rule=config.threshold_rule):
                 planned.append((r.name, "apple", r.bits, r.threshold, None))
         if "size-aware" in config.strategies:
-            targets = sorted({round(allocation.bits_per_param(p[2], numels), 6) for p in planned})
+            targets = sorted({round(bits_per_param(p[2], numels), 6) for p in planned})
             targets = [t for t in targets if t < 16] + list(config.size_aware_targets)
             if not targets:
                 targets = list(np.linspace(3.0, 6.0, config.num_recipes))
@@ -843,7 +844,7 @@ def run_analysis(
         runner.plan(len(planned))
         recipes: list[RecipeResult] = []
         for name, strategy, bits, selector, predicted in planned:
-            bpp = allocation.bits_per_param(bits, numels)
+            bpp = bits_per_param(bits, numels)
             with palettized(unet, bits, cache):
                 e = runner.measure(
                     f"recipe/{name}/{_bits_hash(bits)}", "recipe", config=strategy, recipe=name, bits_per_param=bpp,

@@ -379,12 +379,12 @@ def recipe_preview(pipe, prompt: str, *, seed: int = 0, steps: int = 20, size: i
     (in place, restored after), upscaled to `size` pixels with nearest-neighbour."""
     from PIL import Image
 
-    from workbench.grids import generate
+    from workbench.generation import generate_images
     from workbench.palettize import palettized
 
     def preview(name: str, bits: Mapping[str, int]):
         with palettized(pipe.unet, bits):
-            image = generate(pipe, [prompt], [seed], steps=steps)[0]
+            image = generate_images(pipe, [prompt], seed=seed, steps=steps)[0]
         return Image.fromarray(image).resize((size, size), Image.NEAREST)
 
     return preview

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from workbench.generation import generate_images
+from workbench.metrics import image_psnr, image_ssim
+
 REFERENCE_COLUMN = "float16"  # the unpalettized model's column, as the reference labels it
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
@@ -49,20 +52,6 @@ def format_megabytes(nbytes: int) -> str:
     """Bytes as MB (10**6 bytes) with 2 significant decimals below 10 MB."""
     mb = nbytes / 1e6
     return f"{mb:.2f} MB" if mb < 10 else f"{mb:.1f} MB"
-
-
-def image_psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """PSNR of two uint8 images, `workbench.metrics.psnr` with peak 255: `10*log10(255**2 / mse)`; inf if equal."""
-    from workbench.metrics import psnr
-
-    return psnr(reference, test, peak=255.0)
-
-
-def image_ssim(reference: np.ndarray, test: np.ndarray) -> float:
-    """SSIM of two uint8 HWC images, `workbench.metrics.ssim` with data range 255."""
-    from workbench.metrics import ssim
-
-    return ssim(reference, test, data_range=255.0)
 
 
 @dataclass(frozen=True)
@@ -262,27 +251,6 @@ def column_for(name: str, layers: Mapping[str, torch.nn.Module], recipe: Mapping
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, **kwargs) -> list[np.ndarray]:
-    """One image per prompt, prompt `i` from `torch.Generator().manual_seed(seeds[i])`, as HWC uint8 arrays.
-
-    Args:
-        pipe: a diffusers text-to-image pipeline.
-        prompts (`Sequence[str]`): the batch.
-        seeds (`Sequence[int]`): one per prompt.
-        steps (`int`): `num_inference_steps`.
-        kwargs: passed to the pipeline (e.g. `guidance_scale`).
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    device = getattr(pipe, "device", torch.device("cpu"))
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    if device.type != "cpu":
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    out = pipe(list(prompts), num_inference_steps=steps, generator=generators, output_type="np", **kwargs)
-    return [np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8) for image in out.images]
-
-
-@torch.no_grad()
 def seed_matched_images(
     pipe,
     prompts: Sequence[str],
@@ -326,11 +294,11 @@ def seed_matched_images(
         layers = compressible_layers(pipe.unet, min_numel=0)
     seeds = tuple(seed + i for i in range(len(prompts)))
     columns = [column_for(reference_name, layers, {})]
-    per_column = [generate(pipe, prompts, seeds, steps=steps, **kwargs)]
+    per_column = [generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs)]
     for name, recipe in recipes.items():
         columns.append(column_for(name, layers, recipe))
         with palettized(pipe.unet, recipe, cache=cache):
-            per_column.append(generate(pipe, prompts, seeds, steps=steps, **kwargs))
+            per_column.append(generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs))
     images = tuple(tuple(column[r] for column in per_column) for r in range(len(prompts)))
     psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)
     ssim = tuple(tuple(image_ssim(row[0], image) for image in row) for row in images)
@@ -451,12 +419,12 @@ def backend_comparison(
         column_for(REFERENCE_COLUMN, layers, {}),
         column_for(f"{recipe_name} (torch simulation)", layers, recipe),
     ]
-    per_column = [generate(pipe, prompts, seeds, steps=steps, **kwargs)]
+    per_column = [generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs)]
     with palettized(pipe.unet, recipe):
-        per_column.append(generate(pipe, prompts, seeds, steps=steps, **kwargs))
+        per_column.append(generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs))
     with coreml_pipeline(pipe, packages, backend=backend) as core:
         label = core.label
-        per_column.append(generate(core.pipe, prompts, seeds, steps=steps, **kwargs))
+        per_column.append(generate_images(core.pipe, prompts, seed=seed, steps=steps, **kwargs))
     title = "Core ML package (emulated on Linux)" if backend == "emulate" else "Core ML package (Core ML runtime)"
     columns.append(Column(title, columns[1].bits_per_param, columns[1].nbytes))
     images = tuple(tuple(column[r] for column in per_column) for r in range(len(prompts)))

@@ -66,6 +66,18 @@ def psnr(ref, test, peak: float = 1.0) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
 
 
+def image_psnr(reference, test) -> float:
+    """Image PSNR, the one definition the workbench reports: uint8 images (values 0-255, as an app shows
+    them; `workbench.generation.generate_images` makes them), peak 255: `10*log10(255**2 / mse)`, float64;
+    inf for identical images. Any layout, same shape for both."""
+    return psnr(reference, test, peak=255.0)
+
+
+def image_ssim(reference, test) -> float:
+    """Image SSIM, the one definition the workbench reports: `ssim` of uint8 HWC/NHWC images, data range 255."""
+    return ssim(reference, test, data_range=255.0)
+
+
 def _gaussian_window(size: int, sigma: float) -> np.ndarray:
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     g = np.exp(-(x**2) / (2 * sigma**2))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.layers import closest_names
+from workbench.size import bits_per_param
 
 RECIPE_NBITS = (1, 2, 3, 4, 6, 8, 16)
 _KEYS = ("model_version", "single_layer", "cumulative", "baselines", "recipes")
@@ -71,11 +72,8 @@ class Recipe:
 
     def bits_per_param(self, numels: Mapping[str, int]) -> float:
         """The reference's size measure: sum(bits * numel) / sum(numel) over `numels` (layers not in the
-        recipe count as 16 bits)."""
-        total = sum(numels.values())
-        if total == 0:
-            raise ValueError("bits_per_param over no layers")
-        return sum(self.bits.get(name, 16) * n for name, n in numels.items()) / total
+        recipe count as 16 bits): `workbench.size.bits_per_param`."""
+        return bits_per_param(self.bits, numels)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "bits": dict(self.bits)}

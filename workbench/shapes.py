@@ -443,8 +443,8 @@ def generate_and_score(
 ) -> AdherenceReport:
     """Generate one image per prompt with a text-to-image pipeline and score it with `score_adherence`.
 
-    Image `i` starts from `torch.Generator("cpu").manual_seed(seed + i)`, so it does not depend on the batch it
-    falls in (up to float rounding of batched math). Everything else is the pipeline's default (scheduler,
+    Images come from `workbench.generation.generate_images` (image `i` from seed `seed + i`, negative prompt "").
+    Everything else is the pipeline's default (scheduler,
     `num_inference_steps`, `guidance_scale`, height and width) unless given in `pipe_kwargs`.
 
     Args:
@@ -457,14 +457,9 @@ def generate_and_score(
     Returns:
         `AdherenceReport` with `images` set (N, H, W, 3) uint8.
     """
-    import torch
+    from workbench.generation import generate_images
 
-    images = []
-    for start in range(0, len(attributes), batch_size):
-        chunk = attributes[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe([a.caption for a in chunk], generator=generators, output_type="np", **pipe_kwargs)
-        images.append(np.rint(np.clip(out.images, 0.0, 1.0) * 255).astype(np.uint8))
-    images = np.concatenate(images)
+    captions = [a.caption for a in attributes]
+    images = generate_images(pipe, captions, seed=seed, batch_size=batch_size, **pipe_kwargs)
     report = score_adherence(images, attributes)
     return AdherenceReport(report.expected, report.readings, images)

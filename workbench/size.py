@@ -8,7 +8,64 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workbench.palettize import PaletteConfig, as_config
+from workbench.palettize import FLOAT_BITS, PaletteConfig, as_config
+
+__all__ = [
+    "FLOAT_BITS",
+    "LayerSize",
+    "SizeReport",
+    "bits_per_param",
+    "layer_nbytes",
+    "recipe_nbytes",
+    "size_reduction_pct",
+    "size_report",
+]
+
+
+def _recipe_bits(spec) -> int:
+    """A recipe entry's bits per weight: its palette width, or 16 for float16 (16 / None)."""
+    config = as_config(spec)
+    return FLOAT_BITS if config is None else config.nbits
+
+
+def bits_per_param(recipe: Mapping[str, int | PaletteConfig | None], numels: Mapping[str, int]) -> float:
+    """The reference's size measure: `sum(bits * numel) / sum(numel)` over the layers of `numels`.
+
+    LUTs are not counted (see `recipe_nbytes` for the stored size). Layers absent from `recipe` count as
+    float16 (16 bits); recipe entries for layers outside `numels` are ignored.
+
+    Args:
+        recipe: layer name -> bit width (16 = float16) or `PaletteConfig`.
+        numels: layer name -> number of weights, e.g. `{n: m.weight.numel() for n, m in layers.items()}`.
+
+    Returns:
+        `float`: bits per parameter, in [1, 16].
+    """
+    total = sum(numels.values())
+    if total == 0:
+        raise ValueError("bits_per_param over no layers")
+    return sum(_recipe_bits(recipe.get(name)) * n for name, n in numels.items()) / total
+
+
+def size_reduction_pct(bits_per_param: float) -> float:
+    """The reference's x-axis, "model size reduction (%)": `100 * (1 - bits_per_param / 16)`."""
+    return 100.0 * (1.0 - bits_per_param / FLOAT_BITS)
+
+
+def recipe_nbytes(
+    recipe: Mapping[str, int | PaletteConfig | None],
+    numels: Mapping[str, int],
+    out_channels: Mapping[str, int] | None = None,
+) -> int:
+    """Stored bytes of the layers of `numels` under `recipe`: packed indices plus float16 LUTs (`layer_nbytes`),
+    2 bytes a weight for float16 layers (absent or 16). `out_channels` is needed only for grouped palettes."""
+    total = 0
+    for name, n in numels.items():
+        config = as_config(recipe.get(name))
+        if config is not None and config.granularity == "per_grouped_channel" and out_channels is None:
+            raise ValueError(f"recipe_nbytes needs out_channels for the grouped palette of {name!r}")
+        total += layer_nbytes(n, 1 if out_channels is None else out_channels[name], config)
+    return total
 
 
 @dataclass(frozen=True)
@@ -44,7 +101,7 @@ class SizeReport:
     @property
     def size_reduction_pct(self) -> float:
         """The reference's x-axis, "model size reduction (%)": 100 * (1 - bits_per_param / 16)."""
-        return 100.0 * (1.0 - self.bits_per_param / 16.0)
+        return size_reduction_pct(self.bits_per_param)
 
     def to_frame(self):
         import pandas as pd
@@ -72,14 +129,13 @@ def size_report(layers: Mapping[str, nn.Module], recipe: Mapping[str, int | Pale
     for name, layer in layers.items():
         config = as_config(recipe.get(name))
         numel, out_channels = layer.weight.numel(), layer.weight.shape[0]
-        nbits = 16 if config is None else config.nbits
+        nbits = FLOAT_BITS if config is None else config.nbits
         rows.append(LayerSize(name, numel, out_channels, nbits, layer_nbytes(numel, out_channels, config)))
-    total = sum(r.numel for r in rows)
-    if total == 0:
+    if not rows:
         raise ValueError("size_report over no layers")
     return SizeReport(
-        bits_per_param=sum(r.nbits * r.numel for r in rows) / total,
+        bits_per_param=bits_per_param(recipe, {r.name: r.numel for r in rows}),
         nbytes=sum(r.nbytes for r in rows),
-        float16_nbytes=2 * total,
+        float16_nbytes=2 * sum(r.numel for r in rows),
         layers=tuple(rows),
     )

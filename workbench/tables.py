@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from workbench.palettize import as_config
-from workbench.size import layer_nbytes
+from workbench.size import bits_per_param, recipe_nbytes
 
 STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware"}
 
@@ -22,18 +21,6 @@ def strategy_of(recipe_name: str) -> str:
     """`recipe_4.50_bit_mixedpalette` -> `"apple"`, `..._sizeaware` -> `"size-aware"`, else the name's suffix."""
     suffix = recipe_name.rsplit("_", 1)[-1]
     return STRATEGY_BY_SUFFIX.get(suffix, suffix)
-
-
-def recipe_nbytes(recipe: Mapping[str, int], numels: Mapping[str, int]) -> int:
-    """Stored bytes of the layers in `numels` under `recipe`: packed indices plus one float16 LUT per tensor,
-    float16 for layers at 16 bits or absent (`workbench.size.layer_nbytes`)."""
-    return sum(layer_nbytes(n, 1, as_config(int(recipe.get(layer, 16)))) for layer, n in numels.items())
-
-
-def bits_per_param(recipe: Mapping[str, int], numels: Mapping[str, int]) -> float:
-    """`sum(bits * numel) / sum(numel)` over `numels`; absent layers count 16 bits."""
-    total = sum(numels.values())
-    return sum(int(recipe.get(layer, 16)) * n for layer, n in numels.items()) / total
 
 
 def recipe_table(result):

@@ -3,7 +3,7 @@
 The reference's one-step latent PSNR is dominated by the shared noise and hides error that accumulates over a
 sampling trajectory. Here each recipe generates the same prompts from the same seed as the float model, with
 the pipeline's default (or a given) number of steps, and the decoded images are compared with the float
-model's: image PSNR (peak 1.0, images in [0, 1]) and SSIM per prompt, and, when every prompt is a caption of
+model's: image PSNR and SSIM per prompt (`workbench.metrics.image_psnr`: uint8 images, peak 255), and, when every prompt is a caption of
 the demo model's shapes world, prompt adherence (`workbench.shapes.score_adherence`) of both.
 
 Example:
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from workbench.metrics import psnr, ssim
+from workbench.generation import generate_images
+from workbench.metrics import image_psnr, image_ssim
 from workbench.palettize import PaletteCache, palettized
 
 
@@ -30,7 +31,7 @@ class TrajectoryResult:
     Attributes:
         recipe: the recipe name ("float" for the float model itself).
         prompts: the prompts, in order.
-        image_psnr: per prompt, dB, peak 1.0 (inf for identical images).
+        image_psnr: per prompt, dB, `workbench.metrics.image_psnr` (uint8 images, peak 255; inf if identical).
         ssim: per prompt.
         adherence: {"color", "shape", "position", "size"} rates (None unless the prompts are shape captions).
     """
@@ -52,23 +53,6 @@ class TrajectoryResult:
         return pd.DataFrame(rows)
 
 
-@torch.no_grad()
-def generate_images(
-    pipe,
-    prompts: Sequence[str],
-    seed: int = 0,
-    num_inference_steps: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-) -> np.ndarray:
-    """`pipe(prompts, negative_prompt=[""]*n, generator=Generator().manual_seed(seed))` as NHWC float in [0, 1]."""
-    kwargs = {"num_inference_steps": num_inference_steps, "height": height, "width": width}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    generator = torch.Generator(device=pipe.unet.device).manual_seed(seed)
-    out = pipe(list(prompts), negative_prompt=[""] * len(prompts), generator=generator, output_type="np", **kwargs)
-    return np.asarray(out.images, dtype=np.float64)
-
-
 def _adherence(images: np.ndarray, prompts: Sequence[str]) -> dict | None:
     from workbench.shapes import ShapeAttributes, score_adherence
 
@@ -86,12 +70,13 @@ def _adherence(images: np.ndarray, prompts: Sequence[str]) -> dict | None:
 
 
 def compare_images(recipe: str, prompts: Sequence[str], reference: np.ndarray, images: np.ndarray) -> TrajectoryResult:
-    """Per-prompt image PSNR and SSIM of `images` against `reference` (both NHWC in [0, 1]), and adherence."""
+    """Per-prompt image PSNR and SSIM (`workbench.metrics.image_psnr` / `image_ssim`) of `images` against
+    `reference` (both NHWC uint8), and adherence."""
     return TrajectoryResult(
         recipe=recipe,
         prompts=tuple(prompts),
-        image_psnr=tuple(psnr(r, t, peak=1.0) for r, t in zip(reference, images)),
-        ssim=tuple(ssim(r, t, data_range=1.0) for r, t in zip(reference, images)),
+        image_psnr=tuple(image_psnr(r, t) for r, t in zip(reference, images)),
+        ssim=tuple(image_ssim(r, t) for r, t in zip(reference, images)),
         adherence=_adherence(images, prompts),
     )
 
@@ -114,7 +99,7 @@ def evaluate_trajectories(
         pipe: the pipeline; palettized in place per recipe and restored exactly.
         recipes: name -> {layer: bits}.
         prompts: prompts to generate (negative prompt "").
-        seed (`int`, defaults to 0): one generator seed for the batch, the same for every recipe.
+        seed (`int`, defaults to 0): prompt `i` starts from seed `seed + i` in every recipe (`generate_images`).
         num_inference_steps (`int`, *optional*): None = the pipeline's default.
         height, width (`int`, *optional*): None = the pipeline's default.
         cache (`PaletteCache`, *optional*): reuse fitted palettes.
@@ -124,7 +109,7 @@ def evaluate_trajectories(
         `list[TrajectoryResult]`, the float model first.
     """
     cache = cache if cache is not None else PaletteCache()
-    gen = {"seed": seed, "num_inference_steps": num_inference_steps, "height": height, "width": width}
+    gen = {"seed": seed, "steps": num_inference_steps, "height": height, "width": width}
     reference = generate_images(pipe, prompts, **gen)
     results = []
     for name, bits in {"float": {}, **recipes}.items():
