@@ -33,13 +33,7 @@ MIN_NUMEL = 2048
 GEN = {"num_inference_steps": 2, "height": 32, "width": 32}  # 16x16 latents: fast, same code path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a shared 2-core machine a busy second core makes 2-thread torch ops far slower than 1-thread ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quiet(pipe):

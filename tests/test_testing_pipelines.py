@@ -11,13 +11,7 @@ from workbench.testing import DEFAULT_WORDS, tiny_sd_pipeline, tiny_sdxl_pipelin
 PROMPT = "a photo of a red circle"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a shared 2-core machine a busy second core makes 2-thread torch ops ~30x slower than 1-thread ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate(pipe, seed=0):

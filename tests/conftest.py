@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run the module's tests with one torch thread, then restore the count.
+
+    On a shared 2-core machine a busy second core makes 2-thread torch ops far slower than 1-thread ones.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
