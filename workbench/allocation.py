@@ -183,29 +183,9 @@ def allocate(
     if spent > budget:
         raise ValueError(f"target {target_bpp:.3f} bits/param is below the narrowest width ({spent / total:.3f})")
 
-    segments = []  # (ratio, layer, from_bits, to_bits)
-    for layer, opts in distortion.items():
-        hull = [min(opts)]
-        for b in sorted(opts):
-            if b <= hull[-1]:
-                continue
-            # keep options that lower distortion, and pop points that fall above the convex chain
-            if opts[b] >= opts[hull[-1]]:
-                continue
-            while len(hull) >= 2:
-                b0, b1 = hull[-2], hull[-1]
-                slope01 = (opts[b0] - opts[b1]) / (b1 - b0)
-                slope12 = (opts[b1] - opts[b]) / (b - b1)
-                if slope12 >= slope01:
-                    hull.pop()
-                else:
-                    break
-            hull.append(b)
-        for b0, b1 in zip(hull, hull[1:]):
-            ratio = (opts[b0] - opts[b1]) / ((b1 - b0) * numels[layer])
-            segments.append((ratio, layer, b0, b1))
+    segments = [seg for layer, opts in distortion.items() for seg in _hull_segments(layer, opts, numels[layer])]
     segments.sort(key=lambda s: (-s[0], s[1], s[2]))
-    for ratio, layer, b0, b1 in segments:
+    for _, layer, b0, b1 in segments:
         if current[layer] != b0:
             continue  # an earlier segment of this layer was skipped: the chain stops here
         extra = (b1 - b0) * numels[layer]
@@ -213,21 +193,43 @@ def allocate(
             break
         current[layer], spent = b1, spent + extra
 
-    while True:  # greedy fill of the slack, any option that fits
-        best = None
-        for layer, opts in distortion.items():
-            for b, d in opts.items():
-                extra = (b - current[layer]) * numels[layer]
-                gain = opts[current[layer]] - d
-                if extra > 0 and gain > 0 and spent + extra <= budget:
-                    ratio = gain / extra
-                    if best is None or ratio > best[0]:
-                        best = (ratio, layer, b, extra)
-        if best is None:
-            break
-        _, layer, b, extra = best
+    while (best := _best_fitting_upgrade(distortion, numels, current, spent, budget)) is not None:
+        layer, b, extra = best  # greedy fill of the slack, any option that fits
         current[layer], spent = b, spent + extra
     return current
+
+
+def _lower_hull(opts: Mapping[int, float]) -> list[int]:
+    """The widths on the lower convex hull of (bits, distortion), narrowest first, distortion falling."""
+    hull = [min(opts)]
+    for b in sorted(opts):
+        if b <= hull[-1] or opts[b] >= opts[hull[-1]]:
+            continue  # keep only options that lower distortion
+        while len(hull) >= 2:  # pop points that fall above the convex chain
+            b0, b1 = hull[-2], hull[-1]
+            if (opts[b1] - opts[b]) / (b - b1) < (opts[b0] - opts[b1]) / (b1 - b0):
+                break
+            hull.pop()
+        hull.append(b)
+    return hull
+
+
+def _hull_segments(layer: str, opts: Mapping[int, float], numel: int) -> list[tuple[float, str, int, int]]:
+    """`(distortion saved per extra bit, layer, from_bits, to_bits)` for each step along the layer's hull."""
+    hull = _lower_hull(opts)
+    return [((opts[b0] - opts[b1]) / ((b1 - b0) * numel), layer, b0, b1) for b0, b1 in zip(hull, hull[1:])]
+
+
+def _best_fitting_upgrade(distortion, numels, current, spent: float, budget: float) -> tuple[str, int, int] | None:
+    """`(layer, bits, extra bits)` of the upgrade with the best distortion saved per bit that still fits."""
+    best = None
+    for layer, opts in distortion.items():
+        for b, d in opts.items():
+            extra = (b - current[layer]) * numels[layer]
+            gain = opts[current[layer]] - d
+            if extra > 0 and gain > 0 and spent + extra <= budget and (best is None or gain / extra > best[0]):
+                best = (gain / extra, layer, b, extra)
+    return None if best is None else best[1:]
 
 
 def predicted_psnr(distortion: Mapping[str, Mapping[int, float]], bits: Mapping[str, int], original: float) -> float:

@@ -9,10 +9,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from workbench.size import bits_per_param, recipe_nbytes
+
+if TYPE_CHECKING:
+    from workbench.comparison import SeedMatchedImages
 
 STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware"}
 
@@ -120,3 +124,37 @@ def load_analysis_outputs(analysis_dir):
     run = folder / "run.json"
     config = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
     return PreAnalysis.load(folder / "preanalysis.json"), config
+
+
+def recipe_summary(
+    comparison: SeedMatchedImages, *, latent_psnr: Mapping[str, float] | None = None, adherence: bool = False
+):
+    """One row per column: name, bits/param, size (MB), % of float16, latent PSNR (one step), image PSNR, SSIM,
+    and (with `adherence=True`, demo-model prompts only) colour/shape/position adherence.
+
+    Image PSNR and SSIM are means over the prompts against the reference column (float model, same seeds).
+    The reference column's own PSNR is left empty rather than infinite.
+    """
+    import pandas as pd
+
+    from workbench.comparison import adherence_by_column
+
+    float16 = comparison.columns[0].nbytes
+    scores = adherence_by_column(comparison) if adherence else {}
+    rows = []
+    for c, column in enumerate(comparison.columns):
+        psnrs = [row[c] for row in comparison.psnr]
+        row = {
+            "name": column.name,
+            "bits_per_param": round(column.bits_per_param, 3),
+            "size_mb": round(column.nbytes / 1e6, 4),
+            "pct_of_float16": round(100.0 * column.nbytes / float16, 1),
+            "latent_psnr_db": None if latent_psnr is None else latent_psnr.get(column.name),
+            "image_psnr_db": None if c == 0 else round(float(np.mean(psnrs)), 2),
+            "ssim": round(float(np.mean([row[c] for row in comparison.ssim])), 4),
+        }
+        for attribute, value in scores.get(column.name, {}).items():
+            row[f"{attribute}_adherence"] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns=["latent_psnr_db"]) if latent_psnr is None else frame

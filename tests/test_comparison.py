@@ -1,4 +1,5 @@
-"""Seed-matched image grids: layout, captions, PSNR against the float column, exact restore of the UNet."""
+"""Seed-matched comparisons and image grids: layout, captions, PSNR against the float column, exact restore of
+the UNet, and one image PSNR shared with the analysis' full-trajectory metrics."""
 
 import math
 
@@ -6,17 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.grids import (
-    Column,
-    SeedMatchedImages,
-    image_grid,
-    recipe_summary,
-    seed_matched_images,
-    uniform_recipes,
-)
+from workbench.comparison import Column, seed_matched_images, uniform_recipes
+from workbench.generation import generate_images
+from workbench.grids import image_grid
 from workbench.layers import compressible_layers
-from workbench.palettize import PaletteCache
+from workbench.metrics import image_psnr
+from workbench.palettize import PaletteCache, palettized
+from workbench.tables import recipe_summary
 from workbench.testing import tiny_sd_pipeline
+from workbench.trajectory import evaluate_trajectories
 
 PROMPTS = ["a large red circle at the center", "a small blue square at the top left"]
 
@@ -96,4 +95,35 @@ def test_image_grid_validates_shapes():
 
 def test_column_caption_names_bits_and_megabytes():
     assert Column("4-bit", 4.0, 710_000).caption == "4.00 bits/param\n0.71 MB"
-    assert isinstance(SeedMatchedImages.__dataclass_fields__["psnr"].name, str)
+    assert Column("float16", 16.0, 12_345_678).caption == "16.00 bits/param\n12.3 MB"
+
+
+def test_grid_cells_hold_the_images_upscaled():
+    red, blue = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    grid = np.asarray(image_grid([[red, blue]], cell_size=32))
+    pad = 6  # no row labels: the first cell starts at (pad, 0)
+    assert (grid[0:32, pad : pad + 32] == [255, 0, 0]).all()
+    assert (grid[0:32, pad + 32 + pad : pad + 64 + pad] == [0, 0, 255]).all()
+
+
+def test_one_image_psnr_for_comparisons_and_trajectories(pipe):
+    """Notebook 04's image PSNR of a recipe (seed-matched grid) equals notebook 03's (the analysis' trajectory
+    metrics) for the same recipe, prompts, seed and steps: one generation path, one PSNR definition."""
+    layers = compressible_layers(pipe.unet, 2048)
+    recipe = dict.fromkeys(layers, 4)
+    grid = seed_matched_images(pipe, PROMPTS, {"4-bit": recipe}, layers=layers, steps=2, seed=5)
+    trajectories = evaluate_trajectories(pipe, {"4-bit": recipe}, PROMPTS, seed=5, num_inference_steps=2)
+    assert [row[1] for row in grid.psnr] == list(trajectories[1].image_psnr)
+    assert all(math.isfinite(v) and v > 10 for v in trajectories[1].image_psnr)
+    with palettized(pipe.unet, recipe):  # and both are the PSNR of generate_images' uint8 pixels, peak 255
+        images = generate_images(pipe, PROMPTS, seed=5, steps=2)
+    assert grid.psnr[1][1] == image_psnr(generate_images(pipe, PROMPTS, seed=5, steps=2)[1], images[1])
+
+
+def test_generation_seeds_each_prompt_independently_of_its_batch(pipe):
+    both = generate_images(pipe, PROMPTS, seed=7, steps=2)
+    second_alone = generate_images(pipe, PROMPTS[1:], seed=8, steps=2)
+    assert both.dtype == np.uint8 and both.shape == (2, 64, 64, 3)
+    assert np.abs(both[1].astype(int) - second_alone[0].astype(int)).max() <= 1  # batched math may round
+    assert not np.array_equal(both[0], generate_images(pipe, PROMPTS[:1], seed=8, steps=2)[0])
