@@ -9,9 +9,10 @@ from torch import nn
 
 from workbench.coreml import coreml_weight_names, package_weights, palettized_weight_names
 from workbench.layers import compressible_layers
-from workbench.palettize import PaletteConfig, fit_palette
+from workbench.palettize import PaletteConfig, fit_palette, sklearn_single_thread
 
 ct = pytest.importorskip("coremltools")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallNet(nn.Module):
@@ -78,7 +79,9 @@ def test_coreml_package_weights_equal_the_simulation(recipe_name, tmp_path):
     config = ct.optimize.coreml.OptimizationConfig(
         op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in recipe.items()}
     )
-    with warnings.catch_warnings():
+    # scikit-learn's k-means (tensors under 10,000 weights) on one thread, as `fit_palette` and the export run it:
+    # its LUTs change in their last bits with the OpenMP thread count
+    with warnings.catch_warnings(), sklearn_single_thread():
         warnings.simplefilter("ignore")
         compressed = ct.optimize.coreml.palettize_weights(model, config)
     path = tmp_path / "net.mlpackage"

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.coreml import COREML_LABEL, coreml_pipeline, export_pipeline, generate
+from workbench.coreml import COREML_LABEL, coreml_pipeline, export_pipeline
+from workbench.generation import generate_images
 from workbench.layers import compressible_layers
+from workbench.metrics import image_psnr
 from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytestmark = [
@@ -20,11 +22,11 @@ pytestmark = [
 ]
 ct = pytest.importorskip("coremltools")
 
-GEN = {"num_inference_steps": 4, "height": 64, "width": 64}
+GEN = {"steps": 4, "height": 64, "width": 64}
 
 
 def psnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """20 * log10(max|reference| / rmse), float64."""
+    """PSNR of a float tensor (noise predictions): 20 * log10(max|reference| / rmse), float64."""
     ref = reference.astype(np.float64)
     rmse = np.sqrt(np.mean((ref - test.astype(np.float64)) ** 2))
     return float("inf") if rmse == 0 else float(20 * np.log10(np.abs(ref).max() / rmse))
@@ -43,12 +45,12 @@ def sd(tmp_path_factory):
 
 def test_float16_packages_predict_like_torch(sd):
     pipe, float16, _ = sd
-    expected = generate(pipe, "a red circle", seed=0, **GEN)
+    expected = generate_images(pipe, "a red circle", seed=0, **GEN)
     with coreml_pipeline(pipe, float16, backend="coreml") as coreml:
         assert coreml.label == COREML_LABEL
-        image = generate(coreml, "a red circle", seed=0, **GEN)
-    assert image.shape == expected.shape
-    assert psnr_db(expected, image) >= 30.0  # float16 arithmetic on the Core ML runtime vs float32 torch
+        image = generate_images(coreml, "a red circle", seed=0, **GEN)
+    assert image.shape == expected.shape and image.dtype == np.uint8
+    assert image_psnr(expected, image) >= 30.0  # float16 arithmetic on the Core ML runtime vs float32 torch
 
 
 def test_unet_noise_prediction_matches_torch(sd):
@@ -68,11 +70,11 @@ def test_unet_noise_prediction_matches_torch(sd):
 def test_palettized_package_predicts_like_its_emulation(sd):
     pipe, _, palettized = sd
     with coreml_pipeline(pipe, palettized, backend="emulate") as emulated:
-        expected = generate(emulated, "a blue square", seed=1, **GEN)
+        expected = generate_images(emulated, "a blue square", seed=1, **GEN)
     with coreml_pipeline(pipe, palettized, backend="coreml") as coreml:
-        image = generate(coreml, "a blue square", seed=1, **GEN)
+        image = generate_images(coreml, "a blue square", seed=1, **GEN)
     # same weights bit for bit; only the runtime's float16 arithmetic differs
-    assert psnr_db(expected, image) >= 30.0
+    assert image_psnr(expected, image) >= 30.0
     assert len(compressible_layers(pipe.unet, 2048)) == palettized.package("unet").n_palettized
 
 
@@ -81,7 +83,7 @@ def test_sdxl_unet_package_runs_in_the_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     report = export_pipeline(pipe, tmp_path, nbits=8, components=["unet"])
     with coreml_pipeline(pipe, report, backend="emulate") as emulated:
-        expected = generate(emulated, "a red circle", seed=0, **GEN)
+        expected = generate_images(emulated, "a red circle", seed=0, **GEN)
     with coreml_pipeline(pipe, report, backend="coreml") as coreml:
-        image = generate(coreml, "a red circle", seed=0, **GEN)
-    assert psnr_db(expected, image) >= 30.0
+        image = generate_images(coreml, "a red circle", seed=0, **GEN)
+    assert image_psnr(expected, image) >= 30.0

@@ -1,0 +1,120 @@
+"""Core ML packages: export, palettize by exact weight name, prove the weights, run inference.
+
+- `components`: the exportable pipeline components (`COMPONENTS`), their trace-friendly wrappers
+  (`UNetExport`, `TextEncoderExport`, `VAEDecoderExport`), example inputs, and the Core ML name of each layer's
+  weight (`coreml_weight_name`: UNet layer `L` is `unet_<L with . as _>_weight_to_fp16`).
+- `export`: conversion (`convert_component`), palettization plans and compression by name (`palette_plan`,
+  `compress_model`), `export_pipeline` / `export_component` and their results (`ExportReport`,
+  `ExportedPackage`), and `export_model` (the `workbench export` command).
+- `verify`: reading packages back on any OS (`package_weights`, `palettized_weight_names`, `load_program`) and
+  the bit-exactness check against the simulation (`verify_package` -> `Verification` of `LayerCheck`s).
+- `runtime`: running a pipeline on packages (`coreml_pipeline(backend="emulate" | "coreml")` ->
+  `CoreMLPipeline`; `attach_predictors`).
+
+Images come from `workbench.generation.generate_images`, for torch and Core ML pipelines alike.
+
+Example:
+    >>> report = export_pipeline(pipe, "out/", recipe=load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette"),
+    ...                          components=["unet", "text_encoder", "vae_decoder"])
+    >>> print(report.summary())          # sizes, bits/param, bit-exact per package; out/verification.json
+    >>> with coreml_pipeline(pipe, report, backend="emulate") as emulated:   # any OS
+    ...     images = generate_images(emulated, "a red circle", seed=0)
+    >>> emulated.label
+    'weight-exact emulation (not the Core ML runtime)'
+
+`backend="coreml"` runs `MLModel.predict` and exists on macOS only.
+"""
+
+from workbench.coreml.components import (
+    COMPONENTS,
+    WRAPPERS,
+    TextEncoderExport,
+    UNetExport,
+    VAEDecoderExport,
+    check_component,
+    component_module,
+    coreml_weight_name,
+    coreml_weight_names,
+    example_inputs,
+    export_wrapper,
+    layer_weight_names,
+    weight_layers,
+)
+from workbench.coreml.export import (
+    DEFAULT_MIN_NUMEL,
+    ComponentPlan,
+    ExportedPackage,
+    ExportReport,
+    RecipeLike,
+    compress_model,
+    convert_component,
+    export_component,
+    export_model,
+    export_pipeline,
+    palette_plan,
+    plan_export,
+)
+from workbench.coreml.runtime import (
+    BACKENDS,
+    COREML_LABEL,
+    EMULATION_LABEL,
+    CoreMLPipeline,
+    CoreMLUnavailableError,
+    attach_predictors,
+    coreml_pipeline,
+)
+from workbench.coreml.verify import (
+    LayerCheck,
+    Verification,
+    load_program,
+    package_nbytes,
+    package_weights,
+    palettized_weight_names,
+    program_weight_names,
+    verify_package,
+    weight_psnr,
+)
+
+__all__ = [
+    "BACKENDS",
+    "COMPONENTS",
+    "COREML_LABEL",
+    "DEFAULT_MIN_NUMEL",
+    "EMULATION_LABEL",
+    "WRAPPERS",
+    "ComponentPlan",
+    "CoreMLPipeline",
+    "CoreMLUnavailableError",
+    "ExportReport",
+    "ExportedPackage",
+    "LayerCheck",
+    "RecipeLike",
+    "TextEncoderExport",
+    "UNetExport",
+    "VAEDecoderExport",
+    "Verification",
+    "attach_predictors",
+    "check_component",
+    "component_module",
+    "compress_model",
+    "convert_component",
+    "coreml_pipeline",
+    "coreml_weight_name",
+    "coreml_weight_names",
+    "example_inputs",
+    "export_component",
+    "export_model",
+    "export_pipeline",
+    "export_wrapper",
+    "layer_weight_names",
+    "load_program",
+    "package_nbytes",
+    "package_weights",
+    "palette_plan",
+    "palettized_weight_names",
+    "plan_export",
+    "program_weight_names",
+    "verify_package",
+    "weight_layers",
+    "weight_psnr",
+]

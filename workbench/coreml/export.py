@@ -1,0 +1,546 @@
+"""Export pipeline components to Core ML packages, palettized by exact weight name, and verify them.
+
+Per component (`export_component`): trace + convert to a float16 ML Program (`convert_component`), save it
+once unpalettized to measure its size, palettize the planned weights by name (`compress_model`), write the
+metadata, save `<out>/<component>.mlpackage`, and read it back to compare every weight with the simulation
+(`workbench.coreml.verify.verify_package`). `export_pipeline` plans every component first (`plan_export`: the
+recipe is checked against the torch modules before any slow conversion), then exports them in turn and writes
+`<out>/verification.json` (`ExportReport`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench.coreml.components import (
+    COMPONENTS,
+    WRAPPERS,
+    check_component,
+    component_module,
+    example_inputs,
+    export_wrapper,
+    layer_weight_names,
+    weight_layers,
+)
+from workbench.coreml.verify import Verification, package_nbytes, program_weight_names, verify_package
+from workbench.palettize import FLOAT_BITS, PaletteConfig, sklearn_single_thread
+
+if TYPE_CHECKING:
+    from workbench.recipes import Recipe
+
+DEFAULT_MIN_NUMEL = 2048  # coremltools' own weight_threshold
+RecipeLike = Union["Recipe", Mapping[str, "int | PaletteConfig | None"], None]
+
+
+@torch.no_grad()
+def convert_component(
+    pipe,
+    component: str,
+    *,
+    batch_size: int | None = None,
+    deployment_target: str = "iOS17",
+):
+    """Trace one pipeline component and convert it to a float16 Core ML ML Program.
+
+    `torch.jit.trace` of the wrapper, then `ct.convert(convert_to="mlprogram", compute_precision=FLOAT16)`.
+    Inputs and outputs are named (see the wrappers) and float32 on the host side. The module is traced in
+    float32 on the CPU where it sits; nothing is copied.
+
+    Args:
+        pipe: a diffusers SD-1.x/2.x or SDXL pipeline on the CPU.
+        component (`str`): `"unet"`, `"text_encoder"`, `"text_encoder_2"` or `"vae_decoder"`.
+        batch_size (`int`, *optional*): see `example_inputs`.
+        deployment_target (`str`, defaults to `"iOS17"`): a `coremltools.target` name; `"iOS18"` for grouped or
+            3-bit palettes.
+
+    Returns:
+        `coremltools.models.MLModel`.
+    """
+    import warnings
+
+    import coremltools as ct
+
+    wrapper = export_wrapper(pipe, component)
+    inputs = example_inputs(pipe, component, batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coremltools: "torch 2.13 has not been tested"; trace warnings
+        traced = torch.jit.trace(wrapper, tuple(inputs.values()), check_trace=False)
+        return ct.convert(
+            traced,
+            inputs=[
+                ct.TensorType(name=name, shape=x.shape, dtype=np.int32 if x.dtype == torch.int32 else np.float32)
+                for name, x in inputs.items()
+            ],
+            outputs=[ct.TensorType(name=name, dtype=np.float32) for name in wrapper.output_names],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=getattr(ct.target, deployment_target),
+        )
+
+
+def palette_plan(
+    module: nn.Module,
+    recipe: RecipeLike = None,
+    *,
+    nbits: int | None = None,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> dict[str, PaletteConfig]:
+    """Layer name -> `PaletteConfig` for the layers to palettize; layers left out stay float16.
+
+    Args:
+        module (`nn.Module`): the component's torch module (e.g. `pipe.unet`).
+        recipe (`Recipe` or `Mapping[str, int | PaletteConfig]`, *optional*): bit widths by layer (16 = float).
+        nbits (`int`, *optional*): instead of a recipe, this width for every Linear/Conv2d layer with more than
+            `min_numel` weights (the reference's `--quantize-nbits`).
+        min_numel (`int`, defaults to 2048): see `nbits`.
+
+    Returns:
+        `dict[str, PaletteConfig]`.
+
+    Raises:
+        ValueError: both a recipe and nbits, or a recipe naming layers the module lacks (all listed).
+    """
+    from workbench.layers import compressible_layers
+    from workbench.palettize import as_config
+
+    if recipe is not None and nbits is not None:
+        raise ValueError("pass a recipe or nbits, not both")
+    if nbits is not None:
+        config = as_config(int(nbits))
+        layers = compressible_layers(module, min_numel=min_numel)
+        return {} if config is None else dict.fromkeys(layers, config)
+    if recipe is None:
+        return {}
+    bits = getattr(recipe, "bits", recipe)
+    with_weight = weight_layers(module)
+    missing = [name for name in bits if name not in with_weight]
+    if missing:
+        raise ValueError(
+            f"the recipe names {len(missing)} layers that {type(module).__name__} lacks: {', '.join(missing)}"
+        )
+    plan = {name: as_config(spec) for name, spec in bits.items()}
+    return {name: cfg for name, cfg in plan.items() if cfg is not None}
+
+
+def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
+    """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
+
+    Torch layer `L` of a wrapper whose module sits under `prefix` is the Core ML constant
+    `coreml_weight_name(prefix + "." + L)`; every planned weight must exist (else a `ValueError` lists the
+    missing ones), and no other weight is touched.
+
+    Returns:
+        `coremltools.models.MLModel` (a new one; `model` is unchanged).
+    """
+    import warnings
+
+    import coremltools as ct
+
+    if not plan:
+        return model
+    names = layer_weight_names(plan, prefix)
+    available = program_weight_names(model)
+    missing = [layer for layer in plan if names[layer] not in available]
+    if missing:
+        raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
+    config = ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in plan.items()}
+    )
+    with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
+        warnings.simplefilter("ignore")
+        return ct.optimize.coreml.palettize_weights(model, config)
+
+
+@dataclass(frozen=True)
+class ExportedPackage:
+    """One exported component.
+
+    Attributes:
+        component, path: what and where (`<out>/<component>.mlpackage`).
+        nbytes: package size on disk; float16_nbytes: the same component converted without palettization.
+        bits_per_param: sum(bits * numel) / sum(numel) over the component's Linear/Conv2d layers with more than
+            `min_numel` weights (16 for float16 layers), the reference's measure (`workbench.size.bits_per_param`).
+        deployment_target: e.g. `"iOS17"`; export_s / compress_s / verify_s: wall time of trace + convert /
+            palettize + save / read back + compare.
+        verification: the read-back check (None when not verified).
+    """
+
+    component: str
+    path: str
+    nbytes: int
+    float16_nbytes: int
+    bits_per_param: float
+    n_palettized: int
+    deployment_target: str
+    export_s: float
+    compress_s: float
+    verify_s: float = 0.0
+    verification: Verification | None = None
+
+    @property
+    def pct_of_float16(self) -> float:
+        return 100.0 * self.nbytes / self.float16_nbytes
+
+    def to_row(self) -> dict:
+        """One row of `ExportReport.to_frame`: sizes, bits/param, timings, verification counts."""
+        v = self.verification
+        return {
+            "component": self.component,
+            "path": self.path,
+            "nbytes": self.nbytes,
+            "float16_nbytes": self.float16_nbytes,
+            "pct_of_float16": self.pct_of_float16,
+            "bits_per_param": self.bits_per_param,
+            "n_palettized": self.n_palettized,
+            "bit_exact": None if v is None else sum(c.bit_exact for c in v.layers),
+            "float16_exact": None if v is None else f"{v.float16_exact}/{v.float16_layers}",
+            "deployment_target": self.deployment_target,
+            "export_s": self.export_s,
+            "compress_s": self.compress_s,
+            "verify_s": self.verify_s,
+        }
+
+    def summary(self) -> str:
+        """One line: path, size against float16, bits/param, target and the verification result."""
+        v = self.verification
+        check = "not verified"
+        if v is not None:
+            n_exact = sum(c.bit_exact for c in v.layers)
+            check = (
+                f"{n_exact}/{len(v.layers)} palettized weights bit-exact with the simulation, "
+                f"{v.float16_exact}/{v.float16_layers} float16 weights exact"
+            )
+            if v.unexpected_palettized:
+                check += f", {len(v.unexpected_palettized)} palettized unexpectedly"
+        return (
+            f"{self.component}: {self.path}  {self.nbytes / 1e6:.2f} MB ({self.pct_of_float16:.1f}% of float16 "
+            f"{self.float16_nbytes / 1e6:.2f} MB), {self.bits_per_param:.2f} bits/param, {self.deployment_target}; "
+            f"{check}"
+        )
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """The packages written by `export_pipeline`, and what was checked. Saved as `<out>/verification.json`."""
+
+    out_dir: str
+    source: str
+    recipe_name: str
+    packages: tuple[ExportedPackage, ...]
+
+    @property
+    def all_bit_exact(self) -> bool:
+        return all(p.verification is None or p.verification.all_bit_exact for p in self.packages)
+
+    def package(self, component: str) -> ExportedPackage:
+        for p in self.packages:
+            if p.component == component:
+                return p
+        raise KeyError(f"no {component!r} package; exported: {', '.join(p.component for p in self.packages)}")
+
+    def paths(self) -> dict[str, Path]:
+        """`{component: package path}`, what `coreml_pipeline` takes."""
+        return {p.component: Path(p.path) for p in self.packages}
+
+    def to_frame(self):
+        """One row per package (sizes, bits/param, timings, verification counts)."""
+        import pandas as pd
+
+        return pd.DataFrame([p.to_row() for p in self.packages])
+
+    def layers_frame(self):
+        """Every verified layer of every package (`LayerCheck` rows)."""
+        import pandas as pd
+
+        frames = [p.verification.to_frame() for p in self.packages if p.verification is not None]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def to_dict(self) -> dict:
+        from workbench.io import environment
+
+        d = asdict(self)
+        for p, row in zip(self.packages, d["packages"]):
+            row["verification"] = None if p.verification is None else p.verification.to_dict()
+        d["all_bit_exact"] = self.all_bit_exact
+        d["environment"] = environment()
+        return d
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        from workbench.io import write_json_atomic
+
+        return write_json_atomic(path or Path(self.out_dir) / "verification.json", self.to_dict())
+
+    def summary(self) -> str:
+        """A few lines for a terminal: per package its path, size, bits/param and the verification result."""
+        lines = [f"export of {self.source or 'pipeline'} (recipe: {self.recipe_name or 'none'})"]
+        lines += [f"  {p.summary()}" for p in self.packages]
+        lines.append(
+            "verification: " + ("ALL BIT-EXACT" if self.all_bit_exact else "MISMATCH (see verification.json)")
+        )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One component's export, decided and checked against its torch module before any (slow) conversion.
+
+    Attributes:
+        component: from `COMPONENTS`; module: its torch module; prefix: the export wrapper's attribute for it
+            (Core ML weight names start with it).
+        palette: torch layer -> `PaletteConfig` for the layers to palettize (`palette_plan`).
+        uniform: the palette is a uniform width over every candidate layer (`nbits`): it is narrowed to the
+            weights the package has (a VAE decoder package holds no VAE encoder). A recipe is not narrowed.
+        deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
+    """
+
+    component: str
+    module: nn.Module
+    prefix: str
+    palette: Mapping[str, PaletteConfig]
+    uniform: bool
+    deployment_target: str
+
+
+def plan_export(
+    pipe, components: Iterable[str], *, recipe: RecipeLike, nbits: int | None, min_numel: int
+) -> list[ComponentPlan]:
+    """One `ComponentPlan` per component; a bad component, recipe or width fails here, before any conversion."""
+    components = [check_component(c) for c in components]
+    if not components:
+        raise ValueError(f"no components to export; valid: {', '.join(COMPONENTS)}")
+    if recipe is not None and "unet" not in components:
+        raise ValueError("a recipe applies to the UNet; add 'unet' to the components or use nbits")
+    plans = []
+    for component in components:
+        module = component_module(pipe, component)
+        palette = palette_plan(module, recipe if component == "unet" else None, nbits=nbits, min_numel=min_numel)
+        target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
+        prefix = WRAPPERS[component].prefix
+        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target))
+    return plans
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A component converted to float16 Core ML, not yet palettized: the model, its saved size, the time taken."""
+
+    model: object  # coremltools.models.MLModel
+    float16_nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A palettized package saved to disk.
+
+    Attributes:
+        path: `<out>/<component>.mlpackage`; palette: the layers palettized (the plan, narrowed if uniform);
+        bits_per_param: over the candidate layers the package holds; seconds: palettize + save time.
+    """
+
+    path: Path
+    palette: Mapping[str, PaletteConfig]
+    bits_per_param: float
+    seconds: float
+
+
+def _convert(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Conversion:
+    """Trace + convert (timed), then save once unpalettized to a scratch folder to measure the float16 size."""
+    start = time.perf_counter()
+    model = convert_component(pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(dir=out, prefix=".float16-") as tmp:
+        model.save(str(Path(tmp) / "float16.mlpackage"))
+        nbytes = package_nbytes(Path(tmp) / "float16.mlpackage")
+    return Conversion(model, nbytes, seconds)
+
+
+def _set_metadata(model, *, component: str, source: str, recipe_name: str, bits_per_param: float, n: int) -> None:
+    from workbench import __version__
+
+    model.short_description = (
+        f"{component} of {source or 'a diffusers pipeline'}, palettized by workbench "
+        f"({recipe_name or 'float16'}, {bits_per_param:.2f} bits/param)"
+    )
+    model.author = f"workbench {__version__}"
+    model.user_defined_metadata.update(
+        {
+            "source_model": source,
+            "component": component,
+            "recipe": recipe_name,
+            "bits_per_param": f"{bits_per_param:.4f}",
+            "palettized_layers": str(n),
+        }
+    )
+
+
+def _compress_and_save(
+    plan: ComponentPlan, conversion: Conversion, out: Path, *, min_numel: int, source: str, recipe_name: str
+) -> Compression:
+    """Palettize the planned weights by name, write the metadata and save `<out>/<component>.mlpackage`."""
+    from workbench.layers import compressible_layers
+    from workbench.size import bits_per_param
+
+    start = time.perf_counter()
+    in_package = program_weight_names(conversion.model)
+    candidates = compressible_layers(plan.module, min_numel=min_numel)
+    names = layer_weight_names(candidates, plan.prefix)
+    numels = {name: layer.weight.numel() for name, layer in candidates.items() if names[name] in in_package}
+    palette = {n: cfg for n, cfg in plan.palette.items() if n in numels} if plan.uniform else dict(plan.palette)
+    compressed = compress_model(conversion.model, palette, prefix=plan.prefix)
+    bpp = bits_per_param(palette, numels) if numels else float(FLOAT_BITS)
+    _set_metadata(
+        compressed,
+        component=plan.component,
+        source=source,
+        recipe_name=recipe_name,
+        bits_per_param=bpp,
+        n=len(palette),
+    )
+    path = out / f"{plan.component}.mlpackage"
+    if path.exists():
+        shutil.rmtree(path)
+    compressed.save(str(path))
+    return Compression(path, palette, bpp, time.perf_counter() - start)
+
+
+def export_component(
+    pipe,
+    plan: ComponentPlan,
+    out: Path,
+    *,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+    batch_size: int | None = None,
+    source: str = "",
+    recipe_name: str = "",
+    verify: bool = True,
+) -> ExportedPackage:
+    """Convert, palettize, save and (optionally) verify one planned component; see `export_pipeline`."""
+    conversion = _convert(pipe, plan, out, batch_size)
+    compression = _compress_and_save(
+        plan, conversion, out, min_numel=min_numel, source=source, recipe_name=recipe_name
+    )
+    start = time.perf_counter()
+    verification = None
+    if verify:
+        verification = verify_package(
+            compression.path, plan.module, compression.palette, component=plan.component, prefix=plan.prefix
+        )
+    return ExportedPackage(
+        component=plan.component,
+        path=str(compression.path),
+        nbytes=package_nbytes(compression.path),
+        float16_nbytes=conversion.float16_nbytes,
+        bits_per_param=compression.bits_per_param,
+        n_palettized=len(compression.palette),
+        deployment_target=plan.deployment_target,
+        export_s=conversion.seconds,
+        compress_s=compression.seconds,
+        verify_s=time.perf_counter() - start,
+        verification=verification,
+    )
+
+
+def _recipe_label(recipe: RecipeLike, nbits: int | None) -> str:
+    """What the packages record as their recipe: `uniform_<n>bit`, the recipe's name, or "" for float16."""
+    if nbits is not None:
+        return f"uniform_{nbits}bit"
+    return getattr(recipe, "name", "custom recipe" if recipe is not None else "")
+
+
+@torch.no_grad()
+def export_pipeline(
+    pipe,
+    out_dir: str | os.PathLike,
+    *,
+    recipe: RecipeLike = None,
+    nbits: int | None = None,
+    components: Iterable[str] = ("unet",),
+    min_numel: int = DEFAULT_MIN_NUMEL,
+    batch_size: int | None = None,
+    source: str = "",
+    verify: bool = True,
+) -> ExportReport:
+    """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
+
+    For each component: trace + convert to float16 (iOS17, or iOS18 when the plan has grouped or 3-bit palettes),
+    save once unpalettized to measure its size, palettize the planned weights by name (`compress_model`), write
+    metadata, save `<out_dir>/<component>.mlpackage`, read it back and compare every weight (`verify_package`).
+    Writes `<out_dir>/verification.json`.
+
+    Args:
+        pipe: a diffusers SD-1.x/2.x or SDXL pipeline (CPU, float32).
+        out_dir (`str | os.PathLike`): where packages and `verification.json` go (created).
+        recipe (`Recipe` or mapping, *optional*): UNet layer -> bits or `PaletteConfig`; applies to the UNet only.
+        nbits (`int`, *optional*): uniform width for every layer over `min_numel` weights of every component.
+        components (`Iterable[str]`, defaults to `("unet",)`): from `COMPONENTS`.
+        min_numel (`int`, defaults to 2048): candidate threshold for `nbits` and for bits/param (strict `>`).
+        batch_size (`int`, *optional*): see `example_inputs`.
+        source (`str`): the source model's name, written into the metadata.
+        verify (`bool`, defaults to True): read the packages back and compare.
+
+    Returns:
+        `ExportReport`.
+
+    Example:
+        >>> report = export_pipeline(pipe, "out/", recipe=load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette"))
+        >>> print(report.summary())  # sizes, bits/param, bit-exact per package
+    """
+    plans = plan_export(pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    label = _recipe_label(recipe, nbits)
+    options = {"min_numel": min_numel, "batch_size": batch_size, "source": source, "recipe_name": label}
+    packages = tuple(export_component(pipe, plan, out, verify=verify, **options) for plan in plans)
+    report = ExportReport(out_dir=str(out), source=source, recipe_name=label, packages=packages)
+    report.save()
+    return report
+
+
+def export_model(
+    model: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    *,
+    recipe_file: str | os.PathLike | None = None,
+    recipe_name: str | None = None,
+    nbits: int | None = None,
+    components: Iterable[str] = ("unet",),
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> ExportReport:
+    """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
+
+    Args:
+        model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
+        recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
+            (optional when the file holds one).
+        nbits, components, min_numel: see `export_pipeline`.
+    """
+    from workbench.pipelines import DEMO_MODEL, load_pipeline
+    from workbench.recipes import load_recipe
+
+    if recipe_name is not None and recipe_file is None:
+        raise ValueError("--recipe-name needs --recipe FILE")
+    if recipe_file is not None and nbits is not None:
+        raise ValueError("pass a recipe or nbits, not both")
+    if nbits is not None:
+        from workbench.palettize import as_config
+
+        as_config(int(nbits))  # an unsupported width fails before the pipeline loads
+    recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
+    components = [check_component(c) for c in components]  # fail before the pipeline loads
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    source = str(model) if model is not None else str(DEMO_MODEL)
+    return export_pipeline(
+        pipe, out_dir, recipe=recipe, nbits=nbits, components=components, min_numel=min_numel, source=source
+    )
