@@ -15,10 +15,13 @@ Example:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -250,36 +253,115 @@ def linear_quantize_tensor(weight: torch.Tensor, per_channel: bool = False) -> t
 
 
 class PaletteCache:
-    """Fitted palettes per (layer, config), so a sweep runs k-means once per layer and width.
+    """Fitted palettes per (layer, config), so a sweep runs k-means once per layer and width, in bounded memory.
 
     Palettes are kept as uint8 indices plus LUTs (about a byte per weight), and expanded to a dense
     tensor on request. A weight that changed since its palette was fitted (another tensor, or
     modified in place) is refitted, never served stale.
+
+    With `max_bytes`, the palettes held in memory never exceed that many bytes: the least recently used are
+    written to `spill_dir` (and read back when asked for again, which is far cheaper than a refit) or, without a
+    `spill_dir`, dropped (and refitted if asked for again). A full-size SDXL sweep at 5 widths fits about 13 GB
+    of palettes; with a budget it holds at most `max_bytes` of them, whatever the number of widths.
+
+    Args:
+        solver (`str`, defaults to "auto"): the 1-D k-means solver (`workbench.kmeans.kmeans_1d`).
+        max_bytes (`int`, *optional*): memory budget for the palettes held; None = unbounded.
+        spill_dir (`str | os.PathLike`, *optional*): where palettes over the budget go (one .npz each).
+
+    Attributes:
+        fits, reloads, spills (`int`): palettes fitted, read back from `spill_dir`, written to it.
+        peak_nbytes (`int`): the most bytes of palettes held in memory at once.
     """
 
-    def __init__(self, solver: str = "auto"):
+    def __init__(self, solver: str = "auto", *, max_bytes: int | None = None, spill_dir=None):
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.solver = solver
-        self._palettes: dict[tuple[str, PaletteConfig], tuple[tuple, Palette]] = {}
+        self.max_bytes = max_bytes
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._palettes: OrderedDict[tuple[str, PaletteConfig], tuple[tuple, Palette]] = OrderedDict()
+        self._spilled: dict[tuple[str, PaletteConfig], tuple[tuple, Path]] = {}
         self._pending: dict[tuple[str, PaletteConfig], tuple[tuple, Future]] = {}
         self._executor: ThreadPoolExecutor | None = None
-        self.fits = 0
+        self._lock = threading.RLock()
+        self._nbytes = 0
+        self.peak_nbytes = 0
+        self.fits = self.reloads = self.spills = 0
 
     @staticmethod
     def _identity(weight: torch.Tensor) -> tuple:
         return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
 
     def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+        """The palette of `weight` (layer `name`) under `config`: held, read back, taken from a background fit,
+        or fitted now."""
         key, identity = (name, config), self._identity(weight)
-        hit = self._palettes.get(key)
-        if hit is None or hit[0] != identity:
-            pending = self._pending.pop(key, None)
+        palette = self._lookup(key, identity)
+        if palette is None:
+            with self._lock:
+                pending = self._pending.pop(key, None)
             if pending is not None and pending[0] == identity and not pending[1].cancel():
                 palette = pending[1].result()  # fitted in the background (see `prefetch`), or being fitted
             else:  # not submitted, stale, or still queued (then cancelled: fitting it here is sooner)
                 palette = fit_palette(weight, config, solver=self.solver)
-            self._palettes[key] = (identity, palette)
+            self._store(key, identity, palette)
+        return palette
+
+    def _lookup(self, key, identity) -> Palette | None:
+        """A held or spilled palette for `key` fitted to the weight `identity`, else None."""
+        with self._lock:
+            held = self._palettes.get(key)
+            if held is not None and held[0] == identity:
+                self._palettes.move_to_end(key)
+                return held[1]
+            spilled = self._spilled.get(key)
+        if spilled is None or spilled[0] != identity:
+            return None
+        with np.load(spilled[1]) as data:
+            palette = Palette(data["lut"], data["indices"], key[1])
+        self.reloads += 1
+        self._put(key, identity, palette)
+        return palette
+
+    def _store(self, key, identity, palette: Palette) -> None:
+        """Hold a newly fitted palette (counted in `fits`), within the budget."""
+        with self._lock:
             self.fits += 1
-        return self._palettes[key][1]
+            self._spilled.pop(key, None)
+        self._put(key, identity, palette)
+
+    def _put(self, key, identity, palette: Palette) -> None:
+        with self._lock:
+            old = self._palettes.pop(key, None)
+            if old is not None:
+                self._nbytes -= _held_nbytes(old[1])
+            self._palettes[key] = (identity, palette)
+            self._nbytes += _held_nbytes(palette)
+            while self.max_bytes is not None and self._nbytes > self.max_bytes and len(self._palettes) > 1:
+                self._evict()
+            self.peak_nbytes = max(self.peak_nbytes, self._nbytes)
+
+    def _evict(self) -> None:
+        """Drop the least recently used palette from memory, writing it to `spill_dir` first if there is one."""
+        key, (identity, palette) = self._palettes.popitem(last=False)
+        self._nbytes -= _held_nbytes(palette)
+        if self.spill_dir is not None and self._spilled.get(key, (None,))[0] != identity:  # not on disk yet
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"{len(self._spilled) + self.spills:06d}_{key[1].key}.npz"
+            np.savez(path, lut=palette.lut, indices=palette.indices)
+            self._spilled[key] = (identity, path)
+            self.spills += 1
+
+    def _adopt(self, key, identity, future: Future) -> None:
+        """A background fit finished: move its palette under the budget (so queued results never pile up)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        with self._lock:
+            if self._pending.get(key, (None, None))[1] is not future:
+                return  # taken by `palette` meanwhile
+            del self._pending[key]
+        self._store(key, identity, future.result())
 
     def prefetch(self, jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]], workers: int = 1) -> None:
         """Start fitting palettes in background threads, in the order given, so they are ready when asked for.
@@ -289,7 +371,8 @@ class PaletteCache:
         them. `palette` waits for a fit that is running, and fits a still-queued one itself (cancelling the
         queued job), so submit the most expensive fits (the widest palettes) first and the caller works up
         from the cheap end. A weight that changed after it was submitted is refitted. Results are the same
-        as without prefetching. Call `close` (or use the cache as a context manager) to stop the threads.
+        as without prefetching, and finished fits count against `max_bytes` like any other. Call `close` (or
+        use the cache as a context manager) to stop the threads.
 
         Args:
             jobs (`Iterable[tuple[str, torch.Tensor, PaletteConfig]]`): (layer name, its weight, config).
@@ -299,18 +382,22 @@ class PaletteCache:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
         for name, weight, config in jobs:
             key = (name, config)
-            if key in self._palettes or key in self._pending:
-                continue
-            weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
-            future = self._executor.submit(fit_palette, weight, config, solver=self.solver)
-            self._pending[key] = (self._identity(weight), future)
+            with self._lock:
+                if key in self._palettes or key in self._pending or key in self._spilled:
+                    continue
+                weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
+                identity = self._identity(weight)
+                future = self._executor.submit(fit_palette, weight, config, solver=self.solver)
+                self._pending[key] = (identity, future)
+            future.add_done_callback(lambda f, key=key, identity=identity: self._adopt(key, identity, f))
 
     def close(self) -> None:
         """Cancel the fits not started yet, wait for the running ones and stop the background threads."""
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        self._pending.clear()
+        with self._lock:
+            self._pending.clear()
 
     def __enter__(self) -> PaletteCache:
         return self
@@ -322,8 +409,19 @@ class PaletteCache:
         dense = self.palette(name, weight, config).dense()
         return torch.from_numpy(dense).to(device=weight.device, dtype=weight.dtype)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the palettes held in memory now (indices and LUTs)."""
+        return self._nbytes
+
     def __len__(self) -> int:
-        return len(self._palettes)
+        """Palettes held in memory or spilled."""
+        with self._lock:
+            return len(self._palettes) + len(set(self._spilled) - set(self._palettes))
+
+
+def _held_nbytes(palette: Palette) -> int:
+    return palette.indices.nbytes + palette.lut.nbytes
 
 
 def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None) -> torch.Tensor | None:
