@@ -53,3 +53,15 @@ def test_saved_sd15_pipeline_loads_and_is_labelled_random(tmp_path):
     assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964
     latents = pipe(["a red circle"], num_inference_steps=1, output_type="latent").images
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_layer_patterns_pick_a_block_of_the_full_size_unet():
+    from workbench.layers import LayerNotFoundError, select_layers
+
+    layers = compressible_layers(build_unet("sd15", device="meta"), 100_000)
+    mid = select_layers(layers, ["mid_block.*"])
+    assert list(mid) == [n for n in layers if n.startswith("mid_block.")] and len(mid) == 18
+    cross = select_layers(layers, ["*.attn2.*"], exclude=["up_blocks.*"])
+    assert cross and all(".attn2." in n and not n.startswith("up_blocks.") for n in cross)
+    with pytest.raises(LayerNotFoundError, match="'mid_blok.*' matches none of the 280 layers"):
+        select_layers(layers, ["mid_blok.*"])

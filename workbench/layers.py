@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -58,3 +60,31 @@ def get_layer(module: nn.Module, name: str) -> nn.Module:
         hint = ", ".join(closest_names(name, candidates)) or "none"
         raise LayerNotFoundError(f"no layer {name!r} with a weight in {type(module).__name__}; closest: {hint}")
     return layer
+
+
+def select_layers(
+    layers: dict[str, nn.Module], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """The layers whose names match any `include` glob (all when empty) and no `exclude` glob, in module order.
+
+    Patterns are shell-style (`fnmatch.fnmatchcase`, as optimum-quanto's include/exclude): `*` spans dots, so
+    `"mid_block.*"` is every layer of the middle block and `"*.attn2.*"` every cross-attention projection.
+
+    Raises:
+        LayerNotFoundError: a pattern matches no layer (the message shows names that look like it), or nothing
+            is left after the exclusions.
+    """
+    names = list(layers)
+    for pattern in (*include, *exclude):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            hint = ", ".join(closest_names(pattern.replace("*", ""), names, 3)) or names[0]
+            raise LayerNotFoundError(f"layer pattern {pattern!r} matches none of the {len(names)} layers; e.g. {hint}")
+    chosen = {
+        name: layer
+        for name, layer in layers.items()
+        if (not include or any(fnmatch.fnmatchcase(name, p) for p in include))
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+    if not chosen:
+        raise LayerNotFoundError(f"no layer left after include={list(include)} and exclude={list(exclude)}")
+    return chosen
