@@ -277,15 +277,9 @@ def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: 
     seconds = {"dataset": time.perf_counter() - started}
     log(f"dataset: {len(data)} images in {seconds['dataset']:.1f}s")
 
+    stage1_ckpt, stage2_ckpt = (ckpt / "stage1_vae.pt", ckpt / "stage2_unet.pt") if ckpt is not None else (None, None)
     models = build_components(config)
-    stage1 = vae_stage(
-        models.vae,
-        images,
-        config,
-        checkpoint=ckpt / "stage1_vae.pt" if ckpt is not None else None,
-        log=log,
-        device=device,
-    )
+    stage1 = vae_stage(models.vae, images, config, checkpoint=stage1_ckpt, log=log, device=device)
     seconds.update(stage1.seconds)  # a resumed run reports the first run's stage-1 time
 
     t0 = time.perf_counter()
@@ -299,7 +293,7 @@ def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: 
         config,
         log,
         device,
-        ckpt / "stage2_unet.pt" if ckpt is not None else None,
+        stage2_ckpt,
     )
     seconds["unet"] = time.perf_counter() - t0
 
