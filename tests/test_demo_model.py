@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from workbench import model_card
 from workbench.pipelines import DEMO_MODEL, load_pipeline
-from workbench.shapes import ShapeAttributes, benchmark_attributes, generate_and_score
-from workbench.train import TrainConfig, add_arguments, train
+from workbench.shapes import AdherenceReport, ShapeAttributes, benchmark_attributes, generate_and_score, read_shape
+from workbench.train import TrainConfig, TrainResult, add_arguments, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,70 @@ def test_train_config_round_trips_and_names_bad_values():
         TrainConfig.from_dict({"steps": 3})
     with pytest.raises(ValueError, match="caption_dropout must be in"):
         TrainConfig(caption_dropout=1.5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"n_images": 0}, "n_images must be >= 1, got 0"),
+        ({"unet_conv_in_kernel": 0}, "unet_conv_in_kernel must be >= 1, got 0"),
+        ({"vae_steps": -1}, "vae_steps must be >= 0, got -1"),
+        ({"text_hidden": 66}, "text_hidden=66 must be a multiple of text_heads=4"),
+        ({"max_length": 11}, "max_length=11 is too short: captions take up to 11 tokens"),
+        ({"unet_conv_in_kernel": 4}, "unet_conv_in_kernel must be odd, got 4"),
+        ({"vae_channels": (16,)}, "vae_channels and unet_channels need at least two levels"),
+        ({"unet_channels": (8, 8, 8, 8, 8, 8)}, "16x16 latents cannot be halved 5 times"),
+        ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\), got 1.0"),
+        ({"prediction_type": "sample"}, "prediction_type 'sample' is not 'epsilon' or 'v_prediction'"),
+        ({"prediction_type": "epsilon"}, "zero_terminal_snr needs prediction_type='v_prediction'"),
+    ],
+)
+def test_train_config_rejects_each_bad_setting_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_train_result_reads_the_committed_training_json():
+    data = json.loads((DEMO_MODEL / "training.json").read_text(encoding="utf-8"))
+    result = TrainResult.from_dict(data)
+    assert result.to_dict() == data
+    assert result.config == TrainConfig()  # the committed model uses the defaults, as its card says
+    assert len(result.unet_losses) == result.config.unet_steps
+
+
+def test_card_sections_that_need_no_benchmark_match_the_committed_card(pipe):
+    committed = (DEMO_MODEL / "README.md").read_text(encoding="utf-8")
+    result = TrainResult.from_dict(json.loads((DEMO_MODEL / "training.json").read_text(encoding="utf-8")))
+    assert committed.startswith(model_card._intro_section(pipe) + "\n\n## Measured quality")
+    architecture = model_card._architecture_section(pipe, result, DEMO_MODEL)
+    assert "\n\n" + architecture + "\n\n## Dataset\n" in committed
+    assert "\n\n" + model_card._dataset_section(result.config) + "\n\n## Training\n" in committed
+
+
+def _report(pairs):
+    """An AdherenceReport of rendered images: (asked for, drawn) attribute pairs."""
+    from workbench.shapes import render_shape
+
+    images = np.stack([render_shape(drawn) for _, drawn in pairs])
+    readings = tuple(read_shape(image) for image in images)
+    return AdherenceReport(tuple(asked for asked, _ in pairs), readings, images)
+
+
+def test_card_quality_and_grid_sections_list_every_miss():
+    red_circle = ShapeAttributes("circle", "red", "top left")
+    blue_square = ShapeAttributes("square", "blue", "center", "large")
+    report = _report([(red_circle, red_circle), (blue_square, ShapeAttributes("circle", "blue", "center", "large"))])
+    measured = model_card.CardMeasurements(report, 12.4, report, report)
+    quality = model_card._quality_section(measured, threads=1)
+    assert "| shape | 0.500 | 0.500 | 0.500 |\n| position | 1.000 | 1.000 | 1.000 |" in quality
+    assert "Benchmark wall time: 12 s for 2 images x 50 steps with guidance (UNet batch 32),\n1 torch" in quality
+    targets = "color 1.000 meets >= 0.90, shape 0.500 **misses** >= 0.70, position 1.000 meets >= 0.80"
+    assert (
+        f"this model was trained for: {targets}. Shape errors by kind\n(1 of 2): square read as circle: 1." in quality
+    )
+    grid = model_card._sample_grid_section(report)
+    assert grid.endswith("|---|---|---|---|---|\n| 1 | a large blue square at the center | blue | circle | center |")
+    assert model_card.adherence_grid(report, columns=2).size[0] >= 2 * 112
 
 
 def test_cli_train_options_match_the_module():

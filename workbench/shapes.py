@@ -285,6 +285,71 @@ def _as_uint8_rgb(image) -> np.ndarray:
     raise ValueError(f"expected uint8 or float in [0, 1] pixels, got dtype {array.dtype}")
 
 
+def _label_foreground(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1: background = median colour of the border pixels; foreground = pixels farther than
+    `FOREGROUND_DISTANCE` from it. Returns the 8-connected blob labels (H, W) and the areas of blobs 1..n."""
+    from scipy import ndimage
+
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    distance = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1)
+    labels, n_blobs = ndimage.label(distance > FOREGROUND_DISTANCE, structure=np.ones((3, 3)))
+    return labels, np.bincount(labels.ravel(), minlength=n_blobs + 1)[1:]
+
+
+def _read_color(pixels: np.ndarray, blob: np.ndarray) -> tuple[str, np.ndarray]:
+    """Step 2: the palette colour nearest to the mean of the blob's interior (eroded by one pixel), and that mean."""
+    from scipy import ndimage
+
+    interior = ndimage.binary_erosion(blob)
+    mean_rgb = pixels[interior if interior.any() else blob].mean(axis=0)
+    names = list(COLORS)
+    palette = np.asarray([COLORS[c] for c in names], dtype=np.float32)
+    return names[int(np.argmin(np.linalg.norm(palette - mean_rgb, axis=1)))], mean_rgb
+
+
+def _read_position(blob: np.ndarray) -> tuple[str, tuple[float, float]]:
+    """Step 3: the 3x3 grid cell of the blob's centroid, and the centroid (x, y) in pixels."""
+    height, width = blob.shape
+    ys, xs = np.nonzero(blob)
+    cx, cy = float(xs.mean()), float(ys.mean())
+    col = min(int(3 * (cx + 0.5) / width), 2)
+    row = min(int(3 * (cy + 0.5) / height), 2)
+    return POSITIONS[3 * row + col], (cx, cy)
+
+
+@dataclass(frozen=True)
+class _BlobGeometry:
+    """Step 4's measurements of a blob (see `ShapeReading`), and the longer side of its bounding box in pixels."""
+
+    fill: float
+    taper: float
+    spread: float
+    side: int
+
+
+def _measure_blob(blob: np.ndarray) -> _BlobGeometry:
+    ys, xs = np.nonzero(blob)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box_h, box_w = bottom - top, right - left
+    row_widths = blob[top:bottom].sum(axis=1).astype(np.float64)
+    third = max(box_h // 3, 1)
+    taper = float(row_widths[:third].mean() / max(row_widths[-third:].mean(), 1.0))
+    diagonal = max(np.ptp(xs + ys), np.ptp(xs - ys)) / np.sqrt(2) + 1  # +1: extents count whole pixels
+    return _BlobGeometry(
+        fill=float(blob.sum() / (box_h * box_w)),
+        taper=taper,
+        spread=float(diagonal / max(box_h, box_w)),
+        side=int(max(box_h, box_w)),
+    )
+
+
+def _classify_shape(geometry: _BlobGeometry) -> str:
+    """Step 4: a triangle tapers; of the others, a square spreads along its diagonals and a circle does not."""
+    if geometry.taper < TRIANGLE_MAX_TAPER:
+        return "triangle"
+    return "square" if geometry.spread > SQUARE_MIN_SPREAD else "circle"
+
+
 def read_shape(image) -> ShapeReading:
     """Read shape, colour, position and size off an image with a transparent heuristic.
 
@@ -305,56 +370,25 @@ def read_shape(image) -> ShapeReading:
     Returns:
         `ShapeReading`.
     """
-    from scipy import ndimage
-
     pixels = _as_uint8_rgb(image).astype(np.float32)
-    height, width, _ = pixels.shape
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)
-    labels, n_blobs = ndimage.label(distance > FOREGROUND_DISTANCE, structure=np.ones((3, 3)))
-    areas = np.bincount(labels.ravel(), minlength=n_blobs + 1)[1:]
-    if n_blobs == 0 or areas.max() < MIN_AREA:
+    labels, areas = _label_foreground(pixels)
+    if areas.max(initial=0) < MIN_AREA:
         area = int(areas.max(initial=0))
         return ShapeReading(None, None, None, None, area, 0.0, 0.0, 0.0, (np.nan, np.nan), (0.0, 0.0, 0.0))
     blob = labels == (1 + int(np.argmax(areas)))
-
-    interior = ndimage.binary_erosion(blob)
-    mean_rgb = pixels[interior if interior.any() else blob].mean(axis=0)
-    names = list(COLORS)
-    palette = np.asarray([COLORS[c] for c in names], dtype=np.float32)
-    color = names[int(np.argmin(np.linalg.norm(palette - mean_rgb, axis=1)))]
-
-    ys, xs = np.nonzero(blob)
-    cx, cy = float(xs.mean()), float(ys.mean())
-    col = min(int(3 * (cx + 0.5) / width), 2)
-    row = min(int(3 * (cy + 0.5) / height), 2)
-
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box_h, box_w = bottom - top, right - left
-    fill = float(blob.sum() / (box_h * box_w))
-    row_widths = blob[top:bottom].sum(axis=1).astype(np.float64)
-    third = max(box_h // 3, 1)
-    taper = float(row_widths[:third].mean() / max(row_widths[-third:].mean(), 1.0))
-    diagonal = max(np.ptp(xs + ys), np.ptp(xs - ys)) / np.sqrt(2) + 1  # +1: extents count whole pixels
-    spread = float(diagonal / max(box_h, box_w))
-    if taper < TRIANGLE_MAX_TAPER:
-        shape = "triangle"
-    elif spread > SQUARE_MIN_SPREAD:
-        shape = "square"
-    else:
-        shape = "circle"
-    size = "large" if max(box_h, box_w) > LARGE_SIDE * max(height, width) else "small"
+    color, mean_rgb = _read_color(pixels, blob)
+    position, centroid = _read_position(blob)
+    geometry = _measure_blob(blob)
     return ShapeReading(
-        shape=shape,
+        shape=_classify_shape(geometry),
         color=color,
-        position=POSITIONS[3 * row + col],
-        size=size,
+        position=position,
+        size="large" if geometry.side > LARGE_SIDE * max(blob.shape) else "small",
         area=int(blob.sum()),
-        fill=fill,
-        taper=taper,
-        spread=spread,
-        centroid=(cx, cy),
+        fill=geometry.fill,
+        taper=geometry.taper,
+        spread=geometry.spread,
+        centroid=centroid,
         mean_rgb=tuple(float(v) for v in mean_rgb),
     )
 
@@ -444,8 +478,8 @@ def generate_and_score(
     """Generate one image per prompt with a text-to-image pipeline and score it with `score_adherence`.
 
     Images come from `workbench.generation.generate_images` (image `i` from seed `seed + i`, negative prompt "").
-    Everything else is the pipeline's default (scheduler,
-    `num_inference_steps`, `guidance_scale`, height and width) unless given in `pipe_kwargs`.
+    Everything else is the pipeline's default (scheduler, `num_inference_steps`, `guidance_scale`, height and
+    width) unless given in `pipe_kwargs`.
 
     Args:
         pipe: a diffusers text-to-image pipeline (e.g. `workbench.pipelines.load_pipeline(DEMO_MODEL)`).
