@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         by_value = frame.groupby(attribute)[f"{attribute}_ok"].mean().round(2).to_dict()
         print(f"  {attribute:8s} {frame[f'{attribute}_ok'].mean():.3f}  by requested value: {by_value}")
     if args.grid:
-        from workbench.train import adherence_grid
+        from workbench.model_card import adherence_grid
 
         adherence_grid(report).save(args.grid)
         print(f"grid: {args.grid}")

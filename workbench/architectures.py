@@ -170,7 +170,7 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from workbench.testing import clip_tokenizer
+    from workbench.tokenizer import clip_tokenizer
 
     unet = build_unet(arch, sample_size=sample_size, seed=seed)
     vae_scale = 0.13025 if arch == "sdxl-base" else 0.18215
