@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -57,6 +58,9 @@ from workbench.sweeps import (
     sensitivity_order,
     sweep_palettes,
 )
+
+if TYPE_CHECKING:
+    from workbench.trajectory import TrajectoryResult
 
 STRATEGIES = ("apple", "size-aware")
 THRESHOLD_RULES = ("curves", "reference")
@@ -260,7 +264,9 @@ def sweep_measurements(
     )
 
 
-def size_aware_targets(apple: Sequence[PlannedRecipe], numels: Mapping[str, int], config: AnalysisConfig) -> list:
+def size_aware_targets(
+    apple: Sequence[PlannedRecipe], numels: Mapping[str, int], config: AnalysisConfig
+) -> list[float]:
     """Every apple recipe's bits/param below 16, then `config.size_aware_targets`; with neither,
     `config.num_recipes` targets evenly from 3 to 6 bits/param."""
     targets = sorted({round(bits_per_param(r.bits, numels), 6) for r in apple})
@@ -312,7 +318,7 @@ def recipe_trajectories(
     recipes: Sequence[RecipeResult],
     runner: EvaluationRunner,
     cache: PaletteCache | None = None,
-) -> list:
+) -> list[TrajectoryResult]:
     """Full trajectories of the float model and every recipe (`workbench.trajectory.evaluate_trajectories`) on
     `config.trajectory_prompts` (None: `config.prompts`), recorded in the store."""
     from workbench.trajectory import evaluate_trajectories
@@ -382,9 +388,9 @@ def run_analysis(
     cache: PaletteCache | None = None,
     background_fits: bool | None = None,
 ) -> AnalysisResult:
-    """Run the pre-analysis on `pipe` (a diffusers text-to-image pipeline with a UNet, SD-1.x/2.x or SDXL): the
-    phases of this module in order. With `out_dir`, every finished evaluation is appended to
-    `out_dir/store/<key>.jsonl` first (resumable); the final files are written only at the end (`AnalysisResult.save`).
+    """Run the pre-analysis (the phases of this module, in order) on `pipe`, a diffusers SD-1.x/2.x or SDXL pipeline.
+    With `out_dir`, each evaluation is appended to `out_dir/store/<key>.jsonl` as soon as it is measured (resumable);
+    the result files are written only at the end (`AnalysisResult.save`).
 
     Args:
         pipe: the pipeline; its UNet is palettized in place during evaluations and restored exactly.
@@ -394,8 +400,7 @@ def run_analysis(
         progress (`bool`, defaults to True): a tqdm bar (notebook-aware) with done/left and ETA.
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
         cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
-        background_fits (`bool`, *optional*): fit the sweeps' palettes in a background thread while the UNet runs
-            (`prefetch_palettes`); same results. Default: when torch leaves a CPU core free.
+        background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs; default: if a CPU core is free.
 
     Returns:
         `AnalysisResult`.
@@ -425,9 +430,8 @@ def run_analysis(
         cache.close()  # stops background fits; the fitted palettes stay cached
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
     timing = _timing(start, probed.probe, runner, cache)
-    result = AnalysisResult(
-        config, probed.identity, dict(candidates.numels), runner.evaluations, recipes, preanalysis, timing, trajectory
-    )
+    result = AnalysisResult(config, probed.identity, dict(candidates.numels), runner.evaluations, recipes, preanalysis,
+                            timing, trajectory)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
         probed.store.mark_complete()
