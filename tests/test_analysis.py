@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from workbench.analysis_result import MatchedPair, Timing
 from workbench.cli import main
 from workbench.palettize import PaletteConfig
 from workbench.probe import OneStepProbe
-from workbench.store import EvaluationStore, StoreMismatchError, analysis_identity, identity_key
+from workbench.store import EvaluationStore, StoreMismatchError, identity_key, scheduler_settings
 from workbench.sweeps import Candidates, sweep_bits_per_param
 from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -57,10 +58,14 @@ def test_probe_replay_is_bitwise_equal_to_the_pipeline_call(factory):
         assert torch.equal(probe(), expected)
 
 
+# what `python -m workbench.cli analyze tiny-sd --nbits 2 --min-numel 30000 --num-recipes 3` with one prompt runs:
+# 20 candidate layers, one width, 32x32 latents, ~47 evaluations
+KILL_CONFIG = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=PROMPTS, num_recipes=3)
+
+
 def _analyze(out: Path, prompts_file: Path) -> list[str]:
-    """`python -m workbench.cli analyze tiny-sd` on 20 candidate layers, 2 widths, 1 prompt (~90 evaluations)."""
     return [
-        sys.executable, "-m", "workbench.cli", "analyze", "tiny-sd", "--out", str(out), "--nbits", "2", "4",
+        sys.executable, "-m", "workbench.cli", "analyze", "tiny-sd", "--out", str(out), "--nbits", "2",
         "--min-numel", "30000", "--prompts", str(prompts_file), "--num-recipes", "3", "--threads", "1", "--quiet",
     ]  # fmt: skip
 
@@ -72,41 +77,46 @@ def _evaluation_counts(stdout: str) -> tuple[int, int]:
 
 
 def _complete_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    return path.read_bytes().count(b"\n")
 
 
-def test_killed_cli_analysis_resumes_to_the_same_json(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = {"env": env, "capture_output": True, "text": True, "timeout": 300}
-    full = subprocess.run(_analyze(tmp_path / "full", prompts), **run)
-    assert full.returncode == 0, full.stderr[-2000:]
-    total, new = _evaluation_counts(full.stdout)
-    assert total == new > 80
-
-    # kill -9 in the middle of the first cumulative curve (store line 60 of ~90: header, 3 baselines, 40 isolated)
-    proc = subprocess.Popen(_analyze(tmp_path / "cut", prompts), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    store_dir, deadline = tmp_path / "cut" / "store", time.monotonic() + 240
+def _kill_when_stored(proc: subprocess.Popen, store_dir: Path, lines: int, timeout: float = 240) -> int:
+    """SIGKILL `proc` once its store file holds `lines` complete lines; returns the evaluations it had stored."""
+    deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             stores = list(store_dir.glob("*.jsonl")) if store_dir.is_dir() else []
-            if stores and _complete_lines(stores[0]) >= 60:
+            if stores and _complete_lines(stores[0]) >= lines:
                 break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the analysis ended before it could be killed"
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the analysis ended (status {proc.returncode}) before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "cut" / "preanalysis.json").exists()  # nothing presented as complete
     (store,) = store_dir.glob("*.jsonl")
-    stored = _complete_lines(store) - 1  # the header is not an evaluation
-    assert 59 <= stored < total
+    return _complete_lines(store) - 1  # the header is not an evaluation
 
-    resumed = subprocess.run(_analyze(tmp_path / "cut", prompts), **run)
+
+def test_killed_cli_analysis_resumes_to_the_same_json(pipe, tmp_path):
+    with torch_threads(1):  # the uninterrupted run, in this process
+        full = run_analysis(pipe, KILL_CONFIG, out_dir=tmp_path / "full", progress=False)
+    total = full.timing.evaluations
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    # kill -9 in the middle of the cumulative curve (store lines 25-44; before: header, 3 baselines, 20 isolated)
+    proc = subprocess.Popen(_analyze(tmp_path / "cut", prompts), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    stored = _kill_when_stored(proc, tmp_path / "cut" / "store", lines=35)
+    assert 34 <= stored < total - 3
+    assert not (tmp_path / "cut" / "preanalysis.json").exists()  # nothing presented as complete
+    # the CLI, in another process, keyed its store as this process did
+    assert [p.stem for p in (tmp_path / "cut" / "store").iterdir()] == [identity_key(full.identity)[:16]]
+
+    resumed = subprocess.run(_analyze(tmp_path / "cut", prompts), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _evaluation_counts(resumed.stdout) == (total, total - stored)  # only the missing ones were measured
     a, b = (tmp_path / "full" / "preanalysis.json").read_bytes(), (tmp_path / "cut" / "preanalysis.json").read_bytes()
@@ -157,22 +167,12 @@ def test_sweep_bits_per_param_counts_luts_only_for_grouped_palettes():
     assert sweep_bits_per_param({"a": grouped}, candidates) == (4 * 1000 + 512 + 16 * 3000) / 4000
 
 
-def test_identity_is_the_same_in_every_process(pipe):
-    """The store key must not depend on the process (e.g. set order), or a killed run could not resume."""
-    code = (
-        "from workbench.analysis import AnalysisConfig; from workbench.store import analysis_identity, identity_key; "
-        "from workbench.testing import tiny_sd_pipeline; "
-        "print(identity_key(analysis_identity(tiny_sd_pipeline(), AnalysisConfig())))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    keys = {
-        subprocess.run(
-            [sys.executable, "-c", code], env={**env, "PYTHONHASHSEED": str(seed)}, capture_output=True, text=True,
-            check=True, timeout=120,
-        ).stdout.strip()
-        for seed in (1, 2, 3)
-    }  # fmt: skip
-    assert keys == {identity_key(analysis_identity(pipe, AnalysisConfig()))}
+def test_scheduler_settings_do_not_depend_on_diffusers_bookkeeping(pipe):
+    """`_use_default_values` is built from a set: its order changes between processes, and the store key must not."""
+    config = dict(pipe.scheduler.config)
+    first, second = (SimpleNamespace(config={**config, "_use_default_values": v}) for v in (["a", "b"], ["b", "a"]))
+    assert scheduler_settings(first) == scheduler_settings(second)
+    assert scheduler_settings(first)["beta_end"] == config["beta_end"] and len(scheduler_settings(first)) > 5
 
 
 def test_changed_configuration_never_reuses_stale_results(tmp_path):
