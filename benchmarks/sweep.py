@@ -39,22 +39,19 @@ def main() -> None:
         result = run_analysis(pipe, config, out_dir=args.out, resume=False, progress=True)
     t = result.timing
     name = "demo model" if model is None or is_demo_model(model) else model
-    print(f"model: {name}; {len(result.layers)} candidate layers; UNet batch {t['unet_batch']}; torch threads "
+    print(f"model: {name}; {len(result.layers)} candidate layers; UNet batch {t.unet_batch}; torch threads "
           f"{args.threads}; pipeline load {load_s:.1f} s (not counted)")  # fmt: skip
     print(result.recipes_frame().round(3).to_string(index=False))
-    pairs = result.matched_comparison()
-    for p in pairs:
-        ref = f"ref {p['reference']} ({p['reference_bpp']:.3f} b/p): {p['reference_psnr']:.2f} dB"
-        ours = f"ours {p['ours']} ({p['ours_bpp']:.3f} b/p): {p['ours_psnr']:.2f} dB"
-        print(f"  {ref} | {ours} | gain {p['gain_db']:+.2f} dB")
-    in_range = [p for p in pairs if 3.0 <= p["reference_bpp"] <= 6.0]
-    gain = sum(p["gain_db"] for p in in_range) / len(in_range) if in_range else float("nan")
-    vs = "; ".join(
-        f"{p['reference_bpp']:.2f}b/p ref {p['reference_psnr']:.1f} ours {p['ours_psnr']:.1f}" for p in pairs
-    )
+    matched = result.matched_comparison()
+    for p in matched:
+        ref = f"ref {p.reference} ({p.reference_bpp:.3f} b/p): {p.reference_psnr:.2f} dB"
+        ours = f"ours {p.ours} ({p.ours_bpp:.3f} b/p): {p.ours_psnr:.2f} dB"
+        print(f"  {ref} | {ours} | gain {p.gain_db:+.2f} dB")
+    gain = matched.mean_gain_db(min_bpp=3.0, max_bpp=6.0)
+    vs = "; ".join(f"{p.reference_bpp:.2f}b/p ref {p.reference_psnr:.1f} ours {p.ours_psnr:.1f}" for p in matched)
     print(
-        f"unet_evals={t['unet_evaluations']} wall_s={t['wall_s']:.1f} forward_s={t['forward_s']:.1f} "
-        f"overhead={t['overhead']:.3f} kmeans_fits={t['kmeans_fits']} mean_gain_3to6_bpp_db={gain:+.2f} | {vs}"
+        f"unet_evals={t.unet_evaluations} wall_s={t.wall_s:.1f} forward_s={t.forward_s:.1f} "
+        f"overhead={t.overhead:.3f} kmeans_fits={t.kmeans_fits} mean_gain_3to6_bpp_db={gain:+.2f} | {vs}"
     )
 
 

@@ -1,20 +1,25 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from workbench.analysis import (
-    DEFAULT_PROMPTS,
-    AnalysisConfig,
-    EvaluationStore,
-    OneStepProbe,
-    StoreMismatchError,
-    run_analysis,
-    torch_threads,
-)
+from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
+from workbench.analysis_result import MatchedPair, Timing
 from workbench.cli import main
+from workbench.palettize import PaletteConfig
+from workbench.probe import OneStepProbe
+from workbench.store import EvaluationStore, StoreMismatchError, identity_key, scheduler_settings
+from workbench.sweeps import Candidates, sweep_bits_per_param
 from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red circle",)
 # 20 candidate layers, two widths, 16x16 latents: ~90 UNet calls at CFG batch 2
 CONFIG = AnalysisConfig(nbits=(2, 4), min_numel=30_000, prompts=PROMPTS, height=32, width=32, num_recipes=3)
@@ -53,53 +58,132 @@ def test_probe_replay_is_bitwise_equal_to_the_pipeline_call(factory):
         assert torch.equal(probe(), expected)
 
 
-class Stop(Exception):
-    pass
+# what `python -m workbench.cli analyze tiny-sd --nbits 2 --min-numel 30000 --num-recipes 3` with one prompt runs:
+# 20 candidate layers, one width, 32x32 latents, ~47 evaluations
+KILL_CONFIG = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=PROMPTS, num_recipes=3)
 
 
-def test_interrupted_analysis_resumes_to_the_same_json(pipe, tmp_path):
-    with torch_threads(1):
-        full = run_analysis(pipe, CONFIG, out_dir=tmp_path / "full", progress=False)
-        seen = []
+def _analyze(out: Path, prompts_file: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "workbench.cli", "analyze", "tiny-sd", "--out", str(out), "--nbits", "2",
+        "--min-numel", "30000", "--prompts", str(prompts_file), "--num-recipes", "3", "--threads", "1", "--quiet",
+    ]  # fmt: skip
 
-        def crash_after_30(evaluation):
-            seen.append(evaluation.id)
-            if len(seen) == 30:
-                raise Stop
 
-        with pytest.raises(Stop):
-            run_analysis(pipe, CONFIG, out_dir=tmp_path / "cut", progress=False, callback=crash_after_30)
-        assert not (tmp_path / "cut" / "preanalysis.json").exists()  # nothing presented as complete
-        store = next((tmp_path / "cut" / "store").glob("*.jsonl"))
-        with open(store, "a") as f:
-            f.write('{"id": "torn')  # a kill mid-write leaves half a line
-        resumed = run_analysis(pipe, CONFIG, out_dir=tmp_path / "cut", progress=False)
-    assert resumed.timing["new_evaluations"] == full.timing["new_evaluations"] - 30
-    a = json.loads((tmp_path / "full" / "preanalysis.json").read_text())
-    b = json.loads((tmp_path / "cut" / "preanalysis.json").read_text())
+def _evaluation_counts(stdout: str) -> tuple[int, int]:
+    """(evaluations, new) from the CLI's last line `... ; N evaluations (M new), wall ...`."""
+    words = stdout.strip().splitlines()[-1].split("; ", 1)[1].split()
+    return int(words[0]), int(words[2].lstrip("("))
+
+
+def _complete_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n")
+
+
+def _kill_when_stored(proc: subprocess.Popen, store_dir: Path, lines: int, timeout: float = 240) -> int:
+    """SIGKILL `proc` once its store file holds `lines` complete lines; returns the evaluations it had stored."""
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            stores = list(store_dir.glob("*.jsonl")) if store_dir.is_dir() else []
+            if stores and _complete_lines(stores[0]) >= lines:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the analysis ended (status {proc.returncode}) before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    (store,) = store_dir.glob("*.jsonl")
+    return _complete_lines(store) - 1  # the header is not an evaluation
+
+
+def test_killed_cli_analysis_resumes_to_the_same_json(pipe, tmp_path):
+    with torch_threads(1):  # the uninterrupted run, in this process
+        full = run_analysis(pipe, KILL_CONFIG, out_dir=tmp_path / "full", progress=False)
+    total = full.timing.evaluations
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    # kill -9 in the middle of the cumulative curve (store lines 25-44; before: header, 3 baselines, 20 isolated)
+    proc = subprocess.Popen(_analyze(tmp_path / "cut", prompts), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    stored = _kill_when_stored(proc, tmp_path / "cut" / "store", lines=35)
+    assert 34 <= stored < total - 3
+    assert not (tmp_path / "cut" / "preanalysis.json").exists()  # nothing presented as complete
+    # the CLI, in another process, keyed its store as this process did
+    assert [p.stem for p in (tmp_path / "cut" / "store").iterdir()] == [identity_key(full.identity)[:16]]
+
+    resumed = subprocess.run(_analyze(tmp_path / "cut", prompts), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _evaluation_counts(resumed.stdout) == (total, total - stored)  # only the missing ones were measured
+    a, b = (tmp_path / "full" / "preanalysis.json").read_bytes(), (tmp_path / "cut" / "preanalysis.json").read_bytes()
+    assert json.loads(a) == json.loads(b)
     assert a == b
-    assert (tmp_path / "full" / "preanalysis.json").read_text() == (tmp_path / "cut" / "preanalysis.json").read_text()
-    for name in ("evaluations.csv", "recipes.csv", "run.json", "psnr_vs_size.png"):
-        assert (tmp_path / "full" / name).stat().st_size > 0
 
-    # what the analysis measured makes sense
-    base = full.preanalysis.baselines
+
+def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path):
+    with torch_threads(1):
+        result = run_analysis(pipe, CONFIG, out_dir=tmp_path, progress=False)
+    base = result.preanalysis.baselines
     assert base["original"] > 190  # identical outputs on CPU: the epsilon cap
     assert 20 < base["linear_8bit"] < base["original"]
-    assert set(full.preanalysis.single_layer) == {"2", "4"} and len(full.preanalysis.single_layer["2"]) == 20
-    assert full.preanalysis.cumulative["4"]["metadata"]["sorted_layers"][0] in full.layers
-    assert {r.strategy for r in full.recipes} == {"apple", "size-aware"}
-    assert len({r.name for r in full.recipes}) == len(full.recipes) == len(full.preanalysis.recipes)
-    frame = full.to_frame()
-    assert len(frame) == len(full.evaluations) and frame["psnr_mean"].notna().all()
-    assert full.timing["unet_evaluations"] == full.timing["new_evaluations"]
+    assert set(result.preanalysis.single_layer) == {"2", "4"} and len(result.preanalysis.single_layer["2"]) == 20
+    assert result.preanalysis.cumulative["4"]["metadata"]["sorted_layers"][0] in result.layers
+    assert {r.strategy for r in result.recipes} == {"apple", "size-aware"}
+    assert len({r.name for r in result.recipes}) == len(result.recipes) == len(result.preanalysis.recipes)
+    frame = result.to_frame()
+    assert len(frame) == len(result.evaluations) and frame["psnr_mean"].notna().all()
+    for name in ("evaluations.csv", "recipes.csv", "psnr_vs_size.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    t = result.timing
+    assert isinstance(t, Timing)
+    assert t.unet_evaluations == t.new_evaluations == t.evaluations == len(result.evaluations)
+    assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert list(run["timing"]) == [
+        "wall_s", "forward_s", "unet_evaluations", "new_evaluations", "evaluations", "kmeans_fits", "overhead",
+        "unet_batch",
+    ]  # fmt: skip
+    assert run["timing"] == t.to_dict()
+
+    matched = result.matched_comparison()
+    assert len(matched) >= 1 and all(isinstance(p, MatchedPair) for p in matched)
+    for p in matched:
+        assert p.ours_bpp <= p.reference_bpp + 1e-9 and p.gain_db == p.ours_psnr - p.reference_psnr
+    assert run["matched_comparison"] == matched.to_records()
+    assert list(matched.to_frame().columns) == list(MatchedPair.__dataclass_fields__)
+    assert matched.mean_gain_db() == pytest.approx(sum(p.gain_db for p in matched) / len(matched))
 
 
-def test_changed_configuration_never_reuses_stale_results(pipe, tmp_path):
+def test_sweep_bits_per_param_counts_luts_only_for_grouped_palettes():
+    candidates = Candidates(layers={}, numels={"a": 1000, "b": 3000}, out_channels={"a": 10, "b": 30})
+    assert sweep_bits_per_param({"a": PaletteConfig(nbits=4)}, candidates) == (4 * 1000 + 16 * 3000) / 4000
+    grouped = PaletteConfig(nbits=4, granularity="per_grouped_channel", group_size=5)
+    # 2 LUTs of 16 float16 values: 512 bits on top of 4 bits a weight
+    assert sweep_bits_per_param({"a": grouped}, candidates) == (4 * 1000 + 512 + 16 * 3000) / 4000
+
+
+def test_scheduler_settings_do_not_depend_on_diffusers_bookkeeping(pipe):
+    """`_use_default_values` is built from a set: its order changes between processes, and the store key must not."""
+    config = dict(pipe.scheduler.config)
+    first, second = (SimpleNamespace(config={**config, "_use_default_values": v}) for v in (["a", "b"], ["b", "a"]))
+    assert scheduler_settings(first) == scheduler_settings(second)
+    assert scheduler_settings(first)["beta_end"] == config["beta_end"] and len(scheduler_settings(first)) > 5
+
+
+def test_changed_configuration_never_reuses_stale_results(tmp_path):
     identity = {"config": CONFIG.to_dict(), "weights": "x"}
     store = EvaluationStore(tmp_path / "s.jsonl", identity)
     store.append({"id": "baseline/original", "kind": "baseline", "psnr": [1.0]})
-    assert "baseline/original" in EvaluationStore(tmp_path / "s.jsonl", identity)
+    with open(tmp_path / "s.jsonl", "a") as f:
+        f.write('{"id": "torn')  # a kill mid-write leaves half a line
+    reopened = EvaluationStore(tmp_path / "s.jsonl", identity)
+    assert list(reopened.records) == ["baseline/original"]
+    assert (tmp_path / "s.jsonl").read_text().endswith('"psnr": [1.0]}\n')  # the torn line is cut off
     with pytest.raises(StoreMismatchError, match="another configuration"):
         EvaluationStore(tmp_path / "s.jsonl", {**identity, "weights": "y"})
 

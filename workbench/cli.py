@@ -118,13 +118,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     pipe = load_analysis_pipeline(args.model, device=args.device)
     result = run_analysis(pipe, config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     print(result.recipes_frame().to_string(index=False))
-    for row in result.matched_comparison():
-        print(json.dumps(row))
+    for pair in result.matched_comparison():
+        print(json.dumps(pair.to_dict()))
     t = result.timing
     print(
         f"wrote {args.out}/preanalysis.json, evaluations.csv, recipes.csv, run.json, psnr_vs_size.png; "
-        f"{t['evaluations']} evaluations ({t['new_evaluations']} new), wall {t['wall_s']:.1f} s, "
-        f"UNet forward {t['forward_s']:.1f} s, overhead {t['overhead']:.3f}"
+        f"{t.evaluations} evaluations ({t.new_evaluations} new), wall {t.wall_s:.1f} s, "
+        f"UNet forward {t.forward_s:.1f} s, overhead {t.overhead:.3f}"
     )
 
 

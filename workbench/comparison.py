@@ -194,13 +194,13 @@ def latent_psnr_one_step(
 ) -> dict[str, float]:
     """The reference's metric for each recipe: latent PSNR after one denoising step, averaged over prompts.
 
-    Uses `workbench.analysis.OneStepProbe` (the pipeline's single step at t=1 with the fixed generator state,
+    Uses `workbench.probe.OneStepProbe` (the pipeline's single step at t=1 with the fixed generator state,
     guidance and empty negative prompt; PSNR peak from the test latent, rounded to 0.1 dB per prompt).
 
     Returns:
         recipe name -> mean PSNR in dB.
     """
-    from workbench.analysis import OneStepProbe
+    from workbench.probe import OneStepProbe
     from workbench.palettize import palettized
 
     probe = OneStepProbe(pipe, prompts, seed)

@@ -104,7 +104,7 @@ def evaluate_trajectories(
         num_inference_steps (`int`, *optional*): None = the pipeline's default.
         height, width (`int`, *optional*): None = the pipeline's default.
         cache (`PaletteCache`, *optional*): reuse fitted palettes.
-        runner: internal (`workbench.analysis`): records each comparison in the analysis store.
+        runner (`workbench.store.EvaluationRunner`, *optional*): records each comparison in the analysis store.
 
     Returns:
         `list[TrajectoryResult]`, the float model first.

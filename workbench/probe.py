@@ -1,0 +1,144 @@
+"""The one-step probe: a pipeline's single denoising step, recorded once and replayed with the UNet called directly.
+
+The reference (apple/ml-stable-diffusion `mixed_bit_compression_pre_analysis.py`) runs the whole pipeline
+for every measurement. `OneStepProbe` runs it once and records its single denoising step (the UNet's exact
+inputs, the initial latents, the scheduler's state and the generator's state at the step); every later
+evaluation replays exactly that math with the UNet called directly:
+`noise = unet(*inputs)`, `noise = uncond + g * (text - uncond)`, `latents = scheduler.step(noise, t, latents)`.
+A test proves the replay is bitwise equal to `pipe(prompts, negative_prompt=[""]*n, num_inference_steps=1,
+output_type="latent", generator=...)`.
+
+Example:
+    >>> probe = OneStepProbe(pipe, ["a red circle"], seed=0)
+    >>> with palettized(pipe.unet, {"down_blocks.1.attentions.0.proj_in": 2}):
+    ...     probe.psnr()  # the reference PSNR per prompt against the float model's latents
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Sequence
+
+import torch
+
+from workbench.metrics import psnr_per_item
+
+
+class OneStepProbe:
+    """Record `pipe(prompts, negative_prompt=[""]*n, num_inference_steps=1, output_type="latent",
+    generator=Generator().manual_seed(seed))` once, then replay its denoising step for any UNet weights.
+
+    The recording run captures the UNet's call (positional and keyword inputs: the CFG batch after
+    `scale_model_input`, the timestep, the prompt embeddings and, for SDXL, `added_cond_kwargs`), the latents
+    and keyword arguments handed to `scheduler.step`, a copy of the scheduler's state and the generator's state
+    just before that step. A replay calls the UNet on the same inputs, applies the pipeline's guidance
+    (`uncond + guidance_scale * (text - uncond)`, and `rescale_noise_cfg` if `guidance_rescale > 0`), and
+    steps a fresh copy of the recorded scheduler: the same operations on the same tensors as the pipeline.
+
+    Attributes:
+        reference (`torch.Tensor`): the recording run's output latents, (n_prompts, C, h, w).
+        forward_seconds (`float`): wall time spent inside UNet calls made by `__call__` (perf_counter).
+        forward_calls (`int`): number of such calls.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self, pipe, prompts: Sequence[str], seed: int = 0, height: int | None = None, width: int | None = None
+    ):
+        self.pipe = pipe
+        self.prompts = list(prompts)
+        self.seed = seed
+        self.device = pipe.unet.device
+        captured: dict = {}
+
+        def unet_hook(module, args, kwargs):
+            captured.setdefault("unet", (args, dict(kwargs)))
+
+        scheduler = pipe.scheduler
+        original_step = scheduler.step
+
+        @functools.wraps(original_step)  # keeps the signature the pipeline inspects for eta/generator
+        def step(model_output, timestep, sample, *args, **kwargs):
+            if "step" not in captured:
+                generator = kwargs.get("generator")
+                state = copy.deepcopy(scheduler)
+                state.__dict__.pop("step", None)  # the copy must not carry this wrapper (bound to the original)
+                captured["step"] = {
+                    "scheduler": state,
+                    "timestep": timestep,
+                    "sample": sample.clone(),
+                    "args": args,
+                    "kwargs": {k: v for k, v in kwargs.items() if k != "generator"},
+                    "generator_state": None if generator is None else generator.get_state(),
+                }
+            return original_step(model_output, timestep, sample, *args, **kwargs)
+
+        handle = pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True)
+        scheduler.step = step
+        try:
+            self.reference = self.run_pipeline(height=height, width=width)
+        finally:
+            handle.remove()
+            del scheduler.step  # drop the instance attribute: the class method is back
+        if "unet" not in captured or "step" not in captured:
+            raise RuntimeError(f"{type(pipe).__name__} did not call its UNet and scheduler.step once; cannot probe it")
+        self._unet_args, self._unet_kwargs = captured["unet"]
+        self._step = captured["step"]
+        self.guidance_scale = float(getattr(pipe, "guidance_scale", 1.0))
+        self.guidance_rescale = float(getattr(pipe, "guidance_rescale", 0.0) or 0.0)
+        self.do_cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+        self.height, self.width = height, width
+        self.forward_seconds = 0.0
+        self.forward_calls = 0
+
+    def run_pipeline(self, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The reference's run: the full pipeline call, one step, latent output, fixed generator state."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        kwargs = {} if height is None else {"height": height}
+        if width is not None:
+            kwargs["width"] = width
+        out = self.pipe(
+            self.prompts,
+            negative_prompt=[""] * len(self.prompts),
+            num_inference_steps=1,
+            output_type="latent",
+            generator=generator,
+            **kwargs,
+        )
+        return out.images
+
+    @property
+    def unet_batch(self) -> int:
+        return int(self._unet_args[0].shape[0]) if self._unet_args else int(self._unet_kwargs["sample"].shape[0])
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        """The step's output latents with the UNet's current weights; only the UNet call is timed."""
+        unet = self.pipe.unet
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        start = time.perf_counter()
+        noise = unet(*self._unet_args, **self._unet_kwargs)[0]
+        synchronize()
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_calls += 1
+        if self.do_cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + self.guidance_scale * (text - uncond)
+            if self.guidance_rescale > 0.0:
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+                noise = rescale_noise_cfg(noise, text, guidance_rescale=self.guidance_rescale)
+        step = self._step
+        scheduler = copy.deepcopy(step["scheduler"])
+        kwargs = {**step["kwargs"], "return_dict": False}
+        if step["generator_state"] is not None:
+            kwargs["generator"] = torch.Generator(device=self.device)
+            kwargs["generator"].set_state(step["generator_state"])
+        return scheduler.step(noise, step["timestep"], step["sample"], *step["args"], **kwargs)[0]
+
+    def psnr(self, latents: torch.Tensor | None = None) -> list[float]:
+        """Reference PSNR (rounded to 0.1 dB) of each prompt's latent against the float model's."""
+        test = self() if latents is None else latents
+        return psnr_per_item(self.reference, test)

@@ -1,0 +1,260 @@
+"""The sweeps of the pre-analysis: the UNet measured with its layers palettized alone, then one after another.
+
+- `candidate_layers`: the layers measured (Linear/Conv2d over `min_numel` weights);
+- `measure_baselines`: the original model, per-tensor int8 on every weight, per-channel int8;
+- `isolated_sweep`: each candidate palettized alone at each width, restored after each;
+- `sensitivity_order`: per width, the candidates least sensitive first;
+- `cumulative_curve(s)`: the candidates palettized one after another in that order, never restored in between,
+  per palette of `sweep_palettes` (per-tensor k-means at each width, and grouped k-means with a group size).
+
+Each measurement goes through an `EvaluationRunner` (`workbench.store`): read back from the store or measured with
+the one-step probe. `workbench.analysis.run_analysis` runs these, then builds and re-measures recipes.
+
+Example:
+    >>> candidates = candidate_layers(pipe.unet, min_numel=2048)
+    >>> isolated = isolated_sweep(pipe.unet, candidates, (2, 4), runner)
+    >>> curves = cumulative_curves(pipe.unet, candidates, sensitivity_order(isolated), sweep_palettes((2, 4)), runner)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from workbench.layers import compressible_layers
+from workbench.palettize import PaletteCache, PaletteConfig, palettized
+from workbench.size import bits_per_param, recipe_nbytes
+from workbench.store import Evaluation, EvaluationRunner
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The layers an analysis measures, in module order.
+
+    Attributes:
+        layers: name -> module, `compressible_layers(unet, min_numel)`.
+        numels: name -> `weight.numel()`, what bits/param is measured over.
+        out_channels: name -> `weight.shape[0]` (grouped palettes hold one LUT per group of output channels).
+    """
+
+    layers: Mapping[str, torch.nn.Module]
+    numels: Mapping[str, int]
+    out_channels: Mapping[str, int]
+
+
+def candidate_layers(unet: torch.nn.Module, min_numel: int, group_size: int = 0) -> Candidates:
+    """The UNet's Linear/Conv2d layers with more than `min_numel` weights.
+
+    Args:
+        unet: the model.
+        min_numel (`int`): candidates have `weight.numel() > min_numel`.
+        group_size (`int`, defaults to 0): > 0: grouped palettes of this many output channels will be swept, so it
+            must divide every candidate's output channels.
+
+    Raises:
+        ValueError: no such layer (the message gives the largest layer's size), or `group_size` does not divide a
+            layer's output channels.
+    """
+    layers = compressible_layers(unet, min_numel)
+    if not layers:
+        raise ValueError(
+            f"no Linear/Conv2d layer of the UNet has more than min_numel={min_numel} weights; lower it "
+            f"(the largest layer has {max(m.weight.numel() for m in compressible_layers(unet, 0).values())})"
+        )
+    if group_size:
+        bad = [n for n, m in layers.items() if m.weight.shape[0] % group_size]
+        if bad:
+            raise ValueError(f"group_size={group_size} does not divide the output channels of {bad[:3]}")
+    return Candidates(
+        layers=layers,
+        numels={name: layer.weight.numel() for name, layer in layers.items()},
+        out_channels={name: layer.weight.shape[0] for name, layer in layers.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """The reference's baselines: the original model, per-tensor int8 on every weight, per-channel int8."""
+
+    original: Evaluation
+    linear_8bit: Evaluation
+    linear_8bit_per_channel: Evaluation
+
+    def psnr_means(self) -> dict[str, float]:
+        """Baseline name -> mean PSNR over prompts (the first entries of the reference's `baselines`)."""
+        return {
+            "original": self.original.psnr_mean,
+            "linear_8bit": self.linear_8bit.psnr_mean,
+            "linear_8bit_per_channel": self.linear_8bit_per_channel.psnr_mean,
+        }
+
+
+def _linear8_recipe(unet: torch.nn.Module) -> dict[str, str]:
+    """Per-tensor int8 on every module that has a weight tensor (norms included), as the reference."""
+    return {
+        name: "linear8"
+        for name, module in unet.named_modules()
+        if name and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.numel() > 0
+    }
+
+
+def _linear8_per_channel_recipe(unet: torch.nn.Module) -> dict[str, str]:
+    """Per-channel int8 on every Linear and Conv2d layer (the stronger baseline)."""
+    return {
+        name: "linear8_per_channel"
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+
+
+def measure_baselines(unet: torch.nn.Module, runner: EvaluationRunner) -> Baselines:
+    """Measure the original model, then per-tensor int8 on every weight, then per-channel int8 (16 / 8 / 8 bits)."""
+    original = runner.measure("baseline/original", "baseline", config="original", bits_per_param=16.0)
+    with palettized(unet, _linear8_recipe(unet)):
+        lin8 = runner.measure("baseline/linear_8bit", "baseline", config="linear_8bit", bits_per_param=8.0)
+    with palettized(unet, _linear8_per_channel_recipe(unet)):
+        lin8c = runner.measure(
+            "baseline/linear_8bit_per_channel", "baseline", config="linear_8bit_per_channel", bits_per_param=8.0
+        )
+    return Baselines(original, lin8, lin8c)
+
+
+def sweep_palettes(nbits: Sequence[int], group_size: int = 0) -> list[PaletteConfig]:
+    """The palettes of the cumulative curves: per-tensor k-means at each width, then, with `group_size` > 0, grouped
+    k-means (`group_size` output channels per LUT) at each width."""
+    palettes = [PaletteConfig(nbits=b) for b in nbits]
+    if group_size:
+        palettes += [PaletteConfig(nbits=b, granularity="per_grouped_channel", group_size=group_size) for b in nbits]
+    return palettes
+
+
+def prefetch_palettes(cache: PaletteCache, candidates: Candidates, palettes: Sequence[PaletteConfig]) -> None:
+    """Fit every candidate's `palettes` in the background (`PaletteCache.prefetch`), per-tensor before grouped and
+    widest (slowest k-means) first, while the sweeps start at the narrowest; the same palettes as fitted on demand."""
+    ordered = sorted(palettes, key=lambda p: (p.granularity != "per_tensor", -p.nbits))
+    cache.prefetch([(name, layer.weight, p) for p in ordered for name, layer in candidates.layers.items()])
+
+
+@dataclass(frozen=True)
+class IsolatedSweep:
+    """nbits -> layer -> PSNR per prompt with only that layer palettized (per-tensor k-means), in module order."""
+
+    psnr: Mapping[int, Mapping[str, tuple[float, ...]]]
+
+
+def sweep_bits_per_param(recipe: Mapping[str, PaletteConfig], candidates: Candidates) -> float:
+    """The candidates' bits/param with `recipe`'s layers palettized and the rest float16.
+
+    Per-tensor palettes: the reference's measure, `workbench.size.bits_per_param` (LUTs not counted). Grouped
+    palettes, whose LUTs grow with the number of groups: the stored bits, `8 * recipe_nbytes / numel` (LUTs counted).
+    """
+    if any(config.granularity == "per_grouped_channel" for config in recipe.values()):
+        total = sum(candidates.numels.values())
+        return 8 * recipe_nbytes(recipe, candidates.numels, candidates.out_channels) / total
+    return bits_per_param(recipe, candidates.numels)
+
+
+def isolated_sweep(
+    unet: torch.nn.Module,
+    candidates: Candidates,
+    nbits: Sequence[int],
+    runner: EvaluationRunner,
+    cache: PaletteCache | None = None,
+) -> IsolatedSweep:
+    """Palettize each candidate alone at each width (per-tensor k-means) and measure; restored after each."""
+    psnr: dict[int, dict[str, tuple[float, ...]]] = {}
+    for b in nbits:
+        config = PaletteConfig(nbits=b)
+        psnr[b] = {}
+        for name in candidates.layers:
+            with palettized(unet, {name: config}, cache):
+                e = runner.measure(
+                    f"isolated/{config.key}/{name}", "isolated", config=config.key, nbits=b, layer=name,
+                    bits_per_param=sweep_bits_per_param({name: config}, candidates),
+                )  # fmt: skip
+            psnr[b][name] = e.psnr
+    return IsolatedSweep(psnr)
+
+
+@dataclass(frozen=True)
+class SensitivityOrder:
+    """nbits -> the candidates, least sensitive first (highest mean isolated PSNR; module order breaks ties)."""
+
+    layers: Mapping[int, tuple[str, ...]]
+
+
+def sensitivity_order(isolated: IsolatedSweep) -> SensitivityOrder:
+    """The order in which the cumulative curves add layers at each width."""
+
+    def order(psnr: Mapping[str, tuple[float, ...]]) -> tuple[str, ...]:
+        return tuple(sorted(psnr, key=lambda name: -float(np.mean(psnr[name]))))  # sorted() is stable
+
+    return SensitivityOrder({b: order(psnr) for b, psnr in isolated.psnr.items()})
+
+
+@dataclass(frozen=True)
+class CumulativeCurve:
+    """One cumulative sweep: the layers of `order` palettized one after another with `config`, never restored in
+    between.
+
+    Attributes:
+        config: the palette every layer gets.
+        order: the layers in the order they were added.
+        psnr: layer -> PSNR per prompt with it and every layer before it palettized, in `order`.
+    """
+
+    config: PaletteConfig
+    order: tuple[str, ...]
+    psnr: Mapping[str, tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class CumulativeCurves:
+    """nbits -> the per-tensor curve, and nbits -> the grouped curve (empty without `group_size`)."""
+
+    per_tensor: Mapping[int, CumulativeCurve]
+    grouped: Mapping[int, CumulativeCurve]
+
+
+def cumulative_curve(
+    unet: torch.nn.Module,
+    candidates: Candidates,
+    config: PaletteConfig,
+    order: Sequence[str],
+    runner: EvaluationRunner,
+    cache: PaletteCache | None = None,
+) -> CumulativeCurve:
+    """Palettize the layers of `order` one after another with `config`, measuring after each addition."""
+    psnr: dict[str, tuple[float, ...]] = {}
+    recipe: dict[str, PaletteConfig] = {}
+    with contextlib.ExitStack() as stack:
+        for position, name in enumerate(order):
+            stack.enter_context(palettized(unet, {name: config}, cache))  # no restore until the curve ends
+            recipe[name] = config
+            e = runner.measure(
+                f"cumulative/{config.key}/{position}/{name}", "cumulative", config=config.key, nbits=config.nbits,
+                layer=name, position=position, bits_per_param=sweep_bits_per_param(recipe, candidates),
+            )  # fmt: skip
+            psnr[name] = e.psnr
+    return CumulativeCurve(config, tuple(order), psnr)
+
+
+def cumulative_curves(
+    unet: torch.nn.Module,
+    candidates: Candidates,
+    order: SensitivityOrder,
+    palettes: Sequence[PaletteConfig],
+    runner: EvaluationRunner,
+    cache: PaletteCache | None = None,
+) -> CumulativeCurves:
+    """One cumulative curve per palette of `palettes` (`sweep_palettes`), in that order, each adding the layers in
+    the per-tensor sensitivity order of its width."""
+    curves = [cumulative_curve(unet, candidates, p, order.layers[p.nbits], runner, cache) for p in palettes]
+    return CumulativeCurves(
+        per_tensor={c.config.nbits: c for c in curves if c.config.granularity == "per_tensor"},
+        grouped={c.config.nbits: c for c in curves if c.config.granularity == "per_grouped_channel"},
+    )
