@@ -200,8 +200,8 @@ def latent_psnr_one_step(
     Returns:
         recipe name -> mean PSNR in dB.
     """
-    from workbench.probe import OneStepProbe
     from workbench.palettize import palettized
+    from workbench.probe import OneStepProbe
 
     probe = OneStepProbe(pipe, prompts, seed)
     out = {}
