@@ -252,3 +252,29 @@ def test_background_fits_give_the_same_analysis_on_the_demo_model():
     runs = [run_analysis(pipe, config, progress=False, background_fits=bg) for bg in (False, True)]
     assert runs[0].preanalysis.to_dict() == runs[1].preanalysis.to_dict()
     assert [e.psnr for e in runs[0].evaluations] == [e.psnr for e in runs[1].evaluations]
+
+
+def test_a_tight_palette_budget_gives_the_same_analysis_and_holds_the_budget(pipe, tmp_path):
+    from workbench.palettize import PaletteCache
+
+    unbounded = run_analysis(pipe, CONFIG, progress=False, palette_memory=None)
+    budget = 200_000  # a few layers' palettes: most of the sweep's palettes wait on disk
+    cache = PaletteCache(max_bytes=budget, spill_dir=tmp_path / "spill")
+    bounded = run_analysis(pipe, CONFIG, progress=False, cache=cache)
+    assert bounded.preanalysis.to_dict() == unbounded.preanalysis.to_dict()
+    assert cache.spills > 0 and cache.reloads > 0 and cache.peak_nbytes <= budget
+    assert cache.fits == unbounded.timing.kmeans_fits  # read back from disk, never refitted
+
+
+def test_layer_patterns_limit_the_candidates(pipe):
+    config = AnalysisConfig(**{**CONFIG.to_dict(), "layers": ["mid_block.*"], "exclude": ["*.conv2"]})
+    result = run_analysis(pipe, config, progress=False)
+    measured = set(result.preanalysis.single_layer["2"])
+    assert measured == {
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "mid_block.resnets.0.conv1",
+        "mid_block.resnets.1.conv1",
+    }
+    assert set(result.layers) == measured
+    with pytest.raises(KeyError, match="'nope.*' matches none"):
+        run_analysis(pipe, AnalysisConfig(**{**CONFIG.to_dict(), "layers": ["nope.*"]}), progress=False)

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from workbench.trajectory import TrajectoryResult
 
 STRATEGIES = ("apple", "size-aware")
+DEFAULT_PALETTE_MEMORY = 1 << 30  # bytes of palettes an analysis holds in memory; the rest are spilled to disk
 THRESHOLD_RULES = ("curves", "reference")
 
 # COCO-caption-style prompts, as the reference uses (8 prompts, CFG batch 16).
@@ -117,6 +119,9 @@ class AnalysisConfig:
             decoded images with the float model's (see `workbench.trajectory`).
         trajectory_steps (`int`, *optional*): steps of the full trajectories; None = the pipeline's default.
         trajectory_prompts (`tuple[str, ...]`, *optional*): None = `prompts`.
+        layers (`tuple[str, ...]`, defaults to ()): glob patterns (`fnmatch`, `*` spans dots) of the candidates to
+            measure, e.g. `("mid_block.*",)`; empty = every candidate. Layers left out stay float16 in recipes.
+        exclude (`tuple[str, ...]`, defaults to ()): glob patterns of candidates to leave out.
     """
 
     nbits: tuple[int, ...] = (1, 2, 4, 6, 8)
@@ -133,6 +138,8 @@ class AnalysisConfig:
     trajectory: bool = False
     trajectory_steps: int | None = None
     trajectory_prompts: tuple[str, ...] | None = None
+    layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
         nbits = tuple(sorted({int(b) for b in self.nbits}))
@@ -162,6 +169,8 @@ class AnalysisConfig:
             raise ValueError(f"size_aware_targets must lie in [1, 16] bits/param, got {self.size_aware_targets}")
         if self.trajectory_prompts is not None:
             object.__setattr__(self, "trajectory_prompts", tuple(str(p) for p in self.trajectory_prompts))
+        object.__setattr__(self, "layers", tuple(str(p) for p in self.layers))
+        object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -387,6 +396,7 @@ def run_analysis(
     callback: Callable[[Evaluation], None] | None = None,
     cache: PaletteCache | None = None,
     background_fits: bool | None = None,
+    palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
 ) -> AnalysisResult:
     """Run the pre-analysis (the phases of this module, in order) on `pipe`, a diffusers SD-1.x/2.x or SDXL pipeline.
     With `out_dir`, each evaluation is appended to `out_dir/store/<key>.jsonl` as soon as it is measured (resumable);
@@ -401,6 +411,9 @@ def run_analysis(
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
         cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
         background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs; default: if a CPU core is free.
+        palette_memory (`int`, *optional*, defaults to 1 GiB): bytes of fitted palettes held in memory when no
+            `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
+            None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
 
     Returns:
         `AnalysisResult`.
@@ -410,8 +423,13 @@ def run_analysis(
     """
     start = time.perf_counter()
     unet = pipe.unet
-    candidates = candidate_layers(unet, config.min_numel, config.group_size)
-    cache = cache if cache is not None else PaletteCache()
+    candidates = candidate_layers(unet, config.min_numel, config.group_size, config.layers, config.exclude)
+    spill = contextlib.ExitStack()
+    if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        spill_dir = spill.enter_context(tempfile.TemporaryDirectory(prefix="palettes-", dir=out_dir))
+        cache = PaletteCache(max_bytes=palette_memory, spill_dir=spill_dir)
     probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
     runner = probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
@@ -428,6 +446,7 @@ def run_analysis(
     finally:
         runner.close()
         cache.close()  # stops background fits; the fitted palettes stay cached
+        spill.close()  # deletes the spilled palettes (they are only valid in this process)
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
     timing = _timing(start, probed.probe, runner, cache)
     result = AnalysisResult(config, probed.identity, dict(candidates.numels), runner.evaluations, recipes, preanalysis,

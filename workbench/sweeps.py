@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workbench.layers import compressible_layers
+from workbench.layers import compressible_layers, select_layers
 from workbench.palettize import PaletteCache, PaletteConfig, palettized
 from workbench.size import bits_per_param, recipe_nbytes
 from workbench.store import Evaluation, EvaluationRunner
@@ -46,8 +46,15 @@ class Candidates:
     out_channels: Mapping[str, int]
 
 
-def candidate_layers(unet: torch.nn.Module, min_numel: int, group_size: int = 0) -> Candidates:
-    """The UNet's Linear/Conv2d layers with more than `min_numel` weights.
+def candidate_layers(
+    unet: torch.nn.Module,
+    min_numel: int,
+    group_size: int = 0,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Candidates:
+    """The UNet's Linear/Conv2d layers with more than `min_numel` weights (those matching `include` globs, if any,
+    and no `exclude` glob: `workbench.layers.select_layers`).
 
     Args:
         unet: the model.
@@ -65,6 +72,8 @@ def candidate_layers(unet: torch.nn.Module, min_numel: int, group_size: int = 0)
             f"no Linear/Conv2d layer of the UNet has more than min_numel={min_numel} weights; lower it "
             f"(the largest layer has {max(m.weight.numel() for m in compressible_layers(unet, 0).values())})"
         )
+    if include or exclude:
+        layers = select_layers(layers, include, exclude)
     if group_size:
         bad = [n for n, m in layers.items() if m.weight.shape[0] % group_size]
         if bad:
