@@ -73,7 +73,7 @@ def _candidate_layers(pipe, min_numel: int, model) -> dict:
         largest = max(m.weight.numel() for m in compressible_layers(pipe.unet, 0).values())
         name = "the demo model" if model is None else repr(str(model))
         raise InvalidValueError(
-            f"no Linear/Conv2d layer of {name}'s UNet has more than --min-numel={min_numel} weights; lower it "
+            f"no Linear/Conv2d layer in the UNet of {name} has more than --min-numel={min_numel} weights; lower it "
             f"(the largest layer has {largest})"
         )
     return layers
@@ -211,9 +211,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)  # the CLI process is ours: set once, here
     pipe = load_pipeline(args.model, device=args.device, progress=False)
     layers = _candidate_layers(pipe, config.min_numel, args.model)
-    if args.group_size and any(m.weight.shape[0] % args.group_size for m in layers.values()):
-        channels = sorted({m.weight.shape[0] for m in layers.values()})
-        raise InvalidValueError(f"--group-size={args.group_size} does not divide every layer's channels {channels}")
+    misfits = sorted({m.weight.shape[0] for m in layers.values()} if args.group_size else ())
+    misfits = [c for c in misfits if c % args.group_size]
+    if misfits:
+        raise InvalidValueError(
+            f"--group-size={args.group_size} does not divide the output channels {', '.join(map(str, misfits))} of "
+            "the candidate layers"
+        )
     result = run_analysis(pipe, config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
     print(result.recipes_frame().to_string(index=False))
     for row in result.matched_comparison():
