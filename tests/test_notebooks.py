@@ -147,6 +147,8 @@ def test_progress_bar_text_of_a_kernel_widget_is_parsed():
         "analysis 412/1817 eval (22%), 00:51 elapsed, ETA 02:53"
     )
     assert parse_bar("0/5 [00:00<?, ?it/s]") == BarProgress(0, 5, "00:00", "?", "it")
+    assert parse_bar("60/179 [00:45<02:10, 1.10s/eval]") == BarProgress(60, 179, "00:45", "02:10", "eval")
+    assert parse_bar("0/0 [00:00<?, ?eval/s]") is None  # no total planned yet
     assert parse_bar("analysis:\u2007\u200720%") is None and parse_bar("0eval [00:00, ?eval/s]") is None
 
 
@@ -182,17 +184,18 @@ def test_a_report_notebook_shows_its_cells_and_progress_without_the_tcp_warning(
     book = nbformat.v4.new_notebook()
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.cells = [
+        nbformat.v4.new_code_cell("n: int = 3  # items", metadata={"tags": ["parameters"]}),
         nbformat.v4.new_markdown_cell("## Sweep"),
         nbformat.v4.new_code_cell(
-            "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='analysis', unit='eval'):\n    pass"
+            "from tqdm.auto import tqdm\nfor _ in tqdm(range(n), desc='analysis', unit='eval'):\n    pass"
         ),
     ]
     (tmp_path / "src").mkdir()
     nbformat.write(book, tmp_path / "src" / "99_progress.ipynb")
     monkeypatch.setattr(workbench.report, "NOTEBOOK_DIR", tmp_path / "src")
     lines = []
-    run = execute_notebook("99_progress", tmp_path / "out", {}, timeout_s=120, log=lines.append)
+    run = execute_notebook("99_progress", tmp_path / "out", {"n": 4}, timeout_s=120, log=lines.append)
     assert run.ok, run.error
     assert lines[0] == "99_progress: cell 1/1 (Sweep): from tqdm.auto import tqdm"
-    assert lines[-1].startswith("99_progress: analysis 3/3 eval (100%), ") and "ETA" in lines[-1]
+    assert lines[-1].startswith("99_progress: analysis 4/4 eval (100%), ") and "ETA" in lines[-1]
     assert "without encryption" not in capfd.readouterr().err

@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 ENGINE_NAME = "workbench-progress"
-# "412/1817 [00:51<02:53, 8.06eval/s]": tqdm's right-hand text (spaces are U+2007 in the widget)
-_BAR_COUNTS = re.compile(r"(\d+)/(\d+)\s*\[([^<\]]*)<([^,\]]*)(?:,\s*[\d.?]+\s*([^/\]\s]*)/s)?")
+# "412/1817 [00:51<02:53, 8.06eval/s]" or "... 1.20s/eval]": tqdm's right-hand text (spaces are U+2007 in the widget)
+_BAR_COUNTS = re.compile(r"(\d+)/(\d+)\s*\[([^<\]]*)<([^,\]]*)(?:,\s*[\d.?]+\s*(?:s/([^\]\s]+)|([^/\]\s]+)/s))?")
 _BAR_LABEL = re.compile(r"^(.*?):?\s*\d+%$")  # "analysis:  23%": tqdm's left-hand text
 
 
@@ -53,12 +53,14 @@ def widget_text(value: str) -> str:
 
 def parse_bar(text: str) -> BarProgress | None:
     """The counts of tqdm's right-hand text ("412/1817 [00:51<02:53, 8.06eval/s]"), or None for other text
-    (a bar without a total, any other widget)."""
+    (a bar without a total yet, any other widget)."""
     match = _BAR_COUNTS.search(widget_text(text))
     if match is None:
         return None
-    done, total, elapsed, eta, unit = match.groups()
-    return BarProgress(int(done), int(total), elapsed.strip(), eta.strip(), unit or "it")
+    done, total, elapsed, eta, slow_unit, unit = match.groups()
+    if int(total) == 0:  # a bar whose total is not planned yet
+        return None
+    return BarProgress(int(done), int(total), elapsed.strip(), eta.strip(), unit or slow_unit or "it")
 
 
 def cell_phase(cells, index: int, width: int = 70) -> str:
@@ -95,12 +97,16 @@ class ProgressLog:
         self._last: dict[str, float] = {}  # label -> when its last line was written
 
     def cell_started(self, cells: Sequence, cell_index: int) -> None:
-        """Cell `cell_index` of the executing notebook's `cells` starts: a line for each code cell, papermill's
-        parameter cells excepted."""
-        tags = cells[cell_index].metadata.get("tags", [])
-        if cells[cell_index].cell_type != "code" or {"parameters", "injected-parameters"} & set(tags):
+        """Cell `cell_index` of the executing notebook's `cells` starts: a line for each code cell, numbered
+        among them; papermill's parameter cells are neither shown nor counted."""
+
+        def counted(cell) -> bool:
+            tags = set(cell.metadata.get("tags", []))
+            return cell.cell_type == "code" and not {"parameters", "injected-parameters"} & tags
+
+        if not counted(cells[cell_index]):
             return
-        codes = [i for i, c in enumerate(cells) if c.cell_type == "code"]
+        codes = [i for i, c in enumerate(cells) if counted(c)]
         self.log(f"{self.notebook}: cell {codes.index(cell_index) + 1}/{len(codes)} {cell_phase(cells, cell_index)}")
 
     def widget_update(self, state: dict) -> None:
