@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from workbench.report import NOTEBOOK_DIR, NOTEBOOKS, ReportConfig, notebook_parameters, run_report
+from workbench.report import NOTEBOOK_DIR, NOTEBOOKS, ReportConfig, execute_notebook, notebook_parameters, run_report
+from workbench.report_progress import BarProgress, ProgressLog, cell_phase, parse_bar
 
 MODEL = "tiny-sd"
 
@@ -132,3 +133,69 @@ def test_05_coreml(report):
     images = _table(out, "05_torch_vs_coreml.csv").set_index("name")
     simulated, packaged = images["image_psnr_db"].iloc[1], images["image_psnr_db"].iloc[2]
     assert packaged == simulated, "emulated package images must equal the torch simulation's"
+
+
+# ------------------------------------------------------------------------------- console progress of a report
+
+
+def test_progress_bar_text_of_a_kernel_widget_is_parsed():
+    # tqdm.notebook's right-hand text as the driver receives it: U+2007 spaces, HTML-escaped "<"
+    assert parse_bar("\u20074/5\u2007[00:01&lt;00:00,\u2007\u20073.29eval/s]") == BarProgress(
+        4, 5, "00:01", "00:00", "eval"
+    )
+    assert parse_bar("412/1817 [00:51<02:53, 8.06eval/s]").line("analysis") == (
+        "analysis 412/1817 eval (22%), 00:51 elapsed, ETA 02:53"
+    )
+    assert parse_bar("0/5 [00:00<?, ?it/s]") == BarProgress(0, 5, "00:00", "?", "it")
+    assert parse_bar("60/179 [00:45<02:10, 1.10s/eval]") == BarProgress(60, 179, "00:45", "02:10", "eval")
+    assert parse_bar("0/0 [00:00<?, ?eval/s]") is None  # no total planned yet
+    assert parse_bar("analysis:\u2007\u200720%") is None and parse_bar("0eval [00:00, ?eval/s]") is None
+
+
+def test_progress_log_throttles_bar_lines_but_shows_first_and_last():
+    lines, now = [], [0.0]
+    log = ProgressLog("03_x", lines.append, interval_s=10.0, clock=lambda: now[0])
+    log.widget_update({"value": "analysis:\u2007 0%"})
+    for done, t in [(0, 0.0), (1, 5.0), (2, 10.5), (3, 12.0), (4, 13.0)]:
+        now[0] = t
+        log.widget_update({"value": f"{done}/4 [00:0{done}<00:10, 1.00eval/s]"})
+    log.widget_update({"value": 4.0})  # the progress widget's number: ignored
+    assert lines == [
+        "03_x: analysis 0/4 eval (0%), 00:00 elapsed, ETA 00:10",
+        "03_x: analysis 2/4 eval (50%), 00:02 elapsed, ETA 00:10",
+        "03_x: analysis 4/4 eval (100%), 00:04 elapsed, ETA 00:10",
+    ]
+
+
+def test_cell_phase_names_the_section_and_the_first_line_of_code():
+    cells = [
+        nbformat.v4.new_markdown_cell("# 03 · Title\ntext"),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_markdown_cell("## Sweep\nwhat it does"),
+        nbformat.v4.new_code_cell("\nresult = run_analysis(pipe, config)\nprint(result)"),
+    ]
+    assert cell_phase(cells, 1) == "(03 · Title): x = 1"
+    assert cell_phase(cells, 3) == "(Sweep): result = run_analysis(pipe, config)"
+
+
+def test_a_report_notebook_shows_its_cells_and_progress_without_the_tcp_warning(tmp_path, monkeypatch, capfd):
+    import workbench.report
+
+    book = nbformat.v4.new_notebook()
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    book.cells = [
+        nbformat.v4.new_code_cell("n: int = 3  # items", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_markdown_cell("## Sweep"),
+        nbformat.v4.new_code_cell(
+            "from tqdm.auto import tqdm\nfor _ in tqdm(range(n), desc='analysis', unit='eval'):\n    pass"
+        ),
+    ]
+    (tmp_path / "src").mkdir()
+    nbformat.write(book, tmp_path / "src" / "99_progress.ipynb")
+    monkeypatch.setattr(workbench.report, "NOTEBOOK_DIR", tmp_path / "src")
+    lines = []
+    run = execute_notebook("99_progress", tmp_path / "out", {"n": 4}, timeout_s=120, log=lines.append)
+    assert run.ok, run.error
+    assert lines[0] == "99_progress: cell 1/1 (Sweep): from tqdm.auto import tqdm"
+    assert lines[-1].startswith("99_progress: analysis 4/4 eval (100%), ") and "ETA" in lines[-1]
+    assert "without encryption" not in capfd.readouterr().err

@@ -1,4 +1,5 @@
-"""load_pipeline and pick_device: local folders, the offline HF cache, helpful errors, never the network."""
+"""load_pipeline and pick_device: the one loader (demo model, built-in test pipelines, local folders, the offline
+HF cache), helpful errors, never the network."""
 
 import socket
 from pathlib import Path
@@ -10,7 +11,18 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from workbench import cli
-from workbench.pipelines import DEMO_MODEL, ModelNotAvailableError, load_pipeline, pick_device
+from workbench.errors import UserError
+from workbench.pipelines import (
+    BUILTIN_MODELS,
+    DEMO_MODEL,
+    ModelNotAvailableError,
+    check_model,
+    default_min_numel,
+    is_demo_model,
+    load_pipeline,
+    model_from_text,
+    pick_device,
+)
 from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,8 +72,53 @@ def test_pick_device():
         pick_device("gpu")
 
 
-def test_demo_model_path():
-    assert DEMO_MODEL == Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-shapes"
+def test_demo_model_is_package_data():
+    import workbench
+
+    assert DEMO_MODEL == Path(workbench.__file__).resolve().parent / "data" / "tiny-shapes"
+    assert (DEMO_MODEL / "model_index.json").is_file()
+
+
+def test_one_sentinel_for_the_demo_model():
+    assert model_from_text("") is None and model_from_text("tiny-sd") == "tiny-sd"
+    assert is_demo_model(None) and is_demo_model(DEMO_MODEL) and is_demo_model(str(DEMO_MODEL))
+    assert not is_demo_model("tiny-sd") and not is_demo_model("runwayml/stable-diffusion-v1-5")
+    with pytest.raises(ValueError, match="pass None for the demo model"):
+        load_pipeline("")
+
+
+def test_default_threshold_keeps_the_reference_for_real_models_and_the_small_layers_of_ours():
+    assert default_min_numel("runwayml/stable-diffusion-v1-5") == 100_000
+    assert default_min_numel(None) == default_min_numel(DEMO_MODEL) == 2048
+    assert default_min_numel("tiny-sd") == default_min_numel("tiny-sdxl") == 2048
+
+
+@pytest.mark.parametrize(
+    "name, pipeline_type", [("tiny-sd", StableDiffusionPipeline), ("tiny-sdxl", StableDiffusionXLPipeline)]
+)
+def test_builtin_test_pipelines_load_by_name(name, pipeline_type, offline):
+    assert name in BUILTIN_MODELS
+    check_model(name)  # nothing to find on disk
+    pipe = load_pipeline(name, device="cpu", progress=False)
+    assert type(pipe) is pipeline_type and pipe.unet.dtype == torch.float32
+    assert pipe._progress_bar_config == {"disable": True}
+    reference = (tiny_sd_pipeline if name == "tiny-sd" else tiny_sdxl_pipeline)(seed=0)
+    assert all(
+        torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), reference.unet.state_dict().values())
+    )
+
+
+def test_demo_model_loads_through_the_sentinel(offline):
+    pipe = load_pipeline(None, device="cpu", progress=False)
+    assert Path(pipe.name_or_path) == DEMO_MODEL and pipe.unet.dtype == torch.float32
+
+
+def test_missing_demo_model_says_how_to_build_it(monkeypatch, tmp_path):
+    import workbench.pipelines as pipelines
+
+    monkeypatch.setattr(pipelines, "DEMO_MODEL", tmp_path / "tiny-shapes")
+    with pytest.raises(ModelNotAvailableError, match="the demo model is not built.*workbench train --out"):
+        check_model(None)
 
 
 def test_load_pipeline_from_a_local_folder(saved_sd, offline):
@@ -98,7 +155,7 @@ def test_uncached_hub_id_says_how_to_get_it(offline, model_id):
     with pytest.raises(ModelNotAvailableError) as err:
         load_pipeline(model_id)
     message = str(err.value)
-    assert isinstance(err.value, FileNotFoundError)
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, UserError)
     assert f"'{model_id}' is not available locally" in message
     assert f"huggingface-cli download {model_id}" in message and "HF_HOME" in message and "local" in message
 

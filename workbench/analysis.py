@@ -456,39 +456,3 @@ def run_analysis(
         probed.store.mark_complete()
     return result
 
-
-BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl")  # random-weight test pipelines from workbench.testing
-
-
-def load_analysis_pipeline(model: str | os.PathLike | None = None, device: str | None = None):
-    """The pipeline to analyse: a hub id or local folder (`workbench.pipelines.load_pipeline`), "tiny-sd" /
-    "tiny-sdxl" (the random-weight test pipelines), or None for the demo model (an error saying how to get it
-    when it is not built)."""
-    from workbench.pipelines import DEMO_MODEL, ModelNotAvailableError, load_pipeline, pick_device
-
-    if model is None and not (DEMO_MODEL / "model_index.json").is_file():
-        raise ModelNotAvailableError(
-            f"no MODEL given and the demo model is not built at {DEMO_MODEL}: build it with `workbench train`, "
-            "or pass a pipeline folder, a cached hub id, or 'tiny-sd' / 'tiny-sdxl'"
-        )
-    if model in BUILTIN_MODELS:
-        from workbench import testing
-
-        pipe = (testing.tiny_sd_pipeline if model == "tiny-sd" else testing.tiny_sdxl_pipeline)()
-        pipe = pipe.to(pick_device(device or "cpu"))
-    else:
-        pipe = load_pipeline(model, device=pick_device(device or "cpu"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def default_min_numel(model: str | os.PathLike | None) -> int:
-    """The candidate-layer threshold for `model`: the reference's 1e5 for real checkpoints, 2048 (coremltools'
-    own palettization threshold) for the demo model and the tiny test pipelines, where 1e5 leaves 0-4 layers."""
-    return 2048 if model in BUILTIN_MODELS or is_demo_model(model) else 100_000
-
-
-def is_demo_model(model: str | os.PathLike | None) -> bool:
-    from workbench.pipelines import DEMO_MODEL
-
-    return model is None or Path(model).expanduser().resolve() == DEMO_MODEL.resolve()

@@ -1,15 +1,22 @@
-"""Load Stable Diffusion pipelines (SD 1.x, 2.x, SDXL and their fine-tunes) from local folders or the HF cache.
+"""Load Stable Diffusion pipelines (SD 1.x, 2.x, SDXL and their fine-tunes): the workbench's one loader.
 
-Nothing here touches the network: hub ids are resolved in the local Hugging Face cache only
-(`local_files_only=True`). Fetch a model once on a connected machine, e.g.
-`huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`, and point `HF_HOME` at that cache, or
-pass the folder of a pipeline saved with `save_pretrained`.
+A model is named by a *model spec*, the same everywhere (CLI, notebooks, report, analysis, export):
+
+- `None`: the demo model, `DEMO_MODEL` (the only sentinel for it; the CLI's and the notebooks' empty string
+  becomes `None` in `model_from_text`, nowhere else);
+- `"tiny-sd"` / `"tiny-sdxl"` (`BUILTIN_MODELS`): the random-weight test pipelines of `workbench.testing`;
+- a folder holding a pipeline saved with `save_pretrained` (a `model_index.json`);
+- a hub id, resolved in the local Hugging Face cache only.
+
+Nothing here touches the network (`local_files_only=True`). Fetch a model once on a connected machine, e.g.
+`huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`, and point `HF_HOME` at that cache.
 
 Example:
 
     >>> pipe = load_pipeline("runwayml/stable-diffusion-v1-5", device="cpu")
     >>> pipe = load_pipeline("path/to/saved_pipeline")
     >>> pipe = load_pipeline()  # the demo model, DEMO_MODEL
+    >>> pipe = load_pipeline("tiny-sdxl", progress=False)
 """
 
 from __future__ import annotations
@@ -22,17 +29,49 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from workbench.errors import InvalidValueError, UserError
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-shapes"
+DEMO_MODEL = Path(__file__).resolve().parent / "data" / "tiny-shapes"
+"""The demo model's pipeline folder. It is package data: it lives inside the package (`workbench/data/`) and is
+found relative to this file, so an editable install, a plain `pip install .` and a source checkout on
+`PYTHONPATH` all find it (pyproject.toml's `[tool.setuptools.package-data]` puts it in the wheel)."""
+
+BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl")  # random-weight test pipelines from workbench.testing
+
+ModelSpec = str | os.PathLike | None
 
 # "name" or "owner/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule, less its finer points)
 _HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
 
 
-class ModelNotAvailableError(FileNotFoundError):
+class ModelNotAvailableError(UserError, FileNotFoundError):
     """The model is neither a local pipeline folder nor in the local Hugging Face cache."""
+
+
+def model_from_text(text: str) -> str | None:
+    """A model spec given as text (a CLI option, a notebook's `model` parameter): `""` means the demo model.
+
+    The one place where the empty string becomes the demo model's sentinel, `None`.
+    """
+    return text or None
+
+
+def is_demo_model(model: ModelSpec) -> bool:
+    """Whether `model` is the demo model: `None`, or a path to `DEMO_MODEL`."""
+    if model is None:
+        return True
+    if isinstance(model, str) and model in BUILTIN_MODELS:
+        return False
+    return Path(model).expanduser().resolve() == DEMO_MODEL.resolve()
+
+
+def default_min_numel(model: ModelSpec) -> int:
+    """The candidate-layer threshold for `model`: the reference's 1e5 for real checkpoints, 2048 (coremltools'
+    own palettization threshold) for the demo model and the tiny test pipelines, where 1e5 leaves 0-4 layers."""
+    return 2048 if model in BUILTIN_MODELS or is_demo_model(model) else 100_000
 
 
 def pick_device(preferred: str | torch.device | None = None) -> torch.device:
@@ -45,7 +84,8 @@ def pick_device(preferred: str | torch.device | None = None) -> torch.device:
         torch.device: the device.
 
     Raises:
-        ValueError: `preferred` is not a device name, or that device is not available here.
+        InvalidValueError: `preferred` is not a device name, or that device is not available here (a
+            `ValueError`).
     """
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     has_mps = torch.backends.mps.is_available()
@@ -55,14 +95,14 @@ def pick_device(preferred: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(preferred)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"{preferred!r} is not a device name; available here: {', '.join(available)}") from err
+        raise InvalidValueError(f"{preferred!r} is not a device name; available here: {', '.join(available)}") from err
     index = device.index or 0
     if not (
         device.type == "cpu"
         or (device.type == "cuda" and index < n_cuda)
         or (device.type == "mps" and has_mps and index == 0)
     ):
-        raise ValueError(f"device {str(device)!r} is not available here; available: {', '.join(available)}")
+        raise InvalidValueError(f"device {str(device)!r} is not available here; available: {', '.join(available)}")
     return device
 
 
@@ -84,11 +124,16 @@ def _not_available(model: str | os.PathLike, why: str) -> ModelNotAvailableError
 
 def _resolve(model: str | os.PathLike | None, variant: str | None) -> tuple[str, Path]:
     """(name to hand to from_pretrained, local folder holding its model_index.json); raises if there is none."""
+    if isinstance(model, str) and not model:
+        raise InvalidValueError(
+            "model '' is empty: pass None for the demo model (`model_from_text` maps a CLI's or notebook's '' to it)"
+        )
     if model is None:
         if not (DEMO_MODEL / "model_index.json").is_file():
             raise ModelNotAvailableError(
-                f"the demo model is not built yet: no pipeline at {DEMO_MODEL}. Until it is, pass a hub id or the "
-                "path of a local pipeline folder."
+                f"the demo model is not built: no pipeline at {DEMO_MODEL}. Build it with "
+                f"`workbench train --out {DEMO_MODEL}`, or pass a pipeline folder, a cached hub id, or one of "
+                f"{', '.join(BUILTIN_MODELS)}."
             )
         return str(DEMO_MODEL), DEMO_MODEL
     path = Path(model).expanduser()
@@ -115,45 +160,70 @@ def _resolve(model: str | os.PathLike | None, variant: str | None) -> tuple[str,
     return str(model), Path(folder)
 
 
+def check_model(model: ModelSpec, variant: str | None = None) -> None:
+    """Fail early, without loading anything, when `model` cannot be loaded (demo model not built, no such folder,
+    hub id not cached).
+
+    Raises:
+        ModelNotAvailableError: as `load_pipeline` would.
+    """
+    if not (isinstance(model, str) and model in BUILTIN_MODELS):
+        _resolve(model, variant)
+
+
 def load_pipeline(
-    model: str | os.PathLike | None = None,
+    model: ModelSpec = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     variant: str | None = None,
+    progress: bool = True,
 ) -> DiffusionPipeline:
-    """Load a text-to-image diffusers pipeline from a local folder or the local Hugging Face cache.
+    """Load a text-to-image diffusers pipeline: the demo model, a built-in test pipeline, a local folder or a hub
+    id in the local Hugging Face cache.
 
     The pipeline class (SD 1.x/2.x `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...) comes from the
     model's model_index.json. Nothing is downloaded (`local_files_only=True`).
 
     Args:
-        model (str | os.PathLike | None, defaults to None): a pipeline folder, a hub id such as
-            "runwayml/stable-diffusion-v1-5" or "stabilityai/stable-diffusion-xl-base-1.0", or None for
-            `DEMO_MODEL`.
+        model (str | os.PathLike | None, defaults to None): None for `DEMO_MODEL`; "tiny-sd" or "tiny-sdxl" for
+            the random-weight test pipelines (`workbench.testing`, seed 0); a pipeline folder; or a hub id such
+            as "runwayml/stable-diffusion-v1-5" or "stabilityai/stable-diffusion-xl-base-1.0".
         device (str | torch.device | None, defaults to None): where to put it; None picks the best available
             (`pick_device`: cuda > mps > cpu).
         dtype (torch.dtype, defaults to torch.float32): the weights' dtype.
         variant (str | None, defaults to None): weight file variant, e.g. "fp16" for
             `diffusion_pytorch_model.fp16.safetensors`.
+        progress (bool, defaults to True): diffusers' per-step progress bar when the pipeline runs.
 
     Returns:
         DiffusionPipeline: on `device`, in `dtype`, with the SD 1.x safety checker removed.
 
     Raises:
-        ModelNotAvailableError: the path does not exist or is not a pipeline folder, or the hub id is not cached.
-        ValueError: `device` is not available.
+        ModelNotAvailableError: the path does not exist or is not a pipeline folder, the hub id is not cached, or
+            the demo model is not built.
+        InvalidValueError: `device` is not available, or `model` is "" (use None).
     """
+    target = pick_device(device)
+    if isinstance(model, str) and model in BUILTIN_MODELS:
+        from workbench import testing
+
+        pipe = (testing.tiny_sd_pipeline if model == "tiny-sd" else testing.tiny_sdxl_pipeline)(seed=0)
+    else:
+        pipe = _from_pretrained(model, dtype, variant)
+    if pipe.dtype != dtype:  # older diffusers ignore `dtype` (they want `torch_dtype`); the test pipelines too
+        pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe.to(target)
+
+
+def _from_pretrained(model: ModelSpec, dtype: torch.dtype, variant: str | None) -> DiffusionPipeline:
     from diffusers import DiffusionPipeline
 
-    target = pick_device(device)
     name, folder = _resolve(model, variant)
     components = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     extra = {}
     if "safety_checker" in components:
         # the checker is a second, 1.2 GB model that blanks flagged images; it would distort every comparison
         extra = {"safety_checker": None, "requires_safety_checker": False}
-    pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, variant=variant, local_files_only=True, **extra)
-    if pipe.dtype != dtype:  # older diffusers ignore `dtype` (they want `torch_dtype`)
-        pipe = pipe.to(dtype=dtype)
-    return pipe.to(target)
+    return DiffusionPipeline.from_pretrained(name, dtype=dtype, variant=variant, local_files_only=True, **extra)

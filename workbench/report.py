@@ -14,6 +14,8 @@ A report folder holds::
       artifacts/NN_name.json   what each notebook wrote, with captions (index.html is built from these)
 
 A notebook gets `out_dir` (the run folder), `model` and `smoke` as parameters and saves through `Artifacts`.
+The notebooks are package data (`workbench/notebooks/`, `NOTEBOOK_DIR`), so an installed workbench runs them too.
+While they run, the console shows each cell and the workbench's progress bars (`workbench.report_progress`).
 
 Example:
     >>> run_report(ReportConfig(run="demo"))          # what `make report` does
@@ -33,10 +35,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from workbench.errors import InvalidValueError
 from workbench.io import environment, write_json_atomic, write_text_atomic
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parent / "notebooks"
+"""The source notebooks. Package data like the demo model: inside the package, found relative to this file, in
+the wheel through pyproject.toml's `[tool.setuptools.package-data]`; `make lab` opens this folder."""
 NOTEBOOKS: tuple[str, ...] = (
     "01_palettization_basics",
     "02_uniform_palettization",
@@ -45,40 +49,33 @@ NOTEBOOKS: tuple[str, ...] = (
     "05_coreml_export",
 )
 KERNEL_NAME = "python3"  # ipykernel's own spec; resolved to this interpreter (see `_this_interpreters_kernel`)
-TINY_MODEL = "tiny-sd"  # `model` value for the random-weight tiny SD pipeline of workbench.testing
 
 
 # ---------------------------------------------------------------------------------------------- in notebooks
 
 
 def open_model(model: str = "", *, device: str | None = "cpu", threads: int | None = None):
-    """The pipeline a notebook's `model` parameter names, quiet and on `device`.
+    """The pipeline a notebook's `model` parameter names, on `device`, without per-step progress bars.
+
+    A notebook convenience over `workbench.pipelines.load_pipeline`: the parameter is text, so `""` stands for the
+    demo model (`workbench.pipelines.model_from_text`); anything else is a model spec as the loader takes it
+    ("tiny-sd", "tiny-sdxl", a pipeline folder, a cached hub id).
 
     Args:
-        model (`str`, defaults to `""`): `""` = the embedded demo model (`workbench.pipelines.DEMO_MODEL`),
-            `"tiny-sd"` = the random-weight tiny SD pipeline (`workbench.testing.tiny_sd_pipeline`), anything
-            else = a hub id in the local cache or a pipeline folder (`workbench.pipelines.load_pipeline`).
+        model (`str`, defaults to `""`): the notebook's `model` parameter.
         device (`str`, defaults to `"cpu"`): where to run; `None` picks the best available.
         threads (`int`, *optional*): cap torch's CPU threads (the process-wide setting; notebooks set it once).
 
     Returns:
-        the diffusers pipeline, with its per-step progress bars off.
+        the diffusers pipeline.
     """
     import torch
 
-    from workbench.pipelines import load_pipeline
+    from workbench.pipelines import load_pipeline, model_from_text
 
     if threads is not None:
         torch.set_num_threads(threads)
-    if model == TINY_MODEL:
-        from workbench.pipelines import pick_device
-        from workbench.testing import tiny_sd_pipeline
-
-        pipe = tiny_sd_pipeline(seed=0).to(pick_device(device))
-    else:
-        pipe = load_pipeline(model or None, device=device)
-    pipe.set_progress_bar_config(disable=True)  # a bar per generation would bury the notebook's output
-    return pipe
+    return load_pipeline(model_from_text(model), device=device, progress=False)
 
 
 def quiet_logs() -> None:
@@ -113,17 +110,24 @@ def quiet_stderr() -> Iterator[None]:
 
 def resolve_analysis_dir(analysis_dir: str, out_dir: str) -> Path:
     """Where notebooks 03-05 keep the mixed-bit analysis: `analysis_dir` if given, else `<out_dir>/analysis`,
-    else `reports/lab/analysis` (a notebook opened by hand)."""
+    else `reports/lab/analysis` under the kernel's working folder (a notebook opened by hand)."""
     if analysis_dir:
         return Path(analysis_dir)
-    return Path(out_dir) / "analysis" if out_dir else REPO_ROOT / "reports" / "lab" / "analysis"
+    return Path(out_dir) / "analysis" if out_dir else Path.cwd() / "reports" / "lab" / "analysis"
 
 
 def model_label(model: str) -> str:
-    """A short name for captions: `"demo model (tiny-shapes)"`, `"tiny random SD"` or the path/id."""
-    if not model:
-        return "demo model (tiny-shapes)"
-    return "tiny random-weight SD" if model == TINY_MODEL else model
+    """A short name for captions of a notebook's `model` parameter: `"demo model (tiny-shapes)"`, `"tiny
+    random-weight SD"` / `"... SDXL"`, or the path or hub id."""
+    from workbench.pipelines import model_from_text
+
+    spec = model_from_text(model)
+    labels = {
+        None: "demo model (tiny-shapes)",
+        "tiny-sd": "tiny random-weight SD",
+        "tiny-sdxl": "tiny random-weight SDXL",
+    }
+    return labels.get(spec, spec)
 
 
 @dataclass
@@ -267,13 +271,13 @@ class ReportConfig:
 
     def __post_init__(self):
         if not self.run or "/" in self.run or self.run.startswith("."):
-            raise ValueError(f"run name {self.run!r} must be a plain folder name, e.g. 'demo'")
+            raise InvalidValueError(f"run name {self.run!r} must be a plain folder name, e.g. 'demo'")
         unknown = [n for n in self.notebooks if n not in NOTEBOOKS]
         if unknown:
-            raise ValueError(f"unknown notebooks {unknown}; valid: {', '.join(NOTEBOOKS)}")
+            raise InvalidValueError(f"unknown notebooks {unknown}; valid: {', '.join(NOTEBOOKS)}")
         object.__setattr__(self, "notebooks", tuple(self.notebooks))
         if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise InvalidValueError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def out_dir(self) -> Path:
@@ -295,22 +299,11 @@ def select_notebooks(spec: str) -> tuple[str, ...]:
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         matches = [n for n in NOTEBOOKS if n == item or n.split("_", 1)[0] == item.zfill(2)]
         if not matches:
-            raise ValueError(f"unknown notebook {item!r}; valid: numbers 1-{len(NOTEBOOKS)} or {', '.join(NOTEBOOKS)}")
+            raise InvalidValueError(
+                f"unknown notebook {item!r}; valid: numbers 1-{len(NOTEBOOKS)} or {', '.join(NOTEBOOKS)}"
+            )
         chosen += matches
     return tuple(n for n in NOTEBOOKS if n in chosen)
-
-
-def check_model(model: str) -> None:
-    """Fail before any notebook runs when the model cannot be found (demo model not built, no such folder)."""
-    from workbench.pipelines import DEMO_MODEL, ModelNotAvailableError
-
-    if not model and not (DEMO_MODEL / "model_index.json").is_file():
-        raise ModelNotAvailableError(
-            f"the demo model is missing ({DEMO_MODEL} has no model_index.json); build it with `workbench train`, "
-            "or pass --model tiny-sd (random weights) or a pipeline folder"
-        )
-    if model and model != TINY_MODEL and model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
-        raise ModelNotAvailableError(f"no such pipeline folder: {model!r}")
 
 
 @dataclass(frozen=True)
@@ -367,13 +360,25 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def execute_notebook(
-    name: str, out_dir: Path, parameters: dict, *, timeout_s: int = 1200, progress: bool = True
+    name: str,
+    out_dir: Path,
+    parameters: dict,
+    *,
+    timeout_s: int = 1200,
+    log: Callable[[str], None] | None = None,
 ) -> NotebookRun:
-    """Run `notebooks/<name>.ipynb` with papermill into `out_dir/notebooks/`, render it to `out_dir/html/`.
+    """Run `NOTEBOOK_DIR/<name>.ipynb` with papermill into `out_dir/notebooks/`, render it to `out_dir/html/`.
 
-    Only parameters the notebook declares are passed (papermill would warn about the others).
+    Only parameters the notebook declares are passed (papermill would warn about the others). The kernel runs in
+    `out_dir` (the source folder may be a read-only installed package).
+
+    Args:
+        log (`Callable[[str], None]`, *optional*): gets a line as each code cell starts and, while a workbench
+            progress bar runs, its counts and ETA (`workbench.report_progress.ProgressLog`); None: silent.
     """
     import papermill as pm
+
+    from workbench.report_progress import ProgressLog, execution_kwargs
 
     source = NOTEBOOK_DIR / f"{name}.ipynb"
     if not source.is_file():
@@ -390,9 +395,10 @@ def execute_notebook(
                 str(executed),
                 parameters=params,
                 kernel_name=KERNEL_NAME,
-                cwd=str(NOTEBOOK_DIR),
-                progress_bar=progress,
+                cwd=str(out_dir.resolve()),
+                progress_bar=False,  # one line per cell instead (`log`)
                 execution_timeout=timeout_s,
+                **execution_kwargs(ProgressLog(name, log) if log is not None else None),
             )
         except pm.PapermillExecutionError as err:
             error = f"{err.ename}: {err.evalue}"
@@ -410,17 +416,28 @@ def render_html(notebook: str | os.PathLike, out: str | os.PathLike) -> Path:
     return write_text_atomic(out, body)
 
 
-def run_report(config: ReportConfig, log: Callable[[str], None] = print, progress: bool = True) -> ReportResult:
+def _console(line: str) -> None:
+    print(line, flush=True)  # flushed: `make report | tee log` must not sit on minutes of buffered progress
+
+
+def run_report(config: ReportConfig, log: Callable[[str], None] = _console, progress: bool = True) -> ReportResult:
     """Execute the notebooks of `config` into `config.out_dir`, write `parameters.json` and `index.html`.
 
     Artifacts a previous report left in the same folder are removed first, so the folder holds one run.
+
+    Args:
+        config (`ReportConfig`): what to run.
+        log (`Callable[[str], None]`, defaults to printing): gets a line per notebook started and finished.
+        progress (`bool`, defaults to True): also log each cell and the progress bars inside it (with ETA).
 
     Returns:
         `ReportResult`; `.ok` is False if any notebook stopped on an error (its executed copy and HTML show where).
     """
     import shutil
 
-    check_model(config.model)
+    from workbench.pipelines import check_model, model_from_text
+
+    check_model(model_from_text(config.model))
     out_dir = config.out_dir
     for sub in ("notebooks", "html", "figures", "tables", "recipes", "artifacts"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
@@ -437,7 +454,7 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print, progres
     runs, start = [], time.perf_counter()
     for i, name in enumerate(config.notebooks, 1):
         log(f"[{i}/{len(config.notebooks)}] {name} ...")
-        run = execute_notebook(name, out_dir, base, timeout_s=config.timeout_s, progress=progress)
+        run = execute_notebook(name, out_dir, base, timeout_s=config.timeout_s, log=log if progress else None)
         runs.append(run)
         record["notebooks"][name] = {"parameters": run.parameters, "seconds": round(run.seconds, 1), "ok": run.ok}
         write_json_atomic(out_dir / "parameters.json", record)

@@ -1,0 +1,176 @@
+"""The command line's error contract: errors a user can fix are one line on stderr and exit status 2; any other
+exception is a bug and keeps its traceback (exit status 1)."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workbench import cli
+from workbench.errors import InvalidValueError, UserError, is_user_error, parse_bool
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    status = cli.main(list(argv))
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["analyze", "--out", "x", "--threads", "0"], "argument --threads: 0 is out of range; valid: an integer >= 1"),
+        (["analyze", "--out", "x", "--threads", "two"], "argument --threads: 'two' is not an integer"),
+        (
+            ["analyze", "--out", "x", "--nbits", "5"],
+            "argument --nbits: unsupported bit width 5; valid: 1, 2, 3, 4, 6, 8",
+        ),
+        (["analyze", "--out", "x", "--num-recipes", "0"], "argument --num-recipes: 0 is out of range"),
+        (["analyze", "--out", "x", "--group-size", "-1"], "argument --group-size: -1 is out of range"),
+        (["analyze", "--out", "x", "--trajectory-steps", "0"], "argument --trajectory-steps: 0 is out of range"),
+        (["analyze", "--out", "x", "--seed", "-3"], "argument --seed: -3 is out of range; valid: an integer >= 0"),
+        (["layers", "--min-numel", "-1"], "argument --min-numel: -1 is out of range"),
+        (["export", "--out", "x", "--nbits", "7"], "argument --nbits: unsupported bit width 7"),
+        (["report", "--threads", "0"], "argument --threads: 0 is out of range"),
+        (["analyze"], "the following arguments are required: --out"),
+        (["report", "--notebooks", "9"], "unknown notebook '9'; valid: numbers 1-5"),
+        (["report", "--run", "../up"], "run name '../up' must be a plain folder name"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(capsys, argv, message):
+    status, err = run_cli(capsys, *argv)
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"workbench {argv[0]}: error: ") and message in err, err
+
+
+def test_threads_0_in_a_real_process_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "analyze", "--out", str(tmp_path / "out"), "--threads", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "workbench analyze: error: argument --threads: 0 is out of range; valid: an integer >= 1 "
+        "(see `workbench analyze --help`)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["ture", "maybe", "", "2"])
+def test_set_rejects_a_boolean_it_cannot_read(capsys, monkeypatch, value):
+    import workbench.train
+
+    monkeypatch.setattr(workbench.train, "run", lambda args: pytest.fail("training started"))
+    status, err = run_cli(capsys, "train", "--set", f"zero_terminal_snr={value}")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert f"--set zero_terminal_snr={value!r} is not a boolean" in err and "true" in err and "no" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("unet_steps=abc", "--set unet_steps='abc' is not of the field's type int"),
+        ("unet_channels=32,x", "--set unet_channels='32,x' is not of the field's type tuple[int, ...]"),
+        ("no_such_key=1", "--set expects KEY=VALUE with KEY one of"),
+        ("unet_steps", "--set expects KEY=VALUE"),
+    ],
+)
+def test_set_rejects_unknown_keys_and_unparsable_numbers(capsys, monkeypatch, override, message):
+    import workbench.train
+
+    monkeypatch.setattr(workbench.train, "run", lambda args: pytest.fail("training started"))
+    status, err = run_cli(capsys, "train", "--set", override)
+    assert status == 2 and message in err
+
+
+def test_set_accepts_every_spelling_of_a_boolean(capsys, monkeypatch):
+    import workbench.train
+
+    seen = []
+    monkeypatch.setattr(workbench.train, "run", lambda args: seen.append(args.set))
+    spellings = ["True", "false", "1", "0", "YES", "no"]
+    status, _ = run_cli(capsys, "train", *[f"--set=zero_terminal_snr={v}" for v in spellings], "--set=unet_steps=3")
+    assert status == 0 and seen == [[*(f"zero_terminal_snr={v}" for v in spellings), "unet_steps=3"]]
+    assert [parse_bool(v, name="x") for v in spellings] == [True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("error", [ValueError("internal"), KeyError("internal"), FileNotFoundError("internal")])
+def test_an_internal_error_keeps_its_traceback(monkeypatch, error):
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_layers", broken)
+    with pytest.raises(type(error)) as raised:
+        cli.main(["layers"])
+    assert raised.value is error
+
+
+@pytest.mark.parametrize("error", ["ValueError", "KeyError"])
+def test_an_internal_error_in_a_real_process_prints_a_traceback_and_exits_1(tmp_path, error):
+    code = (
+        "import sys\nimport workbench.cli as cli\n"
+        "def broken(args):\n"
+        f"    raise {error}('internal bug')\n"
+        "cli._cmd_layers = broken\n"
+        "sys.exit(cli.main(['layers']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
+    assert f"{error}: " in proc.stderr and "error: internal bug" not in proc.stderr
+
+
+def test_user_errors_raised_by_a_command_are_one_line(capsys, monkeypatch):
+    def refuse(args):
+        raise InvalidValueError("--thing=3 is not valid; valid: 1 or 2")
+
+    monkeypatch.setattr(cli, "_cmd_layers", refuse)
+    assert run_cli(capsys, "layers") == (2, "workbench layers: error: --thing=3 is not valid; valid: 1 or 2\n")
+
+
+def test_errors_from_before_user_error_count_as_user_errors():
+    from workbench.analysis import StoreMismatchError
+    from workbench.pipelines import ModelNotAvailableError
+    from workbench.recipes import RecipeError
+
+    assert is_user_error(RecipeError("x")) and is_user_error(StoreMismatchError("x"))
+    assert is_user_error(ModelNotAvailableError("x")) and isinstance(ModelNotAvailableError("x"), FileNotFoundError)
+    assert isinstance(InvalidValueError("x"), ValueError) and issubclass(InvalidValueError, UserError)
+    assert not is_user_error(ValueError("x")) and not is_user_error(KeyError("x")) and not is_user_error(OSError())
+
+
+def test_int_in_range_names_the_value_and_the_range():
+    parse = cli.int_in_range(1, 8)
+    assert parse("8") == 8
+    for text, message in [("9", "9 is out of range; valid: an integer from 1 to 8"), ("1.5", "'1.5' is not an int")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
+
+
+def test_group_size_that_divides_no_layer_is_a_user_error(capsys, tmp_path):
+    status, err = run_cli(
+        capsys, "analyze", "tiny-sd", "--out", str(tmp_path / "o"), "--group-size", "7", "--nbits", "4", "--quiet"
+    )
+    # (transformers may print an import-time notice first: not ours)
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "workbench analyze: error: --group-size=7 does not divide the output channels 32, 64, 128, 512 of the "
+        "candidate layers"
+    )
+    assert not (tmp_path / "o" / "preanalysis.json").exists()

@@ -1,0 +1,61 @@
+"""Errors a user can fix, told apart from bugs.
+
+`workbench` prints a `UserError` as one line and exits with status 2; every other exception is a bug in the
+workbench and keeps its traceback (exit status 1). Raise a `UserError` (or a subclass) only where input a
+user gave is checked: a model that is not there, an option out of range, a recipe naming unknown layers.
+
+Example:
+    >>> raise InvalidValueError("--threads must be an integer >= 1, got 0")
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class UserError(Exception):
+    """An error the user can fix by changing what they asked for; its message says what was wrong and what is
+    valid. Subclasses also derive from the built-in type they used to be (`ValueError`, `FileNotFoundError`),
+    so code that catches those still works."""
+
+
+class InvalidValueError(UserError, ValueError):
+    """A value the user gave (an option, a config field, a parameter) is of the wrong kind or out of range."""
+
+
+# Input-validation errors defined before `UserError` existed, as "module:ClassName"; they count as user errors
+# until they derive from `UserError` themselves. Looked up in `sys.modules` only: an error of a module that was
+# never imported cannot have been raised, and the check imports nothing.
+REGISTERED_USER_ERRORS: tuple[str, ...] = ("workbench.recipes:RecipeError", "workbench.analysis:StoreMismatchError")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is one a user can fix: a `UserError`, or one of `REGISTERED_USER_ERRORS`."""
+    if isinstance(err, UserError):
+        return True
+    for entry in REGISTERED_USER_ERRORS:
+        module, _, name = entry.partition(":")
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(err, cls):
+            return True
+    return False
+
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def parse_bool(text: str, *, name: str) -> bool:
+    """`text` as a boolean: true/false, 1/0 or yes/no in any case.
+
+    Args:
+        text (`str`): the value as typed.
+        name (`str`): what it is for (an option or a config key), named in the error.
+
+    Raises:
+        InvalidValueError: anything else (e.g. "ture"), naming `name` and the value.
+    """
+    value = text.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise InvalidValueError(f"{name}={text!r} is not a boolean; valid: {', '.join(_TRUE + _FALSE)} (any case)")
