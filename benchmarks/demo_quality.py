@@ -8,7 +8,7 @@ transparent scorer `workbench.shapes.read_shape`, and prints, as its last line:
     color_adherence=X shape_adherence=Y position_adherence=Z
 
 Usage:
-    .venv/bin/python benchmarks/demo_quality.py [--model data/models/tiny-shapes] [--n 64] [--grid grid.png]
+    .venv/bin/python benchmarks/demo_quality.py [--model workbench/data/tiny-shapes] [--n 64] [--grid grid.png]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Core ML export: wall time of trace + convert, of palettization + save, of verification, and package sizes.
 
-Exports the demo model (data/models/tiny-shapes, or the tiny random SD pipeline while it is not built) with
+Exports the demo model (workbench/data/tiny-shapes, or the tiny random SD pipeline while it is not built) with
 `workbench.coreml.export_pipeline`: UNet, text encoder and VAE decoder, uniformly palettized at --nbits
 (the reference's `--quantize-nbits`, default 6) or by a recipe file for the UNet. Every package is read back
 and compared with the simulation. The last line holds the figures.

@@ -19,8 +19,8 @@ import time
 
 
 def main() -> None:
-    from workbench.analysis import AnalysisConfig, is_demo_model, load_analysis_pipeline, run_analysis, torch_threads
-    from workbench.pipelines import DEMO_MODEL
+    from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+    from workbench.pipelines import DEMO_MODEL, is_demo_model, load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the demo model if built, else tiny-sd")
@@ -33,7 +33,7 @@ def main() -> None:
     model = args.model or (None if (DEMO_MODEL / "model_index.json").is_file() else "tiny-sd")
     with torch_threads(args.threads):
         t0 = time.perf_counter()
-        pipe = load_analysis_pipeline(model)
+        pipe = load_pipeline(model, device="cpu", progress=False)
         load_s = time.perf_counter() - t0
         config = AnalysisConfig(nbits=tuple(args.nbits), min_numel=args.min_numel)
         result = run_analysis(pipe, config, out_dir=args.out, resume=False, progress=True)

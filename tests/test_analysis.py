@@ -235,19 +235,11 @@ def test_trajectory_compares_decoded_images_with_the_float_model(pipe):
     assert len(recipe.to_frame()) == 1
 
 
-def test_default_threshold_keeps_the_reference_for_real_models_and_the_small_layers_of_ours():
-    from workbench.analysis import default_min_numel
-
-    assert default_min_numel("runwayml/stable-diffusion-v1-5") == 100_000
-    assert default_min_numel(None) == default_min_numel("data/models/tiny-shapes") == 2048
-    assert default_min_numel("tiny-sd") == default_min_numel("tiny-sdxl") == 2048
-
-
 @pytest.mark.slow
 def test_background_fits_give_the_same_analysis_on_the_demo_model():
-    from workbench.analysis import load_analysis_pipeline
+    from workbench.pipelines import load_pipeline
 
-    pipe = load_analysis_pipeline(None)
+    pipe = load_pipeline(None, device="cpu", progress=False)
     config = AnalysisConfig(nbits=(2, 8), min_numel=2048, prompts=DEFAULT_PROMPTS[:2], num_recipes=3)
     runs = [run_analysis(pipe, config, progress=False, background_fits=bg) for bg in (False, True)]
     assert runs[0].preanalysis.to_dict() == runs[1].preanalysis.to_dict()

@@ -145,9 +145,9 @@ def test_user_errors_raised_by_a_command_are_one_line(capsys, monkeypatch):
 
 
 def test_errors_from_before_user_error_count_as_user_errors():
-    from workbench.analysis import StoreMismatchError
     from workbench.pipelines import ModelNotAvailableError
     from workbench.recipes import RecipeError
+    from workbench.store import StoreMismatchError
 
     assert is_user_error(RecipeError("x")) and is_user_error(StoreMismatchError("x"))
     assert is_user_error(ModelNotAvailableError("x")) and isinstance(ModelNotAvailableError("x"), FileNotFoundError)

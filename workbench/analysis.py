@@ -41,6 +41,7 @@ import torch
 
 from workbench.allocation import Measurements, size_aware_recipes, threshold_recipes
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
+from workbench.errors import InvalidValueError
 from workbench.palettize import SUPPORTED_NBITS, PaletteCache, palettized
 from workbench.probe import OneStepProbe
 from workbench.recipes import PreAnalysis
@@ -145,28 +146,34 @@ class AnalysisConfig:
         nbits = tuple(sorted({int(b) for b in self.nbits}))
         bad = [b for b in nbits if b not in SUPPORTED_NBITS]
         if bad or not nbits:
-            raise ValueError(f"unsupported bit width(s) {bad or list(self.nbits)}; valid: {list(SUPPORTED_NBITS)}")
+            raise InvalidValueError(
+                f"unsupported bit width(s) {bad or list(self.nbits)}; valid: {list(SUPPORTED_NBITS)}"
+            )
         object.__setattr__(self, "nbits", nbits)
         if self.min_numel < 0:
-            raise ValueError(f"min_numel must be >= 0, got {self.min_numel}")
+            raise InvalidValueError(f"min_numel must be >= 0, got {self.min_numel}")
         prompts = tuple(str(p) for p in self.prompts)
         if not prompts:
-            raise ValueError("prompts must hold at least one prompt")
+            raise InvalidValueError("prompts must hold at least one prompt")
         object.__setattr__(self, "prompts", prompts)
         if self.num_recipes < 1:
-            raise ValueError(f"num_recipes must be >= 1, got {self.num_recipes}")
+            raise InvalidValueError(f"num_recipes must be >= 1, got {self.num_recipes}")
         strategies = tuple(self.strategies)
         unknown = [s for s in strategies if s not in STRATEGIES]
         if unknown or not strategies:
-            raise ValueError(f"unknown strategy {unknown or strategies}; valid: {', '.join(STRATEGIES)}")
+            raise InvalidValueError(f"unknown strategy {unknown or strategies}; valid: {', '.join(STRATEGIES)}")
         object.__setattr__(self, "strategies", strategies)
         if self.threshold_rule not in THRESHOLD_RULES:
-            raise ValueError(f"unknown threshold_rule {self.threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+            raise InvalidValueError(
+                f"unknown threshold_rule {self.threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}"
+            )
         if self.group_size < 0:
-            raise ValueError(f"group_size must be >= 0 (0 = per-tensor only), got {self.group_size}")
+            raise InvalidValueError(f"group_size must be >= 0 (0 = per-tensor only), got {self.group_size}")
         object.__setattr__(self, "size_aware_targets", tuple(float(t) for t in self.size_aware_targets))
         if any(not 1 <= t <= 16 for t in self.size_aware_targets):
-            raise ValueError(f"size_aware_targets must lie in [1, 16] bits/param, got {self.size_aware_targets}")
+            raise InvalidValueError(
+                f"size_aware_targets must lie in [1, 16] bits/param, got {self.size_aware_targets}"
+            )
         if self.trajectory_prompts is not None:
             object.__setattr__(self, "trajectory_prompts", tuple(str(p) for p in self.trajectory_prompts))
         object.__setattr__(self, "layers", tuple(str(p) for p in self.layers))
@@ -179,7 +186,7 @@ class AnalysisConfig:
     def from_dict(cls, d: Mapping) -> AnalysisConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown AnalysisConfig keys {sorted(unknown)}")
+            raise InvalidValueError(f"unknown AnalysisConfig keys {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -191,7 +198,7 @@ def read_prompts(path: str | os.PathLike) -> tuple[str, ...]:
         raise FileNotFoundError(f"cannot read prompts file {str(path)!r}: {err.strerror or err}") from None
     prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
     if not prompts:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompts (one per line)")
+        raise InvalidValueError(f"prompts file {str(path)!r} holds no prompts (one per line)")
     return prompts
 
 
@@ -455,4 +462,3 @@ def run_analysis(
         result.save(out_dir)
         probed.store.mark_complete()
     return result
-

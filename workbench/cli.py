@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from workbench.errors import InvalidValueError, UserError, is_user_error, parse_bool
+from workbench.pipelines import DTYPES
 
 EXIT_USER_ERROR = 2
 
@@ -184,7 +185,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     import torch
 
     from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, read_prompts, run_analysis
-    from workbench.pipelines import default_min_numel, is_demo_model, load_pipeline
+    from workbench.layers import select_layers
+    from workbench.pipelines import default_min_numel, is_demo_model, load_pipeline, model_dtype, pick_device
 
     try:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
@@ -207,10 +209,13 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         trajectory=args.trajectory,
         trajectory_steps=args.trajectory_steps,
         trajectory_prompts=trajectory_prompts,
+        layers=tuple(args.layers),
+        exclude=tuple(args.exclude),
     )
     torch.set_num_threads(args.threads)  # the CLI process is ours: set once, here
-    pipe = load_pipeline(args.model, device=args.device, progress=False)
-    layers = _candidate_layers(pipe, config.min_numel, args.model)
+    device = pick_device(args.device)
+    pipe = load_pipeline(args.model, device=device, dtype=model_dtype(device, args.dtype), progress=False)
+    layers = select_layers(_candidate_layers(pipe, config.min_numel, args.model), config.layers, config.exclude)
     misfits = sorted({m.weight.shape[0] for m in layers.values()} if args.group_size else ())
     misfits = [c for c in misfits if c % args.group_size]
     if misfits:
@@ -342,7 +347,25 @@ def _add_analyze(sub) -> None:
         default=True,
         help="reuse finished evaluations of the same configuration in --out (default on)",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="measure only candidates matching these globs, e.g. 'mid_block.*'",
+    )
+    p.add_argument(
+        "--exclude", nargs="+", default=[], metavar="GLOB", help="leave out candidates matching these globs"
+    )
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best here, cuda > mps > cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="UNet dtype (default auto: float16 on cuda/mps, float32 on cpu); metrics are float64 either way",
+    )
     p.add_argument(
         "--threads",
         type=int_in_range(1),

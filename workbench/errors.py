@@ -10,8 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
-
 
 class UserError(Exception):
     """An error the user can fix by changing what they asked for; its message says what was wrong and what is
@@ -23,22 +21,10 @@ class InvalidValueError(UserError, ValueError):
     """A value the user gave (an option, a config field, a parameter) is of the wrong kind or out of range."""
 
 
-# Input-validation errors defined before `UserError` existed, as "module:ClassName"; they count as user errors
-# until they derive from `UserError` themselves. Looked up in `sys.modules` only: an error of a module that was
-# never imported cannot have been raised, and the check imports nothing.
-REGISTERED_USER_ERRORS: tuple[str, ...] = ("workbench.recipes:RecipeError", "workbench.analysis:StoreMismatchError")
-
-
 def is_user_error(err: BaseException) -> bool:
-    """Whether `err` is one a user can fix: a `UserError`, or one of `REGISTERED_USER_ERRORS`."""
-    if isinstance(err, UserError):
-        return True
-    for entry in REGISTERED_USER_ERRORS:
-        module, _, name = entry.partition(":")
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(err, cls):
-            return True
-    return False
+    """Whether `err` is one a user can fix (a `UserError`: `ModelNotAvailableError`, `RecipeError`,
+    `StoreMismatchError`, `InvalidValueError`, ...)."""
+    return isinstance(err, UserError)
 
 
 _TRUE = ("true", "1", "yes")

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from workbench.errors import UserError
+
 REFERENCE_MIN_NUMEL = 100_000  # the reference's candidates: weight.numel() > 1e5
 
 
-class LayerNotFoundError(KeyError):
+class LayerNotFoundError(UserError, KeyError):
     """A layer name that is not in the model; the message lists the closest real names."""
 
     def __str__(self) -> str:

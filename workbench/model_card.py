@@ -137,9 +137,9 @@ any other use.
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("data/models/tiny-shapes")  # float32, offline
+pipe = StableDiffusionPipeline.from_pretrained("workbench/data/tiny-shapes")  # float32, offline
 image = pipe("a large blue triangle at the bottom right", generator=torch.Generator().manual_seed(0)).images[0]
-# or: workbench.pipelines.load_pipeline("data/models/tiny-shapes")
+# or: workbench.pipelines.load_pipeline("workbench/data/tiny-shapes")
 ```
 
 Defaults are the pipeline's: {PIPELINE_DEFAULT_STEPS} {type(pipe.scheduler).__name__} steps, \
@@ -263,8 +263,8 @@ def _training_section(result: TrainResult) -> str:
     return f"""## Training
 
 ```
-.venv/bin/python -m workbench.train --out data/models/tiny-shapes --checkpoint-dir /tmp/tiny-shapes-ckpt
-# or: workbench train --out data/models/tiny-shapes
+.venv/bin/python -m workbench.train --out workbench/data/tiny-shapes --checkpoint-dir /tmp/tiny-shapes-ckpt
+# or: workbench train --out workbench/data/tiny-shapes
 ```
 
 Seed {config.seed}; all settings are `workbench.train.TrainConfig` defaults, written to `training.json` with the

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.errors import UserError
 from workbench.layers import closest_names
 from workbench.size import bits_per_param
 
@@ -29,7 +30,7 @@ RECIPE_NBITS = (1, 2, 3, 4, 6, 8, 16)
 _KEYS = ("model_version", "single_layer", "cumulative", "baselines", "recipes")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe or pre-analysis file that cannot be used; the message says why and what is valid."""
 
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from workbench.errors import UserError
+
 if TYPE_CHECKING:
     from workbench.analysis import AnalysisConfig
     from workbench.probe import OneStepProbe
@@ -80,7 +82,7 @@ def identity_key(identity: Mapping) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(UserError, ValueError):
     """A store file that belongs to another configuration."""
 
 

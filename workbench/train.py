@@ -29,8 +29,8 @@ and the model card (`document`) is measured and written by `workbench.model_card
 settings (`TrainConfig`), the run (`train`) and its command line.
 
 Usage:
-    python -m workbench.train --out data/models/tiny-shapes --checkpoint-dir /tmp/tiny-shapes-ckpt
-    workbench train --out data/models/tiny-shapes
+    python -m workbench.train --out workbench/data/tiny-shapes --checkpoint-dir /tmp/tiny-shapes-ckpt
+    workbench train --out workbench/data/tiny-shapes
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The training options, shared by `python -m workbench.train` and `workbench train`."""
-    parser.add_argument("--out", default="data/models/tiny-shapes", help="pipeline folder to write")
+    parser.add_argument("--out", default="workbench/data/tiny-shapes", help="pipeline folder to write")
     parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (default: the defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints here (not in the repo)")
