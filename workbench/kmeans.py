@@ -54,7 +54,7 @@ class _Histogram(NamedTuple):
 
 def _flat_bits(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float16:
-        raise TypeError(f"a float16 array is needed, got {x.dtype}")
+        raise TypeError(f"expected a float16 array, got {x.dtype}")
     return np.ascontiguousarray(x).reshape(-1).view(np.uint16)
 
 
