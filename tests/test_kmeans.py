@@ -1,9 +1,23 @@
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from workbench.kmeans import kmeans_1d, kmeans_1d_numpy, unique_float16
+from workbench import kmeans
+from workbench.kmeans import kmeans_1d, kmeans_1d_numpy, kmeans_float16, unique_float16
+
+
+def _coremltools_cluster():
+    deps = pytest.importorskip("coremltools._deps", reason="coremltools is the reference these tests compare to")
+    if not deps._HAS_KMEANS1D:
+        pytest.skip("coremltools' compiled kmeans1d is not importable")
+    return deps._kmeans1d.cluster
+
+
+def _needs_numba():
+    pytest.importorskip("numba", reason="the numba solver needs numba (pip install numba)")
 
 
 def _cost(x, w, labels):
@@ -69,3 +83,95 @@ def test_more_clusters_than_points_gives_every_point_its_own_cluster():
     labels, centroids = kmeans_1d_numpy(x, np.ones(3), 8)
     assert labels.tolist() == [0, 1, 2]
     assert np.array_equal(centroids, x)
+
+
+def _points(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct points (float64) and positive weights of one of the shapes the solvers must agree on."""
+    if kind == "float16_counts":  # what fit_palette clusters: distinct float16 values and their counts
+        x = np.unique(rng.standard_t(4, 4 * n).astype(np.float16))[:n].astype(np.float64)
+        return x, rng.geometric(0.01, len(x)).astype(np.float64)
+    if kind == "equal_spacing_equal_weights":  # every split point ties in exact arithmetic
+        return np.arange(n, dtype=np.float64), np.ones(n)
+    if kind == "adjacent_float16":  # consecutive bit patterns: values one float16 ulp apart
+        start = int(rng.integers(0x3000, 0x3800))
+        return np.arange(start, start + n, dtype=np.uint16).view(np.float16).astype(np.float64), np.ones(n)
+    if kind == "adjacent_float64":  # one float64 ulp apart, with weights over six orders of magnitude
+        x = np.nextafter(0.5, 1.0) + np.arange(n) * np.spacing(0.5)
+        return x, 10.0 ** rng.uniform(0, 6, n)
+    if kind == "clumps":  # a few tight clusters of near-duplicates, heavy weights on some
+        centres = rng.standard_normal(5)
+        x = np.unique(centres[rng.integers(0, 5, n)] + rng.integers(-3, 4, n) * 1e-12)
+        return x, rng.choice([1.0, 1.0, 1e4], len(x))
+    raise ValueError(kind)
+
+
+KINDS = ["float16_counts", "equal_spacing_equal_weights", "adjacent_float16", "adjacent_float64", "clumps"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [2, 4, 8, 16, 64, 256])
+def test_numba_solver_is_bit_exact_with_coremltools(kind, k):
+    cluster = _coremltools_cluster()
+    _needs_numba()
+    rng = np.random.default_rng(k)
+    for n in [1, 2, 3, k - 1, k, k + 1, 2 * k + 3, 300, int(rng.integers(1, 700))]:
+        x, w = _points(kind, max(n, 1), rng)
+        expected = cluster(x, k, weights=w)
+        labels, centroids = kmeans_1d(x, w, k, solver="numba")
+        assert np.array_equal(labels, np.asarray(expected.clusters)), (kind, k, len(x))
+        assert np.array_equal(centroids.view(np.uint64), np.asarray(expected.centroids).view(np.uint64)), (kind, k)
+
+
+@pytest.mark.parametrize("k", [16, 256])
+def test_numba_solver_is_bit_exact_at_layer_scale_and_in_any_input_order(k):
+    cluster = _coremltools_cluster()
+    _needs_numba()
+    rng = np.random.default_rng(5)
+    u = unique_float16((rng.standard_t(5, 400_000) * 0.02).astype(np.float16))
+    expected = cluster(u.values, k, weights=u.counts)
+    labels, centroids = kmeans_1d(u.values, u.counts, k, solver="numba")
+    assert len(u.values) > 5_000
+    assert np.array_equal(labels, np.asarray(expected.clusters))
+    assert np.array_equal(centroids.view(np.uint64), np.asarray(expected.centroids).view(np.uint64))
+    shuffle = rng.permutation(len(u.values))  # coremltools sorts its input; so does the numba solver
+    labels, centroids = kmeans_1d(u.values[shuffle], u.counts[shuffle], k, solver="numba")
+    assert np.array_equal(labels, np.asarray(expected.clusters)[shuffle])
+    assert np.array_equal(centroids.view(np.uint64), np.asarray(expected.centroids).view(np.uint64))
+
+
+def test_kmeans_float16_equals_coremltools_unique_cluster_gather():
+    cluster = _coremltools_cluster()
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((300, 70)) * 0.05).astype(np.float16)
+    x[0, :3] = [0.0, -0.0, -0.0]  # np.unique counts -0.0 as +0.0; so must the bit-pattern table
+    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    expected = cluster(values, 64, weights=counts)
+    got = kmeans_float16(x, 64)
+    assert got.labels.dtype == np.uint8 and got.labels.shape == (x.size,)
+    assert np.array_equal(got.labels, np.asarray(expected.clusters)[inverse.reshape(-1)])
+    assert np.array_equal(got.centroids.view(np.uint64), np.asarray(expected.centroids).view(np.uint64))
+    with pytest.raises(ValueError, match="1 <= k <= 256; got k=512"):
+        kmeans_float16(x, 512)
+
+
+def test_without_numba_auto_falls_back_to_coremltools_and_numba_solver_says_what_is_missing(monkeypatch):
+    cluster = _coremltools_cluster()
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((200, 60)) * 0.05).astype(np.float16)
+    with_numba = kmeans_float16(x, 16)
+    monkeypatch.setattr(kmeans, "_jit_kernels", lambda: None)
+    without = kmeans_float16(x, 16)  # np.bincount, coremltools' solver, table[bits]
+    u = unique_float16(x)
+    expected = cluster(u.values, 16, weights=u.counts)
+    assert np.array_equal(without.labels, np.asarray(expected.clusters)[u.inverse])
+    assert np.array_equal(without.labels, with_numba.labels)
+    assert np.array_equal(without.centroids, with_numba.centroids)
+    with pytest.raises(ImportError, match="needs numba"):
+        kmeans_1d(u.values, u.counts, 16, solver="numba")
+    with pytest.raises(ValueError, match="unknown k-means solver 'fast'.*'numba'"):
+        kmeans_1d(u.values, u.counts, 16, solver="fast")
+
+
+def test_importing_workbench_kmeans_does_not_import_numba():
+    code = "import sys, workbench.kmeans; assert 'numba' not in sys.modules, 'numba imported at import time'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -58,6 +58,42 @@ def test_palette_has_at_most_2_to_the_n_values_and_error_falls_with_bits(nbits, 
     assert sqnr >= floor, f"SQNR {sqnr:.2f} dB is too low"
 
 
+def _weights_for_exactness() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    signed_zeros = (rng.standard_normal((120, 100)) * 0.02).astype(np.float16)
+    signed_zeros[::7, ::3] = -0.0
+    signed_zeros[::5, ::2] = 0.0
+    return {
+        "student_t": (rng.standard_t(5, (256, 160)) * 0.02).astype(np.float16),
+        "signed_zeros": signed_zeros,
+        "few_values": rng.choice(np.linspace(-1, 1, 40), (100, 120)).astype(np.float16),  # < 2**8 values
+        "float32_conv": (rng.standard_normal((64, 32, 3, 3)) * 0.1).astype(np.float32),  # cast to float16
+    }
+
+
+@pytest.mark.parametrize("name", ["student_t", "signed_zeros", "few_values", "float32_conv"])
+@pytest.mark.parametrize("nbits", [1, 2, 4, 6, 8])
+def test_fit_palette_is_bit_exact_with_coremltools_kmeans(name, nbits):
+    quantization_utils = pytest.importorskip("coremltools.models.neural_network.quantization_utils")
+    weight = _weights_for_exactness()[name]
+    lut, indices = quantization_utils._get_kmeans_lookup_table_and_weight(nbits, weight.astype(np.float16))
+    palette = fit_palette(weight, PaletteConfig(nbits))
+    assert weight.size >= 10_000, "coremltools' exact 1-D k-means path"
+    assert np.array_equal(palette.lut[0].view(np.uint16), lut.astype(np.float16).view(np.uint16))
+    assert np.array_equal(palette.indices, indices.reshape(weight.shape))
+
+
+@pytest.mark.parametrize("solver", ["numba", "coremltools", "auto"])
+def test_fit_palette_solvers_give_the_same_palette(solver):
+    if solver == "numba":
+        pytest.importorskip("numba", reason="the numba solver needs numba (pip install numba)")
+    weight = _weights_for_exactness()["student_t"]
+    reference = fit_palette(weight, PaletteConfig(8), solver="coremltools")
+    palette = fit_palette(weight, PaletteConfig(8), solver=solver)
+    assert np.array_equal(palette.lut.view(np.uint16), reference.lut.view(np.uint16))
+    assert np.array_equal(palette.indices, reference.indices)
+
+
 def test_grouped_palette_is_one_lut_per_group_and_beats_per_tensor():
     w = torch.randn(64, 200, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 2, 64)[:, None]
     per_tensor = fit_palette(w, PaletteConfig(3)).dense().astype(np.float32)

@@ -5,27 +5,71 @@ short sorted list of distinct values weighted by how often each occurs. Optimal 
 points splits them into contiguous runs, which dynamic programming finds exactly (Gronlund et al. 2017,
 "Fast Exact k-Means, k-Medians and Bregman Divergence Clustering in 1D").
 
-Two things here make it fast where the reference is slow:
+What makes it fast where coremltools is slow on a large layer:
 
-- `unique_float16` counts values with a histogram over the uint16 view (one linear pass) instead of
-  `np.unique`'s sort, which is almost all the time the reference spends on a large layer;
-- the dynamic program runs on the distinct values only (at most 65,536), in coremltools' own compiled
-  SMAWK solver when it is importable, else in `kmeans_1d_numpy` (vectorised divide and conquer).
+- `kmeans_float16` counts the uint16 bit patterns (one linear pass, no sort), and labels every weight
+  through a 65,536-entry table of bit pattern -> cluster (one gather, no intp inverse index);
+- the dynamic program runs on the distinct values only (at most 65,536), in `workbench._kmeans_numba`:
+  coremltools' own SMAWK solver re-done in numba with the same floating-point operations in the same order,
+  so its LUTs are the same bits, several times faster. Without numba, coremltools' compiled solver runs
+  it, else `kmeans_1d_numpy` (vectorised divide and conquer).
+
+numba is optional and imported on the first fit that uses it, never by `import workbench.kmeans`.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 
 _N_PATTERNS = 1 << 16
+_NEGATIVE_ZERO = 0x8000
+SOLVERS = ("auto", "numba", "coremltools", "numpy")
+
+
+@functools.cache
+def _jit_kernels() -> ModuleType | None:
+    """`workbench._kmeans_numba` (compiled on first use, cached on disk), or None when numba is missing."""
+    try:
+        from workbench import _kmeans_numba
+    except ImportError:
+        return None
+    return _kmeans_numba
 
 
 class UniqueValues(NamedTuple):
     values: np.ndarray  # sorted distinct values, float16
     counts: np.ndarray  # occurrences of each value, int64
     inverse: np.ndarray  # index into `values` for every input element, flat, intp
+
+
+class _Histogram(NamedTuple):
+    patterns: np.ndarray  # uint16 bit patterns of the distinct values, in ascending order of value
+    counts: np.ndarray  # occurrences of each, int64
+
+
+def _flat_bits(x: np.ndarray) -> np.ndarray:
+    if x.dtype != np.float16:
+        raise TypeError(f"expected a float16 array, got {x.dtype}")
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+
+
+def _histogram(bits: np.ndarray) -> _Histogram:
+    """The distinct float16 values of a flat uint16 view, -0.0 counted as +0.0 (as `np.unique` does)."""
+    kernels = _jit_kernels()
+    counts = kernels.histogram_uint16(bits) if kernels else np.bincount(bits, minlength=_N_PATTERNS)
+    counts[0] += counts[_NEGATIVE_ZERO]
+    counts[_NEGATIVE_ZERO] = 0
+    patterns = np.flatnonzero(counts).astype(np.uint16)
+    values = patterns.view(np.float16).astype(np.float32)  # float32: numpy 2.2-2.3 sorts float16 wrongly on AVX-512
+    if np.isnan(values).any():
+        raise ValueError("cannot palettize a tensor that contains NaN")
+    patterns = patterns[np.argsort(values, kind="stable")]
+    return _Histogram(patterns, counts[patterns].astype(np.int64))
 
 
 def unique_float16(x: np.ndarray) -> UniqueValues:
@@ -39,20 +83,52 @@ def unique_float16(x: np.ndarray) -> UniqueValues:
     Returns:
         `UniqueValues`: sorted distinct values, their counts, and the flat inverse index.
     """
-    if x.dtype != np.float16:
-        raise TypeError(f"unique_float16 needs a float16 array, got {x.dtype}")
-    bits = x.reshape(-1).view(np.uint16)
-    bits = np.where(bits == 0x8000, np.uint16(0), bits)  # fold -0.0 into +0.0, as np.unique does
-    counts = np.bincount(bits, minlength=_N_PATTERNS)
-    present = np.flatnonzero(counts).astype(np.uint16)
-    values = present.view(np.float16)
-    if np.isnan(values).any():
-        raise ValueError("cannot palettize a tensor that contains NaN")
-    order = np.argsort(values, kind="stable")
-    values, present = values[order], present[order]
-    rank = np.empty(_N_PATTERNS, dtype=np.intp)
-    rank[present] = np.arange(len(present))
-    return UniqueValues(values, counts[present].astype(np.int64), rank[bits])
+    bits = _flat_bits(x)
+    hist = _histogram(bits)
+    rank = np.zeros(_N_PATTERNS, dtype=np.intp)
+    rank[hist.patterns] = np.arange(len(hist.patterns))
+    rank[_NEGATIVE_ZERO] = rank[0]
+    return UniqueValues(hist.patterns.view(np.float16), hist.counts, rank[bits])
+
+
+@dataclass(frozen=True)
+class Float16Clusters:
+    """Exact 1-D k-means of a float16 array's values.
+
+    Attributes:
+        centroids (`np.ndarray`): float64, shape (min(k, distinct values),), ascending.
+        labels (`np.ndarray`): uint8, the cluster of every element of the array, flat.
+    """
+
+    centroids: np.ndarray
+    labels: np.ndarray
+
+
+def kmeans_float16(x: np.ndarray, k: int, solver: str = "auto") -> Float16Clusters:
+    """Optimal k-means of a float16 array's values: coremltools' 1-D k-means path, without its big passes.
+
+    coremltools runs `np.unique(x, return_inverse=True, return_counts=True)`, clusters the distinct values
+    weighted by their counts (`kmeans_1d`) and gathers `labels[inverse]`; the same result comes from a
+    histogram of the bit patterns and a gather through a 65,536-entry uint8 table (-0.0 labelled as +0.0).
+
+    Args:
+        x (`np.ndarray`): float16 array of any shape, without NaN.
+        k (`int`): clusters wanted, 1 <= k <= 256; fewer when `x` has fewer distinct values.
+        solver (`str`, defaults to `"auto"`): see `kmeans_1d`.
+
+    Returns:
+        `Float16Clusters`: the centroids and a uint8 label for every element.
+    """
+    if not 1 <= k <= 256:
+        raise ValueError(f"kmeans_float16 labels with uint8, so 1 <= k <= 256; got k={k}")
+    bits = _flat_bits(x)
+    hist = _histogram(bits)
+    labels, centroids = kmeans_1d(hist.patterns.view(np.float16), hist.counts, k, solver=solver)
+    table = np.zeros(_N_PATTERNS, dtype=np.uint8)
+    table[hist.patterns] = labels
+    table[_NEGATIVE_ZERO] = table[0]
+    kernels = _jit_kernels()
+    return Float16Clusters(centroids, kernels.gather_uint8(table, bits) if kernels else table[bits])
 
 
 def _segment_cost(cw: np.ndarray, cs: np.ndarray, cq: np.ndarray, j: np.ndarray, i: np.ndarray) -> np.ndarray:
@@ -142,18 +218,51 @@ def _kmeans_1d_coremltools(x: np.ndarray, weights: np.ndarray, k: int) -> tuple[
     return np.asarray(result.clusters, dtype=np.int64), np.asarray(result.centroids, dtype=np.float64)
 
 
+def _kmeans_1d_numba(x: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """coremltools' solver re-done in numba (`workbench._kmeans_numba`): the same bits, or None without numba.
+
+    Bit-exact with `coremltools._deps._kmeans1d.cluster(x, k, weights=weights)` whenever the points are
+    distinct (as distinct float16 values are); coremltools' `std::sort` may order equal points either way.
+    """
+    kernels = _jit_kernels()
+    if kernels is None:
+        return None
+    x = np.asarray(x, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    order = None if np.all(x[1:] >= x[:-1]) else np.argsort(x, kind="stable")
+    if order is None:
+        return kernels.cluster_sorted(x, weights, k)
+    sorted_labels, centroids = kernels.cluster_sorted(x[order], weights[order], k)
+    labels = np.empty_like(sorted_labels)
+    labels[order] = sorted_labels
+    return labels, centroids
+
+
 def kmeans_1d(x: np.ndarray, weights: np.ndarray, k: int, solver: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Optimal weighted 1-D k-means of sorted points; see `kmeans_1d_numpy` for the contract.
 
     Args:
-        solver (`str`, defaults to `"auto"`): `"coremltools"` (the compiled solver coremltools itself
-            uses, so LUTs are bit-exact with its packages), `"numpy"`, or `"auto"` (coremltools when
-            importable, else numpy).
+        solver (`str`, defaults to `"auto"`): `"numba"` (coremltools' algorithm compiled by numba: the same
+            bits as its solver, faster), `"coremltools"` (the compiled solver coremltools itself uses, so LUTs
+            are bit-exact with its packages), `"numpy"`, or `"auto"` (the first of numba, coremltools, numpy
+            that is importable).
     """
-    if solver not in ("auto", "coremltools", "numpy"):
-        raise ValueError(f"unknown k-means solver {solver!r}; valid: 'auto', 'coremltools', 'numpy'")
-    if solver != "numpy":
-        result = _kmeans_1d_coremltools(x, weights, min(k, len(x)))
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown k-means solver {solver!r}; valid: {', '.join(map(repr, SOLVERS))}")
+    n = len(x)
+    if k < 1 or n < 1:
+        raise ValueError(f"k-means needs k >= 1 and at least one point, got k={k}, n={n}")
+    if len(weights) != n:
+        raise ValueError(f"k-means needs one weight per point, got {len(weights)} weights for {n} points")
+    k = min(k, n)
+    if solver in ("auto", "numba"):
+        result = _kmeans_1d_numba(x, weights, k)
+        if result is not None:
+            return result
+        if solver == "numba":
+            raise ImportError("the 'numba' k-means solver needs numba (pip install numba), which is not importable")
+    if solver in ("auto", "coremltools"):
+        result = _kmeans_1d_coremltools(x, weights, k)
         if result is not None:
             return result
         if solver == "coremltools":

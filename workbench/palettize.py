@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.kmeans import kmeans_1d, unique_float16
+from workbench.kmeans import kmeans_float16
 from workbench.layers import get_layer
 
 SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
@@ -161,11 +161,9 @@ def sklearn_single_thread():
 def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.ndarray, np.ndarray]:
     lut = np.zeros(1 << nbits)
     if values.size >= KMEANS_1D_MIN_NUMEL:
-        unique = unique_float16(values)
-        n_clusters = min(len(unique.values), len(lut))
-        labels, centroids = kmeans_1d(unique.values, unique.counts, n_clusters, solver=solver)
-        lut[:n_clusters] = centroids
-        return lut, labels[unique.inverse]
+        clusters = kmeans_float16(values, len(lut), solver=solver)
+        lut[: len(clusters.centroids)] = clusters.centroids
+        return lut, clusters.labels
     from sklearn.cluster import KMeans
 
     # coremltools' small-tensor path, with its exact settings, on the same float16 column.
@@ -215,8 +213,8 @@ def fit_palette(weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver
             else:
                 lut, idx = _fit_group_uniform(values, config.nbits)
             luts.append(lut.astype(np.float16))
-            indices.append(np.asarray(idx).astype(np.uint8).reshape(group.shape))
-    return Palette(np.stack(luts), np.concatenate(indices, axis=0), config)
+            indices.append(np.asarray(idx).astype(np.uint8, copy=False).reshape(group.shape))
+    return Palette(np.stack(luts), indices[0] if len(indices) == 1 else np.concatenate(indices, axis=0), config)
 
 
 @torch.no_grad()
