@@ -364,7 +364,8 @@ class PaletteCache:
     def prefetch(self, jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]], workers: int = 1) -> None:
         """Start fitting palettes in background threads, in the order given, so they are ready when asked for.
 
-        The fits spend their time in numpy and the compiled k-means solver (numba, nogil), which release the GIL, so on a
+        The fits spend their time in numpy and the compiled k-means solver (numba, nogil), which release the GIL,
+        so on a
         machine with a core the model does not use they overlap its forward passes instead of adding to
         them. `palette` waits for a fit that is running, and fits a still-queued one itself (cancelling the
         queued job), so submit the most expensive fits (the widest palettes) first and the caller works up
