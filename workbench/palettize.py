@@ -365,8 +365,7 @@ class PaletteCache:
         """Start fitting palettes in background threads, in the order given, so they are ready when asked for.
 
         The fits spend their time in numpy and the compiled k-means solver (numba, nogil), which release the GIL,
-        so on a
-        machine with a core the model does not use they overlap its forward passes instead of adding to
+        so on a machine with a core the model does not use they overlap its forward passes instead of adding to
         them. `palette` waits for a fit that is running, and fits a still-queued one itself (cancelling the
         queued job), so submit the most expensive fits (the widest palettes) first and the caller works up
         from the cheap end. A weight that changed after it was submitted is refitted. Results are the same
