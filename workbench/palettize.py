@@ -18,7 +18,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from torch import nn
 
 from workbench.kmeans import kmeans_float16
 from workbench.layers import get_layer
+from workbench.stash import WeightStash
 
 SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
 FLOAT_BITS = 16  # a recipe's "leave this layer float16"
@@ -351,9 +352,10 @@ class PaletteCache:
             self._spilled[key] = (identity, path)
             self.spills += 1
 
-    def _adopt(self, key, identity, future: Future) -> None:
-        """A background fit finished: move its palette under the budget (so queued results never pile up)."""
-        if future.cancelled() or future.exception() is not None:
+    def _adopt(self, key, identity, weight: torch.Tensor, future: Future) -> None:
+        """A background fit finished: move its palette under the budget (so queued results never pile up); one of
+        a weight that changed since it was submitted is dropped (the caller will refit the new values)."""
+        if future.cancelled() or future.exception() is not None or self._identity(weight) != identity:
             return
         with self._lock:
             if self._pending.get(key, (None, None))[1] is not future:
@@ -387,7 +389,21 @@ class PaletteCache:
                 identity = self._identity(weight)
                 future = self._executor.submit(fit_palette, weight, config, solver=self.solver)
                 self._pending[key] = (identity, future)
-            future.add_done_callback(lambda f, key=key, identity=identity: self._adopt(key, identity, f))
+            future.add_done_callback(lambda f, k=key, i=identity, w=weight: self._adopt(k, i, w, f))
+
+    def settle(self, weight: torch.Tensor) -> None:
+        """Make sure no background fit reads `weight`'s storage from now on (it is about to be overwritten in
+        place): queued fits of it are cancelled (fitted later on demand), running ones are waited for."""
+        ptr = weight.data_ptr()
+        with self._lock:
+            mine = [(key, future) for key, (identity, future) in self._pending.items() if identity[0] == ptr]
+        for key, future in mine:
+            if future.cancel():
+                with self._lock:
+                    if self._pending.get(key, (None, None))[1] is future:
+                        del self._pending[key]
+            else:
+                wait([future])
 
     def close(self) -> None:
         """Cancel the fits not started yet, wait for the running ones and stop the background threads."""
@@ -436,31 +452,43 @@ def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None) 
 @contextmanager
 @torch.no_grad()
 def palettized(
-    model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str | None], cache: PaletteCache | None = None
+    model: nn.Module,
+    recipe: Mapping[str, int | PaletteConfig | str | None],
+    cache: PaletteCache | None = None,
+    stash: WeightStash | None = None,
 ) -> Iterator[nn.Module]:
     """Palettize `model`'s layers in place for the duration of a `with` block, then restore them exactly.
 
-    Nothing is deep-copied: each listed layer's `weight.data` is swapped for its palettized values and
-    the original tensor (the same object, so bitwise identical) is put back on exit, also on error.
+    Nothing is deep-copied. Each listed layer's weight takes its palettized values and its original comes back
+    bitwise on exit, also on error: kept as the original tensor (the same object) while the originals fit in the
+    stash's memory budget, else written to the stash's temporary file and the palettized values written into
+    the weight's own storage, so palettizing a whole full-size model does not hold it twice (`workbench.stash`).
 
     Args:
         model (`nn.Module`): e.g. `pipe.unet`.
         recipe (`Mapping[str, int | PaletteConfig | str | None]`): layer name -> bit width (16 or None:
             leave it), a `PaletteConfig`, or `"linear8"` / `"linear8_per_channel"` for the int8 baselines.
         cache (`PaletteCache`, *optional*): reuse palettes across calls.
+        stash (`WeightStash`, *optional*): where originals wait, shared by nested blocks (a cumulative curve);
+            None = a stash of this block's own with the default memory budget.
     """
-    originals: dict[str, torch.Tensor] = {}
+    own = stash is None
+    stash = WeightStash() if own else stash
+    replaced: list[str] = []
     try:
         for name, spec in recipe.items():
             layer = get_layer(model, name)
             new = _replacement(name, layer, spec, cache)
             if new is not None:
-                originals[name] = layer.weight.data
-                layer.weight.data = new
+                stash.swap(name, layer.weight, new, cache)
+                replaced.append(name)
+                del new  # on the disk path its values now live in the weight's storage
         yield model
     finally:
-        for name, data in originals.items():
-            get_layer(model, name).weight.data = data
+        for name in reversed(replaced):
+            stash.restore(name, get_layer(model, name).weight)
+        if own:
+            stash.close()
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ import torch
 from workbench.layers import compressible_layers, select_layers
 from workbench.palettize import PaletteCache, PaletteConfig, palettized
 from workbench.size import bits_per_param, recipe_nbytes
+from workbench.stash import WeightStash
 from workbench.store import Evaluation, EvaluationRunner
 
 
@@ -241,8 +242,9 @@ def cumulative_curve(
     psnr: dict[str, tuple[float, ...]] = {}
     recipe: dict[str, PaletteConfig] = {}
     with contextlib.ExitStack() as stack:
+        stash = stack.enter_context(WeightStash())  # one budget for the whole curve: it ends with every layer replaced
         for position, name in enumerate(order):
-            stack.enter_context(palettized(unet, {name: config}, cache))  # no restore until the curve ends
+            stack.enter_context(palettized(unet, {name: config}, cache, stash))  # no restore until the curve ends
             recipe[name] = config
             e = runner.measure(
                 f"cumulative/{config.key}/{position}/{name}", "cumulative", config=config.key, nbits=config.nbits,
