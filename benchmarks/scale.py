@@ -3,7 +3,8 @@
 For each architecture, in a fresh subprocess (so peak memory is its own): build the pipeline at small latents
 (`workbench.architectures`), run `run_analysis` on a layer subset (`--layers`), and report the UNet's
 per-forward time, the analysis' peak resident memory minus the weights' bytes (Linux VmHWM, reset after the
-build), and the extrapolated wall time of the reference's full analysis (1 + 10 N + 4 + 2 K evaluations at
+build; reported as a bound for the full analysis: the subset's figure plus the palette budget it left
+unused), and the extrapolated wall time of the reference's full analysis (1 + 10 N + 4 + 2 K evaluations at
 widths 1 2 4 6 8) at these latents on this machine. Then, on the largest layer (29.5M weights), palette fit
 times by width and the 8-bit fit against coremltools' own k-means path, with a bit-exactness check.
 The last line holds the figures:
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 REFERENCE_WIDTHS, REFERENCE_RECIPES = 5, 7
+# The analysed subsets: SD-1.5's middle block (18 layers); SDXL's is 10 transformer blocks deep, so its resnets.
+DEFAULT_SUBSETS = {"sd15": ["mid_block.*"], "sd21-base": ["mid_block.*"], "sdxl-base": ["mid_block.resnets.*"]}
 
 
 def _vm(field: str) -> int:
@@ -38,11 +41,14 @@ def _vm(field: str) -> int:
 
 def one(arch: str, layers: list[str], sample_size: int, nbits: list[int]) -> dict:
     """Build `arch`, analyse the `layers` subset, return the figures (runs in its own process)."""
+    import tempfile
+
     import torch
 
-    from workbench.analysis import AnalysisConfig, run_analysis
+    from workbench.analysis import DEFAULT_PALETTE_MEMORY, AnalysisConfig, run_analysis
     from workbench.architectures import build_pipeline
     from workbench.layers import compressible_layers
+    from workbench.palettize import PaletteCache
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -58,8 +64,13 @@ def one(arch: str, layers: list[str], sample_size: int, nbits: list[int]) -> dic
     )
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the build's own peak is not the analysis'
     config = AnalysisConfig(nbits=tuple(nbits), prompts=("a photo of a cat",), layers=tuple(layers), num_recipes=3)
-    result = run_analysis(pipe, config, progress=False)
+    with tempfile.TemporaryDirectory() as spill:
+        cache = PaletteCache(max_bytes=DEFAULT_PALETTE_MEMORY, spill_dir=spill)  # what run_analysis makes itself
+        result = run_analysis(pipe, config, progress=False, cache=cache)
     peak = _vm("VmHWM")
+    # A full analysis differs from the subset's by the palettes it holds: at most the budget (the stash of
+    # originals is bounded the same way, and the int8 baselines already replaced every weight here).
+    headroom = DEFAULT_PALETTE_MEMORY - cache.peak_nbytes
     t = result.timing
     n_all = len(compressible_layers(pipe.unet, config.min_numel))
     full_evals = 1 + 10 * n_all + 4 + 2 * REFERENCE_RECIPES
@@ -69,7 +80,9 @@ def one(arch: str, layers: list[str], sample_size: int, nbits: list[int]) -> dic
         "build_s": build_s,
         "weights_gb": weights / 1e9,
         "peak_rss_gb": peak / 1e9,
-        "rss_over_weights_gb": (peak - weights) / 1e9,
+        "subset_rss_over_weights_gb": (peak - weights) / 1e9,
+        "rss_over_weights_gb": (peak - weights + headroom) / 1e9,  # the bound for the full analysis
+        "palettes_peak_gb": cache.peak_nbytes / 1e9,
         "subset_layers": len(result.layers),
         "evaluations": t.evaluations,
         "wall_s": t.wall_s,
@@ -109,18 +122,18 @@ def fit_times(numel: int = 29_491_200) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["sd15", "sdxl-base"])
-    parser.add_argument("--layers", nargs="+", default=["mid_block.*"], help="analysed subset (globs)")
+    parser.add_argument("--layers", nargs="+", default=None, help="analysed subset (globs; default per architecture)")
     parser.add_argument("--sample-size", type=int, default=8, help="latent side (8: 64 px images)")
     parser.add_argument("--nbits", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one architecture, JSON out
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.layers, args.sample_size, args.nbits)))
+        print(json.dumps(one(args.one, args.layers or DEFAULT_SUBSETS[args.one], args.sample_size, args.nbits)))
         return
     runs = {}
     for arch in args.archs:
         cmd = [sys.executable, __file__, "--one", arch, "--sample-size", str(args.sample_size)]
-        cmd += ["--layers", *args.layers, "--nbits", *map(str, args.nbits)]
+        cmd += ["--layers", *(args.layers or DEFAULT_SUBSETS[arch]), "--nbits", *map(str, args.nbits)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         runs[arch] = json.loads(out.strip().splitlines()[-1])
         r = runs[arch]
@@ -128,7 +141,8 @@ def main() -> None:
             f"{arch}: built in {r['build_s']:.0f} s, weights {r['weights_gb']:.2f} GB, analysis of "
             f"{r['subset_layers']} layers ({r['evaluations']} evaluations) {r['wall_s']:.0f} s, forward "
             f"{r['forward_s']:.2f} s, overhead {r['overhead']:.2f}, peak RSS {r['peak_rss_gb']:.2f} GB "
-            f"(+{r['rss_over_weights_gb']:.2f} over the weights); full analysis ({r['candidates']} layers, "
+            f"(+{r['subset_rss_over_weights_gb']:.2f} over the weights, palettes {r['palettes_peak_gb']:.2f} GB; "
+            f"full analysis bound +{r['rss_over_weights_gb']:.2f}); full analysis ({r['candidates']} layers, "
             f"{r['full_evaluations']} evaluations) ~{r['full_h']:.1f} h",
             flush=True,
         )

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from workbench.trajectory import TrajectoryResult
 
 STRATEGIES = ("apple", "size-aware")
-DEFAULT_PALETTE_MEMORY = 1 << 30  # bytes of palettes an analysis holds in memory; the rest are spilled to disk
+DEFAULT_PALETTE_MEMORY = 512 << 20  # bytes of palettes an analysis holds in memory; the rest are spilled to disk
 THRESHOLD_RULES = ("curves", "reference")
 
 # COCO-caption-style prompts, as the reference uses (8 prompts, CFG batch 16).
@@ -418,7 +418,7 @@ def run_analysis(
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
         cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
         background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs; default: if a CPU core is free.
-        palette_memory (`int`, *optional*, defaults to 1 GiB): bytes of fitted palettes held in memory when no
+        palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
             `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
             None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
 

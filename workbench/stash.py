@@ -26,9 +26,9 @@ class WeightStash:
     """Originals of replaced weights: in memory up to `memory_bytes`, then in a temporary file.
 
     Args:
-        memory_bytes (`int`, *optional*): None = `STASH_MEMORY_BYTES` (256 MiB); bytes of originals kept as tensors (the replacement gets its
-            own storage, as a plain swap would); above it, originals go to disk and replacements are written in
-            place.
+        memory_bytes (`int`, *optional*): bytes of originals kept as tensors (the replacement gets its own
+            storage, as a plain swap would); above it, originals go to disk and replacements are written in place.
+            None = `STASH_MEMORY_BYTES` (256 MiB).
         dir (`str | os.PathLike`, *optional*): folder of the temporary file; None = the system's temp folder.
 
     Attributes:
