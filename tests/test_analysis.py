@@ -270,3 +270,16 @@ def test_layer_patterns_limit_the_candidates(pipe):
     assert set(result.layers) == measured
     with pytest.raises(KeyError, match="'nope.*' matches none"):
         run_analysis(pipe, AnalysisConfig(**{**CONFIG.to_dict(), "layers": ["nope.*"]}), progress=False)
+
+
+def test_fit_workers_leave_the_unet_its_cores():
+    import os
+
+    from workbench.analysis import fit_workers
+
+    cores = os.cpu_count() or 1
+    assert fit_workers(torch.device("cuda")) == cores - 1  # the UNet runs on the GPU: every core but one
+    with torch_threads(1):
+        assert fit_workers(torch.device("cpu")) == cores - 1
+    with torch_threads(cores):
+        assert fit_workers(torch.device("cpu")) == 0

@@ -60,3 +60,17 @@ def test_background_fits_count_against_the_budget(tmp_path):
                 fit_palette(w, PaletteConfig(nbits=6)).indices,
             )
         assert cache.fits == 12
+
+
+def test_several_fit_threads_give_the_same_palettes():
+    weights = _weights()
+    with PaletteCache() as cache:
+        cache.prefetch(((name, w, PaletteConfig(nbits=b)) for b in (8, 4) for name, w in weights.items()), workers=3)
+        for b in (8, 4):
+            for name, w in weights.items():
+                got = cache.palette(name, w, PaletteConfig(nbits=b))
+                want = fit_palette(w, PaletteConfig(nbits=b))
+                assert np.array_equal(got.indices, want.indices) and np.array_equal(
+                    got.lut.view(np.uint16), want.lut.view(np.uint16)
+                )
+        assert cache.fits == 12

@@ -388,6 +388,14 @@ def _timing(start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: 
     )
 
 
+def fit_workers(device: torch.device) -> int:
+    """Background palette-fit threads that leave the UNet its cores: every core but one when the UNet runs on an
+    accelerator, else the cores torch's own threads do not use (0: none free). The fits run in numpy and the numba
+    solver without the GIL, so threads use the cores as processes would, without copying weights."""
+    cores = os.cpu_count() or 1
+    return cores - 1 if torch.device(device).type != "cpu" else cores - torch.get_num_threads()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The analysis.
 
@@ -417,7 +425,8 @@ def run_analysis(
         progress (`bool`, defaults to True): a tqdm bar (notebook-aware) with done/left and ETA.
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
         cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
-        background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs; default: if a CPU core is free.
+        background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs, on `fit_workers` threads;
+            default: if a CPU core is free.
         palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
             `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
             None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
@@ -443,8 +452,9 @@ def run_analysis(
     palettes = sweep_palettes(config.nbits, config.group_size)
     try:
         baselines = measure_baselines(unet, runner)
-        if background_fits or (background_fits is None and torch.get_num_threads() < (os.cpu_count() or 1)):
-            prefetch_palettes(cache, candidates, palettes)
+        workers = fit_workers(unet.device)
+        if background_fits or (background_fits is None and workers > 0):
+            prefetch_palettes(cache, candidates, palettes, workers=max(1, workers))
         isolated = isolated_sweep(unet, candidates, config.nbits, runner, cache)
         curves = cumulative_curves(unet, candidates, sensitivity_order(isolated), palettes, runner, cache)
         planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)

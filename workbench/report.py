@@ -54,7 +54,7 @@ KERNEL_NAME = "python3"  # ipykernel's own spec; resolved to this interpreter (s
 # ---------------------------------------------------------------------------------------------- in notebooks
 
 
-def open_model(model: str = "", *, device: str | None = "cpu", threads: int | None = None):
+def open_model(model: str = "", *, device: str | None = None, dtype: str = "auto", threads: int | None = None):
     """The pipeline a notebook's `model` parameter names, on `device`, without per-step progress bars.
 
     A notebook convenience over `workbench.pipelines.load_pipeline`: the parameter is text, so `""` stands for the
@@ -63,7 +63,8 @@ def open_model(model: str = "", *, device: str | None = "cpu", threads: int | No
 
     Args:
         model (`str`, defaults to `""`): the notebook's `model` parameter.
-        device (`str`, defaults to `"cpu"`): where to run; `None` picks the best available.
+        device (`str`, *optional*): where to run; None picks the best available (cuda > mps > cpu).
+        dtype (`str`, defaults to "auto"): float16 on cuda/mps, float32 on cpu (`workbench.pipelines.model_dtype`).
         threads (`int`, *optional*): cap torch's CPU threads (the process-wide setting; notebooks set it once).
 
     Returns:
@@ -71,11 +72,12 @@ def open_model(model: str = "", *, device: str | None = "cpu", threads: int | No
     """
     import torch
 
-    from workbench.pipelines import load_pipeline, model_from_text
+    from workbench.pipelines import load_pipeline, model_dtype, model_from_text, pick_device
 
     if threads is not None:
         torch.set_num_threads(threads)
-    return load_pipeline(model_from_text(model), device=device, progress=False)
+    target = pick_device(device)
+    return load_pipeline(model_from_text(model), device=target, dtype=model_dtype(target, dtype), progress=False)
 
 
 def quiet_logs() -> None:

@@ -142,11 +142,15 @@ def sweep_palettes(nbits: Sequence[int], group_size: int = 0) -> list[PaletteCon
     return palettes
 
 
-def prefetch_palettes(cache: PaletteCache, candidates: Candidates, palettes: Sequence[PaletteConfig]) -> None:
-    """Fit every candidate's `palettes` in the background (`PaletteCache.prefetch`), per-tensor before grouped and
-    widest (slowest k-means) first, while the sweeps start at the narrowest; the same palettes as fitted on demand."""
+def prefetch_palettes(
+    cache: PaletteCache, candidates: Candidates, palettes: Sequence[PaletteConfig], workers: int = 1
+) -> None:
+    """Fit every candidate's `palettes` in the background (`PaletteCache.prefetch`, `workers` threads), per-tensor
+    before grouped and widest (slowest k-means) first, while the sweeps start at the narrowest; the same palettes as
+    fitted on demand."""
     ordered = sorted(palettes, key=lambda p: (p.granularity != "per_tensor", -p.nbits))
-    cache.prefetch([(name, layer.weight, p) for p in ordered for name, layer in candidates.layers.items()])
+    jobs = [(name, layer.weight, p) for p in ordered for name, layer in candidates.layers.items()]
+    cache.prefetch(jobs, workers=workers)
 
 
 @dataclass(frozen=True)
