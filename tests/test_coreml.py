@@ -235,3 +235,17 @@ def test_cli_export(tmp_path, capsys):
         assert main(["export", str(tmp_path / "model"), "--out", str(out), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("workbench export: error:") and err.count("\n") == 1, err
+
+
+def test_layer_patterns_narrow_the_unet_plan():
+    from workbench.coreml import plan_export
+    from workbench.layers import LayerNotFoundError
+
+    pipe = tiny_sd_pipeline()
+    everything = plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000)[0].palette
+    mid = plan_export(
+        pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000, layers=["mid_block.*"], exclude=["*.conv2"]
+    )
+    assert set(mid[0].palette) == {n for n in everything if n.startswith("mid_block.") and not n.endswith(".conv2")}
+    with pytest.raises(LayerNotFoundError, match="'mid_blok.*' matches none"):
+        plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000, layers=["mid_blok.*"])

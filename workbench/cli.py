@@ -139,6 +139,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         nbits=args.nbits,
         components=components,
         min_numel=args.min_numel,
+        layers=tuple(args.layers),
+        exclude=tuple(args.exclude),
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -277,6 +279,14 @@ def _add_recipe(sub) -> None:
     p.set_defaults(func=_cmd_recipe)
 
 
+def _add_layer_patterns(p) -> None:
+    """--layers / --exclude: UNet layer globs (fnmatch, `*` spans dots), as `workbench.layers.select_layers`."""
+    p.add_argument(
+        "--layers", nargs="+", default=[], metavar="GLOB", help="only UNet layers matching, e.g. 'mid_block.*'"
+    )
+    p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="leave out UNet layers matching these")
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a pipeline to Core ML packages, palettize and verify them")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
@@ -289,6 +299,7 @@ def _add_export(sub) -> None:
         "--components", default="unet", help="comma-separated: unet,text_encoder,text_encoder_2,vae_decoder"
     )
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="--nbits layers: more weights (2048)")
+    _add_layer_patterns(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -347,16 +358,7 @@ def _add_analyze(sub) -> None:
         default=True,
         help="reuse finished evaluations of the same configuration in --out (default on)",
     )
-    p.add_argument(
-        "--layers",
-        nargs="+",
-        default=[],
-        metavar="GLOB",
-        help="measure only candidates matching these globs, e.g. 'mid_block.*'",
-    )
-    p.add_argument(
-        "--exclude", nargs="+", default=[], metavar="GLOB", help="leave out candidates matching these globs"
-    )
+    _add_layer_patterns(p)
     p.add_argument(
         "--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best here, cuda > mps > cpu)"
     )

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -313,9 +313,20 @@ class ComponentPlan:
 
 
 def plan_export(
-    pipe, components: Iterable[str], *, recipe: RecipeLike, nbits: int | None, min_numel: int
+    pipe,
+    components: Iterable[str],
+    *,
+    recipe: RecipeLike,
+    nbits: int | None,
+    min_numel: int,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> list[ComponentPlan]:
-    """One `ComponentPlan` per component; a bad component, recipe or width fails here, before any conversion."""
+    """One `ComponentPlan` per component; a bad component, recipe, width or layer pattern fails here, before any
+    conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized layers;
+    the others stay float16."""
+    from workbench.layers import select_layers
+
     components = [check_component(c) for c in components]
     if not components:
         raise ValueError(f"no components to export; valid: {', '.join(COMPONENTS)}")
@@ -325,6 +336,8 @@ def plan_export(
     for component in components:
         module = component_module(pipe, component)
         palette = palette_plan(module, recipe if component == "unet" else None, nbits=nbits, min_numel=min_numel)
+        if component == "unet" and (layers or exclude):
+            palette = {name: palette[name] for name in select_layers(dict.fromkeys(palette), layers, exclude)}
         target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
         prefix = WRAPPERS[component].prefix
         plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target))
@@ -471,6 +484,8 @@ def export_pipeline(
     batch_size: int | None = None,
     source: str = "",
     verify: bool = True,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> ExportReport:
     """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
 
@@ -489,6 +504,8 @@ def export_pipeline(
         batch_size (`int`, *optional*): see `example_inputs`.
         source (`str`): the source model's name, written into the metadata.
         verify (`bool`, defaults to True): read the packages back and compare.
+        layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
+            (`plan_export`).
 
     Returns:
         `ExportReport`.
@@ -497,7 +514,9 @@ def export_pipeline(
         >>> report = export_pipeline(pipe, "out/", recipe=load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette"))
         >>> print(report.summary())  # sizes, bits/param, bit-exact per package
     """
-    plans = plan_export(pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel)
+    plans = plan_export(
+        pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = _recipe_label(recipe, nbits)
@@ -517,6 +536,8 @@ def export_model(
     nbits: int | None = None,
     components: Iterable[str] = ("unet",),
     min_numel: int = DEFAULT_MIN_NUMEL,
+    layers: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> ExportReport:
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
@@ -524,7 +545,7 @@ def export_model(
         model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
-        nbits, components, min_numel: see `export_pipeline`.
+        nbits, components, min_numel, layers, exclude: see `export_pipeline`.
     """
     from workbench.pipelines import DEMO_MODEL, load_pipeline
     from workbench.recipes import load_recipe
@@ -541,6 +562,11 @@ def export_model(
     components = [check_component(c) for c in components]  # fail before the pipeline loads
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
-    return export_pipeline(
-        pipe, out_dir, recipe=recipe, nbits=nbits, components=components, min_numel=min_numel, source=source
-    )
+    options = {
+        "components": components,
+        "min_numel": min_numel,
+        "source": source,
+        "layers": layers,
+        "exclude": exclude,
+    }
+    return export_pipeline(pipe, out_dir, recipe=recipe, nbits=nbits, **options)
