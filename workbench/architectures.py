@@ -168,8 +168,9 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
     Returns:
         `StableDiffusionPipeline` or `StableDiffusionXLPipeline` on CPU, float32, random weights.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
+    from workbench.pipelines import sd_pipeline
     from workbench.tokenizer import clip_tokenizer
 
     unet = build_unet(arch, sample_size=sample_size, seed=seed)
@@ -180,10 +181,7 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
         tokenizer = clip_tokenizer()
         if arch != "sdxl-base":
             text_encoder = _text_encoder(tokenizer, unet.config.cross_attention_dim)
-            return StableDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(arch),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )  # fmt: skip
+            return sd_pipeline(vae, text_encoder, tokenizer, unet, _scheduler(arch))
         tokenizer_2 = clip_tokenizer(pad_token="!")
         text_encoder = _text_encoder(tokenizer, 768)
         text_encoder_2 = _text_encoder(tokenizer_2, 1280, projection_dim=1280, act="gelu")

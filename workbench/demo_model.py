@@ -159,16 +159,7 @@ def assemble_pipeline(
 ):
     """A `StableDiffusionPipeline` around trained components, with `build_schedulers`' inference scheduler and
     no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    from workbench.pipelines import sd_pipeline
 
     _, scheduler = build_schedulers(prediction_type, zero_terminal_snr)
-    return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)

@@ -247,3 +247,20 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype, variant: str | None) 
         # the checker is a second, 1.2 GB model that blanks flagged images; it would distort every comparison
         extra = {"safety_checker": None, "requires_safety_checker": False}
     return DiffusionPipeline.from_pretrained(name, dtype=dtype, variant=variant, local_files_only=True, **extra)
+
+
+def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """An SD 1.x/2.x `StableDiffusionPipeline` around these components (put in eval mode) with no safety checker:
+    how the workbench assembles the pipelines it builds (tiny test models, the demo model, full-size builds)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -90,8 +90,10 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     Returns:
         StableDiffusionPipeline: on CPU, float32.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from workbench.pipelines import sd_pipeline
 
     tokenizer = clip_tokenizer()
     with _seeded(seed):
@@ -117,16 +119,7 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         steps_offset=1,
         timestep_spacing="leading",
     )
-    return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
