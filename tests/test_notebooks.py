@@ -199,3 +199,17 @@ def test_a_report_notebook_shows_its_cells_and_progress_without_the_tcp_warning(
     assert lines[0] == "99_progress: cell 1/1 (Sweep): from tqdm.auto import tqdm"
     assert lines[-1].startswith("99_progress: analysis 4/4 eval (100%), ") and "ETA" in lines[-1]
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_a_cell_over_the_timeout_fails_its_notebook_not_the_report(tmp_path, monkeypatch):
+    import workbench.report
+
+    book = nbformat.v4.new_notebook()
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    book.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(30)")]
+    (tmp_path / "src").mkdir()
+    nbformat.write(book, tmp_path / "src" / "98_slow.ipynb")
+    monkeypatch.setattr(workbench.report, "NOTEBOOK_DIR", tmp_path / "src")
+    run = execute_notebook("98_slow", tmp_path / "out", {}, timeout_s=2)
+    assert not run.ok and run.error.startswith("CellTimeoutError")
+    assert (tmp_path / "out" / "html" / "98_slow.html").is_file()

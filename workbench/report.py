@@ -259,7 +259,8 @@ class ReportConfig:
         smoke (`bool`, defaults to False): shrink every notebook (CI): few prompts, few steps.
         notebooks (`tuple[str, ...]`): which notebooks, in order (default: all five).
         out_root (`str`, defaults to `"reports"`): parent folder of the run folder.
-        timeout_s (`int`, defaults to 1200): per-cell execution timeout.
+        timeout_s (`int`, *optional*): per-cell execution timeout in seconds; None (default) = none: the analysis
+            cell of a full-size model runs for hours, and an interrupted analysis resumes where it stopped.
         threads (`int`, defaults to 2): torch CPU threads inside the notebooks.
     """
 
@@ -268,7 +269,7 @@ class ReportConfig:
     smoke: bool = False
     notebooks: tuple[str, ...] = NOTEBOOKS
     out_root: str = "reports"
-    timeout_s: int = 1200
+    timeout_s: int | None = None
     threads: int = 2
 
     def __post_init__(self):
@@ -366,7 +367,7 @@ def execute_notebook(
     out_dir: Path,
     parameters: dict,
     *,
-    timeout_s: int = 1200,
+    timeout_s: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> NotebookRun:
     """Run `NOTEBOOK_DIR/<name>.ipynb` with papermill into `out_dir/notebooks/`, render it to `out_dir/html/`.
@@ -390,6 +391,8 @@ def execute_notebook(
     executed = out_dir / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     start, error = time.perf_counter(), ""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
     with _this_interpreters_kernel():
         try:
             pm.execute_notebook(
@@ -404,6 +407,8 @@ def execute_notebook(
             )
         except pm.PapermillExecutionError as err:
             error = f"{err.ename}: {err.evalue}"
+        except (CellTimeoutError, DeadKernelError) as err:  # the notebook failed, not the report: go on
+            error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     seconds = time.perf_counter() - start
     render_html(executed, out_dir / "html" / f"{name}.html")
     return NotebookRun(name, params, seconds, ok=not error, error=error)
