@@ -249,3 +249,17 @@ def test_layer_patterns_narrow_the_unet_plan():
     assert set(mid[0].palette) == {n for n in everything if n.startswith("mid_block.") and not n.endswith(".conv2")}
     with pytest.raises(LayerNotFoundError, match="'mid_blok.*' matches none"):
         plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000, layers=["mid_blok.*"])
+
+
+def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need():
+    from workbench.coreml import ExportMemoryError, check_export_memory, plan_export
+    from workbench.errors import UserError
+
+    plans = plan_export(tiny_sd_pipeline(), ["unet"], recipe=None, nbits=4, min_numel=30_000)
+    check_export_memory(plans, available=10**12)  # plenty: no error
+    with pytest.raises(
+        ExportMemoryError,
+        match=r"exporting the unet needs about 0\.0 GB .* this machine has 0\.0 GB free. Run the export on a machine",
+    ):
+        check_export_memory(plans, available=1000)
+    assert issubclass(ExportMemoryError, UserError)

@@ -34,6 +34,7 @@ from workbench.coreml.components import (
     weight_layers,
 )
 from workbench.coreml.verify import Verification, package_nbytes, program_weight_names, verify_package
+from workbench.errors import UserError
 from workbench.palettize import FLOAT_BITS, PaletteConfig, sklearn_single_thread
 
 if TYPE_CHECKING:
@@ -344,6 +345,41 @@ def plan_export(
     return plans
 
 
+# Peak memory of converting, palettizing, saving and verifying one component, beyond the loaded pipeline, per
+# byte of the component's float32 weights (measured on SD-1.5's UNet with workbench export: README, scale).
+EXPORT_MEMORY_PER_WEIGHT_BYTE = 2.0
+
+
+class ExportMemoryError(UserError, MemoryError):
+    """Exporting would need more memory than this machine has free; the message names the need and the way out."""
+
+
+def export_memory_need(plans: Sequence[ComponentPlan]) -> int:
+    """Bytes of memory the export of `plans` needs beyond the loaded pipeline (its largest component's)."""
+    weights = max(sum(p.numel() * 4 for p in plan.module.parameters()) for plan in plans)
+    return int(EXPORT_MEMORY_PER_WEIGHT_BYTE * weights)
+
+
+def check_export_memory(plans: Sequence[ComponentPlan], available: int | None = None) -> None:
+    """Fail early, with the measured need and the way out, where the export would run out of memory.
+
+    Raises:
+        ExportMemoryError: `export_memory_need(plans)` exceeds the memory available (`psutil`), or `available`.
+    """
+    import psutil
+
+    need = export_memory_need(plans)
+    available = psutil.virtual_memory().available if available is None else available
+    if need > available:
+        largest = max(plans, key=lambda plan: sum(p.numel() for p in plan.module.parameters()))
+        raise ExportMemoryError(
+            f"exporting the {largest.component} needs about {need / 1e9:.1f} GB of free memory beyond the loaded "
+            f"model ({EXPORT_MEMORY_PER_WEIGHT_BYTE:g} bytes per byte of its float32 weights, measured on SD-1.5); "
+            f"this machine has {available / 1e9:.1f} GB free. Run the export on a machine with more memory (the "
+            "recipe file carries over), or close what else is using memory."
+        )
+
+
 @dataclass(frozen=True)
 class Conversion:
     """A component converted to float16 Core ML, not yet palettized: the model, its saved size, the time taken."""
@@ -517,6 +553,7 @@ def export_pipeline(
     plans = plan_export(
         pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude
     )
+    check_export_memory(plans)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = _recipe_label(recipe, nbits)
