@@ -370,7 +370,11 @@ def check_export_memory(plans: Sequence[ComponentPlan], available: int | None = 
     import psutil
 
     need = export_memory_need(plans)
-    available = psutil.virtual_memory().available if available is None else available
+    if available is None:
+        # weights loaded by mmap (safetensors) are not resident yet but will be: they count against what is free
+        weights = sum(p.numel() * p.element_size() for plan in plans for p in plan.module.parameters())
+        unread = max(0, weights - psutil.Process().memory_info().rss)
+        available = psutil.virtual_memory().available - unread
     if need > available:
         largest = max(plans, key=lambda plan: sum(p.numel() for p in plan.module.parameters()))
         raise ExportMemoryError(
