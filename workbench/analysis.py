@@ -42,7 +42,8 @@ import torch
 from workbench.allocation import Measurements, size_aware_recipes, threshold_recipes
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
-from workbench.palettize import SUPPORTED_NBITS, PaletteCache, palettized
+from workbench.fast import FastReport, FastSettings, FastSweep, check_points, fast_sweep, run_checks
+from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig, palettized
 from workbench.probe import OneStepProbe
 from workbench.recipes import PreAnalysis
 from workbench.size import bits_per_param
@@ -50,6 +51,7 @@ from workbench.store import Evaluation, EvaluationRunner, EvaluationStore, analy
 from workbench.sweeps import (
     Baselines,
     Candidates,
+    CumulativeCurve,
     CumulativeCurves,
     IsolatedSweep,
     candidate_layers,
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from workbench.trajectory import TrajectoryResult
 
 STRATEGIES = ("apple", "size-aware")
+SWEEPS = ("exhaustive", "fast")
 DEFAULT_PALETTE_MEMORY = 512 << 20  # bytes of palettes an analysis holds in memory; the rest are spilled to disk
 THRESHOLD_RULES = ("curves", "reference")
 
@@ -123,6 +126,13 @@ class AnalysisConfig:
         layers (`tuple[str, ...]`, defaults to ()): glob patterns (`fnmatch`, `*` spans dots) of the candidates to
             measure, e.g. `("mid_block.*",)`; empty = every candidate. Layers left out stay float16 in recipes.
         exclude (`tuple[str, ...]`, defaults to ()): glob patterns of candidates to leave out.
+        sweep (`str`, defaults to "exhaustive"): "exhaustive" measures every candidate at every width and the
+            cumulative curves (the reference's method); "fast" measures every candidate at `fast_reference_bits`,
+            a calibration subset at every width, predicts the rest and checks it (`workbench.fast`).
+        fast_reference_bits (`int`, defaults to 4): the width the fast sweep measures every candidate at.
+        fast_calibration (`float`, defaults to 0.1): fraction of candidates the fast sweep measures at every width.
+        fast_checks (`float`, defaults to 0.1): predicted points measured after the first plan, as a fraction of
+            the number of candidates.
     """
 
     nbits: tuple[int, ...] = (1, 2, 4, 6, 8)
@@ -141,6 +151,10 @@ class AnalysisConfig:
     trajectory_prompts: tuple[str, ...] | None = None
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    sweep: str = "exhaustive"
+    fast_reference_bits: int = 4
+    fast_calibration: float = 0.1
+    fast_checks: float = 0.1
 
     def __post_init__(self):
         nbits = tuple(sorted({int(b) for b in self.nbits}))
@@ -178,9 +192,36 @@ class AnalysisConfig:
             object.__setattr__(self, "trajectory_prompts", tuple(str(p) for p in self.trajectory_prompts))
         object.__setattr__(self, "layers", tuple(str(p) for p in self.layers))
         object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude))
+        self._check_sweep()
+
+    def _check_sweep(self) -> None:
+        if self.sweep not in SWEEPS:
+            raise InvalidValueError(f"unknown sweep {self.sweep!r}; valid: {', '.join(SWEEPS)}")
+        if self.sweep != "fast":
+            return
+        if self.fast_reference_bits not in self.nbits:
+            raise InvalidValueError(
+                f"fast_reference_bits={self.fast_reference_bits} is not one of the swept widths {list(self.nbits)}"
+            )
+        for name in ("fast_calibration", "fast_checks"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidValueError(f"{name} must lie in [0, 1] (a fraction of the candidates), got {value}")
+        if self.group_size:
+            raise InvalidValueError("group_size > 0 (grouped cumulative curves) needs sweep='exhaustive'")
+
+    @property
+    def fast_settings(self) -> FastSettings:
+        return FastSettings(self.fast_reference_bits, self.fast_calibration, self.fast_checks)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The fields as JSON values; an exhaustive sweep's dict leaves out the fast sweep's settings, which decide
+        nothing there, so stores written before they existed keep their keys."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.sweep == "exhaustive":
+            for name in ("sweep", "fast_reference_bits", "fast_calibration", "fast_checks"):
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> AnalysisConfig:
@@ -240,7 +281,10 @@ def probe_pipeline(
 
 
 def sweep_evaluations(config: AnalysisConfig, num_layers: int) -> int:
-    """Evaluations before the recipes: 3 baselines, the isolated sweep, the per-tensor and grouped curves."""
+    """Evaluations before the recipes: 3 baselines, the isolated sweep, the per-tensor and grouped curves (the
+    fast sweep plans its own)."""
+    if config.sweep == "fast":
+        return 3
     return 3 + len(config.nbits) * num_layers * (3 if config.group_size else 2)
 
 
@@ -374,6 +418,73 @@ def build_preanalysis(
     )
 
 
+@dataclass(frozen=True)
+class FastPhases:
+    """What the fast sweep hands on: the measured-or-predicted isolated sweep, the model's cumulative curves, the
+    recipes planned after the checks, and the sweep itself with its report."""
+
+    sweep: FastSweep
+    isolated: IsolatedSweep
+    curves: CumulativeCurves
+    planned: tuple[PlannedRecipe, ...]
+
+    @property
+    def report(self) -> FastReport:
+        return self.sweep.report
+
+
+def fast_phases(
+    unet: torch.nn.Module,
+    candidates: Candidates,
+    config: AnalysisConfig,
+    baselines: Baselines,
+    runner: EvaluationRunner,
+    cache: PaletteCache,
+    workers: int = 1,
+) -> FastPhases:
+    """The fast sweep (`workbench.fast`) in place of phases 3-6: measure and predict, plan, check the plan's most
+    influential predicted points, plan again on the corrected table."""
+    settings = config.fast_settings
+    sweep = fast_sweep(unet, candidates, config.nbits, runner, cache, baselines.original.psnr, settings, workers)
+
+    def plan() -> tuple[IsolatedSweep, CumulativeCurves, tuple[PlannedRecipe, ...]]:
+        isolated = IsolatedSweep(sweep.isolated())
+        order = sensitivity_order(isolated)
+        curves = CumulativeCurves(
+            per_tensor={
+                b: CumulativeCurve(PaletteConfig(nbits=b), order.layers[b], psnr)
+                for b, psnr in sweep.cumulative(order.layers).items()
+            },
+            grouped={},
+        )
+        return isolated, curves, plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
+
+    _, _, planned = plan()
+    points = check_points(sweep, [r.bits for r in planned], settings.checks_count(len(candidates.layers)))
+    run_checks(sweep, points, unet, candidates, runner, cache)
+    return FastPhases(sweep, *plan())
+
+
+def predicted_evaluations(sweep: FastSweep, curves: CumulativeCurves, candidates: Candidates) -> list[Evaluation]:
+    """The fast sweep's predicted isolated points and its cumulative curves as evaluations marked
+    `extra={"predicted": True}` (not in the store: nothing was measured), for the tables and the figure."""
+    out = []
+    for b in sweep.widths:
+        key = PaletteConfig(nbits=b).key
+        for name in sweep.layers:
+            if sweep.is_predicted(name, b):
+                out.append(Evaluation(f"isolated/{key}/{name}", "isolated", sweep.psnr(name, b), key, b, name,
+                                      bits_per_param=bits_per_param({name: b}, candidates.numels),
+                                      extra={"predicted": True}))  # fmt: skip
+        curve = curves.per_tensor[b]
+        for position, name in enumerate(curve.order):
+            prefix = dict.fromkeys(curve.order[: position + 1], b)
+            out.append(Evaluation(f"cumulative/{key}/{position}/{name}", "cumulative", curve.psnr[name], key, b, name,
+                                  position, bits_per_param=bits_per_param(prefix, candidates.numels),
+                                  extra={"predicted": True}))  # fmt: skip
+    return out
+
+
 def _timing(start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache) -> Timing:
     wall = time.perf_counter() - start
     return Timing(
@@ -449,15 +560,20 @@ def run_analysis(
     probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
     runner = probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
+    fast = None
     palettes = sweep_palettes(config.nbits, config.group_size)
     try:
         baselines = measure_baselines(unet, runner)
         workers = fit_workers(unet.device)
         if background_fits or (background_fits is None and workers > 0):
             prefetch_palettes(cache, candidates, palettes, workers=max(1, workers))
-        isolated = isolated_sweep(unet, candidates, config.nbits, runner, cache)
-        curves = cumulative_curves(unet, candidates, sensitivity_order(isolated), palettes, runner, cache)
-        planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
+        if config.sweep == "fast":
+            fast = fast_phases(unet, candidates, config, baselines, runner, cache, max(1, workers))
+            isolated, curves, planned = fast.isolated, fast.curves, fast.planned
+        else:
+            isolated = isolated_sweep(unet, candidates, config.nbits, runner, cache)
+            curves = cumulative_curves(unet, candidates, sensitivity_order(isolated), palettes, runner, cache)
+            planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
         recipes = measure_recipes(unet, planned, candidates.numels, runner, cache)
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
     finally:
@@ -466,8 +582,14 @@ def run_analysis(
         spill.close()  # deletes the spilled palettes (they are only valid in this process)
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
     timing = _timing(start, probed.probe, runner, cache)
-    result = AnalysisResult(config, probed.identity, dict(candidates.numels), runner.evaluations, recipes, preanalysis,
-                            timing, trajectory)  # fmt: skip
+    evaluations = list(runner.evaluations)
+    if fast is not None:
+        fast.report.recipe_errors_db.update(
+            {r.name: r.predicted_psnr - r.psnr_mean for r in recipes if r.predicted_psnr is not None}
+        )
+        evaluations += predicted_evaluations(fast.sweep, curves, candidates)
+    result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,
+                            timing, trajectory, None if fast is None else fast.report)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
         probed.store.mark_complete()

@@ -26,6 +26,7 @@ from workbench.store import Evaluation, identity_key
 
 if TYPE_CHECKING:
     from workbench.analysis import AnalysisConfig
+    from workbench.fast import FastReport
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class AnalysisResult:
         preanalysis: the reference-format JSON content (`PreAnalysis`).
         timing: where the time went (`Timing`).
         trajectory: `workbench.trajectory.TrajectoryResult` list (empty unless `config.trajectory`).
+        fast: the fast sweep's model and validation (`workbench.fast.FastReport`); None for an exhaustive sweep.
     """
 
     config: AnalysisConfig
@@ -143,6 +145,7 @@ class AnalysisResult:
     preanalysis: PreAnalysis
     timing: Timing
     trajectory: list = field(default_factory=list)
+    fast: FastReport | None = None
 
     def baseline(self, name: str) -> float:
         return self.preanalysis.baselines[name]
@@ -171,7 +174,10 @@ class AnalysisResult:
             }
             row.update({k: v for k, v in e.extra.items() if not isinstance(v, (list, dict))})
             rows.append(row)
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if "predicted" in frame:  # the fast sweep's predicted points; every other row was measured
+            frame["predicted"] = frame["predicted"].astype("boolean").fillna(False).astype(bool)
+        return frame
 
     def recipes_frame(self):
         """One row per recipe: name, strategy, bits_per_param, size_reduction_pct, psnr_mean, selector."""
@@ -253,6 +259,8 @@ class AnalysisResult:
             "timing": self.timing.to_dict(),
             "matched_comparison": self.matched_comparison().to_records(),
         }
+        if self.fast is not None:
+            run["fast"] = self.fast.to_dict()
         paths["run"] = write_json_atomic(out / "run.json", run)
         if plot:
             paths["png"] = _save_figure(out / "psnr_vs_size.png", self)

@@ -172,6 +172,31 @@ def sweep_bits_per_param(recipe: Mapping[str, PaletteConfig], candidates: Candid
     return bits_per_param(recipe, candidates.numels)
 
 
+def isolated_points(
+    unet: torch.nn.Module,
+    candidates: Candidates,
+    points: Sequence[tuple[str, int]],
+    runner: EvaluationRunner,
+    cache: PaletteCache | None = None,
+) -> dict[tuple[str, int], tuple[float, ...]]:
+    """Palettize each (layer, width) of `points` alone (per-tensor k-means) and measure; restored after each.
+    The caller plans these evaluations on the runner's progress bar.
+
+    Returns:
+        (layer, width) -> PSNR per prompt, in the order of `points`.
+    """
+    out = {}
+    for name, b in points:
+        config = PaletteConfig(nbits=b)
+        with palettized(unet, {name: config}, cache):
+            e = runner.measure(
+                f"isolated/{config.key}/{name}", "isolated", config=config.key, nbits=b, layer=name,
+                bits_per_param=sweep_bits_per_param({name: config}, candidates),
+            )  # fmt: skip
+        out[name, b] = e.psnr
+    return out
+
+
 def isolated_sweep(
     unet: torch.nn.Module,
     candidates: Candidates,
@@ -180,18 +205,8 @@ def isolated_sweep(
     cache: PaletteCache | None = None,
 ) -> IsolatedSweep:
     """Palettize each candidate alone at each width (per-tensor k-means) and measure; restored after each."""
-    psnr: dict[int, dict[str, tuple[float, ...]]] = {}
-    for b in nbits:
-        config = PaletteConfig(nbits=b)
-        psnr[b] = {}
-        for name in candidates.layers:
-            with palettized(unet, {name: config}, cache):
-                e = runner.measure(
-                    f"isolated/{config.key}/{name}", "isolated", config=config.key, nbits=b, layer=name,
-                    bits_per_param=sweep_bits_per_param({name: config}, candidates),
-                )  # fmt: skip
-            psnr[b][name] = e.psnr
-    return IsolatedSweep(psnr)
+    measured = isolated_points(unet, candidates, [(n, b) for b in nbits for n in candidates.layers], runner, cache)
+    return IsolatedSweep({b: {n: measured[n, b] for n in candidates.layers} for b in nbits})
 
 
 @dataclass(frozen=True)

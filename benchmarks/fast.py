@@ -1,0 +1,93 @@
+"""Benchmark the fast sweep against the exhaustive one: UNet evaluations, wall time, and the recipes' quality.
+
+In one process, on the demo model and then on the tiny SDXL pipeline, fresh (no store, no palette cache shared):
+
+1. the exhaustive analysis (`sweep="exhaustive"`, strategies apple and size-aware, the reference's settings:
+   8 prompts, widths 1 2 4 6 8);
+2. the fast analysis (`sweep="fast"`, size-aware) targeting the bits/param of the exhaustive run's apple recipes.
+
+For every apple recipe from 2 to 5 bits/param it compares, at that size, the re-measured one-step PSNR of the fast
+size-aware recipe with the exhaustive size-aware recipe (`delta`) and with Apple's rule (`vs_apple`). Both runs
+re-measure their recipes end to end, so these are measurements, not predictions.
+
+The last line starts `eval_ratio=A wall_ratio=B mean_delta_db=C worst_vs_apple_db=D` (demo model), then the same
+for tiny SDXL and the fast sweep's validation errors. Example:
+    .venv/bin/python benchmarks/fast.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+
+def compare(model, threads: int, min_bpp: float = 2.0, max_bpp: float = 5.0) -> dict:
+    """Run both analyses on `model` and return the figures of one row of the last line."""
+    from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+    from workbench.pipelines import default_min_numel, load_pipeline
+
+    with torch_threads(threads):
+        pipe = load_pipeline(model, device="cpu", progress=False)
+        base = AnalysisConfig(min_numel=default_min_numel(model))
+        full = run_analysis(pipe, base, progress=True)
+        apple = [r for r in full.recipes if r.strategy == "apple" and min_bpp <= r.bits_per_param <= max_bpp]
+        targets = tuple(r.bits_per_param for r in apple)
+        fast_config = AnalysisConfig(min_numel=base.min_numel, sweep="fast", strategies=("size-aware",),
+                                     size_aware_targets=targets)  # fmt: skip
+        fast = run_analysis(pipe, fast_config, progress=True)
+    exhaustive_ours = {r.selector: r for r in full.recipes if r.strategy == "size-aware"}
+    fast_ours = {r.selector: r for r in fast.recipes}
+    rows = []
+    for ref in apple:
+        t = ref.bits_per_param
+        ex = min(exhaustive_ours.values(), key=lambda r: abs(r.selector - t))
+        fa = min(fast_ours.values(), key=lambda r: abs(r.selector - t))
+        rows.append((t, ref.psnr_mean, ex.psnr_mean, fa.psnr_mean, fa.bits_per_param))
+        print(f"  {t:.2f} b/p: apple {ref.psnr_mean:6.2f} | exhaustive size-aware {ex.psnr_mean:6.2f} "
+              f"({ex.bits_per_param:.3f}) | fast {fa.psnr_mean:6.2f} ({fa.bits_per_param:.3f}) | "
+              f"delta {fa.psnr_mean - ex.psnr_mean:+.2f} | vs apple {fa.psnr_mean - ref.psnr_mean:+.2f}")  # fmt: skip
+    report = fast.fast
+    print(f"  evaluations: exhaustive {full.timing.unet_evaluations}, fast {fast.timing.unet_evaluations}; wall "
+          f"{full.timing.wall_s:.1f} s vs {fast.timing.wall_s:.1f} s; held-out error per width (dB) "
+          f"{ {b: round(v, 2) for b, v in report.held_out_db.items()} }; checks {len(report.checks)}, mean abs "
+          f"error {report.check_error_db:.2f} dB; recipe prediction error (dB) "
+          f"{ {k: round(v, 2) for k, v in report.recipe_errors_db.items()} }")  # fmt: skip
+    return {
+        "eval_ratio": full.timing.unet_evaluations / fast.timing.unet_evaluations,
+        "wall_ratio": full.timing.wall_s / fast.timing.wall_s,
+        "mean_delta_db": float(np.mean([fa - ex for _, _, ex, fa, _ in rows])) if rows else math.nan,
+        "worst_vs_apple_db": min((fa - ap for _, ap, _, fa, _ in rows), default=math.nan),
+        "sizes": len(rows),
+        "check_error_db": report.check_error_db,
+        "recipe_error_db": float(np.mean(np.abs(list(report.recipe_errors_db.values())))),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; palette fits use the rest)")
+    parser.add_argument("--models", nargs="+", default=["demo", "tiny-sdxl"], help="demo and/or builtin names")
+    args = parser.parse_args()
+    from workbench.kmeans import kmeans_float16
+
+    kmeans_float16(np.arange(64, dtype=np.float16), 4)  # compile the numba solver before either run is timed
+    figures = {}
+    for name in args.models:
+        print(f"{name}:")
+        figures[name] = compare(None if name == "demo" else name, args.threads)
+    parts = []
+    for i, (name, f) in enumerate(figures.items()):
+        tag = "" if i == 0 else f"{name}_"
+        parts += [f"{tag}eval_ratio={f['eval_ratio']:.2f}", f"{tag}wall_ratio={f['wall_ratio']:.2f}",
+                  f"{tag}mean_delta_db={f['mean_delta_db']:+.2f}",
+                  f"{tag}worst_vs_apple_db={f['worst_vs_apple_db']:+.2f}"]  # fmt: skip
+    for name, f in figures.items():
+        parts += [f"{name}_sizes={f['sizes']}", f"{name}_check_error_db={f['check_error_db']:.2f}",
+                  f"{name}_recipe_error_db={f['recipe_error_db']:.2f}"]  # fmt: skip
+    print(" ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
