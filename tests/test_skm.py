@@ -1,0 +1,56 @@
+"""coremltools' SKMPalettizer on the tiny pipeline: runs, n-bit palettes on every candidate, deterministic."""
+
+import pytest
+import torch
+
+from workbench.errors import InvalidValueError
+from workbench.skm import calibration_samples, skm_palettize, swapped_weights
+from workbench.sweeps import candidate_layers
+from workbench.testing import tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ("a red circle", "a blue square")
+MIN_NUMEL = 16_384  # the tiny UNet's largest layers only, to keep the test fast
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline(seed=0)
+
+
+def test_calibration_samples_are_prompt_pairs_at_spread_steps(pipe):
+    samples = calibration_samples(pipe, PROMPTS, seed=0, num_samples=4)
+    assert len(samples) == 4
+    # 2 prompts x 2 steps, step-major: each prompt's guidance pair (unconditional row, text row) at both steps
+    assert [int(s.args[1]) for s in samples] == [int(samples[0].args[1])] * 2 + [int(samples[2].args[1])] * 2
+    assert int(samples[0].args[1]) > int(samples[2].args[1])
+    for s in samples:
+        assert s.args[0].shape == (2, 4, 32, 32) == s.direction.shape
+        assert s.kwargs["encoder_hidden_states"].shape[0] == 2
+    assert not torch.equal(samples[0].kwargs["encoder_hidden_states"], samples[1].kwargs["encoder_hidden_states"])
+
+
+def test_skm_palettizes_every_candidate_to_n_bits_deterministically(pipe):
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    options = {"prompts": PROMPTS, "seed": 0, "num_calibration": 2, "min_numel": MIN_NUMEL}
+    first = skm_palettize(pipe, 2, **options)
+    second = skm_palettize(pipe, 2, **options)
+    candidates = candidate_layers(pipe.unet, MIN_NUMEL)
+    assert list(first) == list(candidates.layers) and len(first) >= 3
+    for name, weight in first.items():
+        assert weight.dtype == torch.float16 and weight.shape == candidates.layers[name].weight.shape
+        assert 1 < torch.unique(weight).numel() <= 4, name
+        assert torch.equal(weight, second[name]), f"{name} differs between two runs"
+    for name, param in pipe.unet.named_parameters():  # the pipeline's own UNet is untouched
+        assert torch.equal(param, before[name])
+    with swapped_weights(pipe.unet, first):
+        for name, weight in first.items():
+            assert torch.equal(candidates.layers[name].weight, weight.float())
+    for name, param in pipe.unet.named_parameters():
+        assert torch.equal(param, before[name])
+
+
+def test_bad_width_is_a_user_error(pipe):
+    with pytest.raises(InvalidValueError, match="unsupported bit width 5"):
+        skm_palettize(pipe, 5, prompts=PROMPTS, min_numel=MIN_NUMEL)
