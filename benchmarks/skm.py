@@ -35,10 +35,11 @@ def main() -> None:
         result = compare_with_skm(pipe, tuple(args.nbits), config, num_calibration=args.num_calibration)
         wall = time.perf_counter() - start
     print(f"model: {args.model or 'demo model'}; {result.layers} candidate layers (min_numel {config.min_numel}); "
-          f"{result.num_calibration} calibration samples; torch threads {args.threads}")  # fmt: skip
+          f"{result.num_calibration} calibration samples ({result.sensitivity_seconds:.1f} s for the trajectories and "
+          f"the sensitivities); torch threads {args.threads}")  # fmt: skip
     for c in result.comparisons:
         print(f"{c.nbits}-bit ({c.bits_per_param:.2f} b/p): skm {c.skm_psnr:.2f} dB, ours {c.ours_psnr:.2f} dB, "
-              f"delta {c.delta:+.2f} dB (skm {c.skm_seconds:.1f} s)")  # fmt: skip
+              f"delta {c.delta:+.2f} dB (skm k-means {c.skm_seconds:.1f} s)")  # fmt: skip
     print(f"wall_s={wall:.1f} (pipeline load excluded)")
     print(" ".join(f"skm{c.nbits}_delta={c.delta:.2f}" for c in result.comparisons))
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from workbench.errors import InvalidValueError
-from workbench.skm import calibration_samples, skm_palettize, swapped_weights
+from workbench.skm import calibration_samples, skm_palettize, skm_sensitivity, swapped_weights
 from workbench.sweeps import candidate_layers
 from workbench.testing import tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ("a red circle", "a blue square")
-MIN_NUMEL = 16_384  # the tiny UNet's largest layers only, to keep the test fast
+MIN_NUMEL = 40_000  # the tiny UNet's 3 largest layers, to keep the test fast
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_skm_palettizes_every_candidate_to_n_bits_deterministically(pipe):
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     options = {"prompts": PROMPTS, "seed": 0, "num_calibration": 2, "min_numel": MIN_NUMEL}
     first = skm_palettize(pipe, 2, **options)
-    second = skm_palettize(pipe, 2, **options)
+    sensitivity = skm_sensitivity(pipe, **options)  # a second run, and the path that reuses the sensitivities
+    second = skm_palettize(pipe, 2, min_numel=MIN_NUMEL, sensitivity=sensitivity)
     candidates = candidate_layers(pipe.unet, MIN_NUMEL)
     assert list(first) == list(candidates.layers) and len(first) >= 3
     for name, weight in first.items():
@@ -51,6 +52,8 @@ def test_skm_palettizes_every_candidate_to_n_bits_deterministically(pipe):
         assert torch.equal(param, before[name])
 
 
-def test_bad_width_is_a_user_error(pipe):
+def test_bad_width_and_missing_sensitivities_are_user_errors(pipe):
     with pytest.raises(InvalidValueError, match="unsupported bit width 5"):
         skm_palettize(pipe, 5, prompts=PROMPTS, min_numel=MIN_NUMEL)
+    with pytest.raises(InvalidValueError, match="sensitivity lacks 3 candidate weight"):
+        skm_palettize(pipe, 4, min_numel=MIN_NUMEL, sensitivity={})

@@ -36,10 +36,12 @@ import copy
 import logging
 import math
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,8 +125,9 @@ def calibration_samples(
     """The UNet's inputs along the float pipeline's trajectories: `num_samples` (prompt, step) pairs.
 
     The pipeline generates every prompt (negative prompt "", image `i` from seed `seed + i`: `generate_images`) in
-    `ceil(num_samples / len(prompts))` steps, its UNet calls are recorded, and `num_samples` of the
-    (step, prompt) pairs are kept, evenly spaced in step-major order (all of them when they divide evenly).
+    `steps = ceil(num_samples / len(prompts))` steps and its UNet calls are recorded; `steps` of the calls, evenly
+    spread over the trajectory (all of them where the scheduler calls the UNet once a step), give one sample per
+    prompt each, in call-major order, the first `num_samples` kept.
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline (its UNet is only called, not changed).
@@ -142,21 +145,22 @@ def calibration_samples(
     if num_samples < 1:
         raise InvalidValueError(f"num_samples must be >= 1, got {num_samples}")
     steps = math.ceil(num_samples / len(prompts))
-    calls: list[tuple[tuple, dict]] = []
+    calls: list[list[tuple[tuple, dict]]] = []  # per UNet call, one (args, kwargs) per prompt
 
     def record(module, args, kwargs):
-        calls.extend(_split_call(args, kwargs, len(prompts)))
+        calls.append(_split_call(args, kwargs, len(prompts)))
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
         generate_images(pipe, prompts, seed=seed, steps=steps, height=height, width=width)
     finally:
         handle.remove()
-    keep = np.unique(np.linspace(0, len(calls) - 1, num_samples).round().astype(int))
+    # a scheduler may call the UNet more than once a step (PNDM's warm-up): keep `steps` calls spread evenly
+    keep = np.unique(np.linspace(0, len(calls) - 1, steps).round().astype(int))
+    chosen = [pair for index in keep for pair in calls[index]][:num_samples]
     generator = torch.Generator("cpu").manual_seed(seed + _DIRECTION_SEED_OFFSET)
     samples = []
-    for index in keep:
-        args, kwargs = calls[index]
+    for args, kwargs in chosen:
         sample = args[0] if args else kwargs["sample"]
         direction = torch.randn(sample.shape, generator=generator, dtype=torch.float32)
         samples.append(CalibrationSample(args, kwargs, direction))
@@ -193,6 +197,58 @@ def _check_nbits(nbits: int) -> None:
         raise InvalidValueError(f"unsupported bit width {nbits!r}; valid: {list(SUPPORTED_NBITS)}")
 
 
+def _float_copy(unet: torch.nn.Module, names: Sequence[str]) -> torch.nn.Module:
+    """A float32 CPU copy of `unet` in eval mode whose only trainable parameters are the weights of `names`."""
+    copied = copy.deepcopy(unet).eval()
+    if copied.dtype != torch.float32 or copied.device.type != "cpu":
+        copied = copied.to("cpu", torch.float32)
+    copied.requires_grad_(False)
+    for name in names:  # SKM reads a gradient for every trainable parameter: the candidates' only
+        get_layer(copied, name).weight.requires_grad_(True)
+    return copied
+
+
+def _skm_config(names: Sequence[str], nbits: int, num_samples: int):
+    """coremltools' config: a per-tensor LUT of `nbits` on each of `names` (by exact name), nothing else."""
+    from coremltools.optimize.torch.palettization import ModuleSKMPalettizerConfig, SKMPalettizerConfig
+
+    module_config = ModuleSKMPalettizerConfig(n_bits=nbits, granularity="per_tensor")
+    return SKMPalettizerConfig(
+        module_name_configs={re.escape(name): module_config for name in names},  # keys are regexes
+        calibration_nsamples=num_samples,
+    )
+
+
+def skm_sensitivity(
+    pipe,
+    *,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    seed: int = 0,
+    num_calibration: int = DEFAULT_CALIBRATION_SAMPLES,
+    min_numel: int = REFERENCE_MIN_NUMEL,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """SKM's sensitivities of the candidate weights: `SKMPalettizer.compute_sensitivity` with `output_fisher_loss`
+    over `calibration_samples`, on a float32 CPU copy of `pipe.unet` (the pipeline's own is not changed).
+
+    They do not depend on the palette width, so one result serves `skm_palettize` at every width. Arguments as
+    `skm_palettize`'s.
+
+    Returns:
+        `dict[str, torch.Tensor]`: `"<layer>.weight"` -> the squared gradients summed over the samples, scaled by
+        coremltools to a maximum of 1 per tensor and clipped below at 1e-12 (its `_process_sensitivity`).
+    """
+    from coremltools.optimize.torch.palettization import SKMPalettizer
+
+    names = list(candidate_layers(pipe.unet, min_numel).layers)
+    samples = calibration_samples(pipe, prompts, seed=seed, num_samples=num_calibration, height=height, width=width)
+    palettizer = SKMPalettizer(_float_copy(pipe.unet, names), _skm_config(names, 4, len(samples)))  # width unused
+    with torch.enable_grad(), _coremltools_log_level(logging.INFO if progress else logging.WARNING):
+        return palettizer.compute_sensitivity(samples, output_fisher_loss)
+
+
 def skm_palettize(
     pipe,
     nbits: int,
@@ -203,14 +259,16 @@ def skm_palettize(
     min_numel: int = REFERENCE_MIN_NUMEL,
     height: int | None = None,
     width: int | None = None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Palettize a float32 CPU copy of `pipe.unet` with coremltools' `SKMPalettizer`; return its weights.
 
     Every candidate layer (`candidate_layers(unet, min_numel)`) gets a per-tensor LUT of `2**nbits` entries,
-    fitted by k-means weighted by the Fisher estimate of `output_fisher_loss` over `calibration_samples`. The
-    pipeline's own UNet is left as it was. Deterministic: the same arguments give bit-identical weights (with the
-    same torch thread count, which decides the order of the gradients' sums).
+    fitted by coremltools' exact 1-D k-means on the float32 weights weighted by `skm_sensitivity` (the Fisher
+    estimate of `output_fisher_loss` over `calibration_samples`). The pipeline's own UNet is left as it was.
+    Deterministic: the same arguments give bit-identical weights (with the same torch thread count, which decides
+    the order of the gradients' sums).
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline.
@@ -221,34 +279,35 @@ def skm_palettize(
         min_numel (`int`, defaults to 100,000): candidates have `weight.numel() > min_numel`
             (`workbench.pipelines.default_min_numel` gives the model's).
         height, width (`int`, *optional*): calibration image size; None = the pipeline's default.
+        sensitivity (`Mapping[str, torch.Tensor]`, *optional*): `skm_sensitivity`'s result, to reuse across
+            widths; None = computed here from the arguments above.
         progress (`bool`, defaults to False): keep coremltools' INFO log lines (one per sample and layer).
 
     Returns:
         `dict[str, torch.Tensor]`: candidate layer -> palettized weight, float16 on the CPU, the layer's shape;
         each takes at most `2**nbits` distinct values.
     """
-    from coremltools.optimize.torch.palettization import (
-        ModuleSKMPalettizerConfig,
-        SKMPalettizer,
-        SKMPalettizerConfig,
-    )
+    from coremltools.optimize.torch.palettization import SKMPalettizer
 
     _check_nbits(nbits)
     names = list(candidate_layers(pipe.unet, min_numel).layers)
-    samples = calibration_samples(pipe, prompts, seed=seed, num_samples=num_calibration, height=height, width=width)
-    unet = copy.deepcopy(pipe.unet).eval()
-    if unet.dtype != torch.float32 or unet.device.type != "cpu":
-        unet = unet.to("cpu", torch.float32)
-    unet.requires_grad_(False)
-    for name in names:  # gradients of the candidates only: SKM reads a gradient for every trainable parameter
-        get_layer(unet, name).weight.requires_grad_(True)
-    module_config = ModuleSKMPalettizerConfig(n_bits=nbits, granularity="per_tensor")
-    config = SKMPalettizerConfig(
-        module_name_configs={re.escape(name): module_config for name in names},  # keys are regexes
-        calibration_nsamples=len(samples),
-    )
-    with torch.enable_grad(), _coremltools_log_level(logging.INFO if progress else logging.WARNING):
-        compressed = SKMPalettizer(unet, config).compress(dataloader=samples, loss_fn=output_fisher_loss, inplace=True)
+    if sensitivity is None:
+        sensitivity = skm_sensitivity(
+            pipe, prompts=prompts, seed=seed, num_calibration=num_calibration, min_numel=min_numel, height=height,
+            width=width, progress=progress,
+        )  # fmt: skip
+    missing = [name for name in names if f"{name}.weight" not in sensitivity]
+    if missing:
+        raise InvalidValueError(f"sensitivity lacks {len(missing)} candidate weight(s), e.g. {missing[:3]}")
+    unet = _float_copy(pipe.unet, names)
+    with (
+        tempfile.TemporaryDirectory(prefix="skm-") as folder,
+        _coremltools_log_level(logging.INFO if progress else logging.WARNING),
+    ):
+        path = str(Path(folder) / "sensitivity.pt")  # SKM's `compress` reads sensitivities from a file only
+        torch.save({f"{name}.weight": sensitivity[f"{name}.weight"] for name in names}, path)
+        config = _skm_config(names, nbits, num_samples=1)  # no calibration here: the sensitivities are given
+        compressed = SKMPalettizer(unet, config).compress(sensitivity_path=path, inplace=True)
     return {name: get_layer(compressed, name).weight.detach().to("cpu", torch.float16) for name in names}
 
 
@@ -283,7 +342,7 @@ class SKMComparison:
         nbits: palette width.
         bits_per_param: the recipe's size over the candidates (`workbench.size.bits_per_param`, LUTs not counted).
         skm_psnr, ours_psnr: mean one-step latent PSNR over the prompts (dB, the analysis' probe).
-        skm_seconds: wall time of `skm_palettize` (calibration, sensitivity, k-means).
+        skm_seconds: wall time of `skm_palettize` given the sensitivities (coremltools' weighted k-means).
     """
 
     nbits: int
@@ -300,11 +359,13 @@ class SKMComparison:
 
 @dataclass(frozen=True)
 class SKMBaseline:
-    """`compare_with_skm`'s result: one `SKMComparison` per width, and the calibration it used."""
+    """`compare_with_skm`'s result: one `SKMComparison` per width, the calibration samples, the number of candidate
+    layers and the wall time of `skm_sensitivity` (calibration trajectories and gradients, shared by the widths)."""
 
     comparisons: tuple[SKMComparison, ...]
     num_calibration: int
     layers: int
+    sensitivity_seconds: float
 
     def delta(self, nbits: int) -> float:
         """Ours minus SKM at `nbits`, dB."""
@@ -342,15 +403,18 @@ def compare_with_skm(
     candidates = candidate_layers(pipe.unet, config.min_numel)
     probe = OneStepProbe(pipe, config.prompts, config.seed, config.height, config.width)
     options = {"prompts": config.prompts, "seed": config.seed, "height": config.height, "width": config.width}
+    start = time.perf_counter()
+    sensitivity = skm_sensitivity(pipe, num_calibration=num_calibration, min_numel=config.min_numel, **options)
+    sensitivity_seconds = time.perf_counter() - start
     comparisons = []
     for b in nbits:
         recipe = dict.fromkeys(candidates.layers, b)
         start = time.perf_counter()
-        weights = skm_palettize(pipe, b, num_calibration=num_calibration, min_numel=config.min_numel, **options)
+        weights = skm_palettize(pipe, b, min_numel=config.min_numel, sensitivity=sensitivity)
         seconds = time.perf_counter() - start
         with swapped_weights(pipe.unet, weights):
             skm = float(np.mean(probe.psnr()))
         with palettized(pipe.unet, recipe, PaletteCache()):
             ours = float(np.mean(probe.psnr()))
         comparisons.append(SKMComparison(b, bits_per_param(recipe, candidates.numels), skm, ours, seconds))
-    return SKMBaseline(tuple(comparisons), num_calibration, len(candidates.layers))
+    return SKMBaseline(tuple(comparisons), num_calibration, len(candidates.layers), sensitivity_seconds)
