@@ -88,14 +88,15 @@ def _take_rows(value, rows: torch.Tensor, batch: int):
     return value
 
 
-def _to_device(value, device: torch.device):
-    """`value` with every tensor in it (nested in dicts, lists, tuples) moved to `device`."""
+def _to_model(value, device: torch.device, dtype: torch.dtype):
+    """`value` with every tensor in it (nested in dicts, lists, tuples) on `device`, floating ones as `dtype` (a
+    float16 pipeline's inputs for the float32 copy)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_model(v, device, dtype) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_to_model(v, device, dtype) for v in value)
     return value
 
 
@@ -173,10 +174,12 @@ def output_fisher_loss(model: torch.nn.Module, sample: CalibrationSample) -> tor
     `out` is the UNet's output on the sample; `out_float`, the float UNet's, is `out` itself held constant
     (SKM takes gradients at the float weights), so the gradient in the weights is `-J^T direction`.
     """
-    device = next(model.parameters()).device  # SKM moves the model to CUDA where there is one
-    out = model(*_to_device(sample.args, device), **_to_device(sample.kwargs, device))
+    weight = next(model.parameters())  # SKM moves the model to CUDA where there is one
+    out = model(
+        *_to_model(sample.args, weight.device, weight.dtype), **_to_model(sample.kwargs, weight.device, weight.dtype)
+    )
     out = out[0] if isinstance(out, tuple) else out.sample
-    target = out.detach() + sample.direction.to(device, out.dtype)
+    target = out.detach() + sample.direction.to(out.device, out.dtype)
     return 0.5 * torch.nn.functional.mse_loss(out, target, reduction="sum")
 
 
