@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from workbench.analysis import AnalysisConfig
 from workbench.errors import InvalidValueError
-from workbench.skm import calibration_samples, skm_palettize, skm_sensitivity, swapped_weights
+from workbench.skm import calibration_samples, compare_with_skm, skm_palettize, skm_sensitivity, swapped_weights
 from workbench.sweeps import candidate_layers
 from workbench.testing import tiny_sd_pipeline
 
@@ -57,3 +58,16 @@ def test_bad_width_and_missing_sensitivities_are_user_errors(pipe):
         skm_palettize(pipe, 5, prompts=PROMPTS, min_numel=MIN_NUMEL)
     with pytest.raises(InvalidValueError, match="sensitivity lacks 3 candidate weight"):
         skm_palettize(pipe, 4, min_numel=MIN_NUMEL, sensitivity={})
+
+
+def test_compare_with_skm_measures_both_at_the_same_size_and_restores_the_unet(pipe):
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    config = AnalysisConfig(prompts=PROMPTS, min_numel=MIN_NUMEL)
+    result = compare_with_skm(pipe, (2,), config, num_calibration=2)
+    (row,) = result.comparisons
+    assert row.nbits == 2 and row.bits_per_param == 2.0 and result.layers == 3
+    assert 0 < row.skm_psnr < 150 and 0 < row.ours_psnr < 150  # palettized: below the ~200 dB identical-output cap
+    assert result.delta(2) == row.ours_psnr - row.skm_psnr
+    assert list(result.to_frame().columns[:5]) == ["nbits", "bits_per_param", "skm_psnr", "ours_psnr", "delta"]
+    for name, param in pipe.unet.named_parameters():
+        assert torch.equal(param, before[name])
