@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -57,8 +57,18 @@ def _equal_count_bins(values: np.ndarray, counts: np.ndarray, bins: int):
     return means, w, float(np.maximum(s2 - s1 * means, 0.0).sum())
 
 
+def float16_histogram(weight: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct float16 values of `weight` (float64, ascending) and their counts (float64)."""
+    w = weight.detach().to("cpu", torch.float16).numpy() if isinstance(weight, torch.Tensor) else weight
+    unique = unique_float16(np.asarray(w, dtype=np.float16))
+    return unique.values.astype(np.float64), unique.counts.astype(np.float64)
+
+
 def quantization_errors(
-    weight: torch.Tensor | np.ndarray, widths: Sequence[int], bins_per_cluster: int = 32, max_bins: int = 2048
+    weight: torch.Tensor | np.ndarray | tuple[np.ndarray, np.ndarray],
+    widths: Sequence[int],
+    bins_per_cluster: int = 32,
+    max_bins: int = 2048,
 ) -> dict[int, float]:
     """The squared error `sum (w - q_b(w))**2` of the optimal per-tensor k-means palette of `weight`'s float16
     values at each width b, the proxy `e_l(b)` of the fast sweep's model.
@@ -68,13 +78,13 @@ def quantization_errors(
     within-bin error plus the clustering's, an upper bound of the optimum that is exact when no bins are merged and
     within a few percent otherwise. It costs milliseconds per width instead of an 8-bit fit's seconds.
 
+    Args:
+        weight: the weight, or its `float16_histogram`.
+
     Returns:
         width -> error, in the weight's units squared (float64).
     """
-    w = weight.detach().to("cpu", torch.float16).numpy() if isinstance(weight, torch.Tensor) else weight
-    unique = unique_float16(np.asarray(w, dtype=np.float16))
-    values = unique.values.astype(np.float64)
-    counts = unique.counts.astype(np.float64)
+    values, counts = weight if isinstance(weight, tuple) else float16_histogram(weight)
     out = {}
     for b in widths:
         k = 1 << int(b)
@@ -85,13 +95,13 @@ def quantization_errors(
 
 
 def layer_quantization_errors(
-    layers: Mapping[str, torch.nn.Module], widths: Sequence[int], workers: int = 1
-) -> dict[str, dict[int, float]]:
-    """`quantization_errors` of every layer's weight at `widths` on `workers` threads (numba releases the GIL)."""
-    names = list(layers)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        errors = pool.map(lambda name: quantization_errors(layers[name].weight, widths), names)
-        return dict(zip(names, errors))
+    layers: Mapping[str, torch.nn.Module], widths: Sequence[int], pool: ThreadPoolExecutor
+) -> dict[str, Future]:
+    """`quantization_errors` of every layer's weight at `widths`, on `pool` (numba releases the GIL): layer -> a
+    future of width -> error. The weights' histograms are taken before this returns, so the caller may palettize
+    the layers in place right after."""
+    histograms = {name: float16_histogram(layer.weight) for name, layer in layers.items()}
+    return {name: pool.submit(quantization_errors, h, widths) for name, h in histograms.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,7 +235,7 @@ class FastReport:
     """The fast sweep's model and validation, the `fast` object of `run.json`.
 
     Attributes:
-        model: the fitted `GainModel`.
+        model: the fitted `GainModel` (refitted after the checks).
         calibration: layers measured at every width.
         measured_points, predicted_points: isolated (layer, width) points measured / predicted.
         held_out_db: width -> leave-one-layer-out mean absolute error of the calibration fit (dB).
@@ -365,10 +375,10 @@ def fast_sweep(
     floor = tuple(10.0 ** (-np.asarray(original, dtype=np.float64) / 10.0))
     n_cal = settings.calibration_count(len(layers))
     runner.plan(len(layers) + n_cal * (len(widths) - 1))
-    with ThreadPoolExecutor(1) as pool:  # the errors are computed while the reference width is measured
-        pending = pool.submit(layer_quantization_errors, candidates.layers, widths, workers)
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # the errors are computed while the reference is measured
+        pending = layer_quantization_errors(candidates.layers, widths, pool)
         at_reference = isolated_points(unet, candidates, [(n, r) for n in layers], runner, cache)
-        errors = pending.result()
+        errors = {name: future.result() for name, future in pending.items()}
     measured = {n: {r: distortions(at_reference[n, r], floor)} for n in layers}
     gains = {n: float(np.mean(measured[n][r])) / max(errors[n][r], TINY) for n in layers}
     calibration = calibration_layers(gains, n_cal)
@@ -396,7 +406,8 @@ def check_points(sweep: FastSweep, recipes: Sequence[Mapping[str, int]], count: 
 
 
 def run_checks(sweep: FastSweep, points: Sequence[tuple[str, int]], unet, candidates, runner, cache) -> list[Check]:
-    """Measure `points`, record them in `sweep` (they replace the predictions) and return the checks."""
+    """Measure `points`, record them in `sweep` (they replace the predictions), refit the model's offsets on every
+    measured point, and return the checks (each against the prediction made before it was measured)."""
     from workbench.sweeps import isolated_points
 
     predicted = {p: _mean_psnr(sweep.distortion(*p), sweep.floor) for p in points}
@@ -405,7 +416,11 @@ def run_checks(sweep: FastSweep, points: Sequence[tuple[str, int]], unet, candid
     for (n, b), psnr in isolated_points(unet, candidates, points, runner, cache).items():
         sweep.record(n, b, psnr)
         checks.append(Check(n, b, predicted[n, b], _mean_psnr(sweep.measured[n][b], sweep.floor)))
-    sweep.report.checks.extend(checks)
-    sweep.report.measured_points += len(checks)
-    sweep.report.predicted_points -= len(checks)
+    report = sweep.report
+    report.checks.extend(checks)
+    report.measured_points += len(checks)
+    report.predicted_points -= len(checks)
+    # the corrective round: the offsets refitted on every layer measured at more than the reference width
+    several = {n: d for n, d in sweep.measured.items() if len(d) > 1}
+    report.model = fit_gain_model(several, sweep.errors, report.model.reference_bits, sweep.widths)
     return checks

@@ -1,0 +1,162 @@
+import json
+
+import numpy as np
+import pytest
+
+from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+from workbench.errors import InvalidValueError
+from workbench.fast import (
+    FastSettings,
+    GainModel,
+    calibration_layers,
+    distortions,
+    fit_gain_model,
+    held_out_errors,
+    layer_quantization_errors,
+    psnr_from_distortions,
+    quantization_errors,
+)
+from workbench.kmeans import kmeans_float16
+from workbench.testing import tiny_sd_pipeline
+
+# 20 candidate layers, three widths, 32x32 images: tiny-sd at CFG batch 2
+CONFIG = AnalysisConfig(nbits=(2, 4, 6), min_numel=30_000, prompts=("a red circle", "a blue square"), height=32,
+                        width=32, num_recipes=3)  # fmt: skip
+FAST = AnalysisConfig(**{**CONFIG.to_dict(), "sweep": "fast", "fast_calibration": 0.15, "fast_checks": 0.15})
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with torch_threads(1):
+        p = tiny_sd_pipeline()
+        p.set_progress_bar_config(disable=True)
+        yield p
+
+
+@pytest.fixture(scope="module")
+def runs(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast")
+    with torch_threads(1):
+        exhaustive = run_analysis(pipe, CONFIG, progress=False)
+        fast = run_analysis(pipe, FAST, out_dir=out, progress=False)
+    return exhaustive, fast, out
+
+
+def test_quantization_errors_are_the_exact_kmeans_errors_when_no_bins_merge():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 20)).astype(np.float16)  # 1,280 weights: at most 1,280 distinct values
+    errors = quantization_errors(w, (1, 2, 4), bins_per_cluster=4096, max_bins=4096)
+    for b, e in errors.items():
+        clusters = kmeans_float16(w, 1 << b)
+        exact = float(((w.astype(np.float64).ravel() - clusters.centroids[clusters.labels]) ** 2).sum())
+        assert e == pytest.approx(exact, rel=1e-9)
+    assert errors[1] > errors[2] > errors[4] > 0
+
+
+def test_binned_quantization_errors_bound_the_optimum_closely_and_vanish_with_few_values():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(200_000).astype(np.float16)
+    binned = quantization_errors(w, (2, 4))
+    for b in (2, 4):
+        clusters = kmeans_float16(w, 1 << b)
+        exact = float(((w.astype(np.float64) - clusters.centroids[clusters.labels]) ** 2).sum())
+        assert exact <= binned[b] * (1 + 1e-9) <= exact * 1.05
+    assert quantization_errors(np.array([0.5, -1, 2, 2], np.float16), (2,))[2] == 0.0  # 3 values, 4 entries
+
+
+def test_layer_errors_are_of_the_weights_as_they_were_when_asked(pipe):
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workbench.palettize import palettize_
+    from workbench.sweeps import candidate_layers
+
+    unet = copy.deepcopy(pipe.unet)
+    layers = candidate_layers(unet, 30_000).layers
+    expected = {name: quantization_errors(layer.weight, (2, 4)) for name, layer in layers.items()}
+    with ThreadPoolExecutor(1) as pool:
+        pending = layer_quantization_errors(layers, (2, 4), pool)
+        palettize_(unet, dict.fromkeys(layers, 2))  # in place, while the errors are being computed
+        assert {name: f.result() for name, f in pending.items()} == expected
+
+
+def test_the_gain_model_recovers_per_width_offsets_and_predicts_exactly_when_true():
+    rng = np.random.default_rng(2)
+    offsets = {2: 0.7, 6: -1.3}
+    errors, measured = {}, {}
+    for i in range(6):
+        name = f"layer{i}"
+        errors[name] = {2: 10 ** rng.uniform(-1, 1), 4: 10 ** rng.uniform(-3, -1), 6: 10 ** rng.uniform(-5, -3)}
+        ref = 10 ** rng.uniform(-8, -4, size=2)  # two prompts
+        model = GainModel(4, offsets)
+        measured[name] = {4: ref, **{b: model.predict(ref, errors[name], b) for b in (2, 6)}}
+    fitted = fit_gain_model(measured, errors, 4, (2, 4, 6))
+    assert fitted.offsets == pytest.approx(offsets, abs=1e-12)
+    assert fitted.rows == 12
+    held_out = held_out_errors(measured, errors, 4, (2, 4, 6), floor=(1e-20, 1e-20))
+    assert held_out == pytest.approx({2: 0.0, 6: 0.0}, abs=1e-6)
+
+
+def test_distortions_and_psnr_round_trip_and_calibration_spans_the_ranking():
+    floor = (1e-12, 1e-12)
+    psnr = (40.0, 55.5)
+    assert psnr_from_distortions(distortions(psnr, floor), floor) == psnr
+    gains = {f"l{i}": float(i) for i in range(10)}
+    assert calibration_layers(gains, 3) == ["l0", "l4", "l9"]
+    assert calibration_layers(gains, 20) == sorted(gains, key=gains.get)
+    assert FastSettings(calibration=0.1).calibration_count(100) == 10 and FastSettings().checks_count(5) == 3
+
+
+def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_predicted(runs):
+    exhaustive, fast, out = runs
+    layers = list(exhaustive.layers)
+    report = fast.fast
+    n_cal = FAST.fast_settings.calibration_count(len(layers))
+    n_recipes = len(fast.recipes)
+    # baselines + every layer at the reference width + the calibration at the 2 other widths + checks + recipes
+    assert fast.timing.unet_evaluations == 3 + len(layers) + 2 * n_cal + len(report.checks) + n_recipes
+    assert len(report.calibration) == n_cal and len(report.checks) >= 3
+    assert fast.timing.unet_evaluations * 2 < exhaustive.timing.unet_evaluations
+    # every measured isolated point is bitwise the exhaustive sweep's; predicted ones are marked
+    full = {(e.layer, e.nbits): e.psnr for e in exhaustive.evaluations if e.kind == "isolated"}
+    frame = fast.to_frame()
+    isolated = frame[frame.kind == "isolated"]
+    assert len(isolated) == len(layers) * 3
+    for row in isolated.itertuples():
+        if not row.predicted:
+            assert tuple(float(p) for p in row.psnr.split(";")) == full[row.layer, row.nbits]
+    measured = (~isolated.predicted).sum()
+    assert measured == report.measured_points == len(layers) + 2 * n_cal + len(report.checks)
+    assert frame[frame.kind == "cumulative"].predicted.all()
+    assert frame[frame.kind.isin(["baseline", "recipe"])].predicted.eq(False).all()
+    # the reference-format JSON holds every layer at every width, the run.json the validation
+    pre = json.loads((out / "preanalysis.json").read_text())
+    assert {b: sorted(v) for b, v in pre["single_layer"].items()} == {str(b): sorted(layers) for b in (2, 4, 6)}
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["fast"]["recipe_errors_db"]) == {r.name for r in fast.recipes if r.strategy == "size-aware"}
+    assert len(run["fast"]["checks"]) == len(report.checks)
+    assert run["config"]["sweep"] == "fast" and "sweep" not in exhaustive.config.to_dict()
+
+
+def test_fast_recipes_fit_their_targets_and_are_deterministic(pipe, runs):
+    _, fast, _ = runs
+    for r in fast.recipes:
+        if r.strategy == "size-aware":
+            assert r.bits_per_param <= r.selector + 1e-6
+    with torch_threads(1):
+        again = run_analysis(pipe, FAST, progress=False)
+    assert [(r.name, r.bits, r.psnr) for r in again.recipes] == [(r.name, r.bits, r.psnr) for r in fast.recipes]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sweep": "quick"}, "unknown sweep 'quick'; valid: exhaustive, fast"),
+        ({"sweep": "fast", "fast_reference_bits": 8}, "fast_reference_bits=8 is not one of the swept widths"),
+        ({"sweep": "fast", "fast_calibration": 1.5}, "fast_calibration must lie in [0, 1]"),
+        ({"sweep": "fast", "group_size": 4}, "needs sweep='exhaustive'"),
+    ],
+)
+def test_bad_fast_settings_name_the_value_and_what_is_valid(changes, message):
+    with pytest.raises(InvalidValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        AnalysisConfig(**{**CONFIG.to_dict(), **changes})
