@@ -104,7 +104,9 @@ def test_distortions_and_psnr_round_trip_and_calibration_spans_the_ranking():
     gains = {f"l{i}": float(i) for i in range(10)}
     assert calibration_layers(gains, 3) == ["l0", "l4", "l9"]
     assert calibration_layers(gains, 20) == sorted(gains, key=gains.get)
-    assert FastSettings(calibration=0.1).calibration_count(100) == 10 and FastSettings().checks_count(5) == 3
+    assert FastSettings(calibration=0.1).calibration_count(100) == 10
+    assert FastSettings(checks=0.4, check_rounds=4).checks_per_round(100) == 10
+    assert FastSettings(checks=0.1, check_rounds=4).checks_per_round(5) == 1  # at least 3 checks in all
 
 
 def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_predicted(runs):
@@ -115,7 +117,7 @@ def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_pre
     n_recipes = len(fast.recipes)
     # baselines + every layer at the reference width + the calibration at the 2 other widths + checks + recipes
     assert fast.timing.unet_evaluations == 3 + len(layers) + 2 * n_cal + len(report.checks) + n_recipes
-    assert len(report.calibration) == n_cal and len(report.checks) >= 3
+    assert len(report.calibration) == n_cal and 3 <= len(report.checks) <= 4 * FAST.fast_settings.checks_per_round(20)
     assert fast.timing.unet_evaluations * 2 < exhaustive.timing.unet_evaluations
     # every measured isolated point is bitwise the exhaustive sweep's; predicted ones are marked
     full = {(e.layer, e.nbits): e.psnr for e in exhaustive.evaluations if e.kind == "isolated"}

@@ -130,9 +130,10 @@ class AnalysisConfig:
             cumulative curves (the reference's method); "fast" measures every candidate at `fast_reference_bits`,
             a calibration subset at every width, predicts the rest and checks it (`workbench.fast`).
         fast_reference_bits (`int`, defaults to 4): the width the fast sweep measures every candidate at.
-        fast_calibration (`float`, defaults to 0.1): fraction of candidates the fast sweep measures at every width.
-        fast_checks (`float`, defaults to 0.1): predicted points measured after the first plan, as a fraction of
-            the number of candidates.
+        fast_calibration (`float`, defaults to 0.05): fraction of candidates the fast sweep measures at every
+            width.
+        fast_checks (`float`, defaults to 0.4): predicted points of the planned recipes measured (in 4 rounds of
+            plan, check, refit), as a fraction of the number of candidates.
     """
 
     nbits: tuple[int, ...] = (1, 2, 4, 6, 8)
@@ -153,8 +154,8 @@ class AnalysisConfig:
     exclude: tuple[str, ...] = ()
     sweep: str = "exhaustive"
     fast_reference_bits: int = 4
-    fast_calibration: float = 0.1
-    fast_checks: float = 0.1
+    fast_calibration: float = 0.05
+    fast_checks: float = 0.4
 
     def __post_init__(self):
         nbits = tuple(sorted({int(b) for b in self.nbits}))
@@ -459,9 +460,12 @@ def fast_phases(
         )
         return isolated, curves, plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
 
-    _, _, planned = plan()
-    points = check_points(sweep, [r.bits for r in planned], settings.checks_count(len(candidates.layers)))
-    run_checks(sweep, points, unet, candidates, runner, cache)
+    for _ in range(settings.check_rounds if settings.checks else 0):
+        _, _, planned = plan()
+        points = check_points(sweep, [r.bits for r in planned], settings.checks_per_round(len(candidates.layers)))
+        if not points:
+            break  # every option the recipes use is measured
+        run_checks(sweep, points, unet, candidates, runner, cache)
     return FastPhases(sweep, *plan())
 
 

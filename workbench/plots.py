@@ -230,7 +230,8 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     one-step latents (the reference's metric). One line per palette width from the cumulative sweeps (layers
     added least-sensitive first), the reference-rule mixed-bit recipes (black, labelled with bits/param), our
     size-aware recipes (red squares), the linear 8-bit per-tensor marker at 50 % (star) and per-channel int8
-    (plus). Grouped-palette sweeps are dashed, their LUT bits counted in x. An "original" far above the curves
+    (plus). Grouped-palette sweeps are dashed, their LUT bits counted in x; a fast sweep's predicted curves are
+    dash-dotted. An "original" far above the curves
     (identical outputs on a deterministic device, ~200 dB) is stated in a note instead of stretching the axis.
 
     Returns:
@@ -244,10 +245,12 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     curves = result.curves()
     per_tensor = sorted((k for k in curves if "_g" not in k), key=lambda k: int(k.removeprefix("kmeans")))
     cmap = plt.get_cmap("viridis")
+    predicted = {e.config for e in result.evaluations if e.kind == "cumulative" and e.extra.get("predicted")}
     for i, key in enumerate(per_tensor):
         color = cmap(i / max(len(per_tensor) - 1, 1))
         xs, ys = zip(*curves[key])
-        ax.plot(xs, ys, "-", color=color, lw=1.5, label=f"{key.removeprefix('kmeans')}-bit palette, cumulative")
+        how = ("-.", "cumulative, predicted (fast sweep)") if key in predicted else ("-", "cumulative")
+        ax.plot(xs, ys, how[0], color=color, lw=1.5, label=f"{key.removeprefix('kmeans')}-bit palette, {how[1]}")
         for g in (k for k in curves if k.startswith(key + "_g")):
             gx, gy = zip(*curves[g])
             ax.plot(gx, gy, "--", color=color, lw=1.2, label=f"{g.removeprefix('kmeans')} grouped, cumulative")
