@@ -28,10 +28,16 @@ from workbench.coreml.components import (
     WRAPPERS,
     check_component,
     component_module,
-    example_inputs,
-    export_wrapper,
     layer_weight_names,
     weight_layers,
+)
+from workbench.coreml.layout import (
+    DEFAULT_LAYOUT,
+    host_dtype,
+    layout_inputs,
+    layout_wrapper,
+    package_name,
+    write_swift_files,
 )
 from workbench.coreml.verify import Verification, package_nbytes, program_weight_names, verify_package
 from workbench.errors import UserError
@@ -51,12 +57,13 @@ def convert_component(
     *,
     batch_size: int | None = None,
     deployment_target: str = "iOS17",
+    layout: str = DEFAULT_LAYOUT,
 ):
     """Trace one pipeline component and convert it to a float16 Core ML ML Program.
 
-    `torch.jit.trace` of the wrapper, then `ct.convert(convert_to="mlprogram", compute_precision=FLOAT16)`.
-    Inputs and outputs are named (see the wrappers) and float32 on the host side. The module is traced in
-    float32 on the CPU where it sits; nothing is copied.
+    `torch.jit.trace` of the layout's wrapper, then `ct.convert(convert_to="mlprogram", compute_precision=FLOAT16)`.
+    Inputs and outputs are named (see `workbench.coreml.layout`) and float32 on the host side (int32 `input_ids` in
+    the workbench layout). The module is traced in float32 on the CPU where it sits; nothing is copied.
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline on the CPU.
@@ -64,6 +71,8 @@ def convert_component(
         batch_size (`int`, *optional*): see `example_inputs`.
         deployment_target (`str`, defaults to `"iOS17"`): a `coremltools.target` name; `"iOS18"` for grouped or
             3-bit palettes.
+        layout (`str`, defaults to `"apple"`): `"apple"` (the contract Apple's Swift pipeline loads) or
+            `"workbench"` (`workbench.coreml.layout`).
 
     Returns:
         `coremltools.models.MLModel`.
@@ -72,15 +81,15 @@ def convert_component(
 
     import coremltools as ct
 
-    wrapper = export_wrapper(pipe, component)
-    inputs = example_inputs(pipe, component, batch_size)
+    wrapper = layout_wrapper(pipe, component, layout)
+    inputs = layout_inputs(pipe, component, layout, batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools: "torch 2.13 has not been tested"; trace warnings
         traced = torch.jit.trace(wrapper, tuple(inputs.values()), check_trace=False)
         return ct.convert(
             traced,
             inputs=[
-                ct.TensorType(name=name, shape=x.shape, dtype=np.int32 if x.dtype == torch.int32 else np.float32)
+                ct.TensorType(name=name, shape=x.shape, dtype=getattr(np, host_dtype(layout, x)))
                 for name, x in inputs.items()
             ],
             outputs=[ct.TensorType(name=name, dtype=np.float32) for name in wrapper.output_names],
@@ -134,12 +143,16 @@ def palette_plan(
     return {name: cfg for name, cfg in plan.items() if cfg is not None}
 
 
-def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
+def compress_model(
+    model, plan: Mapping[str, PaletteConfig], *, prefix: str | None = None, names: Mapping[str, str] | None = None
+):
     """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
 
-    Torch layer `L` of a wrapper whose module sits under `prefix` is the Core ML constant
-    `coreml_weight_name(prefix + "." + L)`; every planned weight must exist (else a `ValueError` lists the
-    missing ones), and no other weight is touched.
+    Torch layer `L` is the Core ML constant `names[L]`: by default (a package we converted, whose wrapper holds the
+    module under `prefix`) `coreml_weight_name(prefix + "." + L)`; for a package converted elsewhere, the mapping
+    `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
+    lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
+    identical weights) must share a config.
 
     Returns:
         `coremltools.models.MLModel` (a new one; `model` is unchanged).
@@ -150,13 +163,17 @@ def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
 
     if not plan:
         return model
-    names = layer_weight_names(plan, prefix)
+    names = layer_weight_names(plan, prefix) if names is None else names
     available = program_weight_names(model)
     missing = [layer for layer in plan if names[layer] not in available]
     if missing:
         raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
+    by_weight: dict[str, PaletteConfig] = {}
+    for layer, cfg in plan.items():
+        if by_weight.setdefault(names[layer], cfg) != cfg:
+            raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
     config = ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in plan.items()}
+        op_name_configs={weight: cfg.to_coreml() for weight, cfg in by_weight.items()}
     )
     with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
@@ -303,6 +320,7 @@ class ComponentPlan:
         uniform: the palette is a uniform width over every candidate layer (`nbits`): it is narrowed to the
             weights the package has (a VAE decoder package holds no VAE encoder). A recipe is not narrowed.
         deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
+        layout: `"apple"` or `"workbench"` (`workbench.coreml.layout`): inputs, outputs and the package's name.
     """
 
     component: str
@@ -311,6 +329,7 @@ class ComponentPlan:
     palette: Mapping[str, PaletteConfig]
     uniform: bool
     deployment_target: str
+    layout: str = DEFAULT_LAYOUT
 
 
 def plan_export(
@@ -322,12 +341,15 @@ def plan_export(
     min_numel: int,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[ComponentPlan]:
-    """One `ComponentPlan` per component; a bad component, recipe, width or layer pattern fails here, before any
-    conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized layers;
-    the others stay float16."""
+    """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern or layout fails here, before
+    any conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized
+    layers; the others stay float16."""
+    from workbench.coreml.layout import check_layout
     from workbench.layers import select_layers
 
+    check_layout(layout)
     components = [check_component(c) for c in components]
     if not components:
         raise ValueError(f"no components to export; valid: {', '.join(COMPONENTS)}")
@@ -341,7 +363,7 @@ def plan_export(
             palette = {name: palette[name] for name in select_layers(dict.fromkeys(palette), layers, exclude)}
         target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
         prefix = WRAPPERS[component].prefix
-        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target))
+        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target, layout))
     return plans
 
 
@@ -412,7 +434,9 @@ class Compression:
 def _convert(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Conversion:
     """Trace + convert (timed), then save once unpalettized to a scratch folder to measure the float16 size."""
     start = time.perf_counter()
-    model = convert_component(pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target)
+    model = convert_component(
+        pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target, layout=plan.layout
+    )
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory(dir=out, prefix=".float16-") as tmp:
         model.save(str(Path(tmp) / "float16.mlpackage"))
@@ -462,7 +486,7 @@ def _compress_and_save(
         bits_per_param=bpp,
         n=len(palette),
     )
-    path = out / f"{plan.component}.mlpackage"
+    path = out / package_name(plan.component, plan.layout)
     if path.exists():
         shutil.rmtree(path)
     compressed.save(str(path))
@@ -527,13 +551,16 @@ def export_pipeline(
     verify: bool = True,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    layout: str = DEFAULT_LAYOUT,
 ) -> ExportReport:
     """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
 
     For each component: trace + convert to float16 (iOS17, or iOS18 when the plan has grouped or 3-bit palettes),
     save once unpalettized to measure its size, palettize the planned weights by name (`compress_model`), write
-    metadata, save `<out_dir>/<component>.mlpackage`, read it back and compare every weight (`verify_package`).
-    Writes `<out_dir>/verification.json`.
+    metadata, save the package (`Unet.mlpackage`, ... in Apple's layout; `<component>.mlpackage` in ours), read it
+    back and compare every weight (`verify_package`). Writes `<out_dir>/verification.json`; in Apple's layout also
+    the tokenizer's `vocab.json` and `merges.txt` and `compile_for_swift.sh` (macOS: compiles the packages into the
+    resources folder Apple's Swift pipeline loads).
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline (CPU, float32).
@@ -547,6 +574,7 @@ def export_pipeline(
         verify (`bool`, defaults to True): read the packages back and compare.
         layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
             (`plan_export`).
+        layout (`str`, defaults to `"apple"`): the packages' inputs, outputs and names (`workbench.coreml.layout`).
 
     Returns:
         `ExportReport`.
@@ -556,7 +584,7 @@ def export_pipeline(
         >>> print(report.summary())  # sizes, bits/param, bit-exact per package
     """
     plans = plan_export(
-        pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude
+        pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude, layout=layout
     )
     check_export_memory(plans)
     out = Path(out_dir)
@@ -564,6 +592,8 @@ def export_pipeline(
     label = _recipe_label(recipe, nbits)
     options = {"min_numel": min_numel, "batch_size": batch_size, "source": source, "recipe_name": label}
     packages = tuple(export_component(pipe, plan, out, verify=verify, **options) for plan in plans)
+    if layout == "apple":
+        write_swift_files(pipe, out, [p.component for p in packages])
     report = ExportReport(out_dir=str(out), source=source, recipe_name=label, packages=packages)
     report.save()
     return report
@@ -580,6 +610,7 @@ def export_model(
     min_numel: int = DEFAULT_MIN_NUMEL,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    layout: str = DEFAULT_LAYOUT,
 ) -> ExportReport:
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
@@ -587,8 +618,9 @@ def export_model(
         model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
-        nbits, components, min_numel, layers, exclude: see `export_pipeline`.
+        nbits, components, min_numel, layers, exclude, layout: see `export_pipeline`.
     """
+    from workbench.coreml.layout import check_layout
     from workbench.pipelines import DEMO_MODEL, load_pipeline
     from workbench.recipes import load_recipe
 
@@ -602,6 +634,7 @@ def export_model(
         as_config(int(nbits))  # an unsupported width fails before the pipeline loads
     recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
     components = [check_component(c) for c in components]  # fail before the pipeline loads
+    check_layout(layout)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
     options = {
@@ -610,5 +643,6 @@ def export_model(
         "source": source,
         "layers": layers,
         "exclude": exclude,
+        "layout": layout,
     }
     return export_pipeline(pipe, out_dir, recipe=recipe, nbits=nbits, **options)
