@@ -444,7 +444,11 @@ def _convert(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Co
     return Conversion(model, nbytes, seconds)
 
 
-def _set_metadata(model, *, component: str, source: str, recipe_name: str, bits_per_param: float, n: int) -> None:
+def set_package_metadata(
+    model, *, component: str, source: str, recipe_name: str, bits_per_param: float, n: int
+) -> None:
+    """Describe a palettized model: short description, author, and `user_defined_metadata` (source model,
+    component, recipe, bits/param, number of palettized layers)."""
     from workbench import __version__
 
     model.short_description = (
@@ -478,7 +482,7 @@ def _compress_and_save(
     palette = {n: cfg for n, cfg in plan.palette.items() if n in numels} if plan.uniform else dict(plan.palette)
     compressed = compress_model(conversion.model, palette, prefix=plan.prefix)
     bpp = bits_per_param(palette, numels) if numels else float(FLOAT_BITS)
-    _set_metadata(
+    set_package_metadata(
         compressed,
         component=plan.component,
         source=source,
@@ -584,7 +588,14 @@ def export_pipeline(
         >>> print(report.summary())  # sizes, bits/param, bit-exact per package
     """
     plans = plan_export(
-        pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude, layout=layout
+        pipe,
+        components,
+        recipe=recipe,
+        nbits=nbits,
+        min_numel=min_numel,
+        layers=layers,
+        exclude=exclude,
+        layout=layout,
     )
     check_export_memory(plans)
     out = Path(out_dir)
