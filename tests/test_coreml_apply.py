@@ -35,13 +35,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ForeignUNet(nn.Module):
-    """Another converter's view of a UNet: every layer under a name of its own (`w0`, `w1`, ...), Linear layers
-    stored as 1x1 convolutions (Apple's `linear_to_conv2d_map`), each applied to a slice of one input."""
+    """Another converter's view of (some layers of) a UNet: each layer under a name of its own (`w0`, `w1`, ...),
+    Linear layers stored as 1x1 convolutions (Apple's `linear_to_conv2d_map`), each applied to a slice of one input."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, names: list[str]):
         super().__init__()
         self.convs = nn.ModuleDict()
-        for i, layer in enumerate(weight_layers(unet).values()):
+        layers = weight_layers(unet)
+        for i, layer in enumerate(layers[name] for name in names):
             w = layer.weight.detach()
             w = w[:, :, None, None] if w.ndim == 2 else w  # (out, in) -> (out, in, 1, 1)
             conv = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False)
@@ -51,15 +52,13 @@ class ForeignUNet(nn.Module):
         self.k_max = max(c.kernel_size[0] for c in self.convs.values())
 
     def forward(self, x):
-        total = x.new_zeros(())
-        for conv in self.convs.values():
-            total = total + conv(x[:, : conv.in_channels, : conv.kernel_size[0], : conv.kernel_size[1]]).sum()
-        return total
+        sums = [c(x[:, : c.in_channels, : c.kernel_size[0], : c.kernel_size[1]]).sum() for c in self.convs.values()]
+        return torch.stack(sums).sum()
 
 
-def foreign_package(unet: nn.Module, path, target: str = "iOS17"):
-    """Convert `ForeignUNet(unet)` to a float16 package at `path`; returns the path."""
-    net = ForeignUNet(unet).eval()
+def foreign_package(unet: nn.Module, path, names: list[str], target: str = "iOS17"):
+    """Convert `ForeignUNet(unet, names)` to a float16 package at `path`; returns the path."""
+    net = ForeignUNet(unet, names).eval()
     x = torch.zeros(1, net.in_max, net.k_max, net.k_max)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,16 +73,30 @@ def foreign_package(unet: nn.Module, path, target: str = "iOS17"):
     return path
 
 
-def mixed_bits(unet: nn.Module) -> dict[str, int]:
-    """Every candidate layer at a width cycling through 1, 2, 4, 6, 8 and 16 (float16)."""
-    widths = (1, 2, 4, 6, 8, 16)
-    return {name: widths[i % len(widths)] for i, name in enumerate(compressible_layers(unet, 2048))}
+def subset(unet: nn.Module, n: int = 24) -> list[str]:
+    """Every `len // n`-th Linear/Conv2d layer over 2048 weights (Linear and Conv2d, both k-means paths): a
+    package of these converts in seconds."""
+    names = list(compressible_layers(unet, 2048))
+    return names[:: max(1, len(names) // n)]
+
+
+def mixed_bits(unet: nn.Module, names: list[str]) -> dict[str, int]:
+    """Widths cycling through 1, 2, 4, 6, 8 and 16 (float16); layers under 10,000 weights (scikit-learn's k-means,
+    slow at 64-256 clusters) through 1, 2, 4, 16."""
+    layers = weight_layers(unet)
+    small, large = (1, 2, 4, 16), (1, 2, 4, 6, 8, 16)
+    bits = {}
+    for i, name in enumerate(names):
+        widths = small if layers[name].weight.numel() < 10_000 else large
+        bits[name] = widths[i % len(widths)]
+    return bits
 
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     pipe = tiny_sd_pipeline()
-    return pipe, foreign_package(pipe.unet, tmp_path_factory.mktemp("foreign") / "Unet.mlpackage")
+    names = subset(pipe.unet)
+    return pipe, names, foreign_package(pipe.unet, tmp_path_factory.mktemp("foreign") / "Unet.mlpackage", names)
 
 
 def test_canonical_weight_ignores_singleton_axes_only():
@@ -95,23 +108,24 @@ def test_canonical_weight_ignores_singleton_axes_only():
 
 
 def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_linears(sd, tmp_path):
-    pipe, package = sd
+    pipe, names, package = sd
     stored = package_weights(package)
     assert not any(name.startswith("unet_") for name in stored) and all(v.ndim == 4 for v in stored.values())
-    bits = mixed_bits(pipe.unet)
+    assert any(isinstance(weight_layers(pipe.unet)[n], nn.Linear) for n in names)
+    bits = mixed_bits(pipe.unet, names)
     report = apply_recipe(package, pipe.unet, bits, tmp_path / "out", source="tiny-sd")
     applied = report.package("unet")
     v = applied.verification
     planned = {n: b for n, b in bits.items() if b != 16}
     assert {c.layer: c.nbits for c in v.layers} == planned
     assert all(c.bit_exact for c in v.layers) and v.unexpected_palettized == ()
-    assert v.float16_layers == len(weight_layers(pipe.unet)) - len(planned) == v.float16_exact
+    assert v.float16_layers == len(names) - len(planned) == v.float16_exact
     assert report.all_bit_exact and applied.path.endswith("out/Unet.mlpackage")
     assert applied.nbytes < 0.6 * applied.float16_nbytes
     # read back independently: the stored weight under the foreign name equals the simulation
     back = package_weights(applied.path)
     layers = weight_layers(pipe.unet)
-    index = {name: i for i, name in enumerate(layers)}
+    index = {name: i for i, name in enumerate(names)}
     for name in list(planned)[:5]:
         expected = fit_palette(layers[name].weight, PaletteConfig(planned[name])).dense()
         got = back[f"convs_w{index[name]}_weight_to_fp16"].reshape(expected.shape)
@@ -119,9 +133,9 @@ def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_line
 
 
 def test_package_of_another_model_fails_naming_what_did_not_match(sd, tmp_path):
-    pipe, _ = sd
-    other = foreign_package(tiny_sd_pipeline(seed=1).unet, tmp_path / "Unet.mlpackage")
-    bits = mixed_bits(pipe.unet)
+    pipe, names, _ = sd
+    other = foreign_package(tiny_sd_pipeline(seed=1).unet, tmp_path / "Unet.mlpackage", names[:8])
+    bits = mixed_bits(pipe.unet, names[:8])
     with pytest.raises(PackageMismatchError) as err:
         apply_recipe(other, pipe.unet, bits, tmp_path / "out", source="tiny-sd")
     message = str(err.value)
@@ -134,9 +148,12 @@ def test_package_of_another_model_fails_naming_what_did_not_match(sd, tmp_path):
 def test_identical_layers_need_the_same_width(tmp_path):
     pipe = tiny_sd_pipeline()
     layers = weight_layers(pipe.unet)
-    a, b = [n for n, m in layers.items() if tuple(m.weight.shape) == (32, 32)][:2]
+    by_shape = {}
+    for name, m in layers.items():
+        by_shape.setdefault(tuple(m.weight.shape), []).append(name)
+    a, b = next(names for shape, names in by_shape.items() if len(names) > 1 and np.prod(shape) > 10_000)[:2]
     layers[b].weight.data = layers[a].weight.data.clone()
-    package = foreign_package(pipe.unet, tmp_path / "Unet.mlpackage")
+    package = foreign_package(pipe.unet, tmp_path / "Unet.mlpackage", [a, b])
     with pytest.raises(PackageMismatchError, match="hold identical weights") as err:
         apply_recipe(package, pipe.unet, {a: 4, b: 8}, tmp_path / "out")
     assert a in str(err.value) and b in str(err.value)
@@ -146,13 +163,13 @@ def test_identical_layers_need_the_same_width(tmp_path):
 
 def test_grouped_and_3bit_palettes_need_an_ios18_package(tmp_path):
     pipe = tiny_sdxl_pipeline()
-    names = list(compressible_layers(pipe.unet, 2048))[:6]
+    names = subset(pipe.unet, 6)[:6]
     grouped = PaletteConfig(4, granularity="per_grouped_channel", group_size=16)
     recipe = {name: (PaletteConfig(3) if i % 2 else grouped) for i, name in enumerate(names)}
-    ios17 = foreign_package(pipe.unet, tmp_path / "ios17" / "Unet.mlpackage")
+    ios17 = foreign_package(pipe.unet, tmp_path / "ios17" / "Unet.mlpackage", names)
     with pytest.raises(DeploymentTargetError, match="iOS18"):
         apply_recipe(ios17, pipe.unet, recipe, tmp_path / "out17")
-    ios18 = foreign_package(pipe.unet, tmp_path / "ios18" / "Unet.mlpackage", target="iOS18")
+    ios18 = foreign_package(pipe.unet, tmp_path / "ios18" / "Unet.mlpackage", names, target="iOS18")
     report = apply_recipe(ios18, pipe.unet, recipe, tmp_path / "out18")
     assert report.all_bit_exact and report.package("unet").deployment_target == "iOS18"
     assert {c.config for c in report.package("unet").verification.layers} == {"kmeans3", "kmeans4_g16"}
