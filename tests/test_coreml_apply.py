@@ -193,7 +193,12 @@ def test_apple_layout_packages_have_the_swift_contract(builder, tmp_path):
     components += ["vae_decoder"] if builder is tiny_sd_pipeline else []
     components += ["text_encoder"] if builder is tiny_sd_pipeline else []
     report = export_pipeline(pipe, tmp_path, components=components, layout="apple", verify=False)
-    names = {"unet": "Unet", "text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "vae_decoder": "VAEDecoder"}
+    names = {
+        "unet": "Unet",
+        "text_encoder": "TextEncoder",
+        "text_encoder_2": "TextEncoder2",
+        "vae_decoder": "VAEDecoder",
+    }
     for component in components:
         path = tmp_path / f"{names[component]}.mlpackage"
         assert report.package(component).path == str(path)
@@ -204,7 +209,7 @@ def test_apple_layout_packages_have_the_swift_contract(builder, tmp_path):
     for name in TOKENIZER_FILES:
         assert (tmp_path / name).stat().st_size > 0
     script = (tmp_path / COMPILE_SCRIPT).read_text()
-    assert all(f'"$here/$name.mlpackage"' in script and names[c] in script for c in components)
+    assert all('"$here/$name.mlpackage"' in script and names[c] in script for c in components)
     assert subprocess.run(["sh", "-n", str(tmp_path / COMPILE_SCRIPT)]).returncode == 0
 
 
