@@ -242,3 +242,45 @@ def test_compile_script_is_valid_sh(tmp_path):
     text = script.read_text()
     assert "for name in TextEncoder TextEncoder2 Unet VAEDecoder; do" in text
     assert "xcrun coremlcompiler compile" in text and script.stat().st_mode & 0o100
+
+
+class StandInPredictor:
+    """An Apple-layout `MLModel` stand-in: float32 inputs (ids cast back, as Core ML does) -> named outputs, with
+    the `shapes` and `dtypes` of the package it stands for."""
+
+    def __init__(self, pipe, component):
+        from workbench.coreml.layout import apple_wrapper
+
+        self.wrapper = apple_wrapper(pipe, component)
+        inputs, _ = apple_contract(pipe, component)
+        self.shapes = {t.name: t.shape for t in inputs}
+        self.dtypes = {t.name: np.float32 for t in inputs}
+
+    @torch.no_grad()
+    def predict(self, inputs):
+        assert all(v.dtype == np.float32 for v in inputs.values())
+        assert set(inputs) == set(self.shapes)  # Core ML takes them by name; the wrapper in the contract's order
+        args = [
+            torch.from_numpy(inputs[k]).long() if k == "input_ids" else torch.from_numpy(inputs[k])
+            for k in self.shapes
+        ]
+        outs = self.wrapper(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return {name: o.numpy() for name, o in zip(self.wrapper.output_names, outs)}
+
+
+@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_coreml_backend_glue_drives_apple_layout_packages(builder):
+    """The Python Core ML runtime speaks Apple's layout: channels-first hidden states, float32 ids, its outputs."""
+    from workbench.coreml import attach_predictors
+    from workbench.generation import generate_images
+
+    pipe, twin = builder(), builder()
+    pipe.set_progress_bar_config(disable=True)
+    gen = {"steps": 2, "height": 32, "width": 32}
+    expected = generate_images(pipe, "a blue square", seed=1, **gen)
+    components = ["unet", "text_encoder"] + (["text_encoder_2"] if builder is tiny_sdxl_pipeline else [])
+    predictors = {c: (StandInPredictor(twin, c), 2 if c == "unet" else 1) for c in components}
+    with attach_predictors(pipe, predictors) as routed:
+        image = generate_images(routed, "a blue square", seed=1, **gen)
+    np.testing.assert_array_equal(image, expected)
