@@ -284,3 +284,25 @@ def test_coreml_backend_glue_drives_apple_layout_packages(builder):
     with attach_predictors(pipe, predictors) as routed:
         image = generate_images(routed, "a blue square", seed=1, **gen)
     np.testing.assert_array_equal(image, expected)
+
+
+def test_cli_apply(sd, tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.recipes import PreAnalysis
+
+    pipe, names, package = sd
+    PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"mixed": mixed_bits(pipe.unet, names[:6])}).save(
+        tmp_path / "recipe.json"
+    )
+    argv = ["apply", str(package), "--recipe", str(tmp_path / "recipe.json"), "--model", "tiny-sd"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "out" / "Unet.mlpackage") in printed and "ALL BIT-EXACT" in printed
+    # another model's package, a missing package: one line on stderr, exit 2
+    other = foreign_package(tiny_sd_pipeline(seed=1).unet, tmp_path / "other" / "Unet.mlpackage", names[:6])
+    capsys.readouterr()  # the conversion's progress bars
+    for bad in (other, tmp_path / "missing.mlpackage"):
+        argv[1] = str(bad)
+        assert main([*argv, "--out", str(tmp_path / "out2")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("workbench apply: error:") and err.count("\n") == 1, err
