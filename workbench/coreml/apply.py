@@ -318,7 +318,7 @@ def apply_recipe(
         verify_s=time.perf_counter() - start,
         verification=verification,
     )
-    report = ExportReport(out_dir=str(out), source=source, recipe_name=label, packages=(exported,))
+    report = ExportReport(str(out), source, label, (exported,), applied_to=str(package))
     report.save()
     return report
 

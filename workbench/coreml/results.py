@@ -80,12 +80,14 @@ class ExportedPackage:
 
 @dataclass(frozen=True)
 class ExportReport:
-    """The packages written by `export_pipeline`, and what was checked. Saved as `<out>/verification.json`."""
+    """The packages written by `export_pipeline` (or `apply_recipe`), and what was checked. Saved as
+    `<out>/verification.json`. `applied_to`: the input package of `apply_recipe` ("" for an export)."""
 
     out_dir: str
     source: str
     recipe_name: str
     packages: tuple[ExportedPackage, ...]
+    applied_to: str = ""
 
     @property
     def all_bit_exact(self) -> bool:
@@ -131,7 +133,8 @@ class ExportReport:
 
     def summary(self) -> str:
         """A few lines for a terminal: per package its path, size, bits/param and the verification result."""
-        lines = [f"export of {self.source or 'pipeline'} (recipe: {self.recipe_name or 'none'})"]
+        what = f"recipe applied to {self.applied_to}, a package" if self.applied_to else "export"
+        lines = [f"{what} of {self.source or 'pipeline'} (recipe: {self.recipe_name or 'none'})"]
         lines += [f"  {p.summary()}" for p in self.packages]
         lines.append(
             "verification: " + ("ALL BIT-EXACT" if self.all_bit_exact else "MISMATCH (see verification.json)")
