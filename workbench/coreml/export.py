@@ -294,8 +294,8 @@ class Compression:
     """A palettized package saved to disk.
 
     Attributes:
-        path: `<out>/<component>.mlpackage`; palette: the layers palettized (the plan, narrowed if uniform);
-        bits_per_param: over the candidate layers the package holds; seconds: palettize + save time.
+        path: `<out>/<package_name(component, layout)>`; palette: the layers palettized (the plan, narrowed if
+            uniform); bits_per_param: over the candidate layers the package holds; seconds: palettize + save time.
     """
 
     path: Path
@@ -343,7 +343,7 @@ def set_package_metadata(
 def _compress_and_save(
     plan: ComponentPlan, conversion: Conversion, out: Path, *, min_numel: int, source: str, recipe_name: str
 ) -> Compression:
-    """Palettize the planned weights by name, write the metadata and save `<out>/<component>.mlpackage`."""
+    """Palettize the planned weights by name, write the metadata and save `<out>/<package_name(component, layout)>`."""
     from workbench.layers import compressible_layers
     from workbench.size import bits_per_param
 

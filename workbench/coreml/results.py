@@ -15,7 +15,7 @@ class ExportedPackage:
     """One exported component.
 
     Attributes:
-        component, path: what and where (`<out>/<component>.mlpackage`).
+        component, path: what and where (`<out>/Unet.mlpackage`, ...: `workbench.coreml.layout.package_name`).
         nbytes: package size on disk; float16_nbytes: the same component converted without palettization.
         bits_per_param: sum(bits * numel) / sum(numel) over the component's Linear/Conv2d layers with more than
             `min_numel` weights (16 for float16 layers), the reference's measure (`workbench.size.bits_per_param`).
