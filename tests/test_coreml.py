@@ -204,12 +204,12 @@ def test_tiny_sdxl_unet_exports_and_compresses_with_grouped_and_3bit_palettes(tm
     assert report.all_bit_exact and len(package.verification.layers) == len(recipe)
     assert palettized_weight_names(package.path) == {c.weight for c in package.verification.layers}
     spec = ct.utils.load_spec(package.path)
-    assert [i.name for i in spec.description.input] == [
+    assert [i.name for i in spec.description.input] == [  # Apple's layout and order
         "sample",
         "timestep",
         "encoder_hidden_states",
-        "text_embeds",
         "time_ids",
+        "text_embeds",
     ]
     assert package.nbytes < package.float16_nbytes
 
