@@ -192,6 +192,21 @@ def resolve_names(
     return names
 
 
+def match_notes(match: WeightMatch, plan: Mapping[str, PaletteConfig]) -> tuple[str, ...]:
+    """What a successful match leaves for the user to know: package weights no layer holds (left as they are)
+    and groups of identical layers (all given the same palette)."""
+    notes = []
+    if match.unmatched_weights:
+        notes.append(
+            f"{len(match.unmatched_weights)} package weights match no layer of the model and are left as they are: "
+            f"{_listed(match.unmatched_weights)}"
+        )
+    for layers, weights in match.ambiguous:
+        how = plan[layers[0]].key if layers[0] in plan else "float16"
+        notes.append(f"layers {', '.join(layers)} hold identical weights ({', '.join(weights)}): all {how}")
+    return tuple(notes)
+
+
 def check_deployment_target(spec_version: int, plan: Mapping[str, PaletteConfig], package: str) -> str:
     """The package's deployment target, if it supports every palette of `plan`.
 
@@ -318,7 +333,9 @@ def apply_recipe(
         verify_s=time.perf_counter() - start,
         verification=verification,
     )
-    report = ExportReport(str(out), source, label, (exported,), applied_to=str(package))
+    report = ExportReport(
+        str(out), source, label, (exported,), applied_to=str(package), notes=match_notes(match, plan)
+    )
     report.save()
     return report
 

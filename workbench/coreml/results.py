@@ -81,13 +81,15 @@ class ExportedPackage:
 @dataclass(frozen=True)
 class ExportReport:
     """The packages written by `export_pipeline` (or `apply_recipe`), and what was checked. Saved as
-    `<out>/verification.json`. `applied_to`: the input package of `apply_recipe` ("" for an export)."""
+    `<out>/verification.json`. `applied_to`: the input package of `apply_recipe` ("" for an export); `notes`: what
+    else a user should know (e.g. package weights that matched no layer and were left as they are)."""
 
     out_dir: str
     source: str
     recipe_name: str
     packages: tuple[ExportedPackage, ...]
     applied_to: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def all_bit_exact(self) -> bool:
@@ -136,6 +138,7 @@ class ExportReport:
         what = f"recipe applied to {self.applied_to}, a package" if self.applied_to else "export"
         lines = [f"{what} of {self.source or 'pipeline'} (recipe: {self.recipe_name or 'none'})"]
         lines += [f"  {p.summary()}" for p in self.packages]
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append(
             "verification: " + ("ALL BIT-EXACT" if self.all_bit_exact else "MISMATCH (see verification.json)")
         )
