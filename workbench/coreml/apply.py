@@ -42,7 +42,7 @@ from workbench.coreml.export import (
     set_package_metadata,
 )
 from workbench.coreml.verify import package_nbytes, package_weights, palettized_weight_names, verify_package
-from workbench.errors import UserError
+from workbench.errors import InvalidValueError, UserError
 from workbench.palettize import FLOAT_BITS, PaletteConfig
 
 SPEC_TARGETS = {7: "iOS16", 8: "iOS17", 9: "iOS18"}  # Core ML specification version -> deployment target
@@ -292,6 +292,9 @@ def apply_recipe(
         PackageMismatchError, DeploymentTargetError: see `resolve_names`, `check_deployment_target`.
     """
     package, out = Path(package), Path(out_dir)
+    path = out / package.name
+    if path.resolve() == package.resolve():
+        raise InvalidValueError(f"--out {out} would overwrite the input package {package}; choose another folder")
     start = time.perf_counter()
     model = _load_package(package)
     plan = palette_plan(module, recipe)
@@ -310,9 +313,6 @@ def apply_recipe(
         compressed, component=component, source=source, recipe_name=label, bits_per_param=bpp, n=len(plan)
     )
     out.mkdir(parents=True, exist_ok=True)
-    path = out / package.name
-    if path.resolve() == package.resolve():
-        raise ValueError(f"--out {out} would overwrite the input package {package}; choose another folder")
     if path.exists():
         shutil.rmtree(path)
     compressed.save(str(path))
