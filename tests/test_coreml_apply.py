@@ -130,6 +130,9 @@ def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_line
         expected = fit_palette(layers[name].weight, PaletteConfig(planned[name])).dense()
         got = back[f"convs_w{index[name]}_weight_to_fp16"].reshape(expected.shape)
         assert np.array_equal(expected.view(np.uint16), got.view(np.uint16)), name
+    # a palettized package is named as such, not taken for another model's
+    with pytest.raises(PackageMismatchError, match="is palettized already"):
+        apply_recipe(applied.path, pipe.unet, bits, tmp_path / "again")
 
 
 def test_package_of_another_model_fails_naming_what_did_not_match(sd, tmp_path):

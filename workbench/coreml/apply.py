@@ -175,19 +175,20 @@ def resolve_names(
     """
     names = dict(match.names) | _resolve_ambiguous(match, plan)
     missing = [layer for layer in plan if layer not in names]
-    if missing:
-        already = (
-            f" It already stores {len(match.palettized)} weights palettized ({_listed(match.palettized, 3)}): apply "
-            "a recipe to the float16 package."
-            if match.palettized
-            else ""
+    if missing and match.palettized:
+        raise PackageMismatchError(
+            f"{package} is palettized already ({len(match.palettized)} weights, e.g. {_listed(match.palettized, 3)}), "
+            f"so {len(missing)} of the recipe's {len(plan)} layers cannot be matched by their float16 values; apply "
+            "the recipe to the float16 package (`workbench export --layout apple` without --nbits / --recipe, or "
+            "torch2coreml's output without --quantize-nbits)"
         )
+    if missing:
         raise PackageMismatchError(
             f"{package} does not hold the weights of {model}: {len(missing)} of the recipe's {len(plan)} layers have "
-            f"no package weight with the same float16 values ({_listed(missing)}), and {len(match.unmatched_weights)}"
-            f" package weights match no layer of the model ({_listed(match.unmatched_weights)}).{already} Apply the "
-            "recipe to a package converted from the model it was made for (a fine-tune needs its own package and its "
-            "own recipe), and pass that model as --model."
+            f"no package weight with the same float16 values ({_listed(missing)}), and "
+            f"{len(match.unmatched_weights)} package weight(s) match no layer of the model "
+            f"({_listed(match.unmatched_weights) or 'none'}). Apply the recipe to a package converted from the model "
+            "it was made for (a fine-tune needs its own package and its own recipe), and pass that model as --model."
         )
     return names
 
