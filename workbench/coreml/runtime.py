@@ -275,7 +275,10 @@ def attach_predictors(pipe, predictors: Mapping[str, tuple], *, label: str = COR
 
     A predictor is anything with `predict(dict[str, np.ndarray]) -> dict[str, np.ndarray]` under the package's
     input/output names (a `coremltools.models.MLModel`). The component's `forward` (`decode` for the VAE) is
-    replaced by an instance attribute that calls it; `restore()` removes it. Used by `coreml_pipeline`.
+    replaced by an instance attribute that calls it; `restore()` removes it. Used by `coreml_pipeline`. A predictor's
+    optional `shapes` / `dtypes` (input name -> shape / numpy dtype, as `_ShapeCheckedModel` reads them from the
+    package) select Apple's layout: a rank-4 `encoder_hidden_states`, float32 `input_ids`; the outputs are read
+    under either layout's names.
     """
     result = CoreMLPipeline(pipe, "coreml", label, {})
     for component, (predictor, batch) in predictors.items():
