@@ -199,7 +199,7 @@ def match_notes(match: WeightMatch, plan: Mapping[str, PaletteConfig]) -> tuple[
     notes = []
     if match.unmatched_weights:
         notes.append(
-            f"{len(match.unmatched_weights)} package weights match no layer of the model and are left as they are: "
+            f"{len(match.unmatched_weights)} package weight(s) match no layer of the model and are left as they are: "
             f"{_listed(match.unmatched_weights)}"
         )
     for layers, weights in match.ambiguous:
