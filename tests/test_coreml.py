@@ -204,12 +204,12 @@ def test_tiny_sdxl_unet_exports_and_compresses_with_grouped_and_3bit_palettes(tm
     assert report.all_bit_exact and len(package.verification.layers) == len(recipe)
     assert palettized_weight_names(package.path) == {c.weight for c in package.verification.layers}
     spec = ct.utils.load_spec(package.path)
-    assert [i.name for i in spec.description.input] == [
+    assert [i.name for i in spec.description.input] == [  # Apple's layout and order
         "sample",
         "timestep",
         "encoder_hidden_states",
-        "text_embeds",
         "time_ids",
+        "text_embeds",
     ]
     assert package.nbytes < package.float16_nbytes
 
@@ -223,14 +223,16 @@ def test_cli_export(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert str(out / "vae_decoder.mlpackage") in printed and "4.00 bits/param" in printed
+    assert str(out / "VAEDecoder.mlpackage") in printed and "4.00 bits/param" in printed  # Apple's layout
     assert "ALL BIT-EXACT" in printed and (out / "verification.json").exists()
+    assert f"sh {out}/compile_for_swift.sh" in printed
     # bad input: one line on stderr, exit 2, before anything is converted
     for argv in (
         ["--nbits", "5"],
         ["--components", "unet,vae"],
         ["--recipe", str(tmp_path / "missing.json")],
         ["--recipe-name", "x"],
+        ["--layout", "swift"],
     ):
         assert main(["export", str(tmp_path / "model"), "--out", str(out), *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -61,8 +61,9 @@ def test_unet_noise_prediction_matches_torch(sd):
     timestep = torch.tensor([500.0, 500.0])
     with torch.no_grad():
         expected = pipe.unet(sample, timestep, encoder_hidden_states=hidden).sample.numpy()
+    hidden_apple = hidden.transpose(1, 2).unsqueeze(2).numpy()  # Apple's layout: (B, C, 1, 77)
     out = model.predict(
-        {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": hidden.numpy()}
+        {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": hidden_apple}
     )["noise_pred"]
     assert psnr_db(expected, out) >= 40.0
 
@@ -87,3 +88,36 @@ def test_sdxl_unet_package_runs_in_the_pipeline(tmp_path):
     with coreml_pipeline(pipe, report, backend="coreml") as coreml:
         image = generate_images(coreml, "a red circle", seed=0, **GEN)
     assert image_psnr(expected, image) >= 30.0
+
+
+@pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+def test_apple_layout_packages_compile_and_predict_like_torch(builder, tmp_path):
+    """What the Swift pipeline does: compile every package with the written script, load the .mlmodelc, predict."""
+    import subprocess
+
+    from workbench.coreml.layout import APPLE_RESOURCE_NAMES, apple_contract, apple_wrapper
+
+    pipe = builder()
+    components = ["unet", "text_encoder", "vae_decoder"]
+    components += ["text_encoder_2"] if builder is tiny_sdxl_pipeline else []
+    export_pipeline(pipe, tmp_path, components=components, layout="apple", verify=False)
+    subprocess.run(["sh", str(tmp_path / "compile_for_swift.sh")], check=True)
+    resources = tmp_path / "Resources"
+    assert (resources / "vocab.json").exists() and (resources / "merges.txt").exists()
+    g = torch.Generator().manual_seed(0)
+    for component in components:
+        model = ct.models.CompiledMLModel(str(resources / f"{APPLE_RESOURCE_NAMES[component]}.mlmodelc"))
+        inputs, outputs = apple_contract(pipe, component)
+        feed = {t.name: torch.randn(t.shape, generator=g) for t in inputs}
+        if "input_ids" in feed:
+            feed["input_ids"] = torch.randint(0, 400, inputs[0].shape, generator=g).float()
+        if "timestep" in feed:
+            feed["timestep"] = torch.full(inputs[1].shape, 500.0)
+        args = [feed[t.name].long() if t.name == "input_ids" else feed[t.name] for t in inputs]
+        with torch.no_grad():
+            expected = apple_wrapper(pipe, component)(*args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = model.predict({k: v.numpy() for k, v in feed.items()})
+        for spec, want in zip(outputs, expected):
+            assert got[spec.name].shape == spec.shape, (component, spec.name)
+            assert psnr_db(want.numpy(), got[spec.name]) >= 35.0, (component, spec.name)

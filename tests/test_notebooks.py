@@ -133,6 +133,11 @@ def test_05_coreml(report):
     images = _table(out, "05_torch_vs_coreml.csv").set_index("name")
     simulated, packaged = images["image_psnr_db"].iloc[1], images["image_psnr_db"].iloc[2]
     assert packaged == simulated, "emulated package images must equal the torch simulation's"
+    # path 2: the recipe applied to the float16 UNet package gives the exported package, bit-exact
+    applied = _table(out, "05_applied.csv")
+    assert applied["bit_exact"].iloc[0] == applied["n_palettized"].iloc[0] == packages["n_palettized"].iloc[0]
+    assert abs(applied["nbytes"].iloc[0] - packages["nbytes"].iloc[0]) <= 0.01 * packages["nbytes"].iloc[0]
+    assert (out / "coreml" / "compile_for_swift.sh").exists() and (out / "coreml" / "vocab.json").exists()
 
 
 # ------------------------------------------------------------------------------- console progress of a report

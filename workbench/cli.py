@@ -141,6 +141,26 @@ def _cmd_export(args: argparse.Namespace) -> None:
         min_numel=args.min_numel,
         layers=tuple(args.layers),
         exclude=tuple(args.exclude),
+        layout=args.layout,
+    )
+    print(report.summary())
+    print(f"verification report: {report.out_dir}/verification.json")
+    if args.layout == "apple":
+        from workbench.coreml.layout import COMPILE_SCRIPT
+
+        print(f"on a Mac: sh {report.out_dir}/{COMPILE_SCRIPT}  (compiles the packages into the Swift resources)")
+
+
+def _cmd_apply(args: argparse.Namespace) -> None:
+    from workbench.coreml.apply import apply_model
+
+    report = apply_model(
+        args.package,
+        args.out,
+        recipe_file=args.recipe,
+        recipe_name=args.recipe_name,
+        model=args.model,
+        min_numel=args.min_numel,
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -308,7 +328,32 @@ def _add_export(sub) -> None:
     )
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="--nbits layers: more weights (2048)")
     _add_layer_patterns(p)
+    _add_layout(p)
     p.set_defaults(func=_cmd_export)
+
+
+def _add_layout(p) -> None:
+    """--layout: the exported packages' inputs, outputs and names (`workbench.coreml.layout`)."""
+    p.add_argument(
+        "--layout",
+        choices=("apple", "workbench"),
+        default="apple",
+        help="apple (default): the packages Apple's Swift StableDiffusion pipeline and apps load (Unet.mlpackage, "
+        "...), with vocab.json, merges.txt and compile_for_swift.sh; workbench: <component>.mlpackage, int32 ids",
+    )
+
+
+def _add_apply(sub) -> None:
+    p = sub.add_parser(
+        "apply", help="palettize an existing float16 Core ML UNet package with a recipe (weights matched by content)"
+    )
+    p.add_argument("package", help="the float16 UNet .mlpackage (e.g. Unet.mlpackage from torch2coreml or export)")
+    p.add_argument("--recipe", required=True, help="recipe JSON (ours or the reference's pre-analysis)")
+    p.add_argument("--recipe-name", default=None, help="which recipe of --recipe (default: the file's only one)")
+    p.add_argument("--model", default=None, help="the pipeline the package was converted from; " + MODEL_HELP)
+    p.add_argument("--out", required=True, help="folder for the palettized package (same file name) and its report")
+    p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="layers counted in bits/param (2048)")
+    p.set_defaults(func=_cmd_apply)
 
 
 def _add_train(sub) -> None:
@@ -413,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="workbench", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_layers, _add_recipe, _add_export, _add_train, _add_analyze, _add_report):
+    for add in (_add_layers, _add_recipe, _add_export, _add_apply, _add_train, _add_analyze, _add_report):
         add(sub)
     return parser
 

@@ -1,11 +1,16 @@
-"""Core ML packages: export, palettize by exact weight name, prove the weights, run inference.
+"""Core ML packages: export in Apple's layout, apply recipes to existing packages, prove the weights, run them.
 
 - `components`: the exportable pipeline components (`COMPONENTS`), their trace-friendly wrappers
   (`UNetExport`, `TextEncoderExport`, `VAEDecoderExport`), example inputs, and the Core ML name of each layer's
   weight (`coreml_weight_name`: UNet layer `L` is `unet_<L with . as _>_weight_to_fp16`).
+- `layout`: the packages' inputs, outputs and names: Apple's (`"apple"`, the default: what Apple's Swift pipeline and
+  apps load, `apple_contract`) or ours (`"workbench"`); the tokenizer files and `compile_for_swift.sh` beside them.
 - `export`: conversion (`convert_component`), palettization plans and compression by name (`palette_plan`,
   `compress_model`), `export_pipeline` / `export_component` and their results (`ExportReport`,
   `ExportedPackage`), and `export_model` (the `workbench export` command).
+- `apply`: a recipe applied to a package converted elsewhere (`apply_recipe`, `workbench apply`), its weights
+  matched to torch layers by exact float16 content (`match_weights`).
+- `results`: `ExportedPackage`, `ExportReport` (`verification.json`), for export and apply alike.
 - `verify`: reading packages back on any OS (`package_weights`, `palettized_weight_names`, `load_program`) and
   the bit-exactness check against the simulation (`verify_package` -> `Verification` of `LayerCheck`s).
 - `runtime`: running a pipeline on packages (`coreml_pipeline(backend="emulate" | "coreml")` ->
@@ -25,6 +30,14 @@ Example:
 `backend="coreml"` runs `MLModel.predict` and exists on macOS only.
 """
 
+from workbench.coreml.apply import (
+    DeploymentTargetError,
+    PackageMismatchError,
+    WeightMatch,
+    apply_model,
+    apply_recipe,
+    match_weights,
+)
 from workbench.coreml.components import (
     COMPONENTS,
     WRAPPERS,
@@ -43,9 +56,7 @@ from workbench.coreml.components import (
 from workbench.coreml.export import (
     DEFAULT_MIN_NUMEL,
     ComponentPlan,
-    ExportedPackage,
     ExportMemoryError,
-    ExportReport,
     RecipeLike,
     check_export_memory,
     compress_model,
@@ -56,6 +67,14 @@ from workbench.coreml.export import (
     palette_plan,
     plan_export,
 )
+from workbench.coreml.layout import (
+    APPLE_RESOURCE_NAMES,
+    DEFAULT_LAYOUT,
+    LAYOUTS,
+    TensorSpec,
+    apple_contract,
+)
+from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.runtime import (
     BACKENDS,
     COREML_LABEL,
@@ -78,6 +97,17 @@ from workbench.coreml.verify import (
 )
 
 __all__ = [
+    "APPLE_RESOURCE_NAMES",
+    "DEFAULT_LAYOUT",
+    "LAYOUTS",
+    "DeploymentTargetError",
+    "PackageMismatchError",
+    "TensorSpec",
+    "WeightMatch",
+    "apple_contract",
+    "apply_model",
+    "apply_recipe",
+    "match_weights",
     "BACKENDS",
     "COMPONENTS",
     "COREML_LABEL",

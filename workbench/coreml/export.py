@@ -1,8 +1,9 @@
 """Export pipeline components to Core ML packages, palettized by exact weight name, and verify them.
 
-Per component (`export_component`): trace + convert to a float16 ML Program (`convert_component`), save it
-once unpalettized to measure its size, palettize the planned weights by name (`compress_model`), write the
-metadata, save `<out>/<component>.mlpackage`, and read it back to compare every weight with the simulation
+Per component (`export_component`): trace + convert to a float16 ML Program in a package layout
+(`convert_component`; `workbench.coreml.layout`: Apple's by default), save it once unpalettized to measure its size,
+palettize the planned weights by name (`compress_model`), write the metadata, save `<out>/Unet.mlpackage` (Apple's
+layout; `<out>/<component>.mlpackage` in ours), and read it back to compare every weight with the simulation
 (`workbench.coreml.verify.verify_package`). `export_pipeline` plans every component first (`plan_export`: the
 recipe is checked against the torch modules before any slow conversion), then exports them in turn and writes
 `<out>/verification.json` (`ExportReport`).
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -28,12 +29,19 @@ from workbench.coreml.components import (
     WRAPPERS,
     check_component,
     component_module,
-    example_inputs,
-    export_wrapper,
     layer_weight_names,
     weight_layers,
 )
-from workbench.coreml.verify import Verification, package_nbytes, program_weight_names, verify_package
+from workbench.coreml.layout import (
+    DEFAULT_LAYOUT,
+    host_dtype,
+    layout_inputs,
+    layout_wrapper,
+    package_name,
+    write_swift_files,
+)
+from workbench.coreml.results import ExportedPackage, ExportReport
+from workbench.coreml.verify import package_nbytes, program_weight_names, verify_package
 from workbench.errors import UserError
 from workbench.palettize import FLOAT_BITS, PaletteConfig, sklearn_single_thread
 
@@ -51,12 +59,13 @@ def convert_component(
     *,
     batch_size: int | None = None,
     deployment_target: str = "iOS17",
+    layout: str = DEFAULT_LAYOUT,
 ):
     """Trace one pipeline component and convert it to a float16 Core ML ML Program.
 
-    `torch.jit.trace` of the wrapper, then `ct.convert(convert_to="mlprogram", compute_precision=FLOAT16)`.
-    Inputs and outputs are named (see the wrappers) and float32 on the host side. The module is traced in
-    float32 on the CPU where it sits; nothing is copied.
+    `torch.jit.trace` of the layout's wrapper, then `ct.convert(convert_to="mlprogram", compute_precision=FLOAT16)`.
+    Inputs and outputs are named (see `workbench.coreml.layout`) and float32 on the host side (int32 `input_ids` in
+    the workbench layout). The module is traced in float32 on the CPU where it sits; nothing is copied.
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline on the CPU.
@@ -64,6 +73,8 @@ def convert_component(
         batch_size (`int`, *optional*): see `example_inputs`.
         deployment_target (`str`, defaults to `"iOS17"`): a `coremltools.target` name; `"iOS18"` for grouped or
             3-bit palettes.
+        layout (`str`, defaults to `"apple"`): `"apple"` (the contract Apple's Swift pipeline loads) or
+            `"workbench"` (`workbench.coreml.layout`).
 
     Returns:
         `coremltools.models.MLModel`.
@@ -72,15 +83,15 @@ def convert_component(
 
     import coremltools as ct
 
-    wrapper = export_wrapper(pipe, component)
-    inputs = example_inputs(pipe, component, batch_size)
+    wrapper = layout_wrapper(pipe, component, layout)
+    inputs = layout_inputs(pipe, component, layout, batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools: "torch 2.13 has not been tested"; trace warnings
         traced = torch.jit.trace(wrapper, tuple(inputs.values()), check_trace=False)
         return ct.convert(
             traced,
             inputs=[
-                ct.TensorType(name=name, shape=x.shape, dtype=np.int32 if x.dtype == torch.int32 else np.float32)
+                ct.TensorType(name=name, shape=x.shape, dtype=getattr(np, host_dtype(layout, x)))
                 for name, x in inputs.items()
             ],
             outputs=[ct.TensorType(name=name, dtype=np.float32) for name in wrapper.output_names],
@@ -134,12 +145,16 @@ def palette_plan(
     return {name: cfg for name, cfg in plan.items() if cfg is not None}
 
 
-def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
+def compress_model(
+    model, plan: Mapping[str, PaletteConfig], *, prefix: str | None = None, names: Mapping[str, str] | None = None
+):
     """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
 
-    Torch layer `L` of a wrapper whose module sits under `prefix` is the Core ML constant
-    `coreml_weight_name(prefix + "." + L)`; every planned weight must exist (else a `ValueError` lists the
-    missing ones), and no other weight is touched.
+    Torch layer `L` is the Core ML constant `names[L]`: by default (a package we converted, whose wrapper holds the
+    module under `prefix`) `coreml_weight_name(prefix + "." + L)`; for a package converted elsewhere, the mapping
+    `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
+    lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
+    identical weights) must share a config.
 
     Returns:
         `coremltools.models.MLModel` (a new one; `model` is unchanged).
@@ -150,146 +165,21 @@ def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
 
     if not plan:
         return model
-    names = layer_weight_names(plan, prefix)
+    names = layer_weight_names(plan, prefix) if names is None else names
     available = program_weight_names(model)
     missing = [layer for layer in plan if names[layer] not in available]
     if missing:
         raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
+    by_weight: dict[str, PaletteConfig] = {}
+    for layer, cfg in plan.items():
+        if by_weight.setdefault(names[layer], cfg) != cfg:
+            raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
     config = ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in plan.items()}
+        op_name_configs={weight: cfg.to_coreml() for weight, cfg in by_weight.items()}
     )
     with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
         return ct.optimize.coreml.palettize_weights(model, config)
-
-
-@dataclass(frozen=True)
-class ExportedPackage:
-    """One exported component.
-
-    Attributes:
-        component, path: what and where (`<out>/<component>.mlpackage`).
-        nbytes: package size on disk; float16_nbytes: the same component converted without palettization.
-        bits_per_param: sum(bits * numel) / sum(numel) over the component's Linear/Conv2d layers with more than
-            `min_numel` weights (16 for float16 layers), the reference's measure (`workbench.size.bits_per_param`).
-        deployment_target: e.g. `"iOS17"`; export_s / compress_s / verify_s: wall time of trace + convert /
-            palettize + save / read back + compare.
-        verification: the read-back check (None when not verified).
-    """
-
-    component: str
-    path: str
-    nbytes: int
-    float16_nbytes: int
-    bits_per_param: float
-    n_palettized: int
-    deployment_target: str
-    export_s: float
-    compress_s: float
-    verify_s: float = 0.0
-    verification: Verification | None = None
-
-    @property
-    def pct_of_float16(self) -> float:
-        return 100.0 * self.nbytes / self.float16_nbytes
-
-    def to_row(self) -> dict:
-        """One row of `ExportReport.to_frame`: sizes, bits/param, timings, verification counts."""
-        v = self.verification
-        return {
-            "component": self.component,
-            "path": self.path,
-            "nbytes": self.nbytes,
-            "float16_nbytes": self.float16_nbytes,
-            "pct_of_float16": self.pct_of_float16,
-            "bits_per_param": self.bits_per_param,
-            "n_palettized": self.n_palettized,
-            "bit_exact": None if v is None else sum(c.bit_exact for c in v.layers),
-            "float16_exact": None if v is None else f"{v.float16_exact}/{v.float16_layers}",
-            "deployment_target": self.deployment_target,
-            "export_s": self.export_s,
-            "compress_s": self.compress_s,
-            "verify_s": self.verify_s,
-        }
-
-    def summary(self) -> str:
-        """One line: path, size against float16, bits/param, target and the verification result."""
-        v = self.verification
-        check = "not verified"
-        if v is not None:
-            n_exact = sum(c.bit_exact for c in v.layers)
-            check = (
-                f"{n_exact}/{len(v.layers)} palettized weights bit-exact with the simulation, "
-                f"{v.float16_exact}/{v.float16_layers} float16 weights exact"
-            )
-            if v.unexpected_palettized:
-                check += f", {len(v.unexpected_palettized)} palettized unexpectedly"
-        return (
-            f"{self.component}: {self.path}  {self.nbytes / 1e6:.2f} MB ({self.pct_of_float16:.1f}% of float16 "
-            f"{self.float16_nbytes / 1e6:.2f} MB), {self.bits_per_param:.2f} bits/param, {self.deployment_target}; "
-            f"{check}"
-        )
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    """The packages written by `export_pipeline`, and what was checked. Saved as `<out>/verification.json`."""
-
-    out_dir: str
-    source: str
-    recipe_name: str
-    packages: tuple[ExportedPackage, ...]
-
-    @property
-    def all_bit_exact(self) -> bool:
-        return all(p.verification is None or p.verification.all_bit_exact for p in self.packages)
-
-    def package(self, component: str) -> ExportedPackage:
-        for p in self.packages:
-            if p.component == component:
-                return p
-        raise KeyError(f"no {component!r} package; exported: {', '.join(p.component for p in self.packages)}")
-
-    def paths(self) -> dict[str, Path]:
-        """`{component: package path}`, what `coreml_pipeline` takes."""
-        return {p.component: Path(p.path) for p in self.packages}
-
-    def to_frame(self):
-        """One row per package (sizes, bits/param, timings, verification counts)."""
-        import pandas as pd
-
-        return pd.DataFrame([p.to_row() for p in self.packages])
-
-    def layers_frame(self):
-        """Every verified layer of every package (`LayerCheck` rows)."""
-        import pandas as pd
-
-        frames = [p.verification.to_frame() for p in self.packages if p.verification is not None]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-    def to_dict(self) -> dict:
-        from workbench.io import environment
-
-        d = asdict(self)
-        for p, row in zip(self.packages, d["packages"]):
-            row["verification"] = None if p.verification is None else p.verification.to_dict()
-        d["all_bit_exact"] = self.all_bit_exact
-        d["environment"] = environment()
-        return d
-
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        from workbench.io import write_json_atomic
-
-        return write_json_atomic(path or Path(self.out_dir) / "verification.json", self.to_dict())
-
-    def summary(self) -> str:
-        """A few lines for a terminal: per package its path, size, bits/param and the verification result."""
-        lines = [f"export of {self.source or 'pipeline'} (recipe: {self.recipe_name or 'none'})"]
-        lines += [f"  {p.summary()}" for p in self.packages]
-        lines.append(
-            "verification: " + ("ALL BIT-EXACT" if self.all_bit_exact else "MISMATCH (see verification.json)")
-        )
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -303,6 +193,7 @@ class ComponentPlan:
         uniform: the palette is a uniform width over every candidate layer (`nbits`): it is narrowed to the
             weights the package has (a VAE decoder package holds no VAE encoder). A recipe is not narrowed.
         deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
+        layout: `"apple"` or `"workbench"` (`workbench.coreml.layout`): inputs, outputs and the package's name.
     """
 
     component: str
@@ -311,6 +202,7 @@ class ComponentPlan:
     palette: Mapping[str, PaletteConfig]
     uniform: bool
     deployment_target: str
+    layout: str = DEFAULT_LAYOUT
 
 
 def plan_export(
@@ -322,12 +214,15 @@ def plan_export(
     min_numel: int,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[ComponentPlan]:
-    """One `ComponentPlan` per component; a bad component, recipe, width or layer pattern fails here, before any
-    conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized layers;
-    the others stay float16."""
+    """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern or layout fails here, before
+    any conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized
+    layers; the others stay float16."""
+    from workbench.coreml.layout import check_layout
     from workbench.layers import select_layers
 
+    check_layout(layout)
     components = [check_component(c) for c in components]
     if not components:
         raise ValueError(f"no components to export; valid: {', '.join(COMPONENTS)}")
@@ -341,7 +236,7 @@ def plan_export(
             palette = {name: palette[name] for name in select_layers(dict.fromkeys(palette), layers, exclude)}
         target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
         prefix = WRAPPERS[component].prefix
-        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target))
+        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target, layout))
     return plans
 
 
@@ -399,8 +294,8 @@ class Compression:
     """A palettized package saved to disk.
 
     Attributes:
-        path: `<out>/<component>.mlpackage`; palette: the layers palettized (the plan, narrowed if uniform);
-        bits_per_param: over the candidate layers the package holds; seconds: palettize + save time.
+        path: `<out>/<package_name(component, layout)>`; palette: the layers palettized (the plan, narrowed if
+            uniform); bits_per_param: over the candidate layers the package holds; seconds: palettize + save time.
     """
 
     path: Path
@@ -412,7 +307,9 @@ class Compression:
 def _convert(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Conversion:
     """Trace + convert (timed), then save once unpalettized to a scratch folder to measure the float16 size."""
     start = time.perf_counter()
-    model = convert_component(pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target)
+    model = convert_component(
+        pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target, layout=plan.layout
+    )
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory(dir=out, prefix=".float16-") as tmp:
         model.save(str(Path(tmp) / "float16.mlpackage"))
@@ -420,7 +317,11 @@ def _convert(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Co
     return Conversion(model, nbytes, seconds)
 
 
-def _set_metadata(model, *, component: str, source: str, recipe_name: str, bits_per_param: float, n: int) -> None:
+def set_package_metadata(
+    model, *, component: str, source: str, recipe_name: str, bits_per_param: float, n: int
+) -> None:
+    """Describe a palettized model: short description, author, and `user_defined_metadata` (source model,
+    component, recipe, bits/param, number of palettized layers)."""
     from workbench import __version__
 
     model.short_description = (
@@ -442,7 +343,7 @@ def _set_metadata(model, *, component: str, source: str, recipe_name: str, bits_
 def _compress_and_save(
     plan: ComponentPlan, conversion: Conversion, out: Path, *, min_numel: int, source: str, recipe_name: str
 ) -> Compression:
-    """Palettize the planned weights by name, write the metadata and save `<out>/<component>.mlpackage`."""
+    """Palettize the planned weights by name, write the metadata and save `<out>/<package_name(component, layout)>`."""
     from workbench.layers import compressible_layers
     from workbench.size import bits_per_param
 
@@ -454,7 +355,7 @@ def _compress_and_save(
     palette = {n: cfg for n, cfg in plan.palette.items() if n in numels} if plan.uniform else dict(plan.palette)
     compressed = compress_model(conversion.model, palette, prefix=plan.prefix)
     bpp = bits_per_param(palette, numels) if numels else float(FLOAT_BITS)
-    _set_metadata(
+    set_package_metadata(
         compressed,
         component=plan.component,
         source=source,
@@ -462,7 +363,7 @@ def _compress_and_save(
         bits_per_param=bpp,
         n=len(palette),
     )
-    path = out / f"{plan.component}.mlpackage"
+    path = out / package_name(plan.component, plan.layout)
     if path.exists():
         shutil.rmtree(path)
     compressed.save(str(path))
@@ -527,13 +428,16 @@ def export_pipeline(
     verify: bool = True,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    layout: str = DEFAULT_LAYOUT,
 ) -> ExportReport:
     """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
 
     For each component: trace + convert to float16 (iOS17, or iOS18 when the plan has grouped or 3-bit palettes),
     save once unpalettized to measure its size, palettize the planned weights by name (`compress_model`), write
-    metadata, save `<out_dir>/<component>.mlpackage`, read it back and compare every weight (`verify_package`).
-    Writes `<out_dir>/verification.json`.
+    metadata, save the package (`Unet.mlpackage`, ... in Apple's layout; `<component>.mlpackage` in ours), read it
+    back and compare every weight (`verify_package`). Writes `<out_dir>/verification.json`; in Apple's layout also
+    the tokenizer's `vocab.json` and `merges.txt` and `compile_for_swift.sh` (macOS: compiles the packages into the
+    resources folder Apple's Swift pipeline loads).
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline (CPU, float32).
@@ -547,6 +451,7 @@ def export_pipeline(
         verify (`bool`, defaults to True): read the packages back and compare.
         layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
             (`plan_export`).
+        layout (`str`, defaults to `"apple"`): the packages' inputs, outputs and names (`workbench.coreml.layout`).
 
     Returns:
         `ExportReport`.
@@ -556,7 +461,14 @@ def export_pipeline(
         >>> print(report.summary())  # sizes, bits/param, bit-exact per package
     """
     plans = plan_export(
-        pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude
+        pipe,
+        components,
+        recipe=recipe,
+        nbits=nbits,
+        min_numel=min_numel,
+        layers=layers,
+        exclude=exclude,
+        layout=layout,
     )
     check_export_memory(plans)
     out = Path(out_dir)
@@ -564,6 +476,8 @@ def export_pipeline(
     label = _recipe_label(recipe, nbits)
     options = {"min_numel": min_numel, "batch_size": batch_size, "source": source, "recipe_name": label}
     packages = tuple(export_component(pipe, plan, out, verify=verify, **options) for plan in plans)
+    if layout == "apple":
+        write_swift_files(pipe, out, [p.component for p in packages])
     report = ExportReport(out_dir=str(out), source=source, recipe_name=label, packages=packages)
     report.save()
     return report
@@ -580,6 +494,7 @@ def export_model(
     min_numel: int = DEFAULT_MIN_NUMEL,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    layout: str = DEFAULT_LAYOUT,
 ) -> ExportReport:
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
@@ -587,8 +502,9 @@ def export_model(
         model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
-        nbits, components, min_numel, layers, exclude: see `export_pipeline`.
+        nbits, components, min_numel, layers, exclude, layout: see `export_pipeline`.
     """
+    from workbench.coreml.layout import check_layout
     from workbench.pipelines import DEMO_MODEL, load_pipeline
     from workbench.recipes import load_recipe
 
@@ -602,6 +518,7 @@ def export_model(
         as_config(int(nbits))  # an unsupported width fails before the pipeline loads
     recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
     components = [check_component(c) for c in components]  # fail before the pipeline loads
+    check_layout(layout)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
     options = {
@@ -610,5 +527,6 @@ def export_model(
         "source": source,
         "layers": layers,
         "exclude": exclude,
+        "layout": layout,
     }
     return export_pipeline(pipe, out_dir, recipe=recipe, nbits=nbits, **options)

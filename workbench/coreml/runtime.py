@@ -34,6 +34,7 @@ from workbench.coreml.components import (
     weight_layers,
 )
 from workbench.coreml.export import ExportReport
+from workbench.coreml.layout import LAYOUTS, package_name
 from workbench.coreml.verify import package_weights, palettized_weight_names
 
 EMULATION_LABEL = "weight-exact emulation (not the Core ML runtime)"
@@ -88,11 +89,13 @@ def _as_package_paths(packages) -> dict[str, Path]:
     """`{component: package path}` from an `ExportReport`, a folder written by `export_pipeline`, or a mapping."""
     if isinstance(packages, ExportReport):
         return packages.paths()
-    if isinstance(packages, (str, os.PathLike)):  # a folder written by export_pipeline
+    if isinstance(packages, (str, os.PathLike)):  # a folder written by export_pipeline, in either layout
         folder = Path(packages)
-        found = {c: folder / f"{c}.mlpackage" for c in COMPONENTS if (folder / f"{c}.mlpackage").exists()}
+        names = {c: [package_name(c, layout) for layout in LAYOUTS] for c in COMPONENTS}
+        found = {c: folder / n for c, ns in names.items() for n in ns if (folder / n).exists()}
         if not found:
-            raise FileNotFoundError(f"no <component>.mlpackage in {folder}; components: {', '.join(COMPONENTS)}")
+            expected = ", ".join(n for ns in names.values() for n in ns)
+            raise FileNotFoundError(f"no package in {folder}; looked for: {expected}")
         return found
     paths = {check_component(c): Path(p) for c, p in dict(packages).items()}
     for path in paths.values():
@@ -166,7 +169,8 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
 
 
-def _unet_forward(predictor, batch: int, sdxl: bool):
+def _unet_forward(predictor, batch: int, sdxl: bool, apple: bool):
+    """`apple`: the package takes Apple's `encoder_hidden_states` (B, C, 1, 77) (`workbench.coreml.layout`)."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     def forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, return_dict=True, **kwargs):
@@ -174,10 +178,11 @@ def _unet_forward(predictor, batch: int, sdxl: bool):
         if unsupported:
             raise NotImplementedError(f"the Core ML UNet takes no {', '.join(unsupported)}")
         n = sample.shape[0]
+        hidden = encoder_hidden_states.transpose(1, 2).unsqueeze(2) if apple else encoder_hidden_states
         inputs = {
             "sample": _numpy(sample),
             "timestep": torch.as_tensor(timestep).float().reshape(-1).expand(n).cpu().numpy().copy(),
-            "encoder_hidden_states": _numpy(encoder_hidden_states),
+            "encoder_hidden_states": _numpy(hidden),
         }
         if sdxl:
             inputs["text_embeds"] = _numpy(added_cond_kwargs["text_embeds"])
@@ -195,18 +200,37 @@ class _PenultimateOnly(tuple):
     def __getitem__(self, index):
         if index != -2:
             raise IndexError("a Core ML text encoder package outputs only hidden_states[-2] (no clip_skip)")
+        if tuple.__getitem__(self, 0) is None:
+            raise IndexError(
+                "this text encoder package (Apple's SD-1.x/2.x layout) has no penultimate layer (no clip_skip)"
+            )
         return tuple.__getitem__(self, 0)
 
 
-def _text_encoder_forward(predictor, batch: int, with_projection: bool, dtype: torch.dtype):
+def _text_outputs(out: Mapping[str, np.ndarray], device, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    """A text encoder package's outputs under the workbench layout's names, from either layout.
+
+    Apple's SD-1.x/2.x encoder outputs `last_hidden_state` and `pooled_outputs` (no penultimate layer: None);
+    SDXL's output `hidden_embeds` (the penultimate layer) and `pooled_outputs`, and no `last_hidden_state`: diffusers'
+    SDXL pipeline reads only its rank, so it is a NaN tensor of the hidden states' shape (any use shows as NaN).
+    """
+    t = {k: torch.from_numpy(np.asarray(v)).to(device, dtype) for k, v in out.items()}
+    if "pooled_outputs" not in t:  # the workbench layout
+        return t
+    penultimate = t.get("hidden_embeds")
+    last = t.get("last_hidden_state", None if penultimate is None else torch.full_like(penultimate, float("nan")))
+    return {"last_hidden_state": last, "pooled_output": t["pooled_outputs"], "penultimate_hidden_state": penultimate}
+
+
+def _text_encoder_forward(predictor, batch: int, with_projection: bool, dtype: torch.dtype, ids_dtype=np.int32):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
     def forward(input_ids, attention_mask=None, *args, return_dict=True, **kwargs):
         if attention_mask is not None:
             raise NotImplementedError("the Core ML text encoder takes no attention_mask (SD's CLIP uses none)")
-        out = _batched_predict(predictor, {"input_ids": input_ids.cpu().numpy().astype(np.int32)}, batch)
-        t = {k: torch.from_numpy(v).to(input_ids.device, dtype) for k, v in out.items()}
+        ids = input_ids.cpu().numpy().astype(ids_dtype)
+        t = _text_outputs(_batched_predict(predictor, {"input_ids": ids}, batch), input_ids.device, dtype)
         hidden = _PenultimateOnly((t["penultimate_hidden_state"],))
         if with_projection:
             result = CLIPTextModelOutput(
@@ -234,13 +258,16 @@ def _vae_decode(predictor, batch: int):
 
 def _routed_method(module, component: str, predictor, batch: int) -> tuple[str, object]:
     """(name of the method to replace, the function calling `predictor` in its place) for one component."""
+    shapes = getattr(predictor, "shapes", {})  # a `_ShapeCheckedModel`'s input shapes tell the layout
     if component == "unet":
         sdxl = getattr(module.config, "addition_embed_type", None) == "text_time"
-        return "forward", _unet_forward(predictor, batch, sdxl)
+        apple = len(shapes.get("encoder_hidden_states", ())) == 4
+        return "forward", _unet_forward(predictor, batch, sdxl, apple)
     if component == "vae_decoder":
         return "decode", _vae_decode(predictor, batch)
     with_projection = hasattr(module, "text_projection")
-    return "forward", _text_encoder_forward(predictor, batch, with_projection, module.dtype)
+    ids_dtype = getattr(predictor, "dtypes", {}).get("input_ids", np.int32)
+    return "forward", _text_encoder_forward(predictor, batch, with_projection, module.dtype, ids_dtype)
 
 
 def attach_predictors(pipe, predictors: Mapping[str, tuple], *, label: str = COREML_LABEL) -> CoreMLPipeline:
@@ -248,7 +275,10 @@ def attach_predictors(pipe, predictors: Mapping[str, tuple], *, label: str = COR
 
     A predictor is anything with `predict(dict[str, np.ndarray]) -> dict[str, np.ndarray]` under the package's
     input/output names (a `coremltools.models.MLModel`). The component's `forward` (`decode` for the VAE) is
-    replaced by an instance attribute that calls it; `restore()` removes it. Used by `coreml_pipeline`.
+    replaced by an instance attribute that calls it; `restore()` removes it. Used by `coreml_pipeline`. A predictor's
+    optional `shapes` / `dtypes` (input name -> shape / numpy dtype, as `_ShapeCheckedModel` reads them from the
+    package) select Apple's layout: a rank-4 `encoder_hidden_states`, float32 `input_ids`; the outputs are read
+    under either layout's names.
     """
     result = CoreMLPipeline(pipe, "coreml", label, {})
     for component, (predictor, batch) in predictors.items():
@@ -266,6 +296,10 @@ class _ShapeCheckedModel:
         self.model, self.path = model, path
         inputs = model.get_spec().description.input
         self.shapes = {i.name: tuple(int(d) for d in i.type.multiArrayType.shape) for i in inputs}
+        from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType
+
+        int32 = ArrayFeatureType.INT32  # Apple's layout declares float32 ids, ours int32
+        self.dtypes = {i.name: np.int32 if i.type.multiArrayType.dataType == int32 else np.float32 for i in inputs}
         self.batch = next(iter(self.shapes.values()))[0]
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict:

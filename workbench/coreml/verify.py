@@ -167,7 +167,13 @@ def _check_layer(
 
 
 def verify_package(
-    package: str | os.PathLike, module: nn.Module, plan: Mapping[str, PaletteConfig], *, component: str, prefix: str
+    package: str | os.PathLike,
+    module: nn.Module,
+    plan: Mapping[str, PaletteConfig],
+    *,
+    component: str,
+    prefix: str | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Verification:
     """Read a saved package back, decompress every palettized weight, compare with the simulation.
 
@@ -180,7 +186,10 @@ def verify_package(
         module (`nn.Module`): the component's torch module it was exported from (e.g. `pipe.unet`).
         plan (`Mapping[str, PaletteConfig]`): the layers that were palettized, and how.
         component (`str`): the component's name, recorded in the result.
-        prefix (`str`): the export wrapper's attribute for the module (`UNetExport.prefix`, ...).
+        prefix (`str`, *optional*): the export wrapper's attribute for the module (`UNetExport.prefix`, ...): a
+            package we converted names layer `L`'s weight `coreml_weight_name(prefix + "." + L)`.
+        names (`Mapping[str, str]`, *optional*): instead of `prefix`, torch layer -> Core ML weight name for the
+            layers the package holds (`workbench.coreml.apply.match_weights`, for a package converted elsewhere).
 
     Returns:
         `Verification`.
@@ -188,12 +197,12 @@ def verify_package(
     stored = package_weights(package)
     palettized = palettized_weight_names(package)
     layers = weight_layers(module)
-    names = layer_weight_names(layers, prefix)
+    names = layer_weight_names(layers, prefix) if names is None else names
     checks = tuple(
         _check_layer(component, layer, layers[layer].weight, cfg, names[layer], stored, palettized)
         for layer, cfg in plan.items()
     )
-    float16 = [layer for layer in layers if layer not in plan and names[layer] in stored]
+    float16 = [layer for layer in layers if layer not in plan and names.get(layer) in stored]
     n_exact = sum(_bit_equal(layers[n].weight.detach().cpu().half().numpy(), stored[names[n]]) for n in float16)
     return Verification(
         component=component,
