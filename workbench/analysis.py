@@ -129,7 +129,7 @@ class AnalysisConfig:
         sweep (`str`, defaults to "exhaustive"): "exhaustive" measures every candidate at every width and the
             cumulative curves (the reference's method); "fast" measures every candidate at `fast_reference_bits`,
             a calibration subset at every width, predicts the rest and checks it (`workbench.fast`).
-        fast_reference_bits (`int`, defaults to 4): the width the fast sweep measures every candidate at.
+        fast_reference_bits (`int`, defaults to 2): the width the fast sweep measures every candidate at.
         fast_calibration (`float`, defaults to 0.05): fraction of candidates the fast sweep measures at every
             width.
         fast_checks (`float`, defaults to 0.4): predicted points of the planned recipes measured (in 4 rounds of
@@ -153,7 +153,7 @@ class AnalysisConfig:
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     sweep: str = "exhaustive"
-    fast_reference_bits: int = 4
+    fast_reference_bits: int = 2
     fast_calibration: float = 0.05
     fast_checks: float = 0.4
 
