@@ -42,7 +42,8 @@ import torch
 from workbench.allocation import Measurements, size_aware_recipes, threshold_recipes
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
-from workbench.palettize import SUPPORTED_NBITS, PaletteCache, palettized
+from workbench.executor import EvalTask, Executor, LocalExecutor
+from workbench.palettize import SUPPORTED_NBITS, PaletteCache
 from workbench.probe import OneStepProbe
 from workbench.recipes import PreAnalysis
 from workbench.size import bits_per_param
@@ -307,25 +308,34 @@ def _bits_hash(bits: Mapping[str, int]) -> str:
     return hashlib.sha256(json.dumps(dict(sorted(bits.items()))).encode()).hexdigest()[:10]
 
 
+def recipe_tasks(planned: Sequence[PlannedRecipe], numels: Mapping[str, int]) -> list[EvalTask]:
+    """Each planned recipe end to end: all its layers palettized at once."""
+    return [
+        EvalTask(
+            f"recipe/{r.name}/{_bits_hash(r.bits)}",
+            "recipe",
+            dict(r.bits),
+            {
+                "config": r.strategy,
+                "recipe": r.name,
+                "bits_per_param": bits_per_param(r.bits, numels),
+                "extra": {"selector": r.selector},
+            },
+        )  # fmt: skip
+        for r in planned
+    ]
+
+
 def measure_recipes(
-    unet: torch.nn.Module,
-    planned: Sequence[PlannedRecipe],
-    numels: Mapping[str, int],
-    runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
+    planned: Sequence[PlannedRecipe], numels: Mapping[str, int], runner: EvaluationRunner, executor: Executor
 ) -> list[RecipeResult]:
-    """Re-measure each planned recipe end to end (all its layers palettized at once)."""
+    """Re-measure each planned recipe end to end (`recipe_tasks`)."""
     runner.plan(len(planned))
-    results = []
-    for r in planned:
-        bpp = bits_per_param(r.bits, numels)
-        with palettized(unet, r.bits, cache):
-            e = runner.measure(
-                f"recipe/{r.name}/{_bits_hash(r.bits)}", "recipe", config=r.strategy, recipe=r.name,
-                bits_per_param=bpp, extra={"selector": r.selector},
-            )  # fmt: skip
-        results.append(RecipeResult(r.name, r.strategy, r.bits, bpp, e.psnr, r.selector, r.predicted_psnr))
-    return results
+    tasks = recipe_tasks(planned, numels)
+    return [
+        RecipeResult(r.name, r.strategy, r.bits, t.fields["bits_per_param"], e.psnr, r.selector, r.predicted_psnr)
+        for r, t, e in zip(planned, tasks, executor.measure_all(tasks, runner))
+    ]
 
 
 def recipe_trajectories(
@@ -374,16 +384,22 @@ def build_preanalysis(
     )
 
 
-def _timing(start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache) -> Timing:
+def _timing(
+    start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache, remote: dict | None = None
+) -> Timing:
+    """This process' counts, plus the UNet calls, forward time and fits of `remote` workers (an executor's
+    `summary()`), if any."""
+    workers = [] if remote is None else remote["workers"]
     wall = time.perf_counter() - start
+    forward = probe.forward_seconds + sum(w["forward_s"] for w in workers)
     return Timing(
         wall_s=wall,
-        forward_s=probe.forward_seconds,
-        unet_evaluations=probe.forward_calls,
+        forward_s=forward,
+        unet_evaluations=probe.forward_calls + sum(w["unet_calls"] for w in workers),
         new_evaluations=runner.new,
         evaluations=len(runner.evaluations),
-        kmeans_fits=cache.fits,
-        overhead=wall / probe.forward_seconds if probe.forward_seconds else float("nan"),
+        kmeans_fits=cache.fits + sum(w["kmeans_fits"] for w in workers),
+        overhead=wall / forward if forward else float("nan"),
         unet_batch=probe.unet_batch,
     )
 
@@ -412,6 +428,7 @@ def run_analysis(
     cache: PaletteCache | None = None,
     background_fits: bool | None = None,
     palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
+    executor: Executor | None = None,
 ) -> AnalysisResult:
     """Run the pre-analysis (the phases of this module, in order) on `pipe`, a diffusers SD-1.x/2.x or SDXL pipeline.
     With `out_dir`, each evaluation is appended to `out_dir/store/<key>.jsonl` as soon as it is measured (resumable);
@@ -430,6 +447,10 @@ def run_analysis(
         palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
             `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
             None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
+        executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a
+            `LocalExecutor` in this process. A `workbench.ray_executor.RayExecutor` shards them over Ray workers
+            (the same results on CPU; this process alone writes the store, so either resumes the other's).
+            Trajectories always run here.
 
     Returns:
         `AnalysisResult`.
@@ -450,24 +471,27 @@ def run_analysis(
     runner = probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
     palettes = sweep_palettes(config.nbits, config.group_size)
+    local = LocalExecutor(unet, cache)
+    executor = local if executor is None else executor
     try:
-        baselines = measure_baselines(unet, runner)
+        baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
-        if background_fits or (background_fits is None and workers > 0):
+        if executor is local and (background_fits or (background_fits is None and workers > 0)):
             prefetch_palettes(cache, candidates, palettes, workers=max(1, workers))
-        isolated = isolated_sweep(unet, candidates, config.nbits, runner, cache)
-        curves = cumulative_curves(unet, candidates, sensitivity_order(isolated), palettes, runner, cache)
+        isolated = isolated_sweep(candidates, config.nbits, runner, executor)
+        curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
         planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
-        recipes = measure_recipes(unet, planned, candidates.numels, runner, cache)
+        recipes = measure_recipes(planned, candidates.numels, runner, executor)
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
     finally:
         runner.close()
         cache.close()  # stops background fits; the fitted palettes stay cached
         spill.close()  # deletes the spilled palettes (they are only valid in this process)
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
-    timing = _timing(start, probed.probe, runner, cache)
+    execution = executor.summary()
+    timing = _timing(start, probed.probe, runner, cache, execution if executor is not local else None)
     result = AnalysisResult(config, probed.identity, dict(candidates.numels), runner.evaluations, recipes, preanalysis,
-                            timing, trajectory)  # fmt: skip
+                            timing, trajectory, execution)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
         probed.store.mark_complete()

@@ -133,6 +133,8 @@ class AnalysisResult:
         preanalysis: the reference-format JSON content (`PreAnalysis`).
         timing: where the time went (`Timing`).
         trajectory: `workbench.trajectory.TrajectoryResult` list (empty unless `config.trajectory`).
+        execution: what ran where (the executor's `summary()`: its workers, their devices, evaluations and busy
+            seconds); the `execution` object of `run.json`.
     """
 
     config: AnalysisConfig
@@ -143,6 +145,7 @@ class AnalysisResult:
     preanalysis: PreAnalysis
     timing: Timing
     trajectory: list = field(default_factory=list)
+    execution: dict = field(default_factory=dict)
 
     def baseline(self, name: str) -> float:
         return self.preanalysis.baselines[name]
@@ -230,7 +233,7 @@ class AnalysisResult:
 
     def save(self, out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
         """Write `preanalysis.json` (reference format), `evaluations.csv`, `recipes.csv`, `run.json` (config,
-        identity, environment, timing, matched comparison) and `psnr_vs_size.png`, each atomically."""
+        identity, environment, timing, execution, matched comparison) and `psnr_vs_size.png`, each atomically."""
         from workbench.io import environment, write_json_atomic, write_text_atomic
 
         out = Path(out_dir)
@@ -251,6 +254,7 @@ class AnalysisResult:
             "store_key": identity_key(self.identity),
             "environment": environment(),
             "timing": self.timing.to_dict(),
+            "execution": self.execution,
             "matched_comparison": self.matched_comparison().to_records(),
         }
         paths["run"] = write_json_atomic(out / "run.json", run)
