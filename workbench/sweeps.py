@@ -243,14 +243,14 @@ class CumulativeCurves:
 def curve_tasks(candidates: Candidates, config: PaletteConfig, order: Sequence[str]) -> list[EvalTask]:
     """The points of one cumulative curve: the first k layers of `order` palettized with `config`, k = 1..n, each
     a `LayerPrefix` of the same order (so an executor palettizes only the layer each point adds)."""
-    return [
-        EvalTask(
+    tasks = []
+    for position, (name, recipe) in enumerate(zip(order, LayerPrefix.points(order, config))):
+        tasks.append(EvalTask(
             f"cumulative/{config.key}/{position}/{name}", "cumulative", recipe,
             {"config": config.key, "nbits": config.nbits, "layer": name, "position": position,
              "bits_per_param": sweep_bits_per_param(recipe, candidates)},
-        )  # fmt: skip
-        for position, (name, recipe) in enumerate(zip(order, LayerPrefix.points(order, config)))
-    ]
+        ))  # fmt: skip
+    return tasks
 
 
 def cumulative_curve(
