@@ -9,10 +9,10 @@ same with any number of workers, or none.
 
 Scheduling: the tasks not already in the store are queued per palette key (`EvalTask.fields["config"]`:
 `kmeans4` for the isolated sweep at 4 bits and for the 4-bit curve alike) in task order. A free worker takes the
-next chunk of the key it worked on last, else of a key it worked on before, else of the longest queue, so each
-layer's palettes are fitted on few workers and a curve's points mostly run on one worker, palettized incrementally.
-Chunks shrink as the work runs out (a quarter of a worker's share of what is left, at most `max_chunk`), so the
-workers finish together.
+next chunk of the key it worked on last, else of a key no other worker is on (one it worked on before first), else
+steals from the back of the longest queue, so each layer's palettes are fitted on few workers and a curve's points
+run on one worker, palettized incrementally, or on two that split it once. Chunks shrink as the work runs out (a
+quarter of a worker's share of what is left, at most `max_chunk`), so the workers finish together.
 
 Faults: a worker that dies (its process killed, its node lost) has its chunk queued again and is replaced by a new
 actor; nothing measured is lost, since each finished chunk is in the store.
@@ -46,12 +46,48 @@ import torch
 from workbench.analysis import DEFAULT_PALETTE_MEMORY
 from workbench.errors import InvalidValueError, UserError
 from workbench.executor import EvalTask, LocalExecutor
+from workbench.layers import get_layer
+from workbench.palettize import Palette, PaletteCache, PaletteConfig, as_config
 from workbench.pipelines import ModelSpec
 from workbench.store import Evaluation, EvaluationRunner, pipeline_fingerprint
 
 
+def init_ray(address: str | None = None, num_cpus: int | None = None, attempts: int = 3) -> None:
+    """`ray.init`: join the cluster at `address`, or start a local runtime with `num_cpus` CPUs (None: all) and
+    no dashboard. A local start is tried again (up to `attempts` times) when the node times out starting: Ray's
+    raylet gives its agents a fixed 15 s to come up, which a loaded machine exceeds (ray-project/ray#65983)."""
+    import ray
+
+    if address is not None:
+        ray.init(address=address)
+        return
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(err) or attempt == attempts - 1:
+                raise
+
+
 class WorkerMismatchError(UserError, ValueError):
     """A worker measures another model, dtype or device than the analysis' store was opened for."""
+
+
+class _SharingCache(PaletteCache):
+    """A `PaletteCache` that keeps the palettes it fitted since they were last taken (`new`), to share them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new: dict[tuple[str, PaletteConfig], Palette] = {}
+
+    def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+        fits = self.fits
+        palette = super().palette(name, weight, config)
+        if self.fits > fits:
+            self.new[(name, config)] = palette
+        return palette
 
 
 class SweepWorker:
@@ -67,7 +103,6 @@ class SweepWorker:
     """
 
     def __init__(self, model: ModelSpec, device: str, dtype: torch.dtype, threads: int, palette_memory: int | None):
-        from workbench.palettize import PaletteCache
         from workbench.pipelines import load_pipeline
 
         start = time.perf_counter()
@@ -75,11 +110,11 @@ class SweepWorker:
             torch.set_num_threads(threads)
         self.pipe = load_pipeline(model, device=device, dtype=dtype, progress=False)
         self.spill = tempfile.TemporaryDirectory(prefix="palettes-")
-        self.cache = PaletteCache(max_bytes=palette_memory, spill_dir=self.spill.name)
+        self.cache = _SharingCache(max_bytes=palette_memory, spill_dir=self.spill.name)
         self.executor = LocalExecutor(self.pipe.unet, self.cache, keep_state=True)
         self.runner: EvaluationRunner | None = None
         self.probe_spec: tuple | None = None
-        self.forward_s, self.unet_calls = 0.0, 0  # over every probe this worker recorded
+        self.forward_s, self.unet_calls, self.imported = 0.0, 0, 0  # over every probe this worker recorded
         self.info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -93,13 +128,37 @@ class SweepWorker:
         """pid, host, device, dtype, weights fingerprint and the seconds it took to load."""
         return self.info
 
+    def _import(self, palettes: Sequence[tuple]) -> None:
+        """Hold the palettes other workers fitted, (layer, config, object ref) each; one whose worker died (its
+        object lost) is skipped, and fitted here if needed."""
+        import ray
+        from ray.exceptions import RayError
+
+        self.executor.close()  # the original weights back: the palettes were fitted to them
+        for name, _, ref in palettes:
+            try:
+                palette = ray.get(ref)
+            except RayError:
+                continue
+            self.cache.add(name, get_layer(self.pipe.unet, name).weight, palette)
+            self.imported += 1
+
     @torch.no_grad()
-    def run(self, probe_spec: tuple, tasks: Sequence[EvalTask]) -> dict:
+    def run(self, probe_spec: tuple, tasks: Sequence[EvalTask], palettes: Sequence[tuple] = ()) -> dict:
         """Measure `tasks` (none is in the store) with the probe of `probe_spec` = (prompts, seed, height, width),
-        recorded anew when it changes. Returns their records, the seconds it took, and this worker's totals."""
+        recorded anew when it changes, after taking in `palettes` fitted by other workers.
+
+        Returns:
+            `dict`: the tasks' records, the seconds it took, this worker's totals (UNet calls and seconds, fits,
+            palettes imported) and the palettes it fitted, (layer, config, object ref) each, for the others.
+        """
+        import ray
+
         from workbench.probe import OneStepProbe
 
         start = time.perf_counter()
+        if palettes:
+            self._import(palettes)
         if probe_spec != self.probe_spec:
             self.executor.close()  # the probe runs the float model
             self.runner = EvaluationRunner(OneStepProbe(self.pipe, *probe_spec), progress=False)
@@ -111,17 +170,20 @@ class SweepWorker:
         self.runner.evaluations.clear()
         self.forward_s += probe.forward_seconds - seconds
         self.unet_calls += probe.forward_calls - calls
+        fitted = [(name, config, ray.put(p)) for (name, config), p in self.cache.new.items()]
+        self.cache.new.clear()
         return {
             "records": [e.to_record() for e in evaluations],
             "busy_s": time.perf_counter() - start,
-            "totals": {"forward_s": self.forward_s, "unet_calls": self.unet_calls, "kmeans_fits": self.cache.fits},
+            "totals": {
+                "forward_s": self.forward_s,
+                "unet_calls": self.unet_calls,
+                "kmeans_fits": self.cache.fits,
+                "palettes_imported": self.imported,
+            },  # fmt: skip
             "reference": self.info["reference"],
+            "palettes": fitted,
         }
-
-    def close(self) -> None:
-        self.executor.close()
-        self.cache.close()
-        self.spill.cleanup()
 
 
 @dataclass
@@ -135,13 +197,27 @@ class _Worker:
     busy_s: float = 0.0
     totals: dict = field(default_factory=lambda: {"forward_s": 0.0, "unet_calls": 0, "kmeans_fits": 0})
     keys: list = field(default_factory=list)  # palette keys worked on, the last one last
+    held: set = field(default_factory=set)  # (layer, PaletteConfig) it fitted or was sent
     alive: bool = True
 
     def to_dict(self) -> dict:
         return {"worker": self.index, **{k: v for k, v in self.info.items() if k != "weights"},
                 "evaluations": self.evaluations, "busy_s": round(self.busy_s, 3),
                 "forward_s": round(self.totals["forward_s"], 3), "unet_calls": self.totals["unet_calls"],
-                "kmeans_fits": self.totals["kmeans_fits"], "alive": self.alive}  # fmt: skip
+                "kmeans_fits": self.totals["kmeans_fits"],
+                "palettes_imported": self.totals.get("palettes_imported", 0), "alive": self.alive}  # fmt: skip
+
+
+def _palettes_needed(chunk: Sequence[EvalTask]) -> set[tuple[str, PaletteConfig]]:
+    """The (layer, palette config) pairs the chunk's recipes palettize (int8 baselines and float16 entries need
+    none)."""
+    needed = set()
+    for task in chunk:
+        for name, spec in task.recipe.items():
+            config = None if isinstance(spec, str) else as_config(spec)
+            if config is not None:
+                needed.add((name, config))
+    return needed
 
 
 def _lane(task: EvalTask) -> str:
@@ -166,6 +242,9 @@ class RayExecutor:
         max_chunk (`int`, defaults to 32): most tasks sent in one call (results come back, and are stored, per call).
         max_replacements (`int`, *optional*): workers started in place of dead ones before giving up; None =
             2 x `workers`.
+        share_palettes (`bool`, defaults to True): a palette one worker fitted is sent (through Ray's object store)
+            to the others that need it, instead of fitted again; the object store then holds every palette of the
+            analysis (about 5 bytes per weight at 5 widths), spilling to disk beyond its size.
 
     Attributes:
         workers (`list`): the actors, with their device, pid, counts (`summary()["workers"]`).
@@ -183,6 +262,7 @@ class RayExecutor:
         palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
         max_chunk: int = 32,
         max_replacements: int | None = None,
+        share_palettes: bool = True,
     ):
         if workers < 1:
             raise InvalidValueError(f"workers must be >= 1, got {workers}")
@@ -192,8 +272,10 @@ class RayExecutor:
         self.device, self.dtype, self.threads, self.palette_memory = str(device), dtype, threads, palette_memory
         self.max_chunk = max_chunk
         self.max_replacements = 2 * workers if max_replacements is None else max_replacements
+        self.share_palettes = share_palettes
         self.workers: list[_Worker] = []
         self.replacements = 0
+        self._palettes: dict[tuple[str, PaletteConfig], tuple] = {}  # fitted by a worker: (object ref, its index)
         self._started_ray = False
 
     # ----------------------------------------------------------------------------------------------------------
@@ -207,37 +289,41 @@ class RayExecutor:
         self.close()
 
     def start(self) -> None:
-        """Join or start the Ray runtime and start the workers (each loads the pipeline; waits until all have)."""
+        """Join or start the Ray runtime and start the workers; they load the pipeline while this process goes on
+        (`measure_all` waits for them)."""
         import ray
 
         if not ray.is_initialized():
-            if self.address is None:
-                ray.init(num_cpus=self.num_workers, include_dashboard=False)
-            else:
-                ray.init(address=self.address)
+            init_ray(self.address, num_cpus=None if self.address else self.num_workers)
             self._started_ray = True
         if not self.workers:
-            actors = [self._new_actor() for _ in range(self.num_workers)]
-            infos = ray.get([a.describe.remote() for a in actors])
-            self.workers = [_Worker(i, a, info) for i, (a, info) in enumerate(zip(actors, infos))]
+            self.workers = [self._new_worker(i) for i in range(self.num_workers)]
 
-    def _new_actor(self):
+    def _new_worker(self, index: int) -> _Worker:
         import ray
 
         gpus = 1 if torch.device(self.device).type == "cuda" else 0
         actor_class = ray.remote(SweepWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=0)
-        return actor_class.remote(self.model, self.device, self.dtype, self.threads, self.palette_memory)
+        actor = actor_class.remote(self.model, self.device, self.dtype, self.threads, self.palette_memory)
+        return _Worker(index, actor, {"pending": actor.describe.remote()})
 
-    def _replace(self, dead: _Worker, error: Exception) -> None:
-        """Mark `dead` and start a worker in its place (waits until it has loaded)."""
+    def _ready(self) -> None:
+        """Wait for the workers still loading and take their descriptions."""
         import ray
 
+        for w in self.workers:
+            if w.alive and "pending" in w.info:
+                w.info = ray.get(w.info["pending"])
+
+    def _replace(self, dead: _Worker, error: Exception) -> None:
+        """Mark `dead`, forget the palettes it held for the others, and start a worker in its place."""
         dead.alive = False
+        self._palettes = {k: v for k, v in self._palettes.items() if v[1] != dead.index}
         self.replacements += 1
         if self.replacements > self.max_replacements:
             raise RuntimeError(f"{self.replacements} workers died (the last: {error}); giving up") from error
-        actor = self._new_actor()
-        self.workers.append(_Worker(len(self.workers), actor, ray.get(actor.describe.remote())))
+        self.workers.append(self._new_worker(len(self.workers)))
+        self._ready()
 
     def close(self) -> None:
         """Stop the workers, and the Ray runtime if `start` started it."""
@@ -247,6 +333,7 @@ class RayExecutor:
             if w.alive:
                 ray.kill(w.actor)
                 w.alive = False
+        self._palettes.clear()
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -282,19 +369,25 @@ class RayExecutor:
                 )
 
     def _next_chunk(self, worker: _Worker, lanes: dict[str, deque]) -> list[EvalTask]:
-        """The next tasks for `worker`: from its last palette key, else one it used before, else the longest."""
+        """The next tasks for `worker`: the front of its palette key's queue; else of a queue no other worker is on
+        (one it worked on before first, else the longest); else the back of the longest queue (another worker
+        goes on from its front, so a curve is split once, not interleaved)."""
         ready = {k: q for k, q in lanes.items() if q}
         if not ready:
             return []
-        known = [k for k in reversed(worker.keys) if k in ready]
-        key = known[0] if known else max(ready, key=lambda k: len(ready[k]))
-        left = sum(len(q) for q in ready.values())
-        alive = sum(w.alive for w in self.workers)
-        size = min(self.max_chunk, max(1, math.ceil(left / (4 * alive))), len(ready[key]))
-        if key in worker.keys:
-            worker.keys.remove(key)
-        worker.keys.append(key)
-        return [lanes[key].popleft() for _ in range(size)]
+        alive = [w for w in self.workers if w.alive]
+        taken = {w.keys[-1] for w in alive if w is not worker and w.keys}
+        size = max(1, math.ceil(sum(len(q) for q in ready.values()) / (4 * len(alive))))
+        free = [k for k in reversed(worker.keys) if k in ready and k not in taken]
+        free += sorted((k for k in ready if k not in taken and k not in free), key=lambda k: -len(ready[k]))
+        if free:
+            key = free[0]
+            if key in worker.keys:
+                worker.keys.remove(key)
+            worker.keys.append(key)
+            return [ready[key].popleft() for _ in range(min(size, self.max_chunk, len(ready[key])))]
+        queue = max(ready.values(), key=len)
+        return [queue.pop() for _ in range(min(size, self.max_chunk, math.ceil(len(queue) / 2)))][::-1]
 
     def measure_all(self, tasks: Sequence[EvalTask], runner: EvaluationRunner) -> list[Evaluation]:
         """The tasks' evaluations in task order: read back from `runner`'s store, or measured by the workers and
@@ -303,6 +396,7 @@ class RayExecutor:
         from ray.exceptions import RayActorError
 
         self.start()
+        self._ready()
         self._check(runner)
         probe = runner.probe
         spec = (tuple(probe.prompts), probe.seed, probe.height, probe.width)
@@ -312,19 +406,21 @@ class RayExecutor:
         for t in tasks:
             if found[t.id] is None:
                 lanes.setdefault(_lane(t), deque()).append(t)
+        order = {t.id: i for i, t in enumerate(tasks)}
         inflight: dict = {}
         while any(lanes.values()) or inflight:
             for w in self.workers:
                 if w.alive and all(w is not v for v, _ in inflight.values()):
                     chunk = self._next_chunk(w, lanes)
                     if chunk:
-                        inflight[w.actor.run.remote(spec, chunk)] = (w, chunk)
+                        inflight[w.actor.run.remote(spec, chunk, self._palettes_for(w, chunk))] = (w, chunk)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             w, chunk = inflight.pop(ref)
             try:
                 out = ray.get(ref)
-            except RayActorError as err:  # the worker died: its chunk goes back to the front of its queue
-                lanes[_lane(chunk[0])].extendleft(reversed(chunk))
+            except RayActorError as err:  # the worker died: its chunk goes back to its queue, in task order
+                lane = _lane(chunk[0])
+                lanes[lane] = deque(sorted([*lanes[lane], *chunk], key=lambda t: order[t.id]))
                 self._replace(w, err)
                 self._check(runner)
                 continue
@@ -336,9 +432,21 @@ class RayExecutor:
         runner.extend(evaluations)
         return evaluations
 
-    @staticmethod
-    def _account(w: _Worker, out: dict) -> None:
+    def _palettes_for(self, worker: _Worker, chunk: Sequence[EvalTask]) -> list[tuple]:
+        """The palettes `chunk` needs that another worker fitted and `worker` does not hold: (layer, config, ref)."""
+        if not self.share_palettes:
+            return []
+        needed = _palettes_needed(chunk) - worker.held
+        worker.held |= needed  # after the chunk it holds them: sent now, or fitted there
+        return [(name, config, self._palettes[(name, config)][0]) for name, config in needed
+                if (name, config) in self._palettes]  # fmt: skip
+
+    def _account(self, w: _Worker, out: dict) -> None:
+        """Add a finished chunk to its worker's counts; keep the palettes it fitted for the others."""
         w.evaluations += len(out["records"])
         w.busy_s += out["busy_s"]
         w.totals = out["totals"]
         w.info["reference"] = out["reference"]
+        if self.share_palettes:
+            for name, config, ref in out["palettes"]:
+                self._palettes.setdefault((name, config), (ref, w.index))
