@@ -28,7 +28,7 @@ def main() -> None:
 
     from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
     from workbench.pipelines import DEMO_MODEL, load_pipeline
-    from workbench.ray_executor import RayExecutor
+    from workbench.ray_executor import RayExecutor, init_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the demo model if built, else tiny-sd")
@@ -46,7 +46,7 @@ def main() -> None:
     with torch_threads(1):
         pipe = load_pipeline(model, device="cpu", progress=False)
         t0 = time.perf_counter()
-        ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=max(args.workers))
         print(f"model: {model or 'demo model'}; Ray runtime with {max(args.workers)} CPUs started in "
               f"{time.perf_counter() - t0:.1f} s (not counted)")  # fmt: skip
         walls, files = {}, {}
@@ -66,8 +66,9 @@ def main() -> None:
                 files[n] = (out / f"w{n}" / "preanalysis.json").read_bytes()
                 print(f"{n} worker(s): wall {walls[n]:.1f} s, {result.timing.evaluations} evaluations")
                 for w in result.execution["workers"]:
-                    print(f"  worker {w['worker']}: load {w['load_s']:.1f} s, {w['evaluations']} evaluations, busy "
-                          f"{w['busy_s']:.1f} s (UNet {w['forward_s']:.1f} s), {w['kmeans_fits']} palette fits")  # fmt: skip
+                    print(f"  worker {w['worker']}: load {w['load_s']:.1f} s, {w['evaluations']} evaluations, "
+                          f"busy {w['busy_s']:.1f} s (UNet {w['forward_s']:.1f} s), {w['kmeans_fits']} palettes "
+                          f"fitted, {w['palettes_imported']} taken from other workers")  # fmt: skip
         finally:
             ray.shutdown()
     first, most = min(args.workers), max(args.workers)
@@ -75,8 +76,9 @@ def main() -> None:
     overhead = walls[most] - walls[first] * first / most
     identical = len(set(files.values())) == 1
     single = f" single_s={walls['single']:.1f}" if "single" in walls else ""
-    print(f"workers_speedup={speedup:.2f} identical={identical} workers={first}->{most} wall_{first}_s="
-          f"{walls[first]:.1f} wall_{most}_s={walls[most]:.1f} per_worker_overhead_s={overhead:.1f}{single}")  # fmt: skip
+    print(f"workers_speedup={speedup:.2f} identical={identical} workers={first}->{most} "
+          f"wall_{first}_s={walls[first]:.1f} wall_{most}_s={walls[most]:.1f} "
+          f"per_worker_overhead_s={overhead:.1f}{single}")  # fmt: skip
 
 
 if __name__ == "__main__":

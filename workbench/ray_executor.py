@@ -185,6 +185,12 @@ class SweepWorker:
             "palettes": fitted,
         }
 
+    def close(self) -> None:
+        """Restore the UNet, stop the cache and delete its spilled palettes."""
+        self.executor.close()
+        self.cache.close()
+        self.spill.cleanup()
+
 
 @dataclass
 class _Worker:
@@ -328,11 +334,16 @@ class RayExecutor:
     def close(self) -> None:
         """Stop the workers, and the Ray runtime if `start` started it."""
         import ray
+        from ray.exceptions import RayError
 
-        for w in self.workers:
-            if w.alive:
-                ray.kill(w.actor)
-                w.alive = False
+        alive = [w for w in self.workers if w.alive]
+        try:  # let them delete their spilled palettes
+            ray.get([w.actor.close.remote() for w in alive], timeout=60)
+        except RayError:
+            pass
+        for w in alive:
+            ray.kill(w.actor)
+            w.alive = False
         self._palettes.clear()
         if self._started_ray:
             ray.shutdown()
