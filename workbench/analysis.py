@@ -11,8 +11,12 @@
 5. `cumulative_curves`: per bit width (per-tensor palettes, and grouped ones with `group_size`), the candidates
    palettized one after another in that order, not restored between additions (2-5: `workbench.sweeps`);
 6. `plan_recipes`: each strategy's recipes (`PlannedRecipe`) from those measurements;
-7. `measure_recipes`: each recipe re-measured end to end (`RecipeResult`);
+7. `measure_recipes`: each recipe re-measured end to end (`recipe_tasks`, `RecipeResult`);
 8. `recipe_trajectories` (optional): full-trajectory images of each recipe against the float model's.
+
+Each phase builds its evaluations as tasks (`workbench.executor.EvalTask`: an id and the recipe in force) and hands
+them to one executor's `measure_all`: a `LocalExecutor` in this process (the default), or a
+`workbench.ray_executor.RayExecutor` that shards them over Ray workers with the same results.
 
 Every measurement is appended to an append-only JSONL store keyed by a hash of everything that determines it, so
 an interrupted analysis resumes where it stopped and a changed one starts afresh.
