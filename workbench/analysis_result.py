@@ -55,11 +55,12 @@ class Timing:
 
     Attributes:
         wall_s (`float`): wall time of `run_analysis` (probe, k-means, sweeps, recipes, store writes).
-        forward_s (`float`): time inside UNet forward calls made by the probe (perf_counter around each call).
-        unet_evaluations (`int`): UNet forward calls made by the probe (each one CFG batch).
+        forward_s (`float`): time inside UNet forward calls made by the probe (perf_counter around each call),
+            summed over the workers of a sharded run (so `overhead` can be below 1 there).
+        unet_evaluations (`int`): UNet forward calls made by the probe (each one CFG batch), over all workers.
         new_evaluations (`int`): evaluations measured by this run (not read back from the store).
         evaluations (`int`): all evaluations of the analysis, read back or measured.
-        kmeans_fits (`int`): palettes fitted by this run (the rest came from the cache).
+        kmeans_fits (`int`): palettes fitted by this run, over all workers (the rest came from the cache).
         overhead (`float`): `wall_s / forward_s`; NaN when nothing was measured.
         unet_batch (`int`): the UNet's batch (2 x prompts with classifier-free guidance).
     """

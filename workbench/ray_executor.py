@@ -163,7 +163,8 @@ class SweepWorker:
             self.executor.close()  # the probe runs the float model
             self.runner = EvaluationRunner(OneStepProbe(self.pipe, *probe_spec), progress=False)
             self.probe_spec = probe_spec
-            self.info["reference"] = hashlib.sha256(self.runner.probe.reference.cpu().numpy().tobytes()).hexdigest()
+            reference = self.runner.probe.reference.detach().cpu().contiguous()
+            self.info["reference"] = hashlib.sha256(reference.view(torch.uint8).numpy().tobytes()).hexdigest()
         probe = self.runner.probe
         seconds, calls = probe.forward_seconds, probe.forward_calls
         evaluations = self.executor.measure_all(tasks, self.runner)
