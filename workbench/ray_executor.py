@@ -208,7 +208,7 @@ class _Worker:
     alive: bool = True
 
     def to_dict(self) -> dict:
-        return {"worker": self.index, **{k: v for k, v in self.info.items() if k != "weights"},
+        return {"worker": self.index, **{k: v for k, v in self.info.items() if k not in ("weights", "pending")},
                 "evaluations": self.evaluations, "busy_s": round(self.busy_s, 3),
                 "forward_s": round(self.totals["forward_s"], 3), "unet_calls": self.totals["unet_calls"],
                 "kmeans_fits": self.totals["kmeans_fits"],
@@ -351,7 +351,8 @@ class RayExecutor:
             self._started_ray = False
 
     def worker_pids(self) -> list[int]:
-        """The process ids of the live workers (on their nodes)."""
+        """The process ids of the live workers (on their nodes); waits for those still loading."""
+        self._ready()
         return [w.info["pid"] for w in self.workers if w.alive]
 
     def summary(self) -> dict:
@@ -420,12 +421,19 @@ class RayExecutor:
                 lanes.setdefault(_lane(t), deque()).append(t)
         order = {t.id: i for i, t in enumerate(tasks)}
         inflight: dict = {}
-        while any(lanes.values()) or inflight:
-            for w in self.workers:
+        finished: list = []  # records of chunks back but not yet in the store
+        while any(lanes.values()) or inflight or finished:
+            for w in self.workers:  # first keep every worker busy, then write the store
                 if w.alive and all(w is not v for v, _ in inflight.values()):
                     chunk = self._next_chunk(w, lanes)
                     if chunk:
                         inflight[w.actor.run.remote(spec, chunk, self._palettes_for(w, chunk))] = (w, chunk)
+            for record in finished:
+                found[record["id"]] = runner.record(Evaluation.from_record(record))
+                runner.advance()
+            finished.clear()
+            if not inflight:
+                continue
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             w, chunk = inflight.pop(ref)
             try:
@@ -436,10 +444,8 @@ class RayExecutor:
                 self._replace(w, err)
                 self._check(runner)
                 continue
-            for record in out["records"]:
-                found[record["id"]] = runner.record(Evaluation.from_record(record))
-                runner.advance()
-            self._account(w, out)
+            self._account(w, out)  # before the next chunks go out: they may use the palettes it fitted
+            finished.extend(out["records"])
         evaluations = [found[t.id] for t in tasks]
         runner.extend(evaluations)
         return evaluations
