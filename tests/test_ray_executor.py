@@ -99,3 +99,21 @@ def test_resume_across_worker_counts_gives_the_same_json(pipe, single, executor,
     assert resumed.timing.new_evaluations == single[0].timing.evaluations - 18
     assert (tmp_path / "a" / "preanalysis.json").read_bytes() == single[1]
     assert (tmp_path / "b" / "preanalysis.json").read_bytes() == single[1]
+
+
+def test_cli_workers_write_the_single_process_json(pipe, ray_runtime, tmp_path, capsys):
+    from workbench.cli import main
+
+    config = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=CONFIG.prompts, num_recipes=3, layers=CONFIG.layers)
+    with torch_threads(1):
+        run_analysis(pipe, config, out_dir=tmp_path / "single", progress=False)
+    (tmp_path / "prompts.txt").write_text("\n".join(CONFIG.prompts) + "\n")
+    argv = ["analyze", "tiny-sd", "--out", str(tmp_path / "cli"), "--nbits", "2", "--min-numel", "30000",
+            "--prompts", str(tmp_path / "prompts.txt"), "--num-recipes", "3", "--layers", *CONFIG.layers,
+            "--workers", "2", "--device", "cpu", "--quiet"]  # fmt: skip
+    with torch_threads(1):
+        assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    cli, single = (tmp_path / d / "preanalysis.json" for d in ("cli", "single"))
+    assert cli.read_bytes() == single.read_bytes()
+    workers = json.loads((tmp_path / "cli" / "run.json").read_text())["execution"]["workers"]
+    assert len(workers) == 2 and {w["device"] for w in workers} == {"cpu"}
