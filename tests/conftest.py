@@ -15,3 +15,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One local Ray runtime with 2 CPUs for the whole session, started when a test first asks for it (10-40 s
+    on a 2-core machine) and shut down at the end."""
+    ray = pytest.importorskip("ray")
+    from workbench.ray_executor import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

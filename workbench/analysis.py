@@ -11,8 +11,12 @@
 5. `cumulative_curves`: per bit width (per-tensor palettes, and grouped ones with `group_size`), the candidates
    palettized one after another in that order, not restored between additions (2-5: `workbench.sweeps`);
 6. `plan_recipes`: each strategy's recipes (`PlannedRecipe`) from those measurements;
-7. `measure_recipes`: each recipe re-measured end to end (`RecipeResult`);
+7. `measure_recipes`: each recipe re-measured end to end (`recipe_tasks`, `RecipeResult`);
 8. `recipe_trajectories` (optional): full-trajectory images of each recipe against the float model's.
+
+Each phase builds its evaluations as tasks (`workbench.executor.EvalTask`: an id and the recipe in force) and hands
+them to one executor's `measure_all`: a `LocalExecutor` in this process (the default), or a
+`workbench.ray_executor.RayExecutor` that shards them over Ray workers with the same results.
 
 Every measurement is appended to an append-only JSONL store keyed by a hash of everything that determines it, so
 an interrupted analysis resumes where it stopped and a changed one starts afresh.
@@ -42,8 +46,9 @@ import torch
 from workbench.allocation import Measurements, size_aware_recipes, threshold_recipes
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
+from workbench.executor import EvalTask, Executor, LocalExecutor
 from workbench.fast import FastReport, FastSettings, FastSweep, check_points, fast_sweep, run_checks
-from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig, palettized
+from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig
 from workbench.probe import OneStepProbe
 from workbench.recipes import PreAnalysis
 from workbench.size import bits_per_param
@@ -352,25 +357,34 @@ def _bits_hash(bits: Mapping[str, int]) -> str:
     return hashlib.sha256(json.dumps(dict(sorted(bits.items()))).encode()).hexdigest()[:10]
 
 
+def recipe_tasks(planned: Sequence[PlannedRecipe], numels: Mapping[str, int]) -> list[EvalTask]:
+    """Each planned recipe end to end: all its layers palettized at once."""
+    return [
+        EvalTask(
+            f"recipe/{r.name}/{_bits_hash(r.bits)}",
+            "recipe",
+            dict(r.bits),
+            {
+                "config": r.strategy,
+                "recipe": r.name,
+                "bits_per_param": bits_per_param(r.bits, numels),
+                "extra": {"selector": r.selector},
+            },
+        )  # fmt: skip
+        for r in planned
+    ]
+
+
 def measure_recipes(
-    unet: torch.nn.Module,
-    planned: Sequence[PlannedRecipe],
-    numels: Mapping[str, int],
-    runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
+    planned: Sequence[PlannedRecipe], numels: Mapping[str, int], runner: EvaluationRunner, executor: Executor
 ) -> list[RecipeResult]:
-    """Re-measure each planned recipe end to end (all its layers palettized at once)."""
+    """Re-measure each planned recipe end to end (`recipe_tasks`)."""
     runner.plan(len(planned))
-    results = []
-    for r in planned:
-        bpp = bits_per_param(r.bits, numels)
-        with palettized(unet, r.bits, cache):
-            e = runner.measure(
-                f"recipe/{r.name}/{_bits_hash(r.bits)}", "recipe", config=r.strategy, recipe=r.name,
-                bits_per_param=bpp, extra={"selector": r.selector},
-            )  # fmt: skip
-        results.append(RecipeResult(r.name, r.strategy, r.bits, bpp, e.psnr, r.selector, r.predicted_psnr))
-    return results
+    tasks = recipe_tasks(planned, numels)
+    return [
+        RecipeResult(r.name, r.strategy, r.bits, t.fields["bits_per_param"], e.psnr, r.selector, r.predicted_psnr)
+        for r, t, e in zip(planned, tasks, executor.measure_all(tasks, runner))
+    ]
 
 
 def recipe_trajectories(
@@ -435,18 +449,17 @@ class FastPhases:
 
 
 def fast_phases(
-    unet: torch.nn.Module,
     candidates: Candidates,
     config: AnalysisConfig,
     baselines: Baselines,
     runner: EvaluationRunner,
-    cache: PaletteCache,
+    executor: Executor,
     workers: int = 1,
 ) -> FastPhases:
     """The fast sweep (`workbench.fast`) in place of phases 3-6: measure and predict, plan, check the plan's most
     influential predicted points, plan again on the corrected table."""
     settings = config.fast_settings
-    sweep = fast_sweep(unet, candidates, config.nbits, runner, cache, baselines.original.psnr, settings, workers)
+    sweep = fast_sweep(candidates, config.nbits, runner, executor, baselines.original.psnr, settings, workers)
 
     def plan() -> tuple[IsolatedSweep, CumulativeCurves, tuple[PlannedRecipe, ...]]:
         isolated = IsolatedSweep(sweep.isolated())
@@ -465,7 +478,7 @@ def fast_phases(
         points = check_points(sweep, [r.bits for r in planned], settings.checks_per_round(len(candidates.layers)))
         if not points:
             break  # every option the recipes use is measured
-        run_checks(sweep, points, unet, candidates, runner, cache)
+        run_checks(sweep, points, candidates, runner, executor)
     return FastPhases(sweep, *plan())
 
 
@@ -489,16 +502,22 @@ def predicted_evaluations(sweep: FastSweep, curves: CumulativeCurves, candidates
     return out
 
 
-def _timing(start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache) -> Timing:
+def _timing(
+    start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache, remote: dict | None = None
+) -> Timing:
+    """This process' counts, plus the UNet calls, forward time and fits of `remote` workers (an executor's
+    `summary()`), if any."""
+    workers = [] if remote is None else remote["workers"]
     wall = time.perf_counter() - start
+    forward = probe.forward_seconds + sum(w["forward_s"] for w in workers)
     return Timing(
         wall_s=wall,
-        forward_s=probe.forward_seconds,
-        unet_evaluations=probe.forward_calls,
+        forward_s=forward,
+        unet_evaluations=probe.forward_calls + sum(w["unet_calls"] for w in workers),
         new_evaluations=runner.new,
         evaluations=len(runner.evaluations),
-        kmeans_fits=cache.fits,
-        overhead=wall / probe.forward_seconds if probe.forward_seconds else float("nan"),
+        kmeans_fits=cache.fits + sum(w["kmeans_fits"] for w in workers),
+        overhead=wall / forward if forward else float("nan"),
         unet_batch=probe.unet_batch,
     )
 
@@ -527,6 +546,7 @@ def run_analysis(
     cache: PaletteCache | None = None,
     background_fits: bool | None = None,
     palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
+    executor: Executor | None = None,
 ) -> AnalysisResult:
     """Run the pre-analysis (the phases of this module, in order) on `pipe`, a diffusers SD-1.x/2.x or SDXL pipeline.
     With `out_dir`, each evaluation is appended to `out_dir/store/<key>.jsonl` as soon as it is measured (resumable);
@@ -545,6 +565,10 @@ def run_analysis(
         palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
             `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
             None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
+        executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a
+            `LocalExecutor` in this process. A `workbench.ray_executor.RayExecutor` shards them over Ray workers
+            (the same results on CPU; this process alone writes the store, so either resumes the other's).
+            Trajectories always run here.
 
     Returns:
         `AnalysisResult`.
@@ -566,26 +590,29 @@ def run_analysis(
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
     fast = None
     palettes = sweep_palettes(config.nbits, config.group_size)
+    local = LocalExecutor(unet, cache)
+    executor = local if executor is None else executor
     try:
-        baselines = measure_baselines(unet, runner)
+        baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
-        if background_fits or (background_fits is None and workers > 0):
+        if executor is local and (background_fits or (background_fits is None and workers > 0)):
             prefetch_palettes(cache, candidates, palettes, workers=max(1, workers))
         if config.sweep == "fast":
-            fast = fast_phases(unet, candidates, config, baselines, runner, cache, max(1, workers))
+            fast = fast_phases(candidates, config, baselines, runner, executor, max(1, workers))
             isolated, curves, planned = fast.isolated, fast.curves, fast.planned
         else:
-            isolated = isolated_sweep(unet, candidates, config.nbits, runner, cache)
-            curves = cumulative_curves(unet, candidates, sensitivity_order(isolated), palettes, runner, cache)
+            isolated = isolated_sweep(candidates, config.nbits, runner, executor)
+            curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
             planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
-        recipes = measure_recipes(unet, planned, candidates.numels, runner, cache)
+        recipes = measure_recipes(planned, candidates.numels, runner, executor)
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
     finally:
         runner.close()
         cache.close()  # stops background fits; the fitted palettes stay cached
         spill.close()  # deletes the spilled palettes (they are only valid in this process)
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
-    timing = _timing(start, probed.probe, runner, cache)
+    execution = executor.summary()
+    timing = _timing(start, probed.probe, runner, cache, execution if executor is not local else None)
     evaluations = list(runner.evaluations)
     if fast is not None:
         fast.report.recipe_errors_db.update(
@@ -593,7 +620,7 @@ def run_analysis(
         )
         evaluations += predicted_evaluations(fast.sweep, curves, candidates)
     result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,
-                            timing, trajectory, None if fast is None else fast.report)  # fmt: skip
+                            timing, trajectory, None if fast is None else fast.report, execution)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
         probed.store.mark_complete()

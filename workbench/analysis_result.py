@@ -56,11 +56,12 @@ class Timing:
 
     Attributes:
         wall_s (`float`): wall time of `run_analysis` (probe, k-means, sweeps, recipes, store writes).
-        forward_s (`float`): time inside UNet forward calls made by the probe (perf_counter around each call).
-        unet_evaluations (`int`): UNet forward calls made by the probe (each one CFG batch).
+        forward_s (`float`): time inside UNet forward calls made by the probe (perf_counter around each call),
+            summed over the workers of a sharded run (so `overhead` can be below 1 there).
+        unet_evaluations (`int`): UNet forward calls made by the probe (each one CFG batch), over all workers.
         new_evaluations (`int`): evaluations measured by this run (not read back from the store).
         evaluations (`int`): all evaluations of the analysis, read back or measured.
-        kmeans_fits (`int`): palettes fitted by this run (the rest came from the cache).
+        kmeans_fits (`int`): palettes fitted by this run, over all workers (the rest came from the cache).
         overhead (`float`): `wall_s / forward_s`; NaN when nothing was measured.
         unet_batch (`int`): the UNet's batch (2 x prompts with classifier-free guidance).
     """
@@ -135,6 +136,8 @@ class AnalysisResult:
         timing: where the time went (`Timing`).
         trajectory: `workbench.trajectory.TrajectoryResult` list (empty unless `config.trajectory`).
         fast: the fast sweep's model and validation (`workbench.fast.FastReport`); None for an exhaustive sweep.
+        execution: what ran where (the executor's `summary()`: its workers, their devices, evaluations and busy
+            seconds); the `execution` object of `run.json`.
     """
 
     config: AnalysisConfig
@@ -146,6 +149,7 @@ class AnalysisResult:
     timing: Timing
     trajectory: list = field(default_factory=list)
     fast: FastReport | None = None
+    execution: dict = field(default_factory=dict)
 
     def baseline(self, name: str) -> float:
         return self.preanalysis.baselines[name]
@@ -236,7 +240,7 @@ class AnalysisResult:
 
     def save(self, out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
         """Write `preanalysis.json` (reference format), `evaluations.csv`, `recipes.csv`, `run.json` (config,
-        identity, environment, timing, matched comparison) and `psnr_vs_size.png`, each atomically."""
+        identity, environment, timing, execution, matched comparison) and `psnr_vs_size.png`, each atomically."""
         from workbench.io import environment, write_json_atomic, write_text_atomic
 
         out = Path(out_dir)
@@ -257,6 +261,7 @@ class AnalysisResult:
             "store_key": identity_key(self.identity),
             "environment": environment(),
             "timing": self.timing.to_dict(),
+            "execution": self.execution,
             "matched_comparison": self.matched_comparison().to_records(),
         }
         if self.fast is not None:

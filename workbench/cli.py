@@ -201,6 +201,20 @@ def _cmd_train(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _ray_executor(args: argparse.Namespace, device: str, dtype):
+    """`--workers N` (and `--ray-address`): a `RayExecutor` to enter; without: a context that gives None."""
+    import contextlib
+
+    if not args.workers:
+        if args.ray_address:
+            raise InvalidValueError(f"--ray-address={args.ray_address} needs --workers N (N >= 1)")
+        return contextlib.nullcontext()
+    from workbench.ray_executor import RayExecutor
+
+    return RayExecutor(args.model, args.workers, address=args.ray_address, device=device, dtype=dtype,
+                       threads=args.threads)  # fmt: skip
+
+
 def _cmd_analyze(args: argparse.Namespace) -> None:
     import json
 
@@ -237,16 +251,18 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     )
     torch.set_num_threads(args.threads)  # the CLI process is ours: set once, here
     device = pick_device(args.device)
-    pipe = load_pipeline(args.model, device=device, dtype=model_dtype(device, args.dtype), progress=False)
-    layers = select_layers(_candidate_layers(pipe, config.min_numel, args.model), config.layers, config.exclude)
-    misfits = sorted({m.weight.shape[0] for m in layers.values()} if args.group_size else ())
-    misfits = [c for c in misfits if c % args.group_size]
-    if misfits:
-        raise InvalidValueError(
-            f"--group-size={args.group_size} does not divide the output channels {', '.join(map(str, misfits))} of "
-            "the candidate layers"
-        )
-    result = run_analysis(pipe, config, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    dtype = model_dtype(device, args.dtype)
+    with _ray_executor(args, device.type, dtype) as executor:  # first: its workers load while this process does
+        pipe = load_pipeline(args.model, device=device, dtype=dtype, progress=False)
+        layers = select_layers(_candidate_layers(pipe, config.min_numel, args.model), config.layers, config.exclude)
+        misfits = sorted({m.weight.shape[0] for m in layers.values()} if args.group_size else ())
+        misfits = [c for c in misfits if c % args.group_size]
+        if misfits:
+            raise InvalidValueError(
+                f"--group-size={args.group_size} does not divide the output channels "
+                f"{', '.join(map(str, misfits))} of the candidate layers"
+            )
+        result = run_analysis(pipe, config, args.out, resume=args.resume, progress=not args.quiet, executor=executor)
     print(result.recipes_frame().to_string(index=False))
     for pair in result.matched_comparison():
         print(json.dumps(pair.to_dict()))
@@ -433,6 +449,19 @@ def _add_analyze(sub) -> None:
         type=int_in_range(1),
         default=1,
         help="torch CPU threads (default 1: 2 threads on a shared 2-core box contend badly)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int_in_range(0),
+        default=0,
+        help="Ray workers, each loading the pipeline on its own device (one GPU each on cuda, --threads torch "
+        "threads each on cpu); default 0: in this process",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join this Ray cluster (auto, or ray://HOST:10001) instead of starting a local runtime; needs --workers",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_analyze)

@@ -356,11 +356,10 @@ class FastSweep:
 
 
 def fast_sweep(
-    unet: torch.nn.Module,
     candidates,
     widths: Sequence[int],
     runner,
-    cache,
+    executor,
     original: Sequence[float],
     settings: FastSettings = FastSettings(),
     workers: int = 1,
@@ -368,7 +367,7 @@ def fast_sweep(
     """Measure every candidate at `settings.reference_bits`, a calibration subset at every width, fit the model.
 
     Args:
-        unet, candidates, runner, cache: as `workbench.sweeps.isolated_sweep` takes them.
+        candidates, runner, executor: as `workbench.sweeps.isolated_sweep` takes them.
         widths: the analysis' widths (the reference width among them).
         original: the float model's PSNR per prompt (the harness' floor).
         settings (`FastSettings`): how much to measure.
@@ -384,13 +383,13 @@ def fast_sweep(
     runner.plan(len(layers) + n_cal * (len(widths) - 1))
     with ThreadPoolExecutor(max(1, workers)) as pool:  # the errors are computed while the reference is measured
         pending = layer_quantization_errors(candidates.layers, widths, pool)
-        at_reference = isolated_points(unet, candidates, [(n, r) for n in layers], runner, cache)
+        at_reference = isolated_points(candidates, [(n, r) for n in layers], runner, executor)
         errors = {name: future.result() for name, future in pending.items()}
     measured = {n: {r: distortions(at_reference[n, r], floor)} for n in layers}
     gains = {n: float(np.mean(measured[n][r])) / max(errors[n][r], TINY) for n in layers}
     calibration = calibration_layers(gains, n_cal)
     points = [(n, b) for n in calibration for b in widths if b != r]
-    for (n, b), psnr in isolated_points(unet, candidates, points, runner, cache).items():
+    for (n, b), psnr in isolated_points(candidates, points, runner, executor).items():
         measured[n][b] = distortions(psnr, floor)
     calibrated = {n: measured[n] for n in calibration}
     report = FastReport(
@@ -412,7 +411,7 @@ def check_points(sweep: FastSweep, recipes: Sequence[Mapping[str, int]], count: 
     return predicted[:count]
 
 
-def run_checks(sweep: FastSweep, points: Sequence[tuple[str, int]], unet, candidates, runner, cache) -> list[Check]:
+def run_checks(sweep: FastSweep, points: Sequence[tuple[str, int]], candidates, runner, executor) -> list[Check]:
     """Measure `points`, record them in `sweep` (they replace the predictions), refit the model's offsets on every
     measured point, and return the checks (each against the prediction made before it was measured)."""
     from workbench.sweeps import isolated_points
@@ -420,7 +419,7 @@ def run_checks(sweep: FastSweep, points: Sequence[tuple[str, int]], unet, candid
     predicted = {p: _mean_psnr(sweep.distortion(*p), sweep.floor) for p in points}
     runner.plan(len(points))
     checks = []
-    for (n, b), psnr in isolated_points(unet, candidates, points, runner, cache).items():
+    for (n, b), psnr in isolated_points(candidates, points, runner, executor).items():
         sweep.record(n, b, psnr)
         checks.append(Check(n, b, predicted[n, b], _mean_psnr(sweep.measured[n][b], sweep.floor)))
     report = sweep.report

@@ -419,6 +419,11 @@ class PaletteCache:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def add(self, name: str, weight: torch.Tensor, palette: Palette) -> None:
+        """Hold `palette`, fitted elsewhere (another process) to the values `weight` has now, as layer `name`'s
+        palette under `palette.config` (not counted in `fits`)."""
+        self._put((name, palette.config), self._identity(weight), palette)
+
     def get(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
         dense = self.palette(name, weight, config).dense()
         return torch.from_numpy(dense).to(device=weight.device, dtype=weight.dtype)

@@ -60,17 +60,21 @@ def scheduler_settings(scheduler) -> dict:
     return {"class": type(scheduler).__name__, **settings}
 
 
+def pipeline_fingerprint(pipe) -> str:
+    """`weights_fingerprint` of the UNet and the text encoders: the weights every measurement depends on."""
+    return weights_fingerprint(pipe.unet, *[getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")])
+
+
 def analysis_identity(pipe, config: AnalysisConfig, probe: OneStepProbe | None = None) -> dict:
     """Everything a measurement depends on: config, model (incl. a weights fingerprint), scheduler, device.
 
     The same inputs give the same identity in every process, so a killed analysis resumes from its store."""
-    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
     return {
         "schema": SCHEMA_VERSION,
         "config": config.to_dict(),
         "model_version": model_version(pipe),
         "pipeline_class": type(pipe).__name__,
-        "weights": weights_fingerprint(pipe.unet, *encoders),
+        "weights": pipeline_fingerprint(pipe),
         "scheduler": scheduler_settings(pipe.scheduler),
         "dtype": str(pipe.unet.dtype),
         "device": pipe.unet.device.type,
@@ -97,6 +101,7 @@ class EvaluationStore:
     def __init__(self, path: str | os.PathLike, identity: Mapping, resume: bool = True):
         self.path = Path(path)
         self.key = identity_key(identity)
+        self.identity = dict(identity)
         self.records: dict[str, dict] = {}
         self.complete = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,33 +233,51 @@ class EvaluationRunner:
             self.bar.total += n
             self.bar.refresh()
 
+    def lookup(self, eval_id: str) -> Evaluation | None:
+        """The evaluation `eval_id` as stored (its `forward_s` 0: not measured by this run), or None."""
+        record = None if self.store is None else self.store.get(eval_id)
+        return None if record is None else Evaluation.from_record({**record, "forward_s": 0.0})
+
+    def record(self, evaluation: Evaluation) -> Evaluation:
+        """A newly measured evaluation (here or by a worker): appended to the store, counted in `new`, passed to the
+        callback. It joins `evaluations` only through `measure` or `extend` (so they stay in planned order)."""
+        if self.store is not None:
+            self.store.append(evaluation.to_record())
+        self.new += 1
+        if self.callback is not None:
+            self.callback(evaluation)
+        return evaluation
+
+    def extend(self, evaluations: list[Evaluation]) -> None:
+        """Add evaluations measured elsewhere (already `record`ed, or read back) to `evaluations`, in planned order."""
+        self.evaluations.extend(evaluations)
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar by `n` evaluations."""
+        if self.bar is not None:
+            self.bar.update(n)
+
     def measure(
         self, eval_id: str, kind: str, measure: Callable[[], list[float] | dict] | None = None, **fields
     ) -> Evaluation:
         """The evaluation `eval_id`: its stored record, else measured now (`measure()`, default `probe.psnr()`) and
         appended to the store. `measure` may return `{"psnr": [...], "extra": {...}}` for richer measurements;
         `fields` are the other `Evaluation` fields (config, nbits, layer, ...)."""
-        record = None if self.store is None else self.store.get(eval_id)
-        if record is None:
+        evaluation = self.lookup(eval_id)
+        if evaluation is None:
             before = self.probe.forward_seconds
             measured = measure() if measure is not None else self.probe.psnr()
             if isinstance(measured, dict):  # {"psnr": [...], "extra": {...}} from richer measurements
                 fields = {**fields, "extra": {**fields.get("extra", {}), **measured["extra"]}}
                 measured = measured["psnr"]
-            record = Evaluation(
-                id=eval_id, kind=kind, psnr=tuple(measured), forward_s=self.probe.forward_seconds - before, **fields
-            ).to_record()
-            if self.store is not None:
-                self.store.append(record)
-            self.new += 1
-            evaluation = Evaluation.from_record(record)
-            if self.callback is not None:
-                self.callback(evaluation)
-        else:
-            evaluation = Evaluation.from_record({**record, "forward_s": 0.0})
+            evaluation = self.record(
+                Evaluation(
+                    id=eval_id, kind=kind, psnr=tuple(measured), forward_s=self.probe.forward_seconds - before,
+                    **fields,
+                )
+            )  # fmt: skip
         self.evaluations.append(evaluation)
-        if self.bar is not None:
-            self.bar.update(1)
+        self.advance()
         return evaluation
 
     def close(self):

@@ -7,28 +7,30 @@
 - `cumulative_curve(s)`: the candidates palettized one after another in that order, never restored in between,
   per palette of `sweep_palettes` (per-tensor k-means at each width, and grouped k-means with a group size).
 
-Each measurement goes through an `EvaluationRunner` (`workbench.store`): read back from the store or measured with
-the one-step probe. `workbench.analysis.run_analysis` runs these, then builds and re-measures recipes.
+Each phase builds its `EvalTask`s (`baseline_tasks`, `isolated_tasks`, `curve_tasks`) and hands them to an
+executor (`workbench.executor`: in this process, or sharded over Ray workers), which reads each back from the
+runner's store (`workbench.store.EvaluationRunner`) or measures it with the one-step probe.
+`workbench.analysis.run_analysis` runs these, then builds and re-measures recipes.
 
 Example:
     >>> candidates = candidate_layers(pipe.unet, min_numel=2048)
-    >>> isolated = isolated_sweep(pipe.unet, candidates, (2, 4), runner)
-    >>> curves = cumulative_curves(pipe.unet, candidates, sensitivity_order(isolated), sweep_palettes((2, 4)), runner)
+    >>> executor = LocalExecutor(pipe.unet, PaletteCache())
+    >>> isolated = isolated_sweep(candidates, (2, 4), runner, executor)
+    >>> curves = cumulative_curves(candidates, sensitivity_order(isolated), sweep_palettes((2, 4)), runner, executor)
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from workbench.executor import EvalTask, Executor, LayerPrefix
 from workbench.layers import compressible_layers, select_layers
-from workbench.palettize import PaletteCache, PaletteConfig, palettized
+from workbench.palettize import PaletteCache, PaletteConfig
 from workbench.size import bits_per_param, recipe_nbytes
-from workbench.stash import WeightStash
 from workbench.store import Evaluation, EvaluationRunner
 
 
@@ -121,16 +123,20 @@ def _linear8_per_channel_recipe(unet: torch.nn.Module) -> dict[str, str]:
     }
 
 
-def measure_baselines(unet: torch.nn.Module, runner: EvaluationRunner) -> Baselines:
-    """Measure the original model, then per-tensor int8 on every weight, then per-channel int8 (16 / 8 / 8 bits)."""
-    original = runner.measure("baseline/original", "baseline", config="original", bits_per_param=16.0)
-    with palettized(unet, _linear8_recipe(unet)):
-        lin8 = runner.measure("baseline/linear_8bit", "baseline", config="linear_8bit", bits_per_param=8.0)
-    with palettized(unet, _linear8_per_channel_recipe(unet)):
-        lin8c = runner.measure(
-            "baseline/linear_8bit_per_channel", "baseline", config="linear_8bit_per_channel", bits_per_param=8.0
-        )
-    return Baselines(original, lin8, lin8c)
+def baseline_tasks(unet: torch.nn.Module) -> list[EvalTask]:
+    """The original model, then per-tensor int8 on every weight, then per-channel int8 (16 / 8 / 8 bits)."""
+    return [
+        EvalTask("baseline/original", "baseline", {}, {"config": "original", "bits_per_param": 16.0}),
+        EvalTask("baseline/linear_8bit", "baseline", _linear8_recipe(unet),
+                 {"config": "linear_8bit", "bits_per_param": 8.0}),
+        EvalTask("baseline/linear_8bit_per_channel", "baseline", _linear8_per_channel_recipe(unet),
+                 {"config": "linear_8bit_per_channel", "bits_per_param": 8.0}),
+    ]  # fmt: skip
+
+
+def measure_baselines(unet: torch.nn.Module, runner: EvaluationRunner, executor: Executor) -> Baselines:
+    """Measure the `baseline_tasks`."""
+    return Baselines(*executor.measure_all(baseline_tasks(unet), runner))
 
 
 def sweep_palettes(nbits: Sequence[int], group_size: int = 0) -> list[PaletteConfig]:
@@ -172,41 +178,39 @@ def sweep_bits_per_param(recipe: Mapping[str, PaletteConfig], candidates: Candid
     return bits_per_param(recipe, candidates.numels)
 
 
-def isolated_points(
-    unet: torch.nn.Module,
-    candidates: Candidates,
-    points: Sequence[tuple[str, int]],
-    runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
-) -> dict[tuple[str, int], tuple[float, ...]]:
-    """Palettize each (layer, width) of `points` alone (per-tensor k-means) and measure; restored after each.
-    The caller plans these evaluations on the runner's progress bar.
-
-    Returns:
-        (layer, width) -> PSNR per prompt, in the order of `points`.
-    """
-    out = {}
+def isolated_point_tasks(candidates: Candidates, points: Sequence[tuple[str, int]]) -> list[EvalTask]:
+    """Each (layer, width) of `points` palettized alone (per-tensor k-means), in the order given."""
+    tasks = []
     for name, b in points:
         config = PaletteConfig(nbits=b)
-        with palettized(unet, {name: config}, cache):
-            e = runner.measure(
-                f"isolated/{config.key}/{name}", "isolated", config=config.key, nbits=b, layer=name,
-                bits_per_param=sweep_bits_per_param({name: config}, candidates),
-            )  # fmt: skip
-        out[name, b] = e.psnr
-    return out
+        tasks.append(EvalTask(
+            f"isolated/{config.key}/{name}", "isolated", {name: config},
+            {"config": config.key, "nbits": b, "layer": name,
+             "bits_per_param": sweep_bits_per_param({name: config}, candidates)},
+        ))  # fmt: skip
+    return tasks
+
+
+def isolated_tasks(candidates: Candidates, nbits: Sequence[int]) -> list[EvalTask]:
+    """Each candidate palettized alone (per-tensor k-means), per width, widths in the order given."""
+    return isolated_point_tasks(candidates, [(name, b) for b in nbits for name in candidates.layers])
+
+
+def isolated_points(
+    candidates: Candidates, points: Sequence[tuple[str, int]], runner: EvaluationRunner, executor: Executor
+) -> dict[tuple[str, int], tuple[float, ...]]:
+    """Measure each (layer, width) of `points` alone (`isolated_point_tasks`): (layer, width) -> PSNR per prompt.
+    The caller plans these evaluations on the runner's progress bar."""
+    evaluations = executor.measure_all(isolated_point_tasks(candidates, points), runner)
+    return {(e.layer, e.nbits): e.psnr for e in evaluations}
 
 
 def isolated_sweep(
-    unet: torch.nn.Module,
-    candidates: Candidates,
-    nbits: Sequence[int],
-    runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
+    candidates: Candidates, nbits: Sequence[int], runner: EvaluationRunner, executor: Executor
 ) -> IsolatedSweep:
-    """Palettize each candidate alone at each width (per-tensor k-means) and measure; restored after each."""
-    measured = isolated_points(unet, candidates, [(n, b) for b in nbits for n in candidates.layers], runner, cache)
-    return IsolatedSweep({b: {n: measured[n, b] for n in candidates.layers} for b in nbits})
+    """Measure the `isolated_tasks`: each candidate palettized alone at each width, restored after each."""
+    evaluations = iter(executor.measure_all(isolated_tasks(candidates, nbits), runner))
+    return IsolatedSweep({b: {name: next(evaluations).psnr for name in candidates.layers} for b in nbits})
 
 
 @dataclass(frozen=True)
@@ -249,41 +253,47 @@ class CumulativeCurves:
     grouped: Mapping[int, CumulativeCurve]
 
 
+def curve_tasks(candidates: Candidates, config: PaletteConfig, order: Sequence[str]) -> list[EvalTask]:
+    """The points of one cumulative curve: the first k layers of `order` palettized with `config`, k = 1..n, each
+    a `LayerPrefix` of the same order (so an executor palettizes only the layer each point adds)."""
+    tasks = []
+    for position, (name, recipe) in enumerate(zip(order, LayerPrefix.points(order, config))):
+        tasks.append(EvalTask(
+            f"cumulative/{config.key}/{position}/{name}", "cumulative", recipe,
+            {"config": config.key, "nbits": config.nbits, "layer": name, "position": position,
+             "bits_per_param": sweep_bits_per_param(recipe, candidates)},
+        ))  # fmt: skip
+    return tasks
+
+
 def cumulative_curve(
-    unet: torch.nn.Module,
     candidates: Candidates,
     config: PaletteConfig,
     order: Sequence[str],
     runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
+    executor: Executor,
 ) -> CumulativeCurve:
     """Palettize the layers of `order` one after another with `config`, measuring after each addition."""
-    psnr: dict[str, tuple[float, ...]] = {}
-    recipe: dict[str, PaletteConfig] = {}
-    with contextlib.ExitStack() as stack:
-        stash = stack.enter_context(WeightStash())  # one budget for the whole curve: it ends with every layer replaced
-        for position, name in enumerate(order):
-            stack.enter_context(palettized(unet, {name: config}, cache, stash))  # no restore until the curve ends
-            recipe[name] = config
-            e = runner.measure(
-                f"cumulative/{config.key}/{position}/{name}", "cumulative", config=config.key, nbits=config.nbits,
-                layer=name, position=position, bits_per_param=sweep_bits_per_param(recipe, candidates),
-            )  # fmt: skip
-            psnr[name] = e.psnr
-    return CumulativeCurve(config, tuple(order), psnr)
+    tasks = curve_tasks(candidates, config, order)
+    return CumulativeCurve(config, tuple(order), {t.fields["layer"]: e.psnr for t, e in
+                                                  zip(tasks, executor.measure_all(tasks, runner))})  # fmt: skip
 
 
 def cumulative_curves(
-    unet: torch.nn.Module,
     candidates: Candidates,
     order: SensitivityOrder,
     palettes: Sequence[PaletteConfig],
     runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
+    executor: Executor,
 ) -> CumulativeCurves:
     """One cumulative curve per palette of `palettes` (`sweep_palettes`), in that order, each adding the layers in
-    the per-tensor sensitivity order of its width."""
-    curves = [cumulative_curve(unet, candidates, p, order.layers[p.nbits], runner, cache) for p in palettes]
+    the per-tensor sensitivity order of its width; all their points go to the executor at once."""
+    tasks = [curve_tasks(candidates, p, order.layers[p.nbits]) for p in palettes]
+    evaluations = iter(executor.measure_all([t for curve in tasks for t in curve], runner))
+    curves = [
+        CumulativeCurve(p, tuple(order.layers[p.nbits]), {t.fields["layer"]: next(evaluations).psnr for t in curve})
+        for p, curve in zip(palettes, tasks)
+    ]
     return CumulativeCurves(
         per_tensor={c.config.nbits: c for c in curves if c.config.granularity == "per_tensor"},
         grouped={c.config.nbits: c for c in curves if c.config.granularity == "per_grouped_channel"},

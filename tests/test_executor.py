@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from workbench.analysis import torch_threads
+from workbench.executor import EvalTask, LayerPrefix, LocalExecutor, UNetState, extends
+from workbench.palettize import PaletteCache, PaletteConfig
+from workbench.probe import OneStepProbe
+from workbench.store import EvaluationRunner
+from workbench.sweeps import candidate_layers, curve_tasks, isolated_tasks
+from workbench.testing import tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+C2, C4 = PaletteConfig(nbits=2), PaletteConfig(nbits=4)
+
+
+def test_layer_prefix_is_the_first_k_layers_and_extends_its_shorter_prefixes():
+    points = LayerPrefix.points(("a", "b", "c"), C2)
+    assert [dict(p) for p in points] == [{"a": C2}, {"a": C2, "b": C2}, {"a": C2, "b": C2, "c": C2}]
+    assert "c" not in points[1] and points[1].get("c") is None and points[2]["c"] == C2
+    assert all(p.positions is points[0].positions for p in points)  # one index per curve, not one per point
+    assert extends(points[2], points[0]) and extends(points[1], {}) and not extends(points[0], points[1])
+    assert not extends(LayerPrefix(("a", "b"), C4, 2), points[0])  # another palette
+    assert extends({"a": C2, "b": C2}, points[0]) and not extends({"b": C2, "a": C2}, points[0])  # order counts
+
+
+def test_unet_state_palettizes_only_what_a_recipe_adds_and_restores_bitwise():
+    with torch_threads(1):
+        unet = tiny_sd_pipeline().unet
+    names = list(candidate_layers(unet, 30_000).layers)[:3]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    cache = PaletteCache()
+    state = UNetState(unet, cache)
+    points = LayerPrefix.points(names, C2)
+    state.reach(points[0])
+    state.reach(points[2])  # extends: only the 2 new layers are fitted
+    assert cache.fits == 3
+    palettized = {n: unet.get_submodule(n).weight.clone() for n in names}
+    state.reach({names[1]: C4})  # not an extension: restored first
+    assert torch.equal(unet.get_submodule(names[0]).weight, before[f"{names[0]}.weight"])
+    state.reach(points[2])  # back again: from the cache, the same values
+    assert all(torch.equal(unet.get_submodule(n).weight, palettized[n]) for n in names) and cache.fits == 4
+    state.reset()
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_local_executor_skips_stored_tasks_without_palettizing(tmp_path):
+    from workbench.store import EvaluationStore
+
+    with torch_threads(1):
+        pipe = tiny_sd_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        probe = OneStepProbe(pipe, ["a red circle"], height=32, width=32)
+        candidates = candidate_layers(pipe.unet, 30_000)
+        tasks = isolated_tasks(candidates, (2,))[:2] + curve_tasks(candidates, C2, list(candidates.layers)[:3])
+        store = EvaluationStore(tmp_path / "s.jsonl", {"test": 1})
+        first = LocalExecutor(pipe.unet, PaletteCache()).measure_all(tasks, EvaluationRunner(probe, store, False))
+        assert [e.id for e in first] == [t.id for t in tasks] and all(isinstance(t, EvalTask) for t in tasks)
+        cache = PaletteCache()
+        again = LocalExecutor(pipe.unet, cache).measure_all(tasks, EvaluationRunner(probe, store, False))
+    assert [e.psnr for e in again] == [e.psnr for e in first] and cache.fits == 0
+
+
+def test_cli_ray_address_needs_workers(tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.ray_executor import RayExecutor
+
+    assert main(["analyze", "tiny-sd", "--out", str(tmp_path), "--ray-address", "auto", "--quiet"]) == 2
+    assert "--ray-address=auto needs --workers N" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        RayExecutor("tiny-sd", workers=0)

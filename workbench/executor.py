@@ -1,0 +1,202 @@
+"""Evaluation tasks and the executor that measures them in this process.
+
+Every evaluation of an analysis (a baseline, an isolated layer, a cumulative point, a recipe) is the UNet with some
+layers replaced, measured by the one-step probe. An `EvalTask` says which: its id in the store, its kind and the
+whole `recipe` in force (layer -> spec, as `workbench.palettize.palettized` takes). A cumulative point is the
+recipe of the first k layers of the curve's order (`LayerPrefix`, no copy), so its tasks are independent of one
+another once the order is known.
+
+Each phase of `workbench.analysis.run_analysis` builds its tasks and hands them to one call, an executor's
+`measure_all(tasks, runner)`, which returns their `Evaluation`s in task order, read back from the runner's store
+or measured (and appended to it). The executors:
+
+- `LocalExecutor`: in this process, in task order (the default). A task whose recipe extends the one in force
+  (the next cumulative point) palettizes only the layers it adds, as a curve always did; any other task restores
+  the UNet first. Stored tasks are skipped without palettizing anything.
+- `workbench.ray_executor.RayExecutor`: the tasks not in the store, sent to Ray actors that each hold the pipeline
+  and run a `LocalExecutor` of their own; the driver alone writes the store.
+
+Example:
+    >>> executor = LocalExecutor(pipe.unet, PaletteCache())
+    >>> tasks = [EvalTask(f"isolated/kmeans4/{n}", "isolated", {n: PaletteConfig(nbits=4)}) for n in names]
+    >>> evaluations = executor.measure_all(tasks, runner)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from workbench.palettize import PaletteCache, palettized
+from workbench.stash import WeightStash
+from workbench.store import Evaluation, EvaluationRunner
+
+
+class LayerPrefix(Mapping):
+    """The first `length` layers of `order`, each with the same `spec`: a cumulative point's recipe, without a copy
+    of the order (a curve of n layers holds n of these, not n**2 entries).
+
+    Args:
+        order (`tuple[str, ...]`): the curve's layers, in the order they are added.
+        spec: what every layer gets (a `PaletteConfig`, a bit width, ...).
+        length (`int`): how many layers of `order` are in force.
+    """
+
+    def __init__(self, order: tuple[str, ...], spec, length: int, positions: Mapping[str, int] | None = None):
+        if not 0 <= length <= len(order):
+            raise ValueError(f"length must be in [0, {len(order)}], got {length}")
+        self.order, self.spec, self.length = tuple(order), spec, length
+        self.positions = {name: i for i, name in enumerate(self.order)} if positions is None else positions
+
+    @classmethod
+    def points(cls, order: Sequence[str], spec) -> list[LayerPrefix]:
+        """The prefixes of lengths 1..n of `order`, sharing one order and one index of it."""
+        first = cls(tuple(order), spec, 0)
+        return [cls(first.order, spec, k, first.positions) for k in range(1, len(first.order) + 1)]
+
+    def __getitem__(self, name: str):
+        if self.positions.get(name, self.length) >= self.length:
+            raise KeyError(name)
+        return self.spec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order[: self.length])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __reduce__(self):  # pickled as its fields (the points of a curve share the order and index in one message)
+        return (LayerPrefix, (self.order, self.spec, self.length, self.positions))
+
+
+def extends(recipe: Mapping, base: Mapping) -> bool:
+    """Whether `recipe` is `base` with layers added after it: the same first `len(base)` entries, in order."""
+    if isinstance(recipe, LayerPrefix) and isinstance(base, LayerPrefix):
+        return (
+            recipe.spec == base.spec
+            and recipe.length >= base.length
+            and recipe.order[: base.length] == (base.order[: base.length])
+        )
+    if len(recipe) < len(base):
+        return False
+    return all(a == b for a, b in zip(itertools.islice(recipe.items(), len(base)), base.items()))
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One evaluation to make: the UNet with `recipe` in force, measured by the one-step probe.
+
+    Attributes:
+        id: the evaluation's id in the store, e.g. `isolated/kmeans4/<layer>`.
+        kind: `Evaluation.kind` ("baseline", "isolated", "cumulative", "recipe").
+        recipe: layer -> spec (`palettized`'s recipe): every layer replaced for this evaluation, none = the float
+            model. A `LayerPrefix` for cumulative points.
+        fields: the other `Evaluation` fields (config, nbits, layer, position, recipe, bits_per_param, extra).
+            `fields["config"]` (the palette key) is what the Ray executor groups tasks by, so that a layer's
+            palettes are fitted on as few workers as possible.
+    """
+
+    id: str
+    kind: str
+    recipe: Mapping[str, Any]
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    """What the phases of an analysis hand their tasks to."""
+
+    def measure_all(self, tasks: Sequence[EvalTask], runner: EvaluationRunner) -> list[Evaluation]:
+        """The tasks' evaluations in task order: each read back from `runner`'s store or measured and recorded."""
+
+    def summary(self) -> dict:
+        """What ran where, for `run.json`: {"executor": name, "workers": [{device, evaluations, busy_s, ...}]}."""
+
+
+class UNetState:
+    """The recipe in force on a UNet, changed with as little work as possible: a recipe that extends the one in
+    force palettizes only the layers it adds (in one `WeightStash`, as a cumulative curve does); any other
+    restores the UNet first. `reset` restores every weight exactly.
+
+    Args:
+        unet (`torch.nn.Module`): the model, palettized in place.
+        cache (`PaletteCache`, *optional*): fitted palettes to reuse.
+    """
+
+    def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None):
+        self.unet, self.cache = unet, cache
+        self.recipe: Mapping = {}
+        self._stack = contextlib.ExitStack()
+        self._stash: WeightStash | None = None
+
+    def reach(self, recipe: Mapping) -> None:
+        """Put `recipe` in force."""
+        if not extends(recipe, self.recipe):
+            self.reset()
+        added = dict(itertools.islice(recipe.items(), len(self.recipe), None))
+        if added:
+            if self._stash is None:  # one budget for a whole chain: a curve ends with every layer replaced
+                self._stash = self._stack.enter_context(WeightStash())
+            self._stack.enter_context(palettized(self.unet, added, self.cache, self._stash))
+        self.recipe = recipe
+
+    def reset(self) -> None:
+        """Restore every replaced weight (bitwise) and forget the recipe."""
+        self._stack.close()
+        self._stack, self._stash, self.recipe = contextlib.ExitStack(), None, {}
+
+
+class LocalExecutor:
+    """Measures tasks in this process, in task order, with the probe of the runner it is given.
+
+    Args:
+        unet (`torch.nn.Module`): the probe's UNet, palettized in place for each task and restored exactly.
+        cache (`PaletteCache`, *optional*): fitted palettes to reuse across tasks (k-means once per layer and
+            config).
+        keep_state (`bool`, defaults to False): leave the last recipe in force after `measure_all` (a worker whose
+            next chunk continues the same curve); False restores the UNet at the end of each call.
+
+    Attributes:
+        evaluations (`int`), busy_s (`float`): evaluations measured (not read back) and seconds spent measuring
+            them (palettizing and probing).
+    """
+
+    def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None, *, keep_state: bool = False):
+        self.state = UNetState(unet, cache)
+        self.keep_state = keep_state
+        self.evaluations = 0
+        self.busy_s = 0.0
+
+    def measure_all(self, tasks: Sequence[EvalTask], runner: EvaluationRunner) -> list[Evaluation]:
+        """Each task's evaluation, in order: read back from `runner`'s store, else its recipe put in force and
+        `runner.probe.psnr()` measured."""
+
+        def measure(task: EvalTask) -> list[float]:
+            start = time.perf_counter()
+            self.state.reach(task.recipe)
+            psnr = runner.probe.psnr()
+            self.evaluations += 1
+            self.busy_s += time.perf_counter() - start
+            return psnr
+
+        try:
+            return [runner.measure(t.id, t.kind, lambda t=t: measure(t), **t.fields) for t in tasks]
+        finally:
+            if not self.keep_state:
+                self.state.reset()
+
+    def close(self) -> None:
+        """Restore the UNet (only needed with `keep_state`)."""
+        self.state.reset()
+
+    def summary(self) -> dict:
+        """This process as the one worker: device, pid, evaluations measured and seconds busy."""
+        worker = {"worker": 0, "device": str(next(self.state.unet.parameters()).device), "pid": os.getpid(),
+                  "evaluations": self.evaluations, "busy_s": round(self.busy_s, 3)}  # fmt: skip
+        return {"executor": "local", "workers": [worker]}
