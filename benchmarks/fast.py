@@ -6,6 +6,9 @@ In one process, on the demo model and then on the tiny SDXL pipeline, fresh (no 
    8 prompts, widths 1 2 4 6 8);
 2. the fast analysis (`sweep="fast"`, size-aware) targeting the bits/param of the exhaustive run's apple recipes.
 
+The tiny SDXL pipeline is slower per evaluation than the demo model on a CPU; it runs on 2 of the 8 prompts
+(`--tiny-prompts`), which changes neither run's number of evaluations.
+
 For every apple recipe from 2 to 5 bits/param it compares, at that size, the re-measured one-step PSNR of the fast
 size-aware recipe with the exhaustive size-aware recipe (`delta`) and with Apple's rule (`vs_apple`). Both runs
 re-measure their recipes end to end, so these are measurements, not predictions.
@@ -23,19 +26,20 @@ import math
 import numpy as np
 
 
-def compare(model, threads: int, min_bpp: float = 2.0, max_bpp: float = 5.0) -> dict:
-    """Run both analyses on `model` and return the figures of one row of the last line."""
-    from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+def compare(model, threads: int, prompts: int | None = None, min_bpp: float = 2.0, max_bpp: float = 5.0) -> dict:
+    """Run both analyses on `model` (the first `prompts` built-in prompts; None: all 8) and return the figures of
+    one row of the last line."""
+    from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
     from workbench.pipelines import default_min_numel, load_pipeline
 
     with torch_threads(threads):
         pipe = load_pipeline(model, device="cpu", progress=False)
-        base = AnalysisConfig(min_numel=default_min_numel(model))
+        base = AnalysisConfig(min_numel=default_min_numel(model), prompts=DEFAULT_PROMPTS[:prompts])
         full = run_analysis(pipe, base, progress=True)
         apple = [r for r in full.recipes if r.strategy == "apple" and min_bpp <= r.bits_per_param <= max_bpp]
         targets = tuple(r.bits_per_param for r in apple)
-        fast_config = AnalysisConfig(min_numel=base.min_numel, sweep="fast", strategies=("size-aware",),
-                                     size_aware_targets=targets)  # fmt: skip
+        fast_config = AnalysisConfig(min_numel=base.min_numel, prompts=base.prompts, sweep="fast",
+                                     strategies=("size-aware",), size_aware_targets=targets)  # fmt: skip
         fast = run_analysis(pipe, fast_config, progress=True)
     exhaustive_ours = {r.selector: r for r in full.recipes if r.strategy == "size-aware"}
     fast_ours = {r.selector: r for r in fast.recipes}
@@ -69,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; palette fits use the rest)")
     parser.add_argument("--models", nargs="+", default=["demo", "tiny-sdxl"], help="demo and/or builtin names")
+    parser.add_argument("--tiny-prompts", type=int, default=2, help="prompts for the tiny pipelines (default 2 of 8)")
     args = parser.parse_args()
     from workbench.kmeans import kmeans_float16
 
@@ -76,7 +81,8 @@ def main() -> None:
     figures = {}
     for name in args.models:
         print(f"{name}:")
-        figures[name] = compare(None if name == "demo" else name, args.threads)
+        demo = name == "demo"
+        figures[name] = compare(None if demo else name, args.threads, None if demo else args.tiny_prompts)
     parts = []
     for i, (name, f) in enumerate(figures.items()):
         tag = "" if i == 0 else f"{name}_"

@@ -114,7 +114,7 @@ def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_pre
     layers = list(exhaustive.layers)
     report = fast.fast
     n_cal = FAST.fast_settings.calibration_count(len(layers))
-    n_recipes = len(fast.recipes)
+    n_recipes = len(fast.recipes) + len(report.alternatives)
     # baselines + every layer at the reference width + the calibration at the 2 other widths + checks + recipes
     assert fast.timing.unet_evaluations == 3 + len(layers) + 2 * n_cal + len(report.checks) + n_recipes
     assert len(report.calibration) == n_cal and 3 <= len(report.checks) <= 4 * FAST.fast_settings.checks_per_round(20)
@@ -135,7 +135,12 @@ def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_pre
     pre = json.loads((out / "preanalysis.json").read_text())
     assert {b: sorted(v) for b, v in pre["single_layer"].items()} == {str(b): sorted(layers) for b in (2, 4, 6)}
     run = json.loads((out / "run.json").read_text())
-    assert set(run["fast"]["recipe_errors_db"]) == {r.name for r in fast.recipes if r.strategy == "size-aware"}
+    kept = {r.name for r in fast.recipes if r.strategy == "size-aware"}
+    assert set(run["fast"]["recipe_errors_db"]) == kept | {r.name for r in report.alternatives}
+    # at each target the better re-measured recipe of the knapsack and the rule on the fast curves is kept
+    for lost in report.alternatives:
+        winner = next(r for r in fast.recipes if r.strategy == "size-aware" and r.selector == lost.selector)
+        assert winner.psnr_mean >= lost.psnr_mean and winner.bits_per_param <= lost.selector + 1e-6
     assert len(run["fast"]["checks"]) == len(report.checks)
     assert run["config"]["sweep"] == "fast" and "sweep" not in exhaustive.config.to_dict()
 
@@ -162,3 +167,17 @@ def test_fast_recipes_fit_their_targets_and_are_deterministic(pipe, runs):
 def test_bad_fast_settings_name_the_value_and_what_is_valid(changes, message):
     with pytest.raises(InvalidValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         AnalysisConfig(**{**CONFIG.to_dict(), **changes})
+
+
+def test_rule_recipe_within_a_target_is_the_largest_that_fits():
+    from workbench.allocation import Measurements, threshold_recipe, threshold_recipe_within
+    from workbench.size import bits_per_param
+
+    numels = {"a": 100, "b": 300, "c": 600}
+    cumulative = {2: {"a": [50.0], "b": [40.0], "c": [30.0]}, 4: {"a": [60.0], "b": [55.0], "c": [45.0]}}
+    m = Measurements(numels, cumulative, cumulative, original=200.0, linear_8bit=50.0)
+    sizes = sorted({bits_per_param(threshold_recipe(m, t), numels) for t in range(20, 60)})  # below the top value
+    for target in (2.0, 2.5, 3.3, 4.0, 9.0):
+        bits = threshold_recipe_within(m, target)
+        fitting = [s for s in sizes if s <= target + 1e-9]
+        assert bits_per_param(bits, numels) == (max(fitting) if fitting else 2.0)

@@ -98,6 +98,23 @@ def threshold_recipe(m: Measurements, threshold: float) -> dict[str, int]:
     return bits
 
 
+def threshold_recipe_within(m: Measurements, target_bpp: float) -> dict[str, int]:
+    """The reference rule's recipe with the most bits/param that is still `<= target_bpp`: the threshold is
+    bisected over the cumulative curves' values (a higher threshold never gives fewer bits). Every layer at the
+    narrowest width if no threshold fits."""
+    values = sorted({float(np.mean(v)) for curve in m.cumulative.values() for v in curve.values()})
+    lo, hi = 0, len(values) - 1  # invariant: values[lo] - 1e-6 fits (or lo == 0)
+    best = dict.fromkeys(m.numels, min(m.widths))
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        bits = threshold_recipe(m, values[mid] - 1e-6)
+        if bits_per_param(bits, m.numels) <= target_bpp + 1e-9:
+            best, lo = bits, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def reference_thresholds(m: Measurements, k: int) -> list[float]:
     """The reference's thresholds: `linspace(original - 1, linear_8bit + 5, k)`."""
     return [float(t) for t in np.linspace(m.original - 1, m.linear_8bit + 5, k)]

@@ -43,14 +43,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from workbench.allocation import Measurements, size_aware_recipes, threshold_recipes
+from workbench.allocation import (
+    Measurements,
+    layer_distortions,
+    predicted_psnr,
+    size_aware_recipes,
+    threshold_recipe_within,
+    threshold_recipes,
+)
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
 from workbench.executor import EvalTask, Executor, LocalExecutor
 from workbench.fast import FastReport, FastSettings, FastSweep, check_points, fast_sweep, run_checks
 from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig
 from workbench.probe import OneStepProbe
-from workbench.recipes import PreAnalysis
+from workbench.recipes import PreAnalysis, recipe_name
 from workbench.size import bits_per_param
 from workbench.store import Evaluation, EvaluationRunner, EvaluationStore, analysis_identity, model_version, open_store
 from workbench.sweeps import (
@@ -479,7 +486,46 @@ def fast_phases(
         if not points:
             break  # every option the recipes use is measured
         run_checks(sweep, points, candidates, runner, executor)
-    return FastPhases(sweep, *plan())
+    isolated, curves, planned = plan()
+    return FastPhases(
+        sweep, isolated, curves, planned + rule_alternatives(planned, candidates, isolated, curves, baselines)
+    )
+
+
+def rule_alternatives(
+    planned: Sequence[PlannedRecipe],
+    candidates: Candidates,
+    isolated: IsolatedSweep,
+    curves: CumulativeCurves,
+    baselines: Baselines,
+) -> tuple[PlannedRecipe, ...]:
+    """For each size-aware recipe, the reference rule's recipe on the same (fast) curves with the most bits/param
+    that still fits its target, named `recipe_<bpp>_bit_fastrule`: both are re-measured and the better one kept
+    (`keep_best_per_target`). The additive model behind the knapsack misjudges layers that interact; the rule
+    reads the cumulative curves, which sum along one order, and measuring both costs one evaluation per target."""
+    m = sweep_measurements(candidates, isolated, curves, baselines)
+    distortion = layer_distortions(m)
+    out = []
+    for r in planned:
+        if r.strategy == "size-aware":
+            bits = threshold_recipe_within(m, r.selector)
+            if bits != dict(r.bits):
+                name = recipe_name(bits_per_param(bits, candidates.numels), "fastrule")
+                out.append(
+                    PlannedRecipe(name, "size-aware", bits, r.selector, predicted_psnr(distortion, bits, m.original))
+                )
+    return tuple(out)
+
+
+def keep_best_per_target(recipes: Sequence[RecipeResult]) -> tuple[list[RecipeResult], list[RecipeResult]]:
+    """The size-aware recipes grouped by target: the best re-measured one of each group kept (ties: the knapsack's,
+    listed first), the others returned apart; other strategies' recipes kept as they are."""
+    best: dict[float, RecipeResult] = {}
+    for r in recipes:
+        if r.strategy == "size-aware" and (r.selector not in best or r.psnr_mean > best[r.selector].psnr_mean):
+            best[r.selector] = r
+    kept = [r for r in recipes if r.strategy != "size-aware" or best[r.selector] is r]
+    return kept, [r for r in recipes if r not in kept]
 
 
 def predicted_evaluations(sweep: FastSweep, curves: CumulativeCurves, candidates: Candidates) -> list[Evaluation]:
@@ -605,6 +651,9 @@ def run_analysis(
             curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
             planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
         recipes = measure_recipes(planned, candidates.numels, runner, executor)
+        if fast is not None:
+            recipes, dropped = keep_best_per_target(recipes)
+            fast.report.alternatives.extend(dropped)
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
     finally:
         runner.close()
@@ -616,7 +665,11 @@ def run_analysis(
     evaluations = list(runner.evaluations)
     if fast is not None:
         fast.report.recipe_errors_db.update(
-            {r.name: r.predicted_psnr - r.psnr_mean for r in recipes if r.predicted_psnr is not None}
+            {
+                r.name: r.predicted_psnr - r.psnr_mean
+                for r in [*recipes, *fast.report.alternatives]
+                if r.predicted_psnr is not None
+            }  # fmt: skip
         )
         evaluations += predicted_evaluations(fast.sweep, curves, candidates)
     result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,

@@ -241,6 +241,8 @@ class FastReport:
         held_out_db: width -> leave-one-layer-out mean absolute error of the calibration fit (dB).
         checks: predicted points measured after the first plan (`Check`).
         recipe_errors_db: recipe -> predicted minus re-measured mean PSNR (dB), for the recipes with a prediction.
+        alternatives: re-measured recipes that lost to a better one at the same target
+            (`workbench.analysis.keep_best_per_target`, `RecipeResult`s).
     """
 
     model: GainModel
@@ -250,6 +252,7 @@ class FastReport:
     held_out_db: dict[int, float]
     checks: list[Check] = field(default_factory=list)
     recipe_errors_db: dict[str, float] = field(default_factory=dict)
+    alternatives: list = field(default_factory=list)
 
     @property
     def check_error_db(self) -> float:
@@ -266,6 +269,10 @@ class FastReport:
             "check_error_db": self.check_error_db,
             "checks": [{**asdict(c), "error_db": c.error_db} for c in self.checks],
             "recipe_errors_db": dict(self.recipe_errors_db),
+            "alternatives": [
+                {"name": r.name, "bits_per_param": r.bits_per_param, "psnr_mean": r.psnr_mean, "target": r.selector}
+                for r in self.alternatives
+            ],
         }
 
 
