@@ -113,8 +113,11 @@ def _cmd_recipe(args: argparse.Namespace) -> None:
     print(f"{args.file}: model_version={analysis.model_version!r}, {len(analysis.recipes)} recipes")
     for name in names:
         recipe = analysis.recipe(name)
-        counts = ", ".join(f"{bits}-bit: {n}" for bits, n in sorted(Counter(recipe.bits.values()).items()))
-        line = f"  {name}: {len(recipe.bits)} layers ({counts})"
+        entries = sorted(
+            Counter(recipe.bits.values()).items(), key=lambda e: (isinstance(e[0], str), str(e[0]).zfill(3))
+        )
+        counts = ", ".join(f"{e}-bit: {n}" if isinstance(e, int) else f"{e}: {n}" for e, n in entries)
+        line = f"  {name}: {len(recipe.bits)} layers ({counts}), {recipe.target}"
         if numels is not None:
             recipe.validate(numels)
             line += f"; {recipe.bits_per_param(numels):.2f} bits/param on this model"
