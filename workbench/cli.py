@@ -144,6 +144,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         min_numel=args.min_numel,
         layers=tuple(args.layers),
         exclude=tuple(args.exclude),
+        importance_file=args.importance,
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -302,6 +303,9 @@ def _add_export(sub) -> None:
         "--components", default="unet", help="comma-separated: unet,text_encoder,text_encoder_2,vae_decoder"
     )
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="--nbits layers: more weights (2048)")
+    p.add_argument(
+        "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"
+    )
     _add_layer_patterns(p)
     p.set_defaults(func=_cmd_export)
 

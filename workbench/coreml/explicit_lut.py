@@ -11,9 +11,14 @@ which can fall below the config's, e.g. to a 3-bit LUT iOS17 cannot store.)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
+from torch import nn
 
+from workbench.errors import InvalidValueError
+from workbench.layers import get_layer
 from workbench.palettize import PaletteConfig, fit_palette
 
 
@@ -71,3 +76,35 @@ def explicit_lut_config(weight: torch.Tensor, config: PaletteConfig, importance:
     if config.granularity == "per_grouped_channel":
         kwargs.update(granularity="per_grouped_channel", group_size=config.group_size, channel_axis=0)
     return ct.optimize.coreml.OpPalettizerConfig(**kwargs)
+
+
+def op_config(layer: str, config: PaletteConfig, module: nn.Module | None, importance):
+    """The `OpPalettizerConfig` of torch layer `layer` of `module`: Core ML's own fit for k-means and uniform
+    palettes (`PaletteConfig.to_coreml`); a data-aware one fitted here with `importance`
+    (`workbench.importance.Importance`) and stored as fitted (`explicit_lut_config`)."""
+    if not config.data_aware:
+        return config.to_coreml()
+    if module is None or importance is None:
+        raise ValueError(f"the data-aware palette {config.key} of {layer!r} needs the torch module and importance")
+    weight = get_layer(module, layer).weight
+    return explicit_lut_config(weight, config, importance.for_weight(layer, tuple(weight.shape)))
+
+
+def check_importance(module: nn.Module, palette: Mapping[str, PaletteConfig], importance):
+    """`importance` if some palette of the plan is data-aware (checked to cover each of those layers), else None.
+
+    Raises:
+        InvalidValueError: data-aware palettes without importances, or importances missing or misshapen for one.
+    """
+    data_aware = [name for name, cfg in palette.items() if cfg.data_aware]
+    if not data_aware:
+        return None
+    if importance is None:
+        raise InvalidValueError(
+            f"{len(data_aware)} layers have data-aware palettes (e.g. {data_aware[0]!r}: "
+            f"{palette[data_aware[0]].key}), which need the analysis' importances: pass --importance "
+            "<analysis dir>/importance.npz"
+        )
+    for name in data_aware:
+        importance.for_weight(name, tuple(get_layer(module, name).weight.shape))
+    return importance

@@ -33,6 +33,7 @@ from workbench.coreml.components import (
     layer_weight_names,
     weight_layers,
 )
+from workbench.coreml.explicit_lut import check_importance, op_config
 from workbench.coreml.verify import Verification, package_nbytes, program_weight_names, verify_package
 from workbench.errors import UserError
 from workbench.palettize import FLOAT_BITS, PaletteConfig, sklearn_single_thread
@@ -134,12 +135,16 @@ def palette_plan(
     return {name: cfg for name, cfg in plan.items() if cfg is not None}
 
 
-def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
+def compress_model(
+    model, plan: Mapping[str, PaletteConfig], *, prefix: str, module: nn.Module | None = None, importance=None
+):
     """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
 
     Torch layer `L` of a wrapper whose module sits under `prefix` is the Core ML constant
     `coreml_weight_name(prefix + "." + L)`; every planned weight must exist (else a `ValueError` lists the
-    missing ones), and no other weight is touched.
+    missing ones), and no other weight is touched. Data-aware palettes (`"wkmeans"`) are fitted from `module`'s
+    weights with `importance` (`workbench.importance.Importance`) and stored as fitted
+    (`workbench.coreml.explicit_lut`); Core ML fits the others.
 
     Returns:
         `coremltools.models.MLModel` (a new one; `model` is unchanged).
@@ -156,7 +161,7 @@ def compress_model(model, plan: Mapping[str, PaletteConfig], *, prefix: str):
     if missing:
         raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
     config = ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in plan.items()}
+        op_name_configs={names[layer]: op_config(layer, cfg, module, importance) for layer, cfg in plan.items()}
     )
     with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
@@ -303,6 +308,7 @@ class ComponentPlan:
         uniform: the palette is a uniform width over every candidate layer (`nbits`): it is narrowed to the
             weights the package has (a VAE decoder package holds no VAE encoder). A recipe is not narrowed.
         deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
+        importance: `workbench.importance.Importance` for the data-aware palettes (None when there are none).
     """
 
     component: str
@@ -311,6 +317,7 @@ class ComponentPlan:
     palette: Mapping[str, PaletteConfig]
     uniform: bool
     deployment_target: str
+    importance: object = None
 
 
 def plan_export(
@@ -322,10 +329,12 @@ def plan_export(
     min_numel: int,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    importance=None,
 ) -> list[ComponentPlan]:
-    """One `ComponentPlan` per component; a bad component, recipe, width or layer pattern fails here, before any
-    conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized layers;
-    the others stay float16."""
+    """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern or missing importance
+    fails here, before any conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the
+    UNet's palettized layers; the others stay float16. `importance` (`workbench.importance.Importance`) is needed
+    by data-aware palettes."""
     from workbench.layers import select_layers
 
     components = [check_component(c) for c in components]
@@ -341,7 +350,8 @@ def plan_export(
             palette = {name: palette[name] for name in select_layers(dict.fromkeys(palette), layers, exclude)}
         target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
         prefix = WRAPPERS[component].prefix
-        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target))
+        needed = check_importance(module, palette, importance)
+        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target, needed))
     return plans
 
 
@@ -452,7 +462,9 @@ def _compress_and_save(
     names = layer_weight_names(candidates, plan.prefix)
     numels = {name: layer.weight.numel() for name, layer in candidates.items() if names[name] in in_package}
     palette = {n: cfg for n, cfg in plan.palette.items() if n in numels} if plan.uniform else dict(plan.palette)
-    compressed = compress_model(conversion.model, palette, prefix=plan.prefix)
+    compressed = compress_model(
+        conversion.model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance
+    )
     bpp = bits_per_param(palette, numels) if numels else float(FLOAT_BITS)
     _set_metadata(
         compressed,
@@ -489,7 +501,12 @@ def export_component(
     verification = None
     if verify:
         verification = verify_package(
-            compression.path, plan.module, compression.palette, component=plan.component, prefix=plan.prefix
+            compression.path,
+            plan.module,
+            compression.palette,
+            component=plan.component,
+            prefix=plan.prefix,
+            importance=plan.importance,
         )
     return ExportedPackage(
         component=plan.component,
@@ -527,6 +544,7 @@ def export_pipeline(
     verify: bool = True,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    importance=None,
 ) -> ExportReport:
     """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
 
@@ -547,6 +565,8 @@ def export_pipeline(
         verify (`bool`, defaults to True): read the packages back and compare.
         layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
             (`plan_export`).
+        importance (`workbench.importance.Importance`, *optional*): the analysis' importances, needed by a recipe
+            with data-aware palettes (`"wkmeans4"`...), which are re-fitted with them exactly as the analysis did.
 
     Returns:
         `ExportReport`.
@@ -556,7 +576,14 @@ def export_pipeline(
         >>> print(report.summary())  # sizes, bits/param, bit-exact per package
     """
     plans = plan_export(
-        pipe, components, recipe=recipe, nbits=nbits, min_numel=min_numel, layers=layers, exclude=exclude
+        pipe,
+        components,
+        recipe=recipe,
+        nbits=nbits,
+        min_numel=min_numel,
+        layers=layers,
+        exclude=exclude,
+        importance=importance,
     )
     check_export_memory(plans)
     out = Path(out_dir)
@@ -580,6 +607,7 @@ def export_model(
     min_numel: int = DEFAULT_MIN_NUMEL,
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    importance_file: str | os.PathLike | None = None,
 ) -> ExportReport:
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
@@ -587,6 +615,7 @@ def export_model(
         model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
+        importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
         nbits, components, min_numel, layers, exclude: see `export_pipeline`.
     """
     from workbench.pipelines import DEMO_MODEL, load_pipeline
@@ -601,6 +630,11 @@ def export_model(
 
         as_config(int(nbits))  # an unsupported width fails before the pipeline loads
     recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
+    importance = None
+    if importance_file is not None:
+        from workbench.importance import Importance
+
+        importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
     components = [check_component(c) for c in components]  # fail before the pipeline loads
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
@@ -610,5 +644,6 @@ def export_model(
         "source": source,
         "layers": layers,
         "exclude": exclude,
+        "importance": importance,
     }
     return export_pipeline(pipe, out_dir, recipe=recipe, nbits=nbits, **options)

@@ -153,13 +153,21 @@ class Verification:
 
 
 def _check_layer(
-    component: str, layer: str, weight: nn.Parameter, config: PaletteConfig, weight_name: str, stored, palettized
+    component: str,
+    layer: str,
+    weight: nn.Parameter,
+    config: PaletteConfig,
+    weight_name: str,
+    stored,
+    palettized,
+    importance=None,
 ) -> LayerCheck:
     """One planned layer: stored palettized, and equal to `fit_palette(weight, config).dense()` bit for bit."""
     from workbench.palettize import fit_palette
 
     torch_weight = weight.detach().cpu()
-    expected = fit_palette(torch_weight, config).dense()
+    weights = importance.for_weight(layer, tuple(weight.shape)) if config.data_aware else None
+    expected = fit_palette(torch_weight, config, importance=weights).dense()
     got = stored.get(weight_name)
     exact = weight_name in palettized and _bit_equal(expected, got)
     psnr = weight_psnr(torch_weight.float().numpy(), got.reshape(expected.shape)) if got is not None else -math.inf
@@ -167,7 +175,13 @@ def _check_layer(
 
 
 def verify_package(
-    package: str | os.PathLike, module: nn.Module, plan: Mapping[str, PaletteConfig], *, component: str, prefix: str
+    package: str | os.PathLike,
+    module: nn.Module,
+    plan: Mapping[str, PaletteConfig],
+    *,
+    component: str,
+    prefix: str,
+    importance=None,
 ) -> Verification:
     """Read a saved package back, decompress every palettized weight, compare with the simulation.
 
@@ -181,6 +195,7 @@ def verify_package(
         plan (`Mapping[str, PaletteConfig]`): the layers that were palettized, and how.
         component (`str`): the component's name, recorded in the result.
         prefix (`str`): the export wrapper's attribute for the module (`UNetExport.prefix`, ...).
+        importance (`workbench.importance.Importance`, *optional*): for data-aware palettes in the plan.
 
     Returns:
         `Verification`.
@@ -190,7 +205,7 @@ def verify_package(
     layers = weight_layers(module)
     names = layer_weight_names(layers, prefix)
     checks = tuple(
-        _check_layer(component, layer, layers[layer].weight, cfg, names[layer], stored, palettized)
+        _check_layer(component, layer, layers[layer].weight, cfg, names[layer], stored, palettized, importance)
         for layer, cfg in plan.items()
     )
     float16 = [layer for layer in layers if layer not in plan and names[layer] in stored]
