@@ -323,3 +323,42 @@ def palette_error(
     if importance is not None:
         error *= np.broadcast_to(np.asarray(importance, dtype=np.float64), w.shape)
     return float(error.sum())
+
+
+@torch.no_grad()
+def data_aware_table(layer: nn.Module, palettes: Mapping[str, Palette], importance: np.ndarray, inputs):
+    """How palettes of one layer compare: weight SNR, importance-weighted error, and the layer's output error.
+
+    Args:
+        layer (`nn.Linear` or `nn.Conv2d`): the layer, with its float weight.
+        palettes (`Mapping[str, Palette]`): label -> a palette of `layer.weight` (e.g. plain and data-aware).
+        importance (`np.ndarray`): broadcastable to the weight (`Importance.for_weight`).
+        inputs (`Iterable[torch.Tensor]`): the layer's captured inputs (`capture_inputs`).
+
+    Returns:
+        `pd.DataFrame`: one row per palette: `palette`, `weight_snr_db` (`weight_snr_db` of the float16 weight),
+        `weighted_error` (`palette_error` with `importance`), `output_mse` (`layer_output_mse`) and
+        `output_snr_db` = `10 * log10(mean(y**2) / output_mse)`, y the float layer's outputs.
+    """
+    import pandas as pd
+
+    from workbench.explore import weight_snr_db
+
+    inputs = list(inputs)
+    w16 = layer.weight.detach().to("cpu", torch.float16).numpy()
+    weight = layer.weight.detach().to("cpu", torch.float64)
+    outputs = [_forward(layer, x.to("cpu", torch.float64), weight) for x in inputs]
+    signal = sum(float(y.square().sum()) for y in outputs) / sum(y.numel() for y in outputs)
+    rows = []
+    for label, palette in palettes.items():
+        mse = layer_output_mse(layer, inputs, palette.dense())
+        rows.append(
+            {
+                "palette": label,
+                "weight_snr_db": weight_snr_db(w16, palette.dense()),
+                "weighted_error": palette_error(layer.weight, palette, importance),
+                "output_mse": mse,
+                "output_snr_db": 10 * np.log10(signal / mse),
+            }
+        )
+    return pd.DataFrame(rows)
