@@ -178,7 +178,7 @@ def test_recipes_carry_config_keys_and_say_their_target():
     assert plain.bits == {"a": 4, "b": 6} and Recipe("q", {"a": "wkmeans4"}).target == "iOS17"
     numels = {"a": 100, "b": 100, "c": 100, "d": 100}
     assert recipe.bits_per_param(numels) == (4 + 3 + 4 + 16) / 4
-    with pytest.raises(RecipeError, match="unsupported entry 'kmeans5'.*config key"):
+    with pytest.raises(RecipeError, match="unsupported palette config key 'kmeans5'.*config key"):
         Recipe("bad", {"a": "kmeans5"})
     analysis = PreAnalysis.from_dict({"recipes": {"r": dict(recipe.bits)}})
     assert analysis.recipe("r").bits == {"a": 4, "b": "wkmeans3", "c": "kmeans4_g16", "d": 16}

@@ -72,10 +72,11 @@ class Recipe:
         bad = {k: self.bits[k] for k, v in entries.items() if v is None}
         if bad:
             layer, value = next(iter(bad.items()))
+            what = "palette config key" if isinstance(value, str) else "bit width"
             raise RecipeError(
-                f"recipe {self.name!r}: layer {layer!r} has unsupported entry {value!r} "
-                f"({len(bad)} bad entries); valid: a bit width {', '.join(map(str, RECIPE_NBITS))} or a palette "
-                "config key <mode><nbits>[_g<group_size>] such as kmeans4_g16 or wkmeans3"
+                f"recipe {self.name!r}: layer {layer!r} has unsupported {what} {value!r} ({len(bad)} bad entries); "
+                f"valid: {', '.join(map(str, RECIPE_NBITS))} (bit widths, 16 = float16) or a palette config key "
+                "<mode><nbits>[_g<group_size>] such as kmeans4_g16 or wkmeans3"
             )
         object.__setattr__(self, "bits", entries)
 
