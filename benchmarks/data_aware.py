@@ -43,6 +43,7 @@ def _psnr(probe: OneStepProbe) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--psnr", action="store_true", help="also the one-step PSNR per (layer, width, mode)")
+    parser.add_argument("--psnr-widths", type=int, nargs="+", default=list(WIDTHS), help="widths for --psnr")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,7 +61,9 @@ def main() -> None:
     print(f"{len(layers)} layers, importances and inputs captured in {time.perf_counter() - start:.1f}s")
 
     better, holdout, psnr_better, gains = Counter(), Counter(), Counter(), {n: [] for n in WIDTHS}
-    for name, layer in layers.items():
+    for i, (name, layer) in enumerate(layers.items()):
+        if i % 30 == 0:
+            print(f"layer {i}/{len(layers)} at {time.perf_counter() - start:.0f}s", flush=True)
         weight = layer.weight
         for nbits in WIDTHS:
             plain = fit_palette(weight, PaletteConfig(nbits))
@@ -76,7 +79,7 @@ def main() -> None:
             holdout[nbits] += layer_output_mse(layer, held_out[name], cal.dense()) < layer_output_mse(
                 layer, held_out[name], plain.dense()
             )
-            if args.psnr:
+            if args.psnr and nbits in args.psnr_widths:
                 psnrs = []
                 for config in (PaletteConfig(nbits), PaletteConfig(nbits, "wkmeans")):
                     with palettized(unet, {name: config}, importance=importance):
@@ -90,7 +93,8 @@ def main() -> None:
         )
         print(line + (f", higher one-step PSNR on {psnr_better[n]}" if args.psnr else ""))
     print(f"total time {time.perf_counter() - start:.0f}s")
-    psnr_part = f" psnr_better={sum(psnr_better.values())}/{total}" if args.psnr else ""
+    psnr_total = len(layers) * len(set(args.psnr_widths) & set(WIDTHS))
+    psnr_part = f" psnr_better={sum(psnr_better.values())}/{psnr_total}" if args.psnr else ""
     per_width = " ".join(f"w{n}={better[n]}/{len(layers)}" for n in WIDTHS)
     print(
         f"data_aware_better={sum(better.values())}/{total} (layer-output MSE, layers x widths 2 3 4 6) "

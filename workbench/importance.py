@@ -123,7 +123,8 @@ class Importance:
             ) from None
 
     def channels(self, name: str) -> np.ndarray:
-        """Layer `name`'s importance per input channel of its weight, `E[x_j**2]` (float64, 1-D)."""
+        """Layer `name`'s importance per input channel of its weight, `E[x_j**2]` (float64, 1-D; for a grouped
+        conv, those of output channel 0's group)."""
         array = self.arrays[name]
         return array.reshape(-1) if array.shape[0] == 1 else array.reshape(array.shape[0], -1)[0]
 
