@@ -176,6 +176,7 @@ def test_recipes_carry_config_keys_and_say_their_target():
     plain = Recipe("p", {"a": 4, "b": 6})
     assert not plain.needs_ios18 and plain.target == "iOS17" and not plain.needs_importance
     assert plain.bits == {"a": 4, "b": 6} and Recipe("q", {"a": "wkmeans4"}).target == "iOS17"
+    assert Recipe("k", {"a": "kmeans4", "b": "kmeans3_g8"}).bits == {"a": 4, "b": "kmeans3_g8"}  # Apple's ints
     numels = {"a": 100, "b": 100, "c": 100, "d": 100}
     assert recipe.bits_per_param(numels) == (4 + 3 + 4 + 16) / 4
     with pytest.raises(RecipeError, match="unsupported palette config key 'kmeans5'.*config key"):

@@ -44,13 +44,14 @@ def recipe_name(bits_per_param: float, suffix: str = "mixedpalette") -> str:
 
 
 def _entry(value) -> RecipeEntry | None:
-    """A recipe entry in its canonical form (an int width, or a config key as `PaletteConfig.key` writes it);
-    None if it is neither."""
+    """A recipe entry in its canonical form: an int width (also for a key naming per-tensor k-means, `"kmeans4"`
+    -> 4, as Apple's format writes it), else the config key as `PaletteConfig.key` writes it; None if invalid."""
     if isinstance(value, str):
         try:
-            return PaletteConfig.from_key(value).key
+            config = PaletteConfig.from_key(value)
         except InvalidValueError:
             return None
+        return config.nbits if config == PaletteConfig(config.nbits) else config.key
     if isinstance(value, bool) or value not in RECIPE_NBITS:
         return None
     return int(value)
