@@ -97,3 +97,53 @@ def test_coreml_package_weights_equal_the_simulation(recipe_name, tmp_path):
     for layer in set(layers) - set(recipe):  # left float16
         expected = layers[layer].weight.detach().half().numpy()
         assert np.array_equal(stored[names[layer]], expected), layer
+
+
+DATA_AWARE = {
+    "per_tensor": {
+        name: PaletteConfig(n, "wkmeans") for name, n in zip(["stem", "block.0", "head", "out"], [4, 2, 8, 1])
+    },
+    "grouped_3bit": {
+        "stem": PaletteConfig(3, "wkmeans"),
+        "block.0": PaletteConfig(4, "wkmeans", "per_grouped_channel", 16),
+        "block.1": PaletteConfig(2, "wkmeans", "per_grouped_channel", 32),
+        "head": PaletteConfig(6, "wkmeans", "per_grouped_channel", 8),
+    },
+}
+
+
+@pytest.mark.parametrize("recipe_name", list(DATA_AWARE))
+def test_data_aware_palettes_are_stored_as_fitted(recipe_name, tmp_path):
+    from workbench.coreml.explicit_lut import explicit_lut_config
+    from workbench.importance import expand_importance
+
+    recipe = DATA_AWARE[recipe_name]
+    net = _small_net()
+    ios18 = any(cfg.needs_ios18 for cfg in recipe.values())
+    model = _convert(net, ct.target.iOS18 if ios18 else ct.target.iOS17)
+    layers = compressible_layers(net, min_numel=0)
+    names = coreml_weight_names(layers)
+    rng = np.random.default_rng(0)
+    importance = {}
+    for name in recipe:  # skewed, with some input channels of no importance at all
+        moments = rng.gamma(0.3, 1.0, layers[name].weight.shape[1])
+        moments[rng.random(moments.size) < 0.1] = 0.0
+        importance[name] = expand_importance(layers[name], moments)
+    config = ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={
+            names[n]: explicit_lut_config(layers[n].weight, cfg, importance[n]) for n, cfg in recipe.items()
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = ct.optimize.coreml.palettize_weights(model, config)
+    path = tmp_path / "net.mlpackage"
+    compressed.save(str(path))
+    stored = package_weights(path)
+    assert palettized_weight_names(path) == {names[layer] for layer in recipe}
+    for layer, cfg in recipe.items():
+        palette = fit_palette(layers[layer].weight, cfg, importance=importance[layer])
+        plain = fit_palette(layers[layer].weight, PaletteConfig(cfg.nbits, "kmeans", cfg.granularity, cfg.group_size))
+        theirs = stored[names[layer]]
+        assert np.array_equal(palette.dense().view(np.uint16), theirs.view(np.uint16)), f"{layer} ({cfg.key})"
+        assert not np.array_equal(palette.dense(), plain.dense()), "data-aware palettes differ from plain ones"

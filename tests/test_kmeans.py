@@ -175,3 +175,70 @@ def test_without_numba_auto_falls_back_to_coremltools_and_numba_solver_says_what
 def test_importing_workbench_kmeans_does_not_import_numba():
     code = "import sys, workbench.kmeans; assert 'numba' not in sys.modules, 'numba imported at import time'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _weighted_sse(x, w, labels):
+    """Weighted SSE of an element labelling, each cluster at its weighted mean (float64)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    total = 0.0
+    for c in np.unique(labels):
+        m = labels == c
+        if w[m].sum() > 0:
+            mean = np.sum(w[m] * x[m]) / np.sum(w[m])
+            total += np.sum(w[m] * (x[m] - mean) ** 2)
+    return total
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_weighted_kmeans_float16_is_optimal_over_every_labelling(seed, k):
+    rng = np.random.default_rng(seed)
+    x = rng.choice(np.linspace(-1, 1, 5), 8).astype(np.float16)  # repeated values: their weights must add up
+    w = rng.uniform(0.0, 3.0, 8) * (rng.random(8) > 0.2)  # some weights 0
+    got = kmeans_float16(x, k, weights=w)
+    best = min(_weighted_sse(x, w, np.array(labels)) for labels in itertools.product(range(k), repeat=len(x)))
+    assert _weighted_sse(x, w, got.labels) == pytest.approx(best, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("solver", ["numpy", "numba", "coremltools"])
+def test_weighted_kmeans_float16_equals_the_numpy_dp_on_summed_weights(solver):
+    if solver == "coremltools":
+        _coremltools_cluster()
+    if solver == "numba":
+        _needs_numba()
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((40, 50)) * 0.05).astype(np.float16)
+    w = rng.gamma(0.5, 1.0, (1, 50)) * np.ones((40, 1))  # per input channel, as data-aware palettes weight
+    u = unique_float16(x)
+    summed = np.bincount(u.inverse, weights=w.reshape(-1), minlength=len(u.values))
+    labels, centroids = kmeans_1d_numpy(u.values.astype(np.float64), summed, 16)
+    got = kmeans_float16(x, 16, solver=solver, weights=w)
+    assert _weighted_sse(x.reshape(-1), w.reshape(-1), got.labels) == pytest.approx(
+        _weighted_sse(u.values, summed, labels), rel=1e-9
+    )
+    np.testing.assert_allclose(got.centroids, centroids, rtol=1e-9)
+
+
+def test_uniform_weights_give_the_plain_kmeans_bit_for_bit():
+    rng = np.random.default_rng(8)
+    x = (rng.standard_t(4, (300, 70)) * 0.05).astype(np.float16)
+    x[0, :3] = [0.0, -0.0, -0.0]
+    plain = kmeans_float16(x, 16)
+    for weights in (np.ones(x.shape), np.full(x.shape, 2.0)):  # power-of-two scaling is exact
+        got = kmeans_float16(x, 16, weights=weights)
+        assert np.array_equal(got.labels, plain.labels)
+        assert np.array_equal(got.centroids.view(np.uint64), plain.centroids.view(np.uint64))
+
+
+def test_weights_move_centroids_towards_the_important_values_and_are_checked():
+    x = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0] * 10, dtype=np.float16)
+    w = np.where(x > 0.75, 100.0, 1.0)
+    weighted, plain = kmeans_float16(x, 3, weights=w).centroids, kmeans_float16(x, 3).centroids
+    assert np.abs(weighted - 1.0).min() < 0.01 and np.abs(plain - 1.0).min() >= 0.5  # resolution where weight is
+    assert 2.0 in weighted
+    all_zero = kmeans_float16(x, 3, weights=np.zeros(x.shape))
+    assert np.array_equal(all_zero.centroids, kmeans_float16(x, 3).centroids)  # no information: plain k-means
+    with pytest.raises(ValueError, match="one weight per element"):
+        kmeans_float16(x, 3, weights=np.ones(5))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        kmeans_float16(x, 3, weights=-np.ones(x.shape))

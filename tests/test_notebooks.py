@@ -84,6 +84,11 @@ def test_01_basics(report):
     assert list(tensor.index) == [1, 2, 4]
     assert tensor["weight_snr_db"].is_monotonic_increasing
     assert len(_table(out, "01_lut_2bit.csv")) == 4
+    _figure(out, "01_data_aware_palettes.png")
+    aware = _table(out, "01_data_aware.csv").set_index("palette")
+    assert list(aware.index) == ["kmeans4", "wkmeans4"]
+    # the data-aware palette is the optimum of the importance-weighted error (over the float16 weights)
+    assert aware.loc["wkmeans4", "weighted_error"] <= aware.loc["kmeans4", "weighted_error"] * (1 + 1e-6)
 
 
 def test_02_uniform(report):

@@ -178,6 +178,15 @@ def histogram_uint16(bits):
 
 
 @_jit
+def weighted_histogram_uint16(bits, weights):
+    """The sum of `weights[i]` over the elements `i` of each of the 65,536 values of a flat uint16 array."""
+    sums = np.zeros(1 << 16)
+    for i in range(len(bits)):
+        sums[bits[i]] += weights[i]
+    return sums
+
+
+@_jit
 def gather_uint8(table, bits):
     """`table[bits]` for a uint8 table of 65,536 entries and a flat uint16 array, without an intp index."""
     out = np.empty(len(bits), dtype=np.uint8)

@@ -113,8 +113,11 @@ def _cmd_recipe(args: argparse.Namespace) -> None:
     print(f"{args.file}: model_version={analysis.model_version!r}, {len(analysis.recipes)} recipes")
     for name in names:
         recipe = analysis.recipe(name)
-        counts = ", ".join(f"{bits}-bit: {n}" for bits, n in sorted(Counter(recipe.bits.values()).items()))
-        line = f"  {name}: {len(recipe.bits)} layers ({counts})"
+        entries = sorted(
+            Counter(recipe.bits.values()).items(), key=lambda e: (isinstance(e[0], str), str(e[0]).zfill(3))
+        )
+        counts = ", ".join(f"{e}-bit: {n}" if isinstance(e, int) else f"{e}: {n}" for e, n in entries)
+        line = f"  {name}: {len(recipe.bits)} layers ({counts}), {recipe.target}"
         if numels is not None:
             recipe.validate(numels)
             line += f"; {recipe.bits_per_param(numels):.2f} bits/param on this model"
@@ -142,6 +145,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         layers=tuple(args.layers),
         exclude=tuple(args.exclude),
         layout=args.layout,
+        importance_file=args.importance,
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -343,6 +347,9 @@ def _add_export(sub) -> None:
         "--components", default="unet", help="comma-separated: unet,text_encoder,text_encoder_2,vae_decoder"
     )
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="--nbits layers: more weights (2048)")
+    p.add_argument(
+        "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"
+    )
     _add_layer_patterns(p)
     _add_layout(p)
     p.set_defaults(func=_cmd_export)

@@ -104,17 +104,51 @@ class Float16Clusters:
     labels: np.ndarray
 
 
-def kmeans_float16(x: np.ndarray, k: int, solver: str = "auto") -> Float16Clusters:
+def _weighted_histogram(bits: np.ndarray, weights: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """The sum of `weights` over the elements of each bit pattern in `patterns` (-0.0 summed into +0.0), float64."""
+    weights = np.ascontiguousarray(weights, dtype=np.float64).reshape(-1)
+    if weights.shape != bits.shape:
+        raise ValueError(f"kmeans_float16 needs one weight per element: {weights.size} weights, {bits.size} elements")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("kmeans_float16 weights must be finite and >= 0")
+    kernels = _jit_kernels()
+    sums = kernels.weighted_histogram_uint16(bits, weights) if kernels else np.bincount(bits, weights, _N_PATTERNS)
+    sums[0] += sums[_NEGATIVE_ZERO]
+    return sums[patterns]
+
+
+def _cluster_weighted(values: np.ndarray, weights: np.ndarray, k: int, solver: str) -> tuple[np.ndarray, np.ndarray]:
+    """`kmeans_1d` of sorted distinct values whose weights may be 0: those carry no cost, so the optimum
+    clusters the others and gives each weightless value the nearest centroid's label."""
+    positive = weights > 0
+    if positive.all():
+        return kmeans_1d(values, weights, k, solver=solver)
+    labels, centroids = kmeans_1d(values[positive], weights[positive], k, solver=solver)
+    all_labels = np.empty(len(values), dtype=labels.dtype)
+    all_labels[positive] = labels
+    edges = (centroids[1:] + centroids[:-1]) / 2  # centroids ascend: nearest = which interval between midpoints
+    all_labels[~positive] = np.searchsorted(edges, values[~positive].astype(np.float64))
+    return all_labels, centroids
+
+
+def kmeans_float16(x: np.ndarray, k: int, solver: str = "auto", weights: np.ndarray | None = None) -> Float16Clusters:
     """Optimal k-means of a float16 array's values: coremltools' 1-D k-means path, without its big passes.
 
     coremltools runs `np.unique(x, return_inverse=True, return_counts=True)`, clusters the distinct values
     weighted by their counts (`kmeans_1d`) and gathers `labels[inverse]`; the same result comes from a
     histogram of the bit patterns and a gather through a 65,536-entry uint8 table (-0.0 labelled as +0.0).
 
+    With `weights` (an importance per element) it minimises `sum_i weights[i] * (x[i] - centroid(i))**2`
+    exactly: elements with the same float16 value always share a cluster, so each distinct value is one point
+    whose weight is the sum of its elements' weights, and the centroids are weighted means. Values whose
+    weights sum to 0 cost nothing anywhere and take the nearest centroid. `weights=None` is the count-weighted
+    (plain) k-means above, bit for bit.
+
     Args:
         x (`np.ndarray`): float16 array of any shape, without NaN.
         k (`int`): clusters wanted, 1 <= k <= 256; fewer when `x` has fewer distinct values.
         solver (`str`, defaults to `"auto"`): see `kmeans_1d`.
+        weights (`np.ndarray`, *optional*): finite weights >= 0, one per element of `x` (any shape of that size).
 
     Returns:
         `Float16Clusters`: the centroids and a uint8 label for every element.
@@ -123,7 +157,14 @@ def kmeans_float16(x: np.ndarray, k: int, solver: str = "auto") -> Float16Cluste
         raise ValueError(f"kmeans_float16 labels with uint8, so 1 <= k <= 256; got k={k}")
     bits = _flat_bits(x)
     hist = _histogram(bits)
-    labels, centroids = kmeans_1d(hist.patterns.view(np.float16), hist.counts, k, solver=solver)
+    values = hist.patterns.view(np.float16)
+    if weights is None:
+        labels, centroids = kmeans_1d(values, hist.counts, k, solver=solver)
+    else:
+        summed = _weighted_histogram(bits, weights, hist.patterns)
+        if not summed.any():  # no element matters more than another: plain k-means
+            summed = hist.counts.astype(np.float64)
+        labels, centroids = _cluster_weighted(values, summed, k, solver)
     table = np.zeros(_N_PATTERNS, dtype=np.uint8)
     table[hist.patterns] = labels
     table[_NEGATIVE_ZERO] = table[0]

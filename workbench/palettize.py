@@ -6,6 +6,11 @@ bit: the weight is cast to float16; in `"kmeans"` mode a tensor (or channel grou
 elements gets exact 1-D k-means over its distinct values weighted by their counts, a smaller one
 scikit-learn's KMeans with coremltools' settings; `"uniform"` mode is coremltools' linear LUT.
 
+`"wkmeans"` (data-aware) palettes are ours: exact 1-D k-means weighted by each weight's importance (the
+second moment of the input channel it multiplies, `workbench.importance`), minimising
+`sum(importance * (w - lut[idx])**2)`, a proxy of the layer's output error. Core ML stores their LUT and
+indices as given (`workbench.coreml.explicit_lut`).
+
 Example:
     >>> cfg = PaletteConfig(nbits=4)
     >>> with palettized(pipe.unet, {"mid_block.attentions.0.proj_in": cfg}):
@@ -14,98 +19,37 @@ Example:
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from workbench.errors import InvalidValueError
 from workbench.kmeans import kmeans_float16
 from workbench.layers import get_layer
+from workbench.palette_config import (  # noqa: F401  (re-exported: the config belongs to palettization's API)
+    DATA_AWARE_MODES,
+    FLOAT_BITS,
+    GRANULARITIES,
+    GROUP_SIZES,
+    IOS17_NBITS,
+    KMEANS_1D_MIN_NUMEL,
+    MODES,
+    SUPPORTED_NBITS,
+    TARGETS,
+    PaletteConfig,
+    as_config,
+    candidate_configs,
+    check_target,
+)
 from workbench.stash import WeightStash
-
-SUPPORTED_NBITS = (1, 2, 3, 4, 6, 8)
-FLOAT_BITS = 16  # a recipe's "leave this layer float16"
-MODES = ("kmeans", "uniform")
-GRANULARITIES = ("per_tensor", "per_grouped_channel")
-KMEANS_1D_MIN_NUMEL = 10_000  # coremltools' switch from scikit-learn to exact 1-D k-means
-
-
-@dataclass(frozen=True)
-class PaletteConfig:
-    """How to palettize one weight.
-
-    Args:
-        nbits (`int`, defaults to 6): bits per index, one of 1, 2, 3, 4, 6, 8 (a LUT of 2**nbits values).
-        mode (`str`, defaults to `"kmeans"`): `"kmeans"` (exact 1-D k-means) or `"uniform"` (evenly spaced).
-        granularity (`str`, defaults to `"per_tensor"`): one LUT per tensor, or `"per_grouped_channel"`:
-            one LUT per `group_size` output channels (Core ML iOS18/macOS15).
-        group_size (`int`, defaults to 0): output channels per LUT; must be > 0 for grouped palettes.
-    """
-
-    nbits: int = 6
-    mode: str = "kmeans"
-    granularity: str = "per_tensor"
-    group_size: int = 0
-
-    def __post_init__(self):
-        if self.nbits not in SUPPORTED_NBITS:
-            raise ValueError(f"unsupported nbits {self.nbits!r}; valid: {', '.join(map(str, SUPPORTED_NBITS))}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown palettization mode {self.mode!r}; valid: {', '.join(MODES)}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
-        if self.granularity == "per_grouped_channel" and self.group_size < 1:
-            raise ValueError(f"per_grouped_channel needs group_size >= 1, got {self.group_size}")
-        if self.granularity == "per_tensor" and self.group_size != 0:
-            raise ValueError(f"group_size={self.group_size} only applies to per_grouped_channel palettes")
-
-    @property
-    def key(self) -> str:
-        """A short stable name, e.g. `kmeans4` or `kmeans4_g16`."""
-        suffix = f"_g{self.group_size}" if self.granularity == "per_grouped_channel" else ""
-        return f"{self.mode}{self.nbits}{suffix}"
-
-    @property
-    def needs_ios18(self) -> bool:
-        """Grouped palettes and 3-bit LUTs need the iOS18/macOS15 `constexpr_lut_to_dense` op."""
-        return self.granularity == "per_grouped_channel" or self.nbits == 3
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> PaletteConfig:
-        unknown = set(d) - {"nbits", "mode", "granularity", "group_size"}
-        if unknown:
-            raise ValueError(f"unknown PaletteConfig keys {sorted(unknown)}")
-        return cls(**d)
-
-    def to_coreml(self):
-        """The equivalent `coremltools.optimize.coreml.OpPalettizerConfig`."""
-        import coremltools as ct
-
-        # weight_threshold=0: these are per-op configs, so compress whatever they name.
-        kwargs = {"mode": self.mode, "nbits": self.nbits, "weight_threshold": 0}
-        if self.granularity == "per_grouped_channel":
-            kwargs.update(granularity="per_grouped_channel", group_size=self.group_size)
-        return ct.optimize.coreml.OpPalettizerConfig(**kwargs)
-
-
-def as_config(spec: int | PaletteConfig | None) -> PaletteConfig | None:
-    """A recipe entry as a config: an int is k-means per tensor at that width; 16 or None means float16."""
-    if spec is None or isinstance(spec, PaletteConfig):
-        return spec
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-        return None if spec == FLOAT_BITS else PaletteConfig(nbits=int(spec))
-    raise TypeError(f"a recipe entry must be an int bit width or a PaletteConfig, got {spec!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,8 +74,8 @@ class Palette:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk: indices packed at nbits each, plus the float16 LUT(s)."""
-        return math.ceil(self.indices.size * self.config.nbits / 8) + self.lut.size * 2
+        """Bytes on disk: indices packed at nbits each, plus the float16 LUT(s) (`PaletteConfig.nbytes`)."""
+        return self.config.nbytes(self.indices.size, self.indices.shape[0])
 
 
 def _as_float16_numpy(weight: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -174,6 +118,32 @@ def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.n
     return lut, kmeans.labels_
 
 
+def _fit_group_weighted(values: np.ndarray, nbits: int, solver: str, importance: np.ndarray):
+    """Exact importance-weighted 1-D k-means of one group, whatever its size (no scikit-learn path)."""
+    lut = np.zeros(1 << nbits)
+    clusters = kmeans_float16(values, len(lut), solver=solver, weights=importance)
+    lut[: len(clusters.centroids)] = clusters.centroids
+    return lut, clusters.labels
+
+
+def _importance_array(importance, config: PaletteConfig, shape: tuple) -> np.ndarray | None:
+    """The importance of every weight (a read-only broadcast view), for data-aware configs; None for the others."""
+    if not config.data_aware:
+        return None
+    if importance is None:
+        raise InvalidValueError(
+            f"the data-aware palette {config.key} needs per-weight importances (workbench.importance); "
+            f"got none. Collect them with collect_importance, or use mode='kmeans'"
+        )
+    importance = np.asarray(importance, dtype=np.float64)
+    try:
+        return np.broadcast_to(importance, shape)
+    except ValueError:
+        raise InvalidValueError(
+            f"importance of shape {importance.shape} does not broadcast to the weight's shape {shape}"
+        ) from None
+
+
 def _fit_group_uniform(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     # coremltools' arithmetic, kept in float16 as it does, so the LUT matches bit for bit.
     lo, hi = np.amin(values), np.amax(values)
@@ -184,14 +154,20 @@ def _fit_group_uniform(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.n
     return np.arange(1 << nbits) * ((hi - lo) / levels) + lo, indices
 
 
-def fit_palette(weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver: str = "auto") -> Palette:
-    """Fit an n-bit palette to a weight, exactly as coremltools 9's `palettize_weights` does.
+def fit_palette(
+    weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver: str = "auto", importance=None
+) -> Palette:
+    """Fit an n-bit palette to a weight, exactly as coremltools 9's `palettize_weights` does (k-means, uniform),
+    or by importance-weighted exact k-means (`"wkmeans"`).
 
     Args:
         weight (`torch.Tensor` or `np.ndarray`): any float dtype; cast to float16 first, as Core ML stores it.
             Axis 0 is the output-channel axis that grouped palettes split.
         config (`PaletteConfig`): bits, mode and granularity.
         solver (`str`, defaults to `"auto"`): the 1-D k-means solver (see `workbench.kmeans.kmeans_1d`).
+        importance (`np.ndarray`, *optional*): for data-aware configs (required there, ignored by the others):
+            finite importances >= 0 broadcastable to the weight's shape, e.g.
+            `Importance.for_weight(name, weight.shape)` (the input channel's second moment of every weight).
 
     Returns:
         `Palette` with a float16 LUT per channel group and uint8 indices in the weight's shape.
@@ -203,14 +179,18 @@ def fit_palette(weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver
         raise ValueError(
             f"group_size={group_size} does not divide the {channels} output channels of a weight of shape {w.shape}"
         )
+    importance = _importance_array(importance, config, w.shape)
     luts, indices = [], []
     small_groups = config.mode == "kmeans" and w.size // (channels // group_size) < KMEANS_1D_MIN_NUMEL
     # scikit-learn's path: pinned once per weight, not per group (setting the pin costs ~5 ms)
     with sklearn_single_thread() if small_groups else nullcontext():
-        for group in np.split(w, channels // group_size, axis=0):
+        for start in range(0, channels, group_size):
+            group = w[start : start + group_size]
             values = group.reshape(-1)
             if config.mode == "kmeans":
                 lut, idx = _fit_group_kmeans(values, config.nbits, solver)
+            elif config.data_aware:
+                lut, idx = _fit_group_weighted(values, config.nbits, solver, importance[start : start + group_size])
             else:
                 lut, idx = _fit_group_uniform(values, config.nbits)
             luts.append(lut.astype(np.float16))
@@ -219,9 +199,10 @@ def fit_palette(weight: torch.Tensor | np.ndarray, config: PaletteConfig, solver
 
 
 @torch.no_grad()
-def palettize_tensor(weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
-    """The weight with every value replaced by its palette entry; same shape, dtype and device."""
-    dense = fit_palette(weight, config).dense()
+def palettize_tensor(weight: torch.Tensor, config: PaletteConfig, importance=None) -> torch.Tensor:
+    """The weight with every value replaced by its palette entry; same shape, dtype and device (`importance`:
+    see `fit_palette`)."""
+    dense = fit_palette(weight, config, importance=importance).dense()
     return torch.from_numpy(dense).to(device=weight.device, dtype=weight.dtype)
 
 
@@ -267,21 +248,25 @@ class PaletteCache:
         solver (`str`, defaults to "auto"): the 1-D k-means solver (`workbench.kmeans.kmeans_1d`).
         max_bytes (`int`, *optional*): memory budget for the palettes held; None = unbounded.
         spill_dir (`str | os.PathLike`, *optional*): where palettes over the budget go (one .npz each).
+        importance (`workbench.importance.Importance`, *optional*): per-layer importances, needed to fit
+            data-aware (`"wkmeans"`) palettes; their cache keys carry its `digest`.
 
     Attributes:
         fits, reloads, spills (`int`): palettes fitted, read back from `spill_dir`, written to it.
         peak_nbytes (`int`): the most bytes of palettes held in memory at once.
     """
 
-    def __init__(self, solver: str = "auto", *, max_bytes: int | None = None, spill_dir=None):
+    def __init__(self, solver: str = "auto", *, max_bytes: int | None = None, spill_dir=None, importance=None):
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.solver = solver
+        self.importance = importance
         self.max_bytes = max_bytes
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
-        self._palettes: OrderedDict[tuple[str, PaletteConfig], tuple[tuple, Palette]] = OrderedDict()
-        self._spilled: dict[tuple[str, PaletteConfig], tuple[tuple, Path]] = {}
-        self._pending: dict[tuple[str, PaletteConfig], tuple[tuple, Future]] = {}
+        # keys: (layer, config, the importance's digest for data-aware configs, else None)
+        self._palettes: OrderedDict[tuple[str, PaletteConfig, str | None], tuple[tuple, Palette]] = OrderedDict()
+        self._spilled: dict[tuple[str, PaletteConfig, str | None], tuple[tuple, Path]] = {}
+        self._pending: dict[tuple[str, PaletteConfig, str | None], tuple[tuple, Future]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
         self._nbytes = 0
@@ -292,10 +277,19 @@ class PaletteCache:
     def _identity(weight: torch.Tensor) -> tuple:
         return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
 
+    def _key(self, name: str, config: PaletteConfig) -> tuple[str, PaletteConfig, str | None]:
+        return (name, config, self.importance.digest if config.data_aware and self.importance is not None else None)
+
+    def _fit(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+        importance = None
+        if config.data_aware and self.importance is not None:
+            importance = self.importance.for_weight(name, tuple(weight.shape))
+        return fit_palette(weight, config, solver=self.solver, importance=importance)
+
     def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
         """The palette of `weight` (layer `name`) under `config`: held, read back, taken from a background fit,
         or fitted now."""
-        key, identity = (name, config), self._identity(weight)
+        key, identity = self._key(name, config), self._identity(weight)
         palette = self._lookup(key, identity)
         if palette is None:
             with self._lock:
@@ -303,7 +297,7 @@ class PaletteCache:
             if pending is not None and pending[0] == identity and not pending[1].cancel():
                 palette = pending[1].result()  # fitted in the background (see `prefetch`), or being fitted
             else:  # not submitted, stale, or still queued (then cancelled: fitting it here is sooner)
-                palette = fit_palette(weight, config, solver=self.solver)
+                palette = self._fit(name, weight, config)
             self._store(key, identity, palette)
         return palette
 
@@ -381,13 +375,13 @@ class PaletteCache:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
         for name, weight, config in jobs:
-            key = (name, config)
+            key = self._key(name, config)
             with self._lock:
                 if key in self._palettes or key in self._pending or key in self._spilled:
                     continue
                 weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
                 identity = self._identity(weight)
-                future = self._executor.submit(fit_palette, weight, config, solver=self.solver)
+                future = self._executor.submit(self._fit, name, weight, config)
                 self._pending[key] = (identity, future)
             future.add_done_callback(lambda f, k=key, i=identity, w=weight: self._adopt(k, i, w, f))
 
@@ -443,7 +437,7 @@ def _held_nbytes(palette: Palette) -> int:
     return palette.indices.nbytes + palette.lut.nbytes
 
 
-def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None) -> torch.Tensor | None:
+def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None, importance) -> torch.Tensor | None:
     if spec == "linear8" or spec == "linear8_per_channel":
         return linear_quantize_tensor(layer.weight, per_channel=spec == "linear8_per_channel")
     config = as_config(spec)
@@ -451,7 +445,13 @@ def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None) 
         return None
     if cache is not None:
         return cache.get(name, layer.weight, config)
-    return palettize_tensor(layer.weight, config)
+    weights = importance.for_weight(name, tuple(layer.weight.shape)) if importance and config.data_aware else None
+    return palettize_tensor(layer.weight, config, importance=weights)
+
+
+def _check_importance(cache: PaletteCache | None, importance) -> None:
+    if cache is not None and importance is not None and cache.importance is not importance:
+        raise ValueError("pass the importance to the PaletteCache (PaletteCache(importance=...)), not beside it")
 
 
 @contextmanager
@@ -461,6 +461,7 @@ def palettized(
     recipe: Mapping[str, int | PaletteConfig | str | None],
     cache: PaletteCache | None = None,
     stash: WeightStash | None = None,
+    importance=None,
 ) -> Iterator[nn.Module]:
     """Palettize `model`'s layers in place for the duration of a `with` block, then restore them exactly.
 
@@ -472,18 +473,21 @@ def palettized(
     Args:
         model (`nn.Module`): e.g. `pipe.unet`.
         recipe (`Mapping[str, int | PaletteConfig | str | None]`): layer name -> bit width (16 or None:
-            leave it), a `PaletteConfig`, or `"linear8"` / `"linear8_per_channel"` for the int8 baselines.
-        cache (`PaletteCache`, *optional*): reuse palettes across calls.
+            leave it), a `PaletteConfig` or its key (`"wkmeans4_g16"`), or `"linear8"` / `"linear8_per_channel"`
+            for the int8 baselines.
+        cache (`PaletteCache`, *optional*): reuse palettes across calls (data-aware ones with its importance).
         stash (`WeightStash`, *optional*): where originals wait, shared by nested blocks (a cumulative curve);
             None = a stash of this block's own with the default memory budget.
+        importance (`workbench.importance.Importance`, *optional*): for data-aware palettes without a cache.
     """
+    _check_importance(cache, importance)
     own = stash is None
     stash = WeightStash() if own else stash
     replaced: list[str] = []
     try:
         for name, spec in recipe.items():
             layer = get_layer(model, name)
-            new = _replacement(name, layer, spec, cache)
+            new = _replacement(name, layer, spec, cache, importance)
             if new is not None:
                 stash.swap(name, layer.weight, new, cache)
                 replaced.append(name)
@@ -497,11 +501,11 @@ def palettized(
 
 
 @torch.no_grad()
-def palettize_(model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str | None]) -> nn.Module:
+def palettize_(model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str | None], importance=None) -> nn.Module:
     """Palettize `model`'s layers in place, for good (see `palettized` for a reversible version)."""
     for name, spec in recipe.items():
         layer = get_layer(model, name)
-        new = _replacement(name, layer, spec, None)
+        new = _replacement(name, layer, spec, None, importance)
         if new is not None:
             layer.weight.data = new
     return model

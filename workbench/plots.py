@@ -81,6 +81,49 @@ def plot_palette_histograms(weight, palettes, *, title: str | None = None, bins:
     return fig
 
 
+def plot_data_aware_palettes(weight, importance, plain, aware, *, title: str | None = None, bins: int = 200):
+    """Where a plain and a data-aware palette put their LUT entries, over the histogram each one is fitted to.
+
+    Top: the weights' histogram (what plain k-means sees: every weight counts 1) and the plain palette's LUT.
+    Bottom: the importance-weighted histogram (each weight counts its importance, the second moment of the input
+    channel it multiplies) and the data-aware palette's LUT. Both y axes are logarithmic, so the tails show.
+
+    Args:
+        weight (`torch.Tensor` or `np.ndarray`): the weight both palettes were fitted to.
+        importance (`np.ndarray`): importances broadcastable to the weight (`Importance.for_weight`).
+        plain, aware (`Palette`): per-tensor palettes, plain and data-aware, of the same width.
+        title (`str`, *optional*): figure title.
+        bins (`int`, defaults to 200): histogram bins (shared by both panels).
+
+    Returns:
+        `matplotlib.figure.Figure`.
+    """
+    import matplotlib.pyplot as plt
+
+    values = _as_numpy(weight).astype(np.float32).ravel()
+    weights = np.broadcast_to(np.asarray(importance, dtype=np.float64), _as_numpy(weight).shape).ravel()
+    edges = np.histogram_bin_edges(values, bins=bins)
+    fig, axes = plt.subplots(2, 1, figsize=(9, 5.6), sharex=True, layout="constrained")
+    panels = [
+        (plain, None, "#7f7f7f", GROUPED_COLOR, "number of weights", "plain k-means"),
+        (aware, weights, "#ff7f0e", PALETTE_COLOR, "summed importance", "data-aware k-means"),
+    ]
+    for ax, (palette, w, bar_color, line_color, ylabel, label) in zip(axes, panels):
+        what = "weights" if w is None else "weights x importance"
+        ax.hist(values, bins=edges, weights=w, color=bar_color, label=f"{values.size:,} {what}")
+        n = 1 << palette.config.nbits
+        for i, value in enumerate(np.unique(palette.lut[0].astype(np.float32)[np.unique(palette.indices)])):
+            ax.axvline(value, color=line_color, lw=0.9, label=f"{label}: {n} LUT values" if i == 0 else None)
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{label} ({palette.config.key}) is fitted to this histogram", fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    axes[-1].set_xlabel("weight value (float16, unitless)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def plot_palette_error_vs_bits(table, *, ax=None, title: str | None = None):
     """Reconstruction quality of one weight against the palette's bit width, one line per granularity.
 

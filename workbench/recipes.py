@@ -1,6 +1,8 @@
 """Mixed-bit recipes, and the reference's pre-analysis JSON that carries them.
 
-A recipe maps layer names (diffusers module paths) to a bit width; 16 means "leave it float16". The
+A recipe maps layer names (diffusers module paths) to a bit width; 16 means "leave it float16". An entry may
+also be a palette config key (`"kmeans4_g16"`, `"wkmeans3"`: `workbench.palette_config.PaletteConfig.from_key`)
+for grouped, 3-bit or data-aware palettes; a recipe of ints only is exactly the reference's. The
 reference (apple/ml-stable-diffusion's `mixed_bit_compression_pre_analysis.py`) writes one JSON per
 model::
 
@@ -22,11 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.errors import UserError
+from workbench.errors import InvalidValueError, UserError
 from workbench.layers import closest_names
+from workbench.palette_config import PaletteConfig, as_config
 from workbench.size import bits_per_param
 
 RECIPE_NBITS = (1, 2, 3, 4, 6, 8, 16)
+RecipeEntry = int | str  # a bit width (16 = float16) or a palette config key
 _KEYS = ("model_version", "single_layer", "cumulative", "baselines", "recipes")
 
 
@@ -39,25 +43,64 @@ def recipe_name(bits_per_param: float, suffix: str = "mixedpalette") -> str:
     return f"recipe_{bits_per_param:.2f}_bit_{suffix}"
 
 
+def _entry(value) -> RecipeEntry | None:
+    """A recipe entry in its canonical form: an int width (also for a key naming per-tensor k-means, `"kmeans4"`
+    -> 4, as Apple's format writes it), else the config key as `PaletteConfig.key` writes it; None if invalid."""
+    if isinstance(value, str):
+        try:
+            config = PaletteConfig.from_key(value)
+        except InvalidValueError:
+            return None
+        return config.nbits if config == PaletteConfig(config.nbits) else config.key
+    if isinstance(value, bool) or value not in RECIPE_NBITS:
+        return None
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Layer name -> bit width (1, 2, 3, 4, 6, 8, or 16 for float16).
+    """Layer name -> bit width (1, 2, 3, 4, 6, 8, or 16 for float16) or palette config key (`"kmeans4_g16"`,
+    `"wkmeans3"`; see `PaletteConfig.from_key`).
 
     Layers not listed are left float16.
     """
 
     name: str
-    bits: Mapping[str, int]
+    bits: Mapping[str, RecipeEntry]
 
     def __post_init__(self):
-        bad = {k: v for k, v in self.bits.items() if isinstance(v, bool) or v not in RECIPE_NBITS}
+        entries = {str(k): _entry(v) for k, v in self.bits.items()}
+        bad = {k: self.bits[k] for k, v in entries.items() if v is None}
         if bad:
             layer, value = next(iter(bad.items()))
+            what = "palette config key" if isinstance(value, str) else "bit width"
             raise RecipeError(
-                f"recipe {self.name!r}: layer {layer!r} has unsupported bit width {value!r} "
-                f"({len(bad)} bad entries); valid: {', '.join(map(str, RECIPE_NBITS))}"
+                f"recipe {self.name!r}: layer {layer!r} has unsupported {what} {value!r} ({len(bad)} bad entries); "
+                f"valid: {', '.join(map(str, RECIPE_NBITS))} (bit widths, 16 = float16) or a palette config key "
+                "<mode><nbits>[_g<group_size>] such as kmeans4_g16 or wkmeans3"
             )
-        object.__setattr__(self, "bits", {str(k): int(v) for k, v in self.bits.items()})
+        object.__setattr__(self, "bits", entries)
+
+    @property
+    def configs(self) -> dict[str, PaletteConfig]:
+        """Layer -> `PaletteConfig` for the layers it palettizes (float16 entries left out)."""
+        configs = {name: as_config(entry) for name, entry in self.bits.items()}
+        return {name: config for name, config in configs.items() if config is not None}
+
+    @property
+    def needs_ios18(self) -> bool:
+        """Whether a grouped or 3-bit palette makes the recipe need Core ML's iOS18/macOS15 target."""
+        return any(config.needs_ios18 for config in self.configs.values())
+
+    @property
+    def target(self) -> str:
+        """The oldest deployment target that stores every palette: `"iOS18"` if `needs_ios18`, else `"iOS17"`."""
+        return "iOS18" if self.needs_ios18 else "iOS17"
+
+    @property
+    def needs_importance(self) -> bool:
+        """Whether some palette is data-aware, so fitting it (export) needs the analysis' importances."""
+        return any(config.data_aware for config in self.configs.values())
 
     def validate(self, layer_names) -> Recipe:
         """Raise `RecipeError` if the recipe names layers not in `layer_names` (listing the closest)."""
@@ -107,7 +150,7 @@ class PreAnalysis:
             raise RecipeError(f"{source}: 'recipes' must map recipe names to {{layer: nbits}}")
         for name, bits in d["recipes"].items():
             if not isinstance(bits, Mapping):
-                raise RecipeError(f"{source}: recipe {name!r} must map layer names to bit widths")
+                raise RecipeError(f"{source}: recipe {name!r} must map layer names to bit widths or config keys")
             Recipe(name, bits)  # validates bit widths
         known = {k: d[k] for k in _KEYS if k in d}
         extra = {k: v for k, v in d.items() if k not in _KEYS}

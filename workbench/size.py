@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -110,11 +109,11 @@ class SizeReport:
 
 
 def layer_nbytes(numel: int, out_channels: int, config: PaletteConfig | None) -> int:
-    """Stored bytes of one weight: float16, or packed nbits indices plus float16 LUT(s)."""
+    """Stored bytes of one weight: float16, or packed nbits indices plus every float16 LUT
+    (`PaletteConfig.nbytes`, the one formula, also `Palette.nbytes`)."""
     if config is None:
         return 2 * numel
-    groups = out_channels // config.group_size if config.granularity == "per_grouped_channel" else 1
-    return math.ceil(numel * config.nbits / 8) + groups * (1 << config.nbits) * 2
+    return config.nbytes(numel, out_channels)
 
 
 def size_report(layers: Mapping[str, nn.Module], recipe: Mapping[str, int | PaletteConfig | None]) -> SizeReport:

@@ -32,6 +32,7 @@ from workbench.coreml.components import (
     layer_weight_names,
     weight_layers,
 )
+from workbench.coreml.explicit_lut import check_importance, op_config
 from workbench.coreml.layout import (
     DEFAULT_LAYOUT,
     host_dtype,
@@ -146,7 +147,13 @@ def palette_plan(
 
 
 def compress_model(
-    model, plan: Mapping[str, PaletteConfig], *, prefix: str | None = None, names: Mapping[str, str] | None = None
+    model,
+    plan: Mapping[str, PaletteConfig],
+    *,
+    prefix: str | None = None,
+    names: Mapping[str, str] | None = None,
+    module: nn.Module | None = None,
+    importance=None,
 ):
     """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
 
@@ -154,7 +161,9 @@ def compress_model(
     module under `prefix`) `coreml_weight_name(prefix + "." + L)`; for a package converted elsewhere, the mapping
     `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
     lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
-    identical weights) must share a config.
+    identical weights) must share a config. Data-aware palettes (`"wkmeans"`) are fitted from `module`'s weights
+    with `importance` (`workbench.importance.Importance`) and stored as fitted (`workbench.coreml.explicit_lut`);
+    Core ML fits the others.
 
     Returns:
         `coremltools.models.MLModel` (a new one; `model` is unchanged).
@@ -170,12 +179,14 @@ def compress_model(
     missing = [layer for layer in plan if names[layer] not in available]
     if missing:
         raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
-    by_weight: dict[str, PaletteConfig] = {}
+    by_weight: dict[str, tuple[str, PaletteConfig]] = {}
     for layer, cfg in plan.items():
-        if by_weight.setdefault(names[layer], cfg) != cfg:
+        if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
             raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
     config = ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={weight: cfg.to_coreml() for weight, cfg in by_weight.items()}
+        op_name_configs={
+            weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()
+        }
     )
     with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
@@ -194,6 +205,7 @@ class ComponentPlan:
             weights the package has (a VAE decoder package holds no VAE encoder). A recipe is not narrowed.
         deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
         layout: `"apple"` or `"workbench"` (`workbench.coreml.layout`): inputs, outputs and the package's name.
+        importance: `workbench.importance.Importance` for the data-aware palettes (None when there are none).
     """
 
     component: str
@@ -203,6 +215,7 @@ class ComponentPlan:
     uniform: bool
     deployment_target: str
     layout: str = DEFAULT_LAYOUT
+    importance: object = None
 
 
 def plan_export(
@@ -215,10 +228,12 @@ def plan_export(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     layout: str = DEFAULT_LAYOUT,
+    importance=None,
 ) -> list[ComponentPlan]:
-    """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern or layout fails here, before
-    any conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`) narrow the UNet's palettized
-    layers; the others stay float16."""
+    """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern, layout or missing
+    importance fails here, before any conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`)
+    narrow the UNet's palettized layers; the others stay float16. `importance` (`workbench.importance.Importance`)
+    is needed by data-aware palettes."""
     from workbench.coreml.layout import check_layout
     from workbench.layers import select_layers
 
@@ -236,7 +251,8 @@ def plan_export(
             palette = {name: palette[name] for name in select_layers(dict.fromkeys(palette), layers, exclude)}
         target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
         prefix = WRAPPERS[component].prefix
-        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target, layout))
+        needed = check_importance(module, palette, importance)
+        plans.append(ComponentPlan(component, module, prefix, palette, nbits is not None, target, layout, needed))
     return plans
 
 
@@ -353,7 +369,9 @@ def _compress_and_save(
     names = layer_weight_names(candidates, plan.prefix)
     numels = {name: layer.weight.numel() for name, layer in candidates.items() if names[name] in in_package}
     palette = {n: cfg for n, cfg in plan.palette.items() if n in numels} if plan.uniform else dict(plan.palette)
-    compressed = compress_model(conversion.model, palette, prefix=plan.prefix)
+    compressed = compress_model(
+        conversion.model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance
+    )
     bpp = bits_per_param(palette, numels) if numels else float(FLOAT_BITS)
     set_package_metadata(
         compressed,
@@ -390,7 +408,12 @@ def export_component(
     verification = None
     if verify:
         verification = verify_package(
-            compression.path, plan.module, compression.palette, component=plan.component, prefix=plan.prefix
+            compression.path,
+            plan.module,
+            compression.palette,
+            component=plan.component,
+            prefix=plan.prefix,
+            importance=plan.importance,
         )
     return ExportedPackage(
         component=plan.component,
@@ -429,6 +452,7 @@ def export_pipeline(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     layout: str = DEFAULT_LAYOUT,
+    importance=None,
 ) -> ExportReport:
     """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
 
@@ -452,6 +476,8 @@ def export_pipeline(
         layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
             (`plan_export`).
         layout (`str`, defaults to `"apple"`): the packages' inputs, outputs and names (`workbench.coreml.layout`).
+        importance (`workbench.importance.Importance`, *optional*): the analysis' importances, needed by a recipe
+            with data-aware palettes (`"wkmeans4"`...), which are re-fitted with them exactly as the analysis did.
 
     Returns:
         `ExportReport`.
@@ -469,6 +495,7 @@ def export_pipeline(
         layers=layers,
         exclude=exclude,
         layout=layout,
+        importance=importance,
     )
     check_export_memory(plans)
     out = Path(out_dir)
@@ -495,6 +522,7 @@ def export_model(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     layout: str = DEFAULT_LAYOUT,
+    importance_file: str | os.PathLike | None = None,
 ) -> ExportReport:
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
@@ -502,6 +530,7 @@ def export_model(
         model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
+        importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
         nbits, components, min_numel, layers, exclude, layout: see `export_pipeline`.
     """
     from workbench.coreml.layout import check_layout
@@ -517,6 +546,11 @@ def export_model(
 
         as_config(int(nbits))  # an unsupported width fails before the pipeline loads
     recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
+    importance = None
+    if importance_file is not None:
+        from workbench.importance import Importance
+
+        importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
     components = [check_component(c) for c in components]  # fail before the pipeline loads
     check_layout(layout)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
@@ -528,5 +562,6 @@ def export_model(
         "layers": layers,
         "exclude": exclude,
         "layout": layout,
+        "importance": importance,
     }
     return export_pipeline(pipe, out_dir, recipe=recipe, nbits=nbits, **options)

@@ -153,13 +153,21 @@ class Verification:
 
 
 def _check_layer(
-    component: str, layer: str, weight: nn.Parameter, config: PaletteConfig, weight_name: str, stored, palettized
+    component: str,
+    layer: str,
+    weight: nn.Parameter,
+    config: PaletteConfig,
+    weight_name: str,
+    stored,
+    palettized,
+    importance=None,
 ) -> LayerCheck:
     """One planned layer: stored palettized, and equal to `fit_palette(weight, config).dense()` bit for bit."""
     from workbench.palettize import fit_palette
 
     torch_weight = weight.detach().cpu()
-    expected = fit_palette(torch_weight, config).dense()
+    weights = importance.for_weight(layer, tuple(weight.shape)) if config.data_aware else None
+    expected = fit_palette(torch_weight, config, importance=weights).dense()
     got = stored.get(weight_name)
     exact = weight_name in palettized and _bit_equal(expected, got)
     psnr = weight_psnr(torch_weight.float().numpy(), got.reshape(expected.shape)) if got is not None else -math.inf
@@ -174,6 +182,7 @@ def verify_package(
     component: str,
     prefix: str | None = None,
     names: Mapping[str, str] | None = None,
+    importance=None,
 ) -> Verification:
     """Read a saved package back, decompress every palettized weight, compare with the simulation.
 
@@ -190,6 +199,7 @@ def verify_package(
             package we converted names layer `L`'s weight `coreml_weight_name(prefix + "." + L)`.
         names (`Mapping[str, str]`, *optional*): instead of `prefix`, torch layer -> Core ML weight name for the
             layers the package holds (`workbench.coreml.apply.match_weights`, for a package converted elsewhere).
+        importance (`workbench.importance.Importance`, *optional*): for data-aware palettes in the plan.
 
     Returns:
         `Verification`.
@@ -199,7 +209,7 @@ def verify_package(
     layers = weight_layers(module)
     names = layer_weight_names(layers, prefix) if names is None else names
     checks = tuple(
-        _check_layer(component, layer, layers[layer].weight, cfg, names[layer], stored, palettized)
+        _check_layer(component, layer, layers[layer].weight, cfg, names[layer], stored, palettized, importance)
         for layer, cfg in plan.items()
     )
     float16 = [layer for layer in layers if layer not in plan and names.get(layer) in stored]

@@ -1,0 +1,110 @@
+"""Hand Core ML a palette we fitted: its LUT and indices, stored as they are.
+
+Core ML's `palettize_weights` fits k-means and uniform palettes itself (and `fit_palette` reproduces those bit for
+bit), but not data-aware ones. For those, `explicit_lut_config` gives coremltools an `OpPalettizerConfig` in
+`mode="custom"` whose `lut_function` returns our fitted LUT and indices, group by group: the package stores our
+LUT (all 2**nbits entries, so the width is the config's) and our indices, and its decompressed weight is
+`fit_palette(...).dense()` exactly, as `verify_package` then checks on the saved package. (`mode="unique"` on the
+simulated weights would store the same dense weight, but picks the width from the number of distinct values,
+which can fall below the config's, e.g. to a 3-bit LUT iOS17 cannot store.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from workbench.errors import InvalidValueError
+from workbench.layers import get_layer
+from workbench.palettize import PaletteConfig, fit_palette
+
+
+class ExplicitLut:
+    """A coremltools `lut_function` returning one fitted palette's LUT and indices, one channel group per call.
+
+    coremltools splits the weight into groups of `group_size` output channels (axis 0; one group per tensor) and
+    calls the function once per group, in order, with that group's float16 values. Each call is checked against
+    the float16 weight the palette was fitted on, so a different split or order fails instead of storing a wrong
+    LUT. The palette is fitted on the first call and released after the last.
+
+    Args:
+        weight (`torch.Tensor`): the torch layer's weight (the converted program holds it cast to float16).
+        config (`PaletteConfig`): how to palettize it.
+        importance (`np.ndarray`, *optional*): for data-aware configs, see `fit_palette`.
+    """
+
+    def __init__(self, weight: torch.Tensor, config: PaletteConfig, importance: np.ndarray | None = None):
+        self.weight, self.config, self.importance = weight, config, importance
+        self._palette = None
+        self._source: np.ndarray | None = None
+        self._next = 0
+
+    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._palette is None:
+            self._palette = fit_palette(self.weight, self.config, importance=self.importance)
+            self._source = self.weight.detach().to("cpu", torch.float16).numpy()
+            self._next = 0
+        palette, group = self._palette, self._next
+        rows = palette.indices.shape[0] // palette.lut.shape[0]
+        expected = self._source[group * rows : (group + 1) * rows]
+        if values.size != expected.size or not np.array_equal(
+            np.asarray(values, np.float16).reshape(-1).view(np.uint16), expected.reshape(-1).view(np.uint16)
+        ):
+            raise RuntimeError(
+                f"coremltools asked for a LUT of {values.shape} values that are not group {group} of the "
+                f"{self.config.key} palette's weight {tuple(self.weight.shape)}"
+            )
+        lut, indices = palette.lut[group], palette.indices[group * rows : (group + 1) * rows].reshape(-1)
+        self._next += 1
+        if self._next == palette.lut.shape[0]:  # the last group: let the palette go
+            self._palette = self._source = None
+        return lut, indices
+
+
+def explicit_lut_config(weight: torch.Tensor, config: PaletteConfig, importance: np.ndarray | None = None):
+    """An `OpPalettizerConfig` storing `fit_palette(weight, config, importance=importance)` as fitted.
+
+    Returns:
+        `coremltools.optimize.coreml.OpPalettizerConfig` (`mode="custom"`, the config's granularity).
+    """
+    import coremltools as ct
+
+    kwargs = {"mode": "custom", "lut_function": ExplicitLut(weight, config, importance), "weight_threshold": 0}
+    if config.granularity == "per_grouped_channel":
+        kwargs.update(granularity="per_grouped_channel", group_size=config.group_size, channel_axis=0)
+    return ct.optimize.coreml.OpPalettizerConfig(**kwargs)
+
+
+def op_config(layer: str, config: PaletteConfig, module: nn.Module | None, importance):
+    """The `OpPalettizerConfig` of torch layer `layer` of `module`: Core ML's own fit for k-means and uniform
+    palettes (`PaletteConfig.to_coreml`); a data-aware one fitted here with `importance`
+    (`workbench.importance.Importance`) and stored as fitted (`explicit_lut_config`)."""
+    if not config.data_aware:
+        return config.to_coreml()
+    if module is None or importance is None:
+        raise ValueError(f"the data-aware palette {config.key} of {layer!r} needs the torch module and importance")
+    weight = get_layer(module, layer).weight
+    return explicit_lut_config(weight, config, importance.for_weight(layer, tuple(weight.shape)))
+
+
+def check_importance(module: nn.Module, palette: Mapping[str, PaletteConfig], importance):
+    """`importance` if some palette of the plan is data-aware (checked to cover each of those layers), else None.
+
+    Raises:
+        InvalidValueError: data-aware palettes without importances, or importances missing or misshapen for one.
+    """
+    data_aware = [name for name, cfg in palette.items() if cfg.data_aware]
+    if not data_aware:
+        return None
+    if importance is None:
+        raise InvalidValueError(
+            f"{len(data_aware)} layers have data-aware palettes (e.g. {data_aware[0]!r}: "
+            f"{palette[data_aware[0]].key}), which need the analysis' importances: pass --importance "
+            "<analysis dir>/importance.npz"
+        )
+    for name in data_aware:
+        importance.for_weight(name, tuple(get_layer(module, name).weight.shape))
+    return importance
