@@ -642,7 +642,9 @@ def run_analysis(
         baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
         if executor is local and (background_fits or (background_fits is None and workers > 0)):
-            prefetch_palettes(cache, candidates, palettes, workers=max(1, workers))
+            # the fast sweep measures every layer at one width first; its other palettes are fitted when needed
+            ahead = [PaletteConfig(nbits=config.fast_reference_bits)] if config.sweep == "fast" else palettes
+            prefetch_palettes(cache, candidates, ahead, workers=max(1, workers))
         if config.sweep == "fast":
             fast = fast_phases(candidates, config, baselines, runner, executor, max(1, workers))
             isolated, curves, planned = fast.isolated, fast.curves, fast.planned
