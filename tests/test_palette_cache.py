@@ -74,3 +74,15 @@ def test_several_fit_threads_give_the_same_palettes():
                     got.lut.view(np.uint16), want.lut.view(np.uint16)
                 )
         assert cache.fits == 12
+
+
+def test_a_palette_fitted_elsewhere_is_served_without_a_fit():
+    """What a Ray worker receives from another worker (`PaletteCache.add`) is what its lookups find: no refit."""
+    weight = torch.randn(64, 48)
+    config = PaletteConfig(nbits=4)
+    fitted = fit_palette(weight, config)
+    cache = PaletteCache()
+    cache.add("layer", weight, fitted)
+    assert cache.palette("layer", weight, config) is fitted
+    assert cache.fits == 0
+    assert cache.palette("layer", weight, PaletteConfig(nbits=2)) is not fitted and cache.fits == 1

@@ -416,7 +416,7 @@ class PaletteCache:
     def add(self, name: str, weight: torch.Tensor, palette: Palette) -> None:
         """Hold `palette`, fitted elsewhere (another process) to the values `weight` has now, as layer `name`'s
         palette under `palette.config` (not counted in `fits`)."""
-        self._put((name, palette.config), self._identity(weight), palette)
+        self._put(self._key(name, palette.config), self._identity(weight), palette)
 
     def get(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
         dense = self.palette(name, weight, config).dense()
