@@ -40,8 +40,10 @@ def single(pipe, tmp_path_factory):
     return result, (out / "preanalysis.json").read_bytes()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def executor(ray_runtime):
+    """Two workers for one test: they hold both CPUs of the runtime, so they must be gone before the CLI starts its
+    own (a module-scoped pair left the CLI's workers unschedulable: the test hung)."""
     from workbench.ray_executor import RayExecutor
 
     with RayExecutor("tiny-sd", workers=2) as ex:
