@@ -45,25 +45,21 @@ import torch
 
 from workbench.allocation import (
     Measurements,
-    layer_distortions,
-    predicted_psnr,
     size_aware_recipes,
-    threshold_recipe_within,
     threshold_recipes,
 )
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
 from workbench.executor import EvalTask, Executor, LocalExecutor
-from workbench.fast import FastReport, FastSettings, FastSweep, check_points, fast_sweep, run_checks
+from workbench.fast import FastSettings
 from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig
 from workbench.probe import OneStepProbe
-from workbench.recipes import PreAnalysis, recipe_name
+from workbench.recipes import PreAnalysis
 from workbench.size import bits_per_param
 from workbench.store import Evaluation, EvaluationRunner, EvaluationStore, analysis_identity, model_version, open_store
 from workbench.sweeps import (
     Baselines,
     Candidates,
-    CumulativeCurve,
     CumulativeCurves,
     IsolatedSweep,
     candidate_layers,
@@ -440,114 +436,6 @@ def build_preanalysis(
     )
 
 
-@dataclass(frozen=True)
-class FastPhases:
-    """What the fast sweep hands on: the measured-or-predicted isolated sweep, the model's cumulative curves, the
-    recipes planned after the checks, and the sweep itself with its report."""
-
-    sweep: FastSweep
-    isolated: IsolatedSweep
-    curves: CumulativeCurves
-    planned: tuple[PlannedRecipe, ...]
-
-    @property
-    def report(self) -> FastReport:
-        return self.sweep.report
-
-
-def fast_phases(
-    candidates: Candidates,
-    config: AnalysisConfig,
-    baselines: Baselines,
-    runner: EvaluationRunner,
-    executor: Executor,
-    workers: int = 1,
-) -> FastPhases:
-    """The fast sweep (`workbench.fast`) in place of phases 3-6: measure and predict, plan, check the plan's most
-    influential predicted points, plan again on the corrected table."""
-    settings = config.fast_settings
-    sweep = fast_sweep(candidates, config.nbits, runner, executor, baselines.original.psnr, settings, workers)
-
-    def plan() -> tuple[IsolatedSweep, CumulativeCurves, tuple[PlannedRecipe, ...]]:
-        isolated = IsolatedSweep(sweep.isolated())
-        order = sensitivity_order(isolated)
-        curves = CumulativeCurves(
-            per_tensor={
-                b: CumulativeCurve(PaletteConfig(nbits=b), order.layers[b], psnr)
-                for b, psnr in sweep.cumulative(order.layers).items()
-            },
-            grouped={},
-        )
-        return isolated, curves, plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
-
-    for _ in range(settings.check_rounds if settings.checks else 0):
-        _, _, planned = plan()
-        points = check_points(sweep, [r.bits for r in planned], settings.checks_per_round(len(candidates.layers)))
-        if not points:
-            break  # every option the recipes use is measured
-        run_checks(sweep, points, candidates, runner, executor)
-    isolated, curves, planned = plan()
-    return FastPhases(
-        sweep, isolated, curves, planned + rule_alternatives(planned, candidates, isolated, curves, baselines)
-    )
-
-
-def rule_alternatives(
-    planned: Sequence[PlannedRecipe],
-    candidates: Candidates,
-    isolated: IsolatedSweep,
-    curves: CumulativeCurves,
-    baselines: Baselines,
-) -> tuple[PlannedRecipe, ...]:
-    """For each size-aware recipe, the reference rule's recipe on the same (fast) curves with the most bits/param
-    that still fits its target, named `recipe_<bpp>_bit_fastrule`: both are re-measured and the better one kept
-    (`keep_best_per_target`). The additive model behind the knapsack misjudges layers that interact; the rule
-    reads the cumulative curves, which sum along one order, and measuring both costs one evaluation per target."""
-    m = sweep_measurements(candidates, isolated, curves, baselines)
-    distortion = layer_distortions(m)
-    out = []
-    for r in planned:
-        if r.strategy == "size-aware":
-            bits = threshold_recipe_within(m, r.selector)
-            if bits != dict(r.bits):
-                name = recipe_name(bits_per_param(bits, candidates.numels), "fastrule")
-                out.append(
-                    PlannedRecipe(name, "size-aware", bits, r.selector, predicted_psnr(distortion, bits, m.original))
-                )
-    return tuple(out)
-
-
-def keep_best_per_target(recipes: Sequence[RecipeResult]) -> tuple[list[RecipeResult], list[RecipeResult]]:
-    """The size-aware recipes grouped by target: the best re-measured one of each group kept (ties: the knapsack's,
-    listed first), the others returned apart; other strategies' recipes kept as they are."""
-    best: dict[float, RecipeResult] = {}
-    for r in recipes:
-        if r.strategy == "size-aware" and (r.selector not in best or r.psnr_mean > best[r.selector].psnr_mean):
-            best[r.selector] = r
-    kept = [r for r in recipes if r.strategy != "size-aware" or best[r.selector] is r]
-    return kept, [r for r in recipes if r not in kept]
-
-
-def predicted_evaluations(sweep: FastSweep, curves: CumulativeCurves, candidates: Candidates) -> list[Evaluation]:
-    """The fast sweep's predicted isolated points and its cumulative curves as evaluations marked
-    `extra={"predicted": True}` (not in the store: nothing was measured), for the tables and the figure."""
-    out = []
-    for b in sweep.widths:
-        key = PaletteConfig(nbits=b).key
-        for name in sweep.layers:
-            if sweep.is_predicted(name, b):
-                out.append(Evaluation(f"isolated/{key}/{name}", "isolated", sweep.psnr(name, b), key, b, name,
-                                      bits_per_param=bits_per_param({name: b}, candidates.numels),
-                                      extra={"predicted": True}))  # fmt: skip
-        curve = curves.per_tensor[b]
-        for position, name in enumerate(curve.order):
-            prefix = dict.fromkeys(curve.order[: position + 1], b)
-            out.append(Evaluation(f"cumulative/{key}/{position}/{name}", "cumulative", curve.psnr[name], key, b, name,
-                                  position, bits_per_param=bits_per_param(prefix, candidates.numels),
-                                  extra={"predicted": True}))  # fmt: skip
-    return out
-
-
 def _timing(
     start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache, remote: dict | None = None
 ) -> Timing:
@@ -646,6 +534,8 @@ def run_analysis(
             ahead = [PaletteConfig(nbits=config.fast_reference_bits)] if config.sweep == "fast" else palettes
             prefetch_palettes(cache, candidates, ahead, workers=max(1, workers))
         if config.sweep == "fast":
+            from workbench.fast_analysis import fast_phases
+
             fast = fast_phases(candidates, config, baselines, runner, executor, max(1, workers))
             isolated, curves, planned = fast.isolated, fast.curves, fast.planned
         else:
@@ -654,6 +544,8 @@ def run_analysis(
             planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
         recipes = measure_recipes(planned, candidates.numels, runner, executor)
         if fast is not None:
+            from workbench.fast_analysis import keep_best_per_target
+
             recipes, dropped = keep_best_per_target(recipes)
             fast.report.alternatives.extend(dropped)
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
@@ -666,14 +558,7 @@ def run_analysis(
     timing = _timing(start, probed.probe, runner, cache, execution if executor is not local else None)
     evaluations = list(runner.evaluations)
     if fast is not None:
-        fast.report.recipe_errors_db.update(
-            {
-                r.name: r.predicted_psnr - r.psnr_mean
-                for r in [*recipes, *fast.report.alternatives]
-                if r.predicted_psnr is not None
-            }  # fmt: skip
-        )
-        evaluations += predicted_evaluations(fast.sweep, curves, candidates)
+        evaluations += fast.finish(recipes, curves, candidates)
     result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,
                             timing, trajectory, None if fast is None else fast.report, execution)  # fmt: skip
     if out_dir is not None:
