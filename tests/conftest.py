@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from workbench.analysis import torch_threads
+from workbench.testing import tiny_sd_pipeline
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -27,3 +30,13 @@ def ray_runtime():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny SD pipeline with one torch thread while the module's tests use it (one per module: tests
+    palettize its UNet in place and restore it)."""
+    with torch_threads(1):
+        p = tiny_sd_pipeline()
+        p.set_progress_bar_config(disable=True)
+        yield p

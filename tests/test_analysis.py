@@ -25,14 +25,6 @@ PROMPTS = ("a red circle",)
 CONFIG = AnalysisConfig(nbits=(2, 4), min_numel=30_000, prompts=PROMPTS, height=32, width=32, num_recipes=3)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    with torch_threads(1):
-        p = tiny_sd_pipeline()
-        p.set_progress_bar_config(disable=True)
-        yield p
-
-
 @pytest.mark.parametrize("factory", [tiny_sd_pipeline, tiny_sdxl_pipeline])
 def test_probe_replay_is_bitwise_equal_to_the_pipeline_call(factory):
     with torch_threads(1):

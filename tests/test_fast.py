@@ -17,20 +17,11 @@ from workbench.fast import (
     quantization_errors,
 )
 from workbench.kmeans import kmeans_float16
-from workbench.testing import tiny_sd_pipeline
 
 # 20 candidate layers, three widths, 32x32 images: tiny-sd at CFG batch 2
 CONFIG = AnalysisConfig(nbits=(2, 4, 6), min_numel=30_000, prompts=("a red circle", "a blue square"), height=32,
                         width=32, num_recipes=3)  # fmt: skip
 FAST = AnalysisConfig(**{**CONFIG.to_dict(), "sweep": "fast", "fast_calibration": 0.15, "fast_checks": 0.15})
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    with torch_threads(1):
-        p = tiny_sd_pipeline()
-        p.set_progress_bar_config(disable=True)
-        yield p
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import signal
 import pytest
 
 from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
-from workbench.testing import tiny_sd_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +20,6 @@ CONFIG = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=("a red circle",),
 
 class Stop(Exception):
     """Raised by a callback to interrupt an analysis."""
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    with torch_threads(1):
-        p = tiny_sd_pipeline()
-        p.set_progress_bar_config(disable=True)
-        yield p
 
 
 @pytest.fixture(scope="module")
