@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,68 +184,95 @@ def layer_distortions(m: Measurements) -> dict[str, dict[int, float]]:
 def allocate(
     distortion: Mapping[str, Mapping[int, float]], numels: Mapping[str, int], target_bpp: float
 ) -> dict[str, int]:
-    """Minimise `sum_l d[l][b_l]` subject to `sum_l b_l * numel_l <= target_bpp * sum numel`.
-
-    Start with every layer at its narrowest width; take the upgrades on each layer's lower convex hull of
-    (bits, distortion) in order of distortion saved per extra bit (the Lagrangian path: each prefix is optimal
-    for its own budget); then spend what is left greedily on the best-ratio upgrades that still fit.
+    """Minimise `sum_l d[l][b_l]` subject to `sum_l b_l * numel_l <= target_bpp * sum numel` (`allocate_options`
+    with each width's cost `b * numel` bits).
 
     Raises:
         ValueError: the target is below what the narrowest width gives.
     """
     total = sum(numels.values())
-    budget = target_bpp * total + 1e-6 * total
-    current = {layer: min(opts) for layer, opts in distortion.items()}
-    spent = sum(current[layer] * numels[layer] for layer in current)
-    if spent > budget:
-        raise ValueError(f"target {target_bpp:.3f} bits/param is below the narrowest width ({spent / total:.3f})")
+    costs = {layer: {b: b * numels[layer] for b in opts} for layer, opts in distortion.items()}
+    try:
+        return allocate_options(distortion, costs, target_bpp * total + 1e-6 * total)
+    except ValueError:
+        narrowest = sum(min(opts) * numels[layer] for layer, opts in distortion.items()) / total
+        message = f"target {target_bpp:.3f} bits/param is below the narrowest width ({narrowest:.3f})"
+        raise ValueError(message) from None
 
-    segments = [seg for layer, opts in distortion.items() for seg in _hull_segments(layer, opts, numels[layer])]
-    segments.sort(key=lambda s: (-s[0], s[1], s[2]))
-    for _, layer, b0, b1 in segments:
-        if current[layer] != b0:
+
+def allocate_options(
+    values: Mapping[str, Mapping[Hashable, float]], costs: Mapping[str, Mapping[Hashable, float]], budget: float
+) -> dict[str, Hashable]:
+    """The multiple-choice knapsack: per layer one option, minimising `sum_l values[l][o_l]` subject to
+    `sum_l costs[l][o_l] <= budget`.
+
+    Start with every layer at its cheapest option (the lower value among equal costs); take the steps along each
+    layer's lower convex hull of (cost, value) in order of value saved per unit of cost (the Lagrangian path:
+    each prefix is optimal for its own budget); then spend what is left greedily on the best-ratio changes that
+    still fit. Values may be negative (a change measured in context can lower the error).
+
+    Args:
+        values: layer -> option -> value to minimise (e.g. a predicted distortion).
+        costs: layer -> option -> cost (e.g. stored bits); every option of `values` must have one.
+        budget: the most the chosen options may cost in all.
+
+    Returns:
+        `dict`: layer -> chosen option.
+
+    Raises:
+        ValueError: the cheapest options already cost more than `budget`.
+    """
+    current = {layer: min(opts, key=lambda o, c=costs[layer]: (c[o], opts[o])) for layer, opts in values.items()}
+    spent = sum(costs[layer][o] for layer, o in current.items())
+    if spent > budget:
+        raise ValueError(f"the cheapest options cost {spent:.6g}, more than the budget {budget:.6g}")
+    segments = [seg for layer, opts in values.items() for seg in _hull_segments(layer, opts, costs[layer])]
+    segments.sort(key=lambda s: -s[0])  # stable: ties keep layer order
+    for _, layer, o0, o1 in segments:
+        if current[layer] != o0:
             continue  # an earlier segment of this layer was skipped: the chain stops here
-        extra = (b1 - b0) * numels[layer]
+        extra = costs[layer][o1] - costs[layer][o0]
         if spent + extra > budget:
             break
-        current[layer], spent = b1, spent + extra
+        current[layer], spent = o1, spent + extra
 
-    while (best := _best_fitting_upgrade(distortion, numels, current, spent, budget)) is not None:
-        layer, b, extra = best  # greedy fill of the slack, any option that fits
-        current[layer], spent = b, spent + extra
+    while (best := _best_fitting_change(values, costs, current, spent, budget)) is not None:
+        layer, option, extra = best  # greedy fill of the slack, any option that fits
+        current[layer], spent = option, spent + extra
     return current
 
 
-def _lower_hull(opts: Mapping[int, float]) -> list[int]:
-    """The widths on the lower convex hull of (bits, distortion), narrowest first, distortion falling."""
-    hull = [min(opts)]
-    for b in sorted(opts):
-        if b <= hull[-1] or opts[b] >= opts[hull[-1]]:
-            continue  # keep only options that lower distortion
+def _lower_hull(opts: Mapping[Hashable, float], costs: Mapping[Hashable, float]) -> list:
+    """The options on the lower convex hull of (cost, value), cheapest first, value falling."""
+    ordered = sorted(opts, key=lambda o: (costs[o], opts[o]))
+    hull = [ordered[0]]
+    for o in ordered[1:]:
+        if costs[o] <= costs[hull[-1]] or opts[o] >= opts[hull[-1]]:
+            continue  # keep only options that cost more and lower the value
         while len(hull) >= 2:  # pop points that fall above the convex chain
-            b0, b1 = hull[-2], hull[-1]
-            if (opts[b1] - opts[b]) / (b - b1) < (opts[b0] - opts[b1]) / (b1 - b0):
+            o0, o1 = hull[-2], hull[-1]
+            if (opts[o1] - opts[o]) / (costs[o] - costs[o1]) < (opts[o0] - opts[o1]) / (costs[o1] - costs[o0]):
                 break
             hull.pop()
-        hull.append(b)
+        hull.append(o)
     return hull
 
 
-def _hull_segments(layer: str, opts: Mapping[int, float], numel: int) -> list[tuple[float, str, int, int]]:
-    """`(distortion saved per extra bit, layer, from_bits, to_bits)` for each step along the layer's hull."""
-    hull = _lower_hull(opts)
-    return [((opts[b0] - opts[b1]) / ((b1 - b0) * numel), layer, b0, b1) for b0, b1 in zip(hull, hull[1:])]
+def _hull_segments(layer: str, opts: Mapping, costs: Mapping) -> list[tuple[float, str, Hashable, Hashable]]:
+    """`(value saved per unit of cost, layer, from, to)` for each step along the layer's hull."""
+    hull = _lower_hull(opts, costs)
+    return [((opts[o0] - opts[o1]) / (costs[o1] - costs[o0]), layer, o0, o1) for o0, o1 in zip(hull, hull[1:])]
 
 
-def _best_fitting_upgrade(distortion, numels, current, spent: float, budget: float) -> tuple[str, int, int] | None:
-    """`(layer, bits, extra bits)` of the upgrade with the best distortion saved per bit that still fits."""
+def _best_fitting_change(values, costs, current, spent: float, budget: float) -> tuple[str, Hashable, float] | None:
+    """`(layer, option, extra cost)` of the change with the best value saved per unit of cost that still fits."""
     best = None
-    for layer, opts in distortion.items():
-        for b, d in opts.items():
-            extra = (b - current[layer]) * numels[layer]
-            gain = opts[current[layer]] - d
+    for layer, opts in values.items():
+        for o, v in opts.items():
+            extra = costs[layer][o] - costs[layer][current[layer]]
+            gain = opts[current[layer]] - v
             if extra > 0 and gain > 0 and spent + extra <= budget and (best is None or gain / extra > best[0]):
-                best = (gain / extra, layer, b, extra)
+                best = (gain / extra, layer, o, extra)
     return None if best is None else best[1:]
 
 

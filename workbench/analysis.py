@@ -74,7 +74,7 @@ from workbench.sweeps import (
 if TYPE_CHECKING:
     from workbench.trajectory import TrajectoryResult
 
-STRATEGIES = ("apple", "size-aware")
+STRATEGIES = ("apple", "size-aware", "refined")
 SWEEPS = ("exhaustive", "fast")
 DEFAULT_PALETTE_MEMORY = 512 << 20  # bytes of palettes an analysis holds in memory; the rest are spilled to disk
 THRESHOLD_RULES = ("curves", "reference")
@@ -118,7 +118,9 @@ class AnalysisConfig:
         seed (`int`, defaults to 0): the one generator state restored before every run.
         height, width (`int`, *optional*): image size; None = the pipeline's default.
         num_recipes (`int`, defaults to 7): K, recipes per strategy (the reference's thresholds count).
-        strategies (`tuple[str, ...]`, defaults to ("apple", "size-aware")): recipe strategies to run.
+        strategies (`tuple[str, ...]`, defaults to ("apple", "size-aware", "refined")): recipe strategies to run:
+            the reference's threshold rule, the size-aware knapsack, and the knapsack's recipes refined where layers
+            interact by the latent error's gradient and measured steps (`workbench.refine`; needs "size-aware").
         threshold_rule (`str`, defaults to "curves"): "reference" = `linspace(original - 1, linear_8bit + 5, K)`
             exactly; "curves" = K thresholds read off the measured cumulative curves so that the recipes'
             bits/param spread evenly (the reference rule breaks where "original" is the ~200 dB cap of a
@@ -142,6 +144,8 @@ class AnalysisConfig:
             width.
         fast_checks (`float`, defaults to 0.4): predicted points of the planned recipes measured (in 4 rounds of
             plan, check, refit), as a fraction of the number of candidates.
+        refine_rounds (`int`, defaults to 4): the "refined" strategy's linearisations per recipe at most (each one
+            backward pass and up to 4 measured candidates; it stops early when a round finds nothing better).
     """
 
     nbits: tuple[int, ...] = (1, 2, 4, 6, 8)
@@ -164,6 +168,7 @@ class AnalysisConfig:
     fast_reference_bits: int = 2
     fast_calibration: float = 0.05
     fast_checks: float = 0.4
+    refine_rounds: int = 4
 
     def __post_init__(self):
         nbits = tuple(sorted({int(b) for b in self.nbits}))
@@ -186,6 +191,10 @@ class AnalysisConfig:
         if unknown or not strategies:
             raise InvalidValueError(f"unknown strategy {unknown or strategies}; valid: {', '.join(STRATEGIES)}")
         object.__setattr__(self, "strategies", strategies)
+        if "refined" in strategies and "size-aware" not in strategies:
+            raise InvalidValueError("strategy 'refined' refines the size-aware recipes: add 'size-aware' too")
+        if self.refine_rounds < 1:
+            raise InvalidValueError(f"refine_rounds must be >= 1, got {self.refine_rounds}")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise InvalidValueError(
                 f"unknown threshold_rule {self.threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}"
@@ -230,6 +239,8 @@ class AnalysisConfig:
         if self.sweep == "exhaustive":
             for name in ("sweep", "fast_reference_bits", "fast_calibration", "fast_checks"):
                 del d[name]
+        if "refined" not in self.strategies:
+            del d["refine_rounds"]
         return d
 
     @classmethod
@@ -548,6 +559,14 @@ def run_analysis(
 
             recipes, dropped = keep_best_per_target(recipes)
             fast.report.alternatives.extend(dropped)
+        refinement = {}
+        if "refined" in config.strategies:
+            from workbench.refine_analysis import refine_recipes
+
+            measurements = sweep_measurements(candidates, isolated, curves, baselines)
+            refined, refinement = refine_recipes(probed.probe, unet, measurements, recipes, runner, executor, cache,
+                                                 config.refine_rounds)  # fmt: skip
+            recipes = [*recipes, *refined]
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
     finally:
         runner.close()
@@ -560,7 +579,8 @@ def run_analysis(
     if fast is not None:
         evaluations += fast.finish(recipes, curves, candidates)
     result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,
-                            timing, trajectory, None if fast is None else fast.report, execution)  # fmt: skip
+                            timing, trajectory, None if fast is None else fast.report, execution,
+                            refinement)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
         probed.store.mark_complete()

@@ -138,6 +138,8 @@ class AnalysisResult:
         fast: the fast sweep's model and validation (`workbench.fast.FastReport`); None for an exhaustive sweep.
         execution: what ran where (the executor's `summary()`: its workers, their devices, evaluations and busy
             seconds); the `execution` object of `run.json`.
+        refinement: per "refined" recipe, the recipe it started from and every measured step
+            (`workbench.refine.Refinement.to_dict`); the `refinement` object of `run.json`.
     """
 
     config: AnalysisConfig
@@ -150,6 +152,7 @@ class AnalysisResult:
     trajectory: list = field(default_factory=list)
     fast: FastReport | None = None
     execution: dict = field(default_factory=dict)
+    refinement: dict = field(default_factory=dict)
 
     def baseline(self, name: str) -> float:
         return self.preanalysis.baselines[name]
@@ -266,6 +269,8 @@ class AnalysisResult:
         }
         if self.fast is not None:
             run["fast"] = self.fast.to_dict()
+        if self.refinement:
+            run["refinement"] = self.refinement
         paths["run"] = write_json_atomic(out / "run.json", run)
         if plot:
             paths["png"] = _save_figure(out / "psnr_vs_size.png", self)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from workbench.metrics import psnr_per_item
+from workbench.metrics import PSNR_PEAK_EPS, psnr_per_item
 
 
 class OneStepProbe:
@@ -39,8 +39,9 @@ class OneStepProbe:
 
     Attributes:
         reference (`torch.Tensor`): the recording run's output latents, (n_prompts, C, h, w).
-        forward_seconds (`float`): wall time spent inside UNet calls made by `__call__` (perf_counter).
-        forward_calls (`int`): number of such calls.
+        forward_seconds (`float`): wall time spent inside UNet calls made by `__call__` and
+            `distortion_gradient` (perf_counter; backward passes included).
+        forward_calls (`int`): number of such calls (a gradient counts its forward and each chunk's).
     """
 
     @torch.no_grad()
@@ -123,6 +124,10 @@ class OneStepProbe:
         synchronize()
         self.forward_seconds += time.perf_counter() - start
         self.forward_calls += 1
+        return self._step_from(noise)
+
+    def _step_from(self, noise: torch.Tensor) -> torch.Tensor:
+        """The output latents from the UNet's output: guidance, then a fresh copy of the recorded scheduler."""
         if self.do_cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + self.guidance_scale * (text - uncond)
@@ -137,6 +142,74 @@ class OneStepProbe:
             kwargs["generator"] = torch.Generator(device=self.device)
             kwargs["generator"].set_state(step["generator_state"])
         return scheduler.step(noise, step["timestep"], step["sample"], *step["args"], **kwargs)[0]
+
+    def _unet_inputs(self, rows: slice) -> tuple[tuple, dict]:
+        """The recorded UNet inputs restricted to batch rows `rows` (every tensor with the batch's leading size)."""
+        batch = self.unet_batch
+
+        def cut(x):
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
+                return x[rows]
+            if isinstance(x, dict):
+                return {k: cut(v) for k, v in x.items()}
+            return x
+
+        return tuple(cut(a) for a in self._unet_args), {k: cut(v) for k, v in self._unet_kwargs.items()}
+
+    def distortion_gradient(
+        self, params: Sequence[torch.Tensor], batch_chunk: int | None = None
+    ) -> tuple[float, list[torch.Tensor]]:
+        """The latent distortion with the UNet's current weights and its gradient with respect to `params`.
+
+        The distortion is the one the allocation predicts, `D = mean_prompts mse_p / peak_p**2` (`peak_p` the
+        reference PSNR's peak, held constant), so `10**(-psnr_p / 10)` averaged over prompts, unrounded. The
+        UNet runs once without autograd to get the output; the gradient of D with respect to the UNet's output
+        (through guidance and the scheduler step, which are cheap) is then pulled back through the UNet in chunks
+        of `batch_chunk` rows of its batch (None: all at once), so activation memory is bounded by the chunk.
+
+        Args:
+            params (`Sequence[torch.Tensor]`): UNet parameters (e.g. the candidate layers' weights).
+            batch_chunk (`int`, *optional*): UNet batch rows per backward pass.
+
+        Returns:
+            `tuple[float, list[torch.Tensor]]`: D, and dD/dp for each of `params` (float32, on their device).
+        """
+        unet = self.pipe.unet
+        start = time.perf_counter()
+        with torch.no_grad():
+            noise = unet(*self._unet_args, **self._unet_kwargs)[0]
+        with torch.enable_grad():
+            noise = noise.detach().float().requires_grad_(True)
+            out = self._step_from(noise.to(self.reference.dtype)).float()
+            ref = self.reference.to(out.device, torch.float32)
+            peak = out.detach().abs().flatten(1).amax(1).double() + PSNR_PEAK_EPS
+            mse = (out - ref).square().flatten(1).mean(1)
+            distortion = (mse / peak.square().to(mse.dtype)).mean()
+            (upstream,) = torch.autograd.grad(distortion, noise)
+        flags = [p.requires_grad for p in params]
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        step = batch_chunk or self.unet_batch
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for start in range(0, self.unet_batch, step):
+                rows = slice(start, min(start + step, self.unet_batch))
+                args, kwargs = self._unet_inputs(rows)
+                with torch.enable_grad():
+                    chunk = unet(*args, **kwargs)[0]
+                    parts = torch.autograd.grad(chunk, params, upstream[rows].to(chunk.dtype), allow_unused=True)
+                for g, part in zip(grads, parts):
+                    if part is not None:
+                        g += part.float()
+                self.forward_calls += 1
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_calls += 1
+        return float(distortion.detach()), grads
 
     def psnr(self, latents: torch.Tensor | None = None) -> list[float]:
         """Reference PSNR (rounded to 0.1 dB) of each prompt's latent against the float model's."""
