@@ -124,7 +124,7 @@ def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path)
     assert 20 < base["linear_8bit"] < base["original"]
     assert set(result.preanalysis.single_layer) == {"2", "4"} and len(result.preanalysis.single_layer["2"]) == 20
     assert result.preanalysis.cumulative["4"]["metadata"]["sorted_layers"][0] in result.layers
-    assert {r.strategy for r in result.recipes} == {"apple", "size-aware"}
+    assert {r.strategy for r in result.recipes} == {"apple", "size-aware", "refined"}
     assert len({r.name for r in result.recipes}) == len(result.recipes) == len(result.preanalysis.recipes)
     frame = result.to_frame()
     assert len(frame) == len(result.evaluations) and frame["psnr_mean"].notna().all()
@@ -133,7 +133,10 @@ def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path)
 
     t = result.timing
     assert isinstance(t, Timing)
-    assert t.unet_evaluations == t.new_evaluations == t.evaluations == len(result.evaluations)
+    assert t.new_evaluations == t.evaluations == len(result.evaluations)
+    # a gradient is one forward and one forward with backward; the refinement's importance one more probe run
+    gradients = sum(a["rounds"] for r in result.refinement.values() for a in r["attempts"])
+    assert gradients > 0 and t.unet_evaluations == t.evaluations + 2 * gradients + 1
     assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s)
     run = json.loads((tmp_path / "run.json").read_text())
     assert list(run["timing"]) == [

@@ -63,7 +63,7 @@ class AllocatedRecipe:
     predicted_psnr: float | None = None
 
 
-def _unique_names(recipes: list[AllocatedRecipe], suffix: str) -> list[AllocatedRecipe]:
+def unique_recipes(recipes: list[AllocatedRecipe], suffix: str) -> list[AllocatedRecipe]:
     """Drop exact duplicates; give recipes whose 2-decimal names collide more decimals, never the same name."""
     seen: dict[tuple, AllocatedRecipe] = {}
     for r in recipes:
@@ -98,21 +98,28 @@ def threshold_recipe(m: Measurements, threshold: float) -> dict[str, int]:
     return bits
 
 
-def threshold_recipe_within(m: Measurements, target_bpp: float) -> dict[str, int]:
-    """The reference rule's recipe with the most bits/param that is still `<= target_bpp`: the threshold is
-    bisected over the cumulative curves' values (a higher threshold never gives fewer bits). Every layer at the
-    narrowest width if no threshold fits."""
+def threshold_within(m: Measurements, target_bpp: float) -> float:
+    """The highest threshold whose reference-rule recipe is still `<= target_bpp` bits/param, bisected over the
+    cumulative curves' values (a higher threshold never gives fewer bits); +inf if none fits (every layer then
+    takes the narrowest width, `threshold_recipe_within`)."""
     values = sorted({float(np.mean(v)) for curve in m.cumulative.values() for v in curve.values()})
-    lo, hi = 0, len(values) - 1  # invariant: values[lo] - 1e-6 fits (or lo == 0)
-    best = dict.fromkeys(m.numels, min(m.widths))
+    lo, hi, best = 0, len(values) - 1, math.inf
     while lo <= hi:
         mid = (lo + hi) // 2
-        bits = threshold_recipe(m, values[mid] - 1e-6)
-        if bits_per_param(bits, m.numels) <= target_bpp + 1e-9:
-            best, lo = bits, mid + 1
+        if bits_per_param(threshold_recipe(m, values[mid] - 1e-6), m.numels) <= target_bpp + 1e-9:
+            best, lo = values[mid] - 1e-6, mid + 1
         else:
             hi = mid - 1
     return best
+
+
+def threshold_recipe_within(m: Measurements, target_bpp: float) -> dict[str, int]:
+    """The reference rule's recipe with the most bits/param that is still `<= target_bpp` (`threshold_within`).
+    Every layer at the narrowest width if no threshold fits."""
+    threshold = threshold_within(m, target_bpp)
+    if math.isinf(threshold):
+        return dict.fromkeys(m.numels, min(m.widths))
+    return threshold_recipe(m, threshold)
 
 
 def reference_thresholds(m: Measurements, k: int) -> list[float]:
@@ -165,7 +172,7 @@ def threshold_recipes(m: Measurements, k: int = 7, rule: str = "curves") -> list
     for t in thresholds:
         bits = threshold_recipe(m, t)
         recipes.append(AllocatedRecipe("", bits, bits_per_param(bits, m.numels), threshold=t))
-    return _unique_names(recipes, "mixedpalette")
+    return unique_recipes(recipes, "mixedpalette")
 
 
 def layer_distortions(m: Measurements) -> dict[str, dict[int, float]]:
@@ -292,4 +299,4 @@ def size_aware_recipes(m: Measurements, targets: Sequence[float]) -> list[Alloca
         recipes.append(
             AllocatedRecipe("", bits, bpp, target=target, predicted_psnr=predicted_psnr(distortion, bits, m.original))
         )
-    return _unique_names(recipes, "sizeaware")
+    return unique_recipes(recipes, "sizeaware")

@@ -44,9 +44,13 @@ import numpy as np
 import torch
 
 from workbench.allocation import (
+    AllocatedRecipe,
     Measurements,
     size_aware_recipes,
+    threshold_recipe_within,
     threshold_recipes,
+    threshold_within,
+    unique_recipes,
 )
 from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
@@ -347,19 +351,26 @@ def sweep_measurements(
 def size_aware_targets(
     apple: Sequence[PlannedRecipe], numels: Mapping[str, int], config: AnalysisConfig
 ) -> list[float]:
-    """Every apple recipe's bits/param below 16, then `config.size_aware_targets`; with neither,
-    `config.num_recipes` targets evenly from 3 to 6 bits/param."""
+    """Every apple recipe's bits/param below 16 (those include the rule's recipe within each of
+    `config.size_aware_targets`), else `config.size_aware_targets`; with neither, `config.num_recipes` targets
+    evenly from 3 to 6 bits/param."""
     targets = sorted({round(bits_per_param(r.bits, numels), 6) for r in apple})
-    targets = [t for t in targets if t < 16] + list(config.size_aware_targets)
+    targets = [t for t in targets if t < 16] or list(config.size_aware_targets)
     return targets or list(np.linspace(3.0, 6.0, config.num_recipes))
 
 
 def plan_recipes(measurements: Measurements, config: AnalysisConfig) -> tuple[PlannedRecipe, ...]:
-    """The recipes of `config.strategies`: the threshold rule's ("apple"), then the size-aware allocation's at
-    `size_aware_targets`."""
+    """The recipes of `config.strategies`: the threshold rule's ("apple": its K thresholds, and its largest recipe
+    within each of `config.size_aware_targets`, so the other strategies are compared at its exact sizes), then the
+    size-aware allocation's at `size_aware_targets`."""
     planned: list[PlannedRecipe] = []
     if "apple" in config.strategies:
-        for r in threshold_recipes(measurements, config.num_recipes, rule=config.threshold_rule):
+        rule = threshold_recipes(measurements, config.num_recipes, rule=config.threshold_rule)
+        for t in config.size_aware_targets:
+            threshold = threshold_within(measurements, t)
+            bits = threshold_recipe_within(measurements, t)
+            rule.append(AllocatedRecipe("", bits, bits_per_param(bits, measurements.numels), threshold=threshold))
+        for r in unique_recipes(rule, "mixedpalette"):
             planned.append(PlannedRecipe(r.name, "apple", r.bits, r.threshold))
     if "size-aware" in config.strategies:
         for r in size_aware_recipes(measurements, size_aware_targets(planned, measurements.numels, config)):

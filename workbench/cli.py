@@ -244,6 +244,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         seed=args.seed,
         num_recipes=args.num_recipes,
         strategies=tuple(args.strategies),
+        size_aware_targets=tuple(args.targets),
+        refine_rounds=args.refine_rounds,
         threshold_rule=args.threshold_rule,
         group_size=args.group_size,
         trajectory=args.trajectory,
@@ -408,7 +410,25 @@ def _add_analyze(sub) -> None:
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: 8 built-in prompts)")
     p.add_argument("--seed", type=int_in_range(0), default=0, help="generator seed (default 0)")
     p.add_argument("--num-recipes", type=int_in_range(1), default=7, help="recipes per strategy (default 7)")
-    p.add_argument("--strategies", nargs="+", default=["apple", "size-aware"], choices=["apple", "size-aware"])
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["apple", "size-aware", "refined"],
+        choices=["apple", "size-aware", "refined"],
+        help="apple: the reference's threshold rule; size-aware: the knapsack; refined: the knapsack's recipes "
+        "refined where layers interact (default: all three)",
+    )
+    p.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        default=[],
+        help="extra sizes in bits/param: the reference rule's largest recipe within each, and the other strategies' "
+        "recipes at its size",
+    )
+    p.add_argument(
+        "--refine-rounds", type=int_in_range(1), default=4, help="refined: linearisations per recipe (default 4)"
+    )
     p.add_argument(
         "--threshold-rule",
         default="curves",

@@ -192,8 +192,8 @@ class OneStepProbe:
         try:
             for p in params:
                 p.requires_grad_(True)
-            for start in range(0, self.unet_batch, step):
-                rows = slice(start, min(start + step, self.unet_batch))
+            for first in range(0, self.unet_batch, step):
+                rows = slice(first, min(first + step, self.unet_batch))
                 args, kwargs = self._unet_inputs(rows)
                 with torch.enable_grad():
                     chunk = unet(*args, **kwargs)[0]

@@ -59,7 +59,8 @@ def refine_recipes(
     rounds: int,
 ) -> tuple[list[RecipeResult], dict]:
     """Refine every size-aware recipe (`refine_recipe`); return the refined recipes (measured end to end, strategy
-    "refined") and, per refined recipe, its start and steps for `run.json`."""
+    "refined") and, per refined recipe, its start, its steps and every attempt (start, result, rounds) for
+    `run.json`. The importance of the weight errors is collected with one probe run."""
     numels = measurements.numels
     total = sum(numels.values())
     options = width_options(numels, measurements.widths)
@@ -78,12 +79,14 @@ def refine_recipes(
             ]  # fmt: skip
             return [e.psnr for e in executor.measure_all(tasks, runner)]
 
-        found, origin = None, None
+        found, origin, attempts = None, None, []
         best = _start(recipe.selector, [*recipes, *refined])
         for start in [recipe] if best is recipe else [recipe, best]:
             attempt = refine_recipe(probe, unet, {n: start.bits.get(n, FLOAT_BITS) for n in numels}, options,
                                     distortion, recipe.selector * total + 1e-6 * total, measure, cache=cache,
                                     importance=importance, rounds=rounds, start_psnr=start.psnr)  # fmt: skip
+            attempts.append({"start": start.name, "start_psnr": start.psnr_mean, "psnr": attempt.psnr,
+                             "rounds": attempt.rounds})  # fmt: skip
             if found is None or attempt.psnr > found.psnr:
                 found, origin = attempt, start
         bpp = bits_per_param(found.recipe, numels)
@@ -93,5 +96,5 @@ def refine_recipes(
         runner.plan(1)
         (evaluation,) = executor.measure_all([task], runner)
         refined.append(RecipeResult(name, "refined", dict(found.recipe), bpp, evaluation.psnr, recipe.selector))
-        report[name] = {"start": origin.name, **found.to_dict()}
+        report[name] = {"start": origin.name, **found.to_dict(), "attempts": attempts}
     return refined, report

@@ -1,0 +1,112 @@
+"""The refined strategy: the one knapsack over any options, the probe's gradient, the aligned model's exchange, and
+refined recipes in an analysis."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.allocation import allocate, allocate_options
+from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+from workbench.errors import InvalidValueError
+from workbench.layers import compressible_layers
+from workbench.palettize import palettized
+from workbench.probe import OneStepProbe
+from workbench.refine import Change, exchange
+
+PROMPTS = ("a red circle", "a blue square")
+
+
+def test_allocate_options_is_allocate_with_width_costs():
+    rng = np.random.default_rng(0)
+    numels = {f"l{i}": int(n) for i, n in enumerate(rng.integers(1000, 50_000, 12))}
+    distortion = {n: {b: float(rng.random()) * 2.0 ** (-b) for b in (1, 2, 4, 6, 8)} | {16: 0.0} for n in numels}
+    total = sum(numels.values())
+    for target in (1.5, 3.0, 4.5, 7.0):
+        costs = {n: {b: b * numels[n] for b in opts} for n, opts in distortion.items()}
+        options = allocate_options(distortion, costs, target * total + 1e-6 * total)
+        assert options == allocate(distortion, numels, target)
+        assert sum(costs[n][b] for n, b in options.items()) <= target * total + 1e-6 * total
+
+
+def test_allocate_options_takes_string_options_and_negative_values():
+    values = {"a": {"kmeans4": 0.0, "wkmeans4": -1.0, "kmeans2": 3.0}, "b": {"kmeans4": 0.0, "kmeans2": 0.5}}
+    costs = {"a": {"kmeans4": 4, "wkmeans4": 4, "kmeans2": 2}, "b": {"kmeans4": 4, "kmeans2": 2}}
+    assert allocate_options(values, costs, 6) == {"a": "wkmeans4", "b": "kmeans2"}
+    with pytest.raises(ValueError, match="more than the budget"):
+        allocate_options(values, costs, 3)
+
+
+def test_exchange_does_not_cancel_more_than_the_whole_error():
+    """Two changes that each cancel 90% of the error along it: a separable model takes both (predicting -180%);
+    the aligned model takes one, and predicts the remainder."""
+    d = 1.0
+    cancel = [Change(f"l{i}", "up", 0.0, -0.9 * math.sqrt(d), 0.0) for i in range(2)]
+    chosen, change = exchange({c.layer: [c] for c in cancel}, spent=0.0, budget=0.0, current=d, max_changed=2)
+    assert len(chosen) == 1 and change == pytest.approx(0.1**2 - 1.0)
+
+
+def test_exchange_pays_an_upgrade_with_a_downgrade_within_the_budget():
+    changes = {
+        "up": [Change("up", 8, 10.0, -0.5, 0.0)],  # costs 10 bytes, removes half the error
+        "down": [Change("down", 2, -12.0, 0.0, 0.01)],  # saves 12 bytes, adds a little noise off the error's axis
+    }
+    chosen, change = exchange(changes, spent=100.0, budget=100.0, current=1.0, max_changed=4)
+    assert chosen == {"up": 8, "down": 2} and change == pytest.approx(0.25 + 0.01 - 1.0)
+    assert exchange(changes, spent=100.0, budget=100.0, current=1.0, max_changed=1) == ({}, 0.0)
+
+
+def test_distortion_gradient_is_the_derivative_and_chunks_agree(pipe):
+    probe = OneStepProbe(pipe, PROMPTS, seed=0, height=32, width=32)
+    layers = compressible_layers(pipe.unet, 30_000)
+    names = list(layers)
+    with torch_threads(1), palettized(pipe.unet, dict.fromkeys(names, 2)):
+        params = [layers[n].weight for n in names]
+        flags = [p.requires_grad for p in params]
+        d, grads = probe.distortion_gradient(params)
+        d_chunked, chunked = probe.distortion_gradient(params, batch_chunk=1)
+        assert d == d_chunked and d > 0
+        for g, c in zip(grads, chunked):  # the same sums in another order: float32 rounding only
+            assert float((c - g).norm()) <= 1e-4 * float(g.norm())
+        assert [p.requires_grad for p in params] == flags  # as they were
+        i = max(range(len(names)), key=lambda j: float(grads[j].norm()))
+        weight = params[i]
+        step = -1e-3 * grads[i] / grads[i].norm() * weight.norm()
+        with torch.no_grad():
+            weight += step
+            out = probe().double()
+            weight -= step
+        peak = out.abs().flatten(1).amax(1) + 1e-5
+        moved = float(((out - probe.reference.double()).square().flatten(1).mean(1) / peak.square()).mean())
+        linear = float((grads[i] * step).sum())
+        assert linear < 0 and moved - d == pytest.approx(linear, rel=0.05)
+
+
+def test_refined_recipes_are_measured_no_larger_and_no_worse_than_any_start(pipe, tmp_path):
+    config = AnalysisConfig(nbits=(2, 4, 8), min_numel=30_000, prompts=PROMPTS, height=32, width=32, num_recipes=3,
+                            size_aware_targets=(3.0,))  # fmt: skip
+    with torch_threads(1):
+        result = run_analysis(pipe, config, out_dir=tmp_path, progress=False)
+    refined = [r for r in result.recipes if r.strategy == "refined"]
+    assert refined and len(refined) == len([r for r in result.recipes if r.strategy == "size-aware"])
+    stored = {e.id: e for e in result.evaluations}
+    for r in refined:
+        assert r.bits_per_param <= r.selector + 1e-6
+        assert r.psnr == next(e.psnr for e in stored.values() if e.kind == "recipe" and e.recipe == r.name)
+        fitting = [o for o in result.recipes if o.strategy != "refined" and o.bits_per_param <= r.selector + 1e-6]
+        assert r.psnr_mean >= max(o.psnr_mean for o in fitting)
+        report = result.refinement[r.name]
+        assert report["psnr"] == pytest.approx(r.psnr_mean) and report["rounds"] >= 1
+        assert all(s["measured_psnr"] <= report["psnr"] + 1e-9 for s in report["steps"])
+    assert any(e.kind == "refine" for e in result.evaluations)
+    assert "refinement" in (tmp_path / "run.json").read_text()
+
+
+def test_refined_needs_size_aware():
+    with pytest.raises(InvalidValueError, match="size-aware"):
+        AnalysisConfig(strategies=("apple", "refined"))
+    with pytest.raises(InvalidValueError, match="refine_rounds"):
+        AnalysisConfig(refine_rounds=0)
