@@ -2,16 +2,20 @@
 
 In one process, on the demo model and then on the tiny SDXL pipeline, fresh (no store, no palette cache shared):
 
-1. the exhaustive analysis (`sweep="exhaustive"`, strategies apple and size-aware, the reference's settings:
-   8 prompts, widths 1 2 4 6 8);
-2. the fast analysis (`sweep="fast"`, size-aware) targeting the bits/param of the exhaustive run's apple recipes.
+1. the exhaustive analysis (`sweep="exhaustive"`, strategies apple and size-aware: the reference's method and the
+   knapsack on it, the reference's settings: 8 prompts, widths 1 2 4 6 8), with the reference rule's largest
+   recipe within each of 2.5 3.0 3.5 4.0 4.5 bits/param;
+2. the fast analysis (`sweep="fast"`, strategies size-aware and refined, as `workbench analyze --sweep fast` runs
+   them) targeting the bits/param of those five apple recipes.
 
 The tiny SDXL pipeline is slower per evaluation than the demo model on a CPU; it runs on 2 of the 8 prompts
 (`--tiny-prompts`), which changes neither run's number of evaluations.
 
-For every apple recipe from 2 to 5 bits/param it compares, at that size, the re-measured one-step PSNR of the fast
-size-aware recipe with the exhaustive size-aware recipe (`delta`) and with Apple's rule (`vs_apple`). Both runs
-re-measure their recipes end to end, so these are measurements, not predictions.
+At each of the five sizes it compares the re-measured one-step PSNR of the fast run's recipe (the refined one;
+the knapsack's on the fast curves is printed too) with the exhaustive size-aware recipe (`delta`) and with Apple's
+rule (`vs_apple`). Both runs re-measure their recipes end to end, so these are measurements, not predictions.
+UNet evaluations count every UNet call (a refinement's gradient counts two: its forward and its forward with
+backward), so the ratio charges the fast run for its refinement.
 
 The last line starts `eval_ratio=A wall_ratio=B mean_delta_db=C worst_vs_apple_db=D` (demo model), then the same
 for tiny SDXL and the fast sweep's validation errors. Example:
@@ -25,8 +29,10 @@ import math
 
 import numpy as np
 
+SIZES = (2.5, 3.0, 3.5, 4.0, 4.5)
 
-def compare(model, threads: int, prompts: int | None = None, min_bpp: float = 2.0, max_bpp: float = 5.0) -> dict:
+
+def compare(model, threads: int, prompts: int | None = None) -> dict:
     """Run both analyses on `model` (the first `prompts` built-in prompts; None: all 8) and return the figures of
     one row of the last line."""
     from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
@@ -34,24 +40,25 @@ def compare(model, threads: int, prompts: int | None = None, min_bpp: float = 2.
 
     with torch_threads(threads):
         pipe = load_pipeline(model, device="cpu", progress=False)
-        base = AnalysisConfig(min_numel=default_min_numel(model), prompts=DEFAULT_PROMPTS[:prompts])
+        base = AnalysisConfig(min_numel=default_min_numel(model), prompts=DEFAULT_PROMPTS[:prompts],
+                              strategies=("apple", "size-aware"), size_aware_targets=SIZES)  # fmt: skip
         full = run_analysis(pipe, base, progress=True)
-        apple = [r for r in full.recipes if r.strategy == "apple" and min_bpp <= r.bits_per_param <= max_bpp]
-        targets = tuple(r.bits_per_param for r in apple)
+        apple = [max((r for r in full.recipes if r.strategy == "apple" and r.bits_per_param <= t + 1e-9),
+                     key=lambda r: r.bits_per_param) for t in SIZES]  # fmt: skip
+        targets = tuple(round(r.bits_per_param, 6) for r in apple)
         fast_config = AnalysisConfig(min_numel=base.min_numel, prompts=base.prompts, sweep="fast",
-                                     strategies=("size-aware",), size_aware_targets=targets)  # fmt: skip
+                                     strategies=("size-aware", "refined"), size_aware_targets=targets)  # fmt: skip
         fast = run_analysis(pipe, fast_config, progress=True)
-    exhaustive_ours = {r.selector: r for r in full.recipes if r.strategy == "size-aware"}
-    fast_ours = {r.selector: r for r in fast.recipes}
     rows = []
-    for ref in apple:
-        t = ref.bits_per_param
-        ex = min(exhaustive_ours.values(), key=lambda r: abs(r.selector - t))
-        fa = min(fast_ours.values(), key=lambda r: abs(r.selector - t))
+    for ref, t in zip(apple, targets):
+        ex = next(r for r in full.recipes if r.strategy == "size-aware" and r.selector == t)
+        knapsack = next(r for r in fast.recipes if r.strategy == "size-aware" and r.selector == t)
+        fa = next(r for r in fast.recipes if r.strategy == "refined" and r.selector == t)
         rows.append((t, ref.psnr_mean, ex.psnr_mean, fa.psnr_mean, fa.bits_per_param))
         print(f"  {t:.2f} b/p: apple {ref.psnr_mean:6.2f} | exhaustive size-aware {ex.psnr_mean:6.2f} "
-              f"({ex.bits_per_param:.3f}) | fast {fa.psnr_mean:6.2f} ({fa.bits_per_param:.3f}) | "
-              f"delta {fa.psnr_mean - ex.psnr_mean:+.2f} | vs apple {fa.psnr_mean - ref.psnr_mean:+.2f}")  # fmt: skip
+              f"({ex.bits_per_param:.3f}) | fast {fa.psnr_mean:6.2f} ({fa.bits_per_param:.3f}; knapsack alone "
+              f"{knapsack.psnr_mean:.2f}) | delta {fa.psnr_mean - ex.psnr_mean:+.2f} | vs apple "
+              f"{fa.psnr_mean - ref.psnr_mean:+.2f}")  # fmt: skip
     report = fast.fast
     print(f"  evaluations: exhaustive {full.timing.unet_evaluations}, fast {fast.timing.unet_evaluations}; wall "
           f"{full.timing.wall_s:.1f} s vs {fast.timing.wall_s:.1f} s; held-out error per width (dB) "

@@ -6,7 +6,7 @@
 Example:
     >>> result = run_analysis(pipe, config, out_dir="out")
     >>> result.recipes_frame()
-    >>> result.matched_comparison().to_frame()  # each reference-rule recipe against the best size-aware one
+    >>> result.matched_comparison().to_frame()  # each reference-rule recipe against the best of ours
     >>> result.timing.overhead  # wall time / time inside UNet forward
 """
 
@@ -81,7 +81,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class MatchedPair:
-    """A reference-rule recipe and the best size-aware recipe at equal or smaller bits/param."""
+    """A reference-rule recipe and the best of ours (size-aware or refined) at equal or smaller bits/param."""
 
     reference: str
     reference_bpp: float
@@ -97,7 +97,7 @@ class MatchedPair:
 
 @dataclass(frozen=True)
 class MatchedComparison:
-    """Each reference-rule recipe against the best size-aware recipe that is no larger (`pairs`, by reference)."""
+    """Each reference-rule recipe against the best of ours (size-aware or refined) that is no larger (`pairs`)."""
 
     pairs: tuple[MatchedPair, ...]
 
@@ -219,12 +219,13 @@ class AnalysisResult:
         return out if total else {}
 
     def matched_comparison(self) -> MatchedComparison:
-        """For every apple recipe, the best size-aware recipe at equal or smaller bits/param (+1e-9)."""
+        """For every apple recipe, the best of ours (size-aware or refined) at equal or smaller bits/param (+1e-6,
+        the knapsack's slack)."""
         apple = [r for r in self.recipes if r.strategy == "apple" and r.bits_per_param < 16]
-        ours = [r for r in self.recipes if r.strategy == "size-aware"]
+        ours = [r for r in self.recipes if r.strategy in ("size-aware", "refined")]
         pairs = []
         for ref in apple:
-            fits = [r for r in ours if r.bits_per_param <= ref.bits_per_param + 1e-9]
+            fits = [r for r in ours if r.bits_per_param <= ref.bits_per_param + 1e-6]
             if not fits:
                 continue
             best = max(fits, key=lambda r: (r.psnr_mean, r.bits_per_param))

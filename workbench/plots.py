@@ -232,7 +232,7 @@ def plot_recipe_metric(table, metric: str = "image_psnr_db", *, ylabel: str | No
         "ssim": "SSIM vs float model (1 = identical)",
     }
     fig, ax = _new_axes(ax, (6.5, 3.8))
-    names = {"apple": "reference rule (Apple)", "size-aware": "size-aware (ours)"}
+    names = {"apple": "reference rule (Apple)", "size-aware": "size-aware (ours)", "refined": "refined (ours)"}
     rows = table[table["strategy"] != "float"].dropna(subset=[metric]) if metric in table else table.iloc[:0]
     for i, (strategy, group) in enumerate(rows.groupby("strategy", sort=True)):
         group = group.sort_values("bits_per_param")
@@ -272,10 +272,10 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     x: "Model size reduction (%)" = 100 * (1 - bits/param / 16) over the candidate layers; y: "PSNR (dB)" of the
     one-step latents (the reference's metric). One line per palette width from the cumulative sweeps (layers
     added least-sensitive first), the reference-rule mixed-bit recipes (black, labelled with bits/param), our
-    size-aware recipes (red squares), the linear 8-bit per-tensor marker at 50 % (star) and per-channel int8
-    (plus). Grouped-palette sweeps are dashed, their LUT bits counted in x; a fast sweep's predicted curves are
-    dash-dotted. An "original" far above the curves
-    (identical outputs on a deterministic device, ~200 dB) is stated in a note instead of stretching the axis.
+    size-aware recipes (red squares) and refined ones (violet diamonds), the linear 8-bit per-tensor marker at
+    50 % (star) and per-channel int8 (plus). Grouped-palette sweeps are dashed, their LUT bits counted in x; a fast
+    sweep's predicted curves are dash-dotted. An "original" far above the curves (identical outputs on a
+    deterministic device, ~200 dB) is stated in a note instead of stretching the axis.
 
     Returns:
         `matplotlib.figure.Figure`.
@@ -299,7 +299,7 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
             ax.plot(gx, gy, "--", color=color, lw=1.2, label=f"{g.removeprefix('kmeans')} grouped, cumulative")
 
     kept = sorted((r for r in result.recipes if r.bits_per_param < 16), key=lambda r: r.bits_per_param)
-    by_strategy = {s: [r for r in kept if r.strategy == s] for s in ("apple", "size-aware")}
+    by_strategy = {s: [r for r in kept if r.strategy == s] for s in ("apple", "size-aware", "refined")}
     if by_strategy["apple"]:
         apple = by_strategy["apple"]
         ax.plot([r.size_reduction_pct for r in apple], [r.psnr_mean for r in apple], "o-", color="black", ms=9,
@@ -311,6 +311,10 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
         ours = by_strategy["size-aware"]
         ax.plot([r.size_reduction_pct for r in ours], [r.psnr_mean for r in ours], "s-", color="crimson", ms=5,
                 lw=1.4, label="size-aware recipes (ours)")  # fmt: skip
+    if by_strategy["refined"]:
+        ours = by_strategy["refined"]
+        ax.plot([r.size_reduction_pct for r in ours], [r.psnr_mean for r in ours], "D-", color="darkviolet", ms=5,
+                lw=1.6, label="refined recipes (ours: size-aware, refined where layers interact)")  # fmt: skip
     lin8 = baselines["linear_8bit"]
     ax.plot([50.0], [lin8], "*", color="orange", ms=15, mec="black", label=f"linear 8-bit, per tensor ({lin8:.1f} dB)")
     lin8c = baselines.get("linear_8bit_per_channel")

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from workbench.palette_config import as_config
 from workbench.size import bits_per_param, recipe_nbytes
 
 if TYPE_CHECKING:
     from workbench.comparison import SeedMatchedImages
 
-STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware"}
+STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware", "refined": "refined"}
 
 
 def strategy_of(recipe_name: str) -> str:
@@ -30,7 +31,8 @@ def strategy_of(recipe_name: str) -> str:
 def recipe_table(result):
     """One row per recipe of a `workbench.analysis.AnalysisResult`, best first within each strategy.
 
-    Columns: name, strategy, bits_per_param, size_mb (candidate layers, LUTs included), pct_of_float16,
+    Columns: name, strategy, target (the oldest Core ML deployment target that stores it: iOS17, or iOS18 for
+    grouped or 3-bit palettes), bits_per_param, size_mb (candidate layers, LUTs included), pct_of_float16,
     psnr_one_step_db (the reference's latent PSNR, mean over prompts), and when the analysis ran full
     trajectories: image_psnr_db and ssim (means over prompts, against the float model's images from the same
     seed) and color/shape/position adherence (demo model prompts). A first row "float16" gives the float
@@ -51,9 +53,11 @@ def recipe_table(result):
 
 def _row(name, strategy, bits, numels, float16, one_step, trajectory) -> dict:
     nbytes = recipe_nbytes(bits, numels)
+    configs = [c for c in map(as_config, bits.values()) if c is not None]
     row = {
         "name": name,
         "strategy": strategy,
+        "target": "iOS18" if any(c.needs_ios18 for c in configs) else "iOS17",
         "bits_per_param": round(bits_per_param(bits, numels), 3),
         "size_mb": round(nbytes / 1e6, 4),
         "pct_of_float16": round(100.0 * nbytes / float16, 1),
