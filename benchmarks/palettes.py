@@ -35,6 +35,12 @@ SIZES = (2.5, 3.0, 3.5, 4.0, 4.5)
 GROUP = 16
 
 
+def _image_psnr(trajectory) -> float:
+    """Mean image PSNR over the prompts (identical images, inf, left out; inf if all are identical)."""
+    finite = [v for v in trajectory.image_psnr if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("inf")
+
+
 def _options_ios18(layer, numel: int, widths) -> dict:
     """Every width's plain, data-aware and grouped palette, and float16, by stored bytes."""
     from workbench.palettize import FLOAT_BITS, PaletteConfig
@@ -184,6 +190,8 @@ def main() -> None:
                                                                          num_inference_steps=args.steps,
                                                                          cache=cache)}  # fmt: skip
         print(f"full sampling done at {time.perf_counter() - start:.0f} s")
+        for key, tr in trajectories.items():
+            print(f"  {key}: image PSNR {_image_psnr(tr):.2f} dB, adherence {tr.adherence}")
 
         skm = compare_with_skm(pipe, (4, 6), config)
         uniform = {}
@@ -201,13 +209,11 @@ def main() -> None:
         eligible = [k for k in r["recipes"] if r["bytes"][k] <= r["bytes"]["apple"] or k != "+grouped"]
         best = max(eligible, key=lambda k: r["psnr"][k])
         gain = r["psnr"][best] - r["psnr"]["apple"]
-        apple_image = trajectories[f"apple@{t}"]
-        best_image = trajectories[f"{best}@{t}"]
-        not_worse = best_image.image_psnr_mean >= apple_image.image_psnr_mean
+        not_worse = _image_psnr(trajectories[f"{best}@{t}"]) >= _image_psnr(trajectories[f"apple@{t}"])
         image_ok &= not_worse
         gains.append(gain)
         figures.append(f"gain_{t:.1f}={gain:.2f}")
-        images = " | ".join(f"{k} {trajectories[f'{k}@{t}'].image_psnr_mean:.2f}" for k in ("apple", *r["recipes"]))
+        images = " | ".join(f"{k} {_image_psnr(trajectories[f'{k}@{t}']):.2f}" for k in ("apple", *r["recipes"]))
         print(f"{t:.1f} b/p: best {best} {r['psnr'][best]:.2f} vs apple {r['psnr']['apple']:.2f} "
               f"(gain {gain:+.2f} dB) | image PSNR {images} | not worse: {not_worse}")  # fmt: skip
     for c in skm.comparisons:

@@ -111,7 +111,9 @@ def test_03_analysis(report):
     assert {"name", "bits_per_param", "size_mb", "pct_of_float16", "psnr_one_step_db", "image_psnr_db", "ssim"} <= set(
         recipes.columns
     )
-    assert set(recipes["strategy"]) >= {"apple", "size-aware"}
+    assert set(recipes["strategy"]) >= {"apple", "size-aware", "refined"} and set(recipes["target"]) == {"iOS17"}
+    refinement = _table(out, "03_refinement.csv")
+    assert len(refinement) and (refinement["refined_psnr"] >= refinement["start_psnr"]).all()
     saved = json.loads((out / "recipes" / "03_preanalysis.json").read_text())
     assert set(saved) >= {"model_version", "single_layer", "cumulative", "baselines", "recipes"}
     assert saved["recipes"] and (out / "analysis" / "preanalysis.json").is_file()

@@ -378,7 +378,8 @@ def plan_recipes(measurements: Measurements, config: AnalysisConfig) -> tuple[Pl
     return tuple(planned)
 
 
-def _bits_hash(bits: Mapping[str, int]) -> str:
+def recipe_hash(bits: Mapping[str, int]) -> str:
+    """A short stable digest of a recipe (its store task ids)."""
     return hashlib.sha256(json.dumps(dict(sorted(bits.items()))).encode()).hexdigest()[:10]
 
 
@@ -386,7 +387,7 @@ def recipe_tasks(planned: Sequence[PlannedRecipe], numels: Mapping[str, int]) ->
     """Each planned recipe end to end: all its layers palettized at once."""
     return [
         EvalTask(
-            f"recipe/{r.name}/{_bits_hash(r.bits)}",
+            f"recipe/{r.name}/{recipe_hash(r.bits)}",
             "recipe",
             dict(r.bits),
             {

@@ -130,7 +130,7 @@ def layer_changes(
         w = original.detach().float()
         imp = 1.0
         if importance is not None and name in importance:
-            imp = torch.as_tensor(importance.for_weight(name, tuple(w.shape)), dtype=torch.float32, device=w.device)
+            imp = torch.tensor(importance.for_weight(name, tuple(w.shape)), dtype=torch.float32, device=w.device)
         a = recipe.get(name)
         qa = _weight(name, a, original, cache).float()
         grad = gradients[name].to(w.device, torch.float32)

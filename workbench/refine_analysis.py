@@ -16,13 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from workbench.allocation import Measurements, layer_distortions
+from workbench.analysis import recipe_hash
 from workbench.analysis_result import RecipeResult
 from workbench.executor import EvalTask, Executor
 from workbench.importance import collect_importance
@@ -42,10 +41,6 @@ def width_options(numels: Mapping[str, int], widths: Sequence[int]) -> dict[str,
 def _start(target: float, measured: Sequence[RecipeResult]) -> RecipeResult:
     """The best measured recipe within `target` bits/param (the knapsack's slack of 1e-6 allowed)."""
     return max((r for r in measured if r.bits_per_param <= target + 1e-6), key=lambda r: r.psnr_mean)
-
-
-def _hash(bits: Mapping) -> str:
-    return hashlib.sha256(json.dumps(dict(sorted(bits.items()))).encode()).hexdigest()[:10]
 
 
 def refine_recipes(
@@ -73,7 +68,7 @@ def refine_recipes(
         def measure(candidates, round_, name=name):
             runner.plan(len(candidates))
             tasks = [
-                EvalTask(f"refine/{name}/{round_}/{_hash(c)}", "refine", dict(c),
+                EvalTask(f"refine/{name}/{round_}/{recipe_hash(c)}", "refine", dict(c),
                          {"config": "refined", "recipe": name, "bits_per_param": bits_per_param(c, numels)})
                 for c in candidates
             ]  # fmt: skip
@@ -90,7 +85,7 @@ def refine_recipes(
             if found is None or attempt.psnr > found.psnr:
                 found, origin = attempt, start
         bpp = bits_per_param(found.recipe, numels)
-        task = EvalTask(f"recipe/{name}/{_hash(found.recipe)}", "recipe", dict(found.recipe),
+        task = EvalTask(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", dict(found.recipe),
                         {"config": "refined", "recipe": name, "bits_per_param": bpp,
                          "extra": {"selector": recipe.selector}})  # fmt: skip
         runner.plan(1)
