@@ -56,32 +56,6 @@ def _options_ios18(layer, numel: int, widths) -> dict:
     return options
 
 
-def _ratio_distortions(unet, options, measured, cache, importance):
-    """Measured isolated distortion for per-tensor k-means; other options scaled by the palette error ratio."""
-    from workbench.importance import palette_error
-    from workbench.layers import get_layer
-    from workbench.palettize import as_config
-
-    out = {}
-    for name, opts in options.items():
-        weight = get_layer(unet, name).weight
-        imp = importance.for_weight(name, tuple(weight.shape))
-        errors = {}
-        row = {}
-        for o in opts:
-            config = as_config(o)
-            if config is None:
-                row[o] = 0.0
-                continue
-            plain = config.nbits
-            if plain not in errors:
-                errors[plain] = palette_error(weight, cache.palette(name, weight, as_config(plain)), imp)
-            err = palette_error(weight, cache.palette(name, weight, config), imp)
-            row[o] = measured[name][plain] * err / errors[plain] if errors[plain] > 0 else measured[name][plain]
-        out[name] = row
-    return out
-
-
 def main() -> None:
     from workbench.allocation import layer_distortions
     from workbench.analysis import AnalysisConfig, run_analysis, sweep_measurements, torch_threads
@@ -91,6 +65,7 @@ def main() -> None:
     from workbench.pipelines import default_min_numel, load_pipeline
     from workbench.probe import OneStepProbe
     from workbench.refine import refine_recipe
+    from workbench.refine_analysis import palette_distortions
     from workbench.shapes import make_dataset
     from workbench.size import bits_per_param, recipe_nbytes
     from workbench.skm import compare_with_skm
@@ -128,7 +103,7 @@ def main() -> None:
         m = sweep_measurements_from(result, sweep_measurements)
         measured = layer_distortions(m)
         ios18 = {n: _options_ios18(layers[n], numels[n], m.widths) for n in numels}
-        distortion = _ratio_distortions(unet, ios18, measured, cache, importance)
+        distortion = palette_distortions(unet, ios18, measured, cache, importance)
         print(f"options and palettes ready at {time.perf_counter() - start:.0f} s")
 
         rows = []

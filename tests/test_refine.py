@@ -12,8 +12,9 @@ import torch
 from workbench.allocation import allocate, allocate_options
 from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
 from workbench.errors import InvalidValueError
-from workbench.layers import compressible_layers
-from workbench.palettize import palettized
+from workbench.importance import IMPORTANCE_FILE, Importance
+from workbench.layers import compressible_layers, get_layer
+from workbench.palettize import PaletteCache, PaletteConfig, as_config, fit_palette, palettized
 from workbench.probe import OneStepProbe
 from workbench.refine import Change, exchange
 
@@ -110,3 +111,27 @@ def test_refined_needs_size_aware():
         AnalysisConfig(strategies=("apple", "refined"))
     with pytest.raises(InvalidValueError, match="refine_rounds"):
         AnalysisConfig(refine_rounds=0)
+
+
+def test_data_aware_refinement_saves_its_importance_and_is_rejected_on_workers(pipe, tmp_path):
+    config = AnalysisConfig(nbits=(2, 4), min_numel=30_000, prompts=PROMPTS, height=32, width=32, num_recipes=2,
+                            data_aware=True)  # fmt: skip
+    with torch_threads(1):
+        result = run_analysis(pipe, config, out_dir=tmp_path, progress=False)
+    importance = Importance.load(tmp_path / IMPORTANCE_FILE)
+    assert set(importance.arrays) == set(result.layers)
+    refined = [r for r in result.recipes if r.strategy == "refined"]
+    plain = {r.selector: r for r in result.recipes if r.strategy == "size-aware"}
+    for r in refined:
+        assert {as_config(v).mode for v in r.bits.values() if as_config(v) is not None} <= {"kmeans", "wkmeans"}
+        assert r.psnr_mean >= plain[r.selector].psnr_mean and r.bits_per_param <= r.selector + 1e-6
+    # the recipes' data-aware palettes are the ones the saved importances give
+    wkmeans = [(n, v) for r in refined for n, v in r.bits.items() if isinstance(v, str)]
+    assert wkmeans  # on this pipeline the refinement takes some (4 of its layers, deterministic on CPU)
+    name, key = wkmeans[0]
+    weight = get_layer(pipe.unet, name).weight
+    again = fit_palette(weight, PaletteConfig.from_key(key), importance=importance.for_weight(name, weight.shape))
+    cache = PaletteCache(importance=importance)
+    assert np.array_equal(cache.palette(name, weight, PaletteConfig.from_key(key)).dense(), again.dense())
+    with pytest.raises(InvalidValueError, match="one process"):
+        run_analysis(pipe, config, executor=object())

@@ -56,6 +56,7 @@ from workbench.analysis_result import AnalysisResult, RecipeResult, Timing
 from workbench.errors import InvalidValueError
 from workbench.executor import EvalTask, Executor, LocalExecutor
 from workbench.fast import FastSettings
+from workbench.importance import IMPORTANCE_FILE
 from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig
 from workbench.probe import OneStepProbe
 from workbench.recipes import PreAnalysis
@@ -150,6 +151,9 @@ class AnalysisConfig:
             plan, check, refit), as a fraction of the number of candidates.
         refine_rounds (`int`, defaults to 4): the "refined" strategy's linearisations per recipe at most (each one
             backward pass and up to 4 measured candidates; it stops early when a round finds nothing better).
+        data_aware (`bool`, defaults to False): the refined recipes may give a layer its width's data-aware palette
+            (`wkmeans<b>`, the same bytes, iOS17); the importances they are fitted with are saved beside the
+            results as `importance.npz`, which `workbench export --importance` needs. One process only (no Ray).
     """
 
     nbits: tuple[int, ...] = (1, 2, 4, 6, 8)
@@ -173,6 +177,7 @@ class AnalysisConfig:
     fast_calibration: float = 0.05
     fast_checks: float = 0.4
     refine_rounds: int = 4
+    data_aware: bool = False
 
     def __post_init__(self):
         nbits = tuple(sorted({int(b) for b in self.nbits}))
@@ -195,10 +200,7 @@ class AnalysisConfig:
         if unknown or not strategies:
             raise InvalidValueError(f"unknown strategy {unknown or strategies}; valid: {', '.join(STRATEGIES)}")
         object.__setattr__(self, "strategies", strategies)
-        if "refined" in strategies and "size-aware" not in strategies:
-            raise InvalidValueError("strategy 'refined' refines the size-aware recipes: add 'size-aware' too")
-        if self.refine_rounds < 1:
-            raise InvalidValueError(f"refine_rounds must be >= 1, got {self.refine_rounds}")
+        self._check_refined()
         if self.threshold_rule not in THRESHOLD_RULES:
             raise InvalidValueError(
                 f"unknown threshold_rule {self.threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}"
@@ -215,6 +217,14 @@ class AnalysisConfig:
         object.__setattr__(self, "layers", tuple(str(p) for p in self.layers))
         object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude))
         self._check_sweep()
+
+    def _check_refined(self) -> None:
+        if "refined" in self.strategies and "size-aware" not in self.strategies:
+            raise InvalidValueError("strategy 'refined' refines the size-aware recipes: add 'size-aware' too")
+        if self.data_aware and "refined" not in self.strategies:
+            raise InvalidValueError("data_aware palettes are chosen by the 'refined' strategy: add it to strategies")
+        if self.refine_rounds < 1:
+            raise InvalidValueError(f"refine_rounds must be >= 1, got {self.refine_rounds}")
 
     def _check_sweep(self) -> None:
         if self.sweep not in SWEEPS:
@@ -245,6 +255,8 @@ class AnalysisConfig:
                 del d[name]
         if "refined" not in self.strategies:
             del d["refine_rounds"]
+        if not self.data_aware:
+            del d["data_aware"]
         return d
 
     @classmethod
@@ -549,6 +561,9 @@ def run_analysis(
     palettes = sweep_palettes(config.nbits, config.group_size)
     local = LocalExecutor(unet, cache)
     executor = local if executor is None else executor
+    if config.data_aware and executor is not local:
+        raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
+                                "process (no --workers)")  # fmt: skip
     try:
         baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
@@ -576,8 +591,9 @@ def run_analysis(
             from workbench.refine_analysis import refine_recipes
 
             measurements = sweep_measurements(candidates, isolated, curves, baselines)
-            refined, refinement = refine_recipes(probed.probe, unet, measurements, recipes, runner, executor, cache,
-                                                 config.refine_rounds)  # fmt: skip
+            refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
+                                                             executor, cache, config.refine_rounds,
+                                                             config.data_aware)  # fmt: skip
             recipes = [*recipes, *refined]
         trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
     finally:
@@ -595,5 +611,7 @@ def run_analysis(
                             refinement)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
+        if config.data_aware:
+            importance.save(Path(out_dir) / IMPORTANCE_FILE)
         probed.store.mark_complete()
     return result

@@ -246,6 +246,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         strategies=tuple(args.strategies),
         size_aware_targets=tuple(args.targets),
         refine_rounds=args.refine_rounds,
+        data_aware=args.data_aware,
         threshold_rule=args.threshold_rule,
         group_size=args.group_size,
         trajectory=args.trajectory,
@@ -428,6 +429,12 @@ def _add_analyze(sub) -> None:
     )
     p.add_argument(
         "--refine-rounds", type=int_in_range(1), default=4, help="refined: linearisations per recipe (default 4)"
+    )
+    p.add_argument(
+        "--data-aware",
+        action="store_true",
+        help="refined recipes may give a layer its width's data-aware palette (same size, iOS17); writes "
+        "importance.npz, which export --importance needs",
     )
     p.add_argument(
         "--threshold-rule",

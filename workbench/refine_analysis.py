@@ -5,7 +5,10 @@ Targets are refined smallest first, within t bits/param (the size measure of eve
 starts: the size-aware recipe at t, and the best measured recipe that fits (the reference rule's, the size-aware
 ones, the refined recipes of smaller targets); the better result is kept, so a refined recipe is never worse than
 any measured recipe of its size or smaller. (The search is local: on the demo model the knapsack's start and the
-best start each win at some sizes.) The refined recipe is named
+best start each win at some sizes.) With `data_aware`, each layer may also take its width's data-aware palette
+(`wkmeans<b>`: the same indices and LUT size, so the same bytes, stored by iOS17), whose isolated distortion is the
+measured plain one scaled by the ratio of their importance-weighted weight errors (`palette_distortions`). The
+refined recipe is named
 `recipe_<bpp>_bit_refined`; how it was found (each round's candidates, predicted and measured) goes to
 `run.json` under `refinement`.
 
@@ -24,18 +27,55 @@ from workbench.allocation import Measurements, layer_distortions
 from workbench.analysis import recipe_hash
 from workbench.analysis_result import RecipeResult
 from workbench.executor import EvalTask, Executor
-from workbench.importance import collect_importance
+from workbench.importance import Importance, collect_importance, palette_error
 from workbench.layers import get_layer
-from workbench.palettize import FLOAT_BITS, PaletteCache
+from workbench.palettize import FLOAT_BITS, PaletteCache, PaletteConfig, as_config
 from workbench.recipes import recipe_name
 from workbench.refine import refine_recipe
 from workbench.size import bits_per_param
 from workbench.store import EvaluationRunner
 
 
-def width_options(numels: Mapping[str, int], widths: Sequence[int]) -> dict[str, dict]:
-    """Each layer's options: every swept width and float16, costing `bits * numel` (the recipes' size measure)."""
-    return {name: {b: b * n for b in (*sorted(widths), FLOAT_BITS)} for name, n in numels.items()}
+def width_options(numels: Mapping[str, int], widths: Sequence[int], data_aware: bool = False) -> dict[str, dict]:
+    """Each layer's options: every swept width (and with `data_aware` its data-aware palette, key `wkmeans<b>`)
+    and float16, costing `bits * numel` (the recipes' size measure)."""
+    options = {}
+    for name, n in numels.items():
+        opts = {b: b * n for b in (*sorted(widths), FLOAT_BITS)}
+        if data_aware:
+            opts.update({PaletteConfig(b, "wkmeans").key: b * n for b in sorted(widths)})
+        options[name] = opts
+    return options
+
+
+def palette_distortions(
+    unet: torch.nn.Module,
+    options: Mapping[str, Mapping],
+    measured: Mapping[str, Mapping[int, float]],
+    cache: PaletteCache,
+    importance: Importance,
+) -> dict[str, dict]:
+    """Each option's isolated distortion: measured for per-tensor k-means widths (and float16); for any other
+    palette, the measured same-width one times the ratio of their importance-weighted weight errors
+    (`palette_error`), the proxy of a layer's output error that data-aware palettes minimise."""
+    out = {}
+    for name, opts in options.items():
+        weight = get_layer(unet, name).weight
+        imp = importance.for_weight(name, tuple(weight.shape))
+        plain_error: dict[int, float] = {}
+        row = {}
+        for option in opts:
+            config = as_config(option)
+            if config is None or option in measured[name]:
+                row[option] = measured[name][option if config is not None else FLOAT_BITS]
+                continue
+            b = config.nbits
+            if b not in plain_error:
+                plain_error[b] = palette_error(weight, cache.palette(name, weight, PaletteConfig(b)), imp)
+            error = palette_error(weight, cache.palette(name, weight, config), imp)
+            row[option] = measured[name][b] * error / plain_error[b] if plain_error[b] > 0 else measured[name][b]
+        out[name] = row
+    return out
 
 
 def _start(target: float, measured: Sequence[RecipeResult]) -> RecipeResult:
@@ -52,15 +92,27 @@ def refine_recipes(
     executor: Executor,
     cache: PaletteCache,
     rounds: int,
-) -> tuple[list[RecipeResult], dict]:
+    data_aware: bool = False,
+) -> tuple[list[RecipeResult], dict, Importance]:
     """Refine every size-aware recipe (`refine_recipe`); return the refined recipes (measured end to end, strategy
-    "refined") and, per refined recipe, its start, its steps and every attempt (start, result, rounds) for
-    `run.json`. The importance of the weight errors is collected with one probe run."""
+    "refined"), per refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`,
+    and the importances (input channels' second moments, collected with one probe run; data-aware palettes are
+    fitted with them, so an export needs them: `Importance.save`).
+
+    Raises:
+        ValueError: `data_aware` with a `cache` that holds other importances.
+    """
     numels = measurements.numels
     total = sum(numels.values())
-    options = width_options(numels, measurements.widths)
-    distortion = layer_distortions(measurements)
     importance = collect_importance(unet, {n: get_layer(unet, n) for n in numels}, probe)
+    if data_aware:
+        if cache.importance is not None and cache.importance.digest != importance.digest:
+            raise ValueError("the palette cache holds other importances than this analysis' probe gives")
+        cache.importance = importance  # data-aware palettes are keyed by its digest; plain ones do not change
+    options = width_options(numels, measurements.widths, data_aware)
+    distortion = layer_distortions(measurements)
+    if data_aware:
+        distortion = palette_distortions(unet, options, distortion, cache, importance)
     refined, report = [], {}
     for recipe in sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector):
         name = recipe_name(recipe.selector, "refined")
@@ -92,4 +144,4 @@ def refine_recipes(
         (evaluation,) = executor.measure_all([task], runner)
         refined.append(RecipeResult(name, "refined", dict(found.recipe), bpp, evaluation.psnr, recipe.selector))
         report[name] = {"start": origin.name, **found.to_dict(), "attempts": attempts}
-    return refined, report
+    return refined, report, importance
