@@ -75,6 +75,7 @@ class Refinement:
     Attributes:
         recipe: the best measured recipe (the start if nothing beat it).
         psnr: its measured mean PSNR.
+        prompt_psnr: its measured PSNR per prompt.
         start_psnr: the start's.
         steps: every measured candidate, in order.
         rounds: linearisations made (one backward pass each).
@@ -83,6 +84,7 @@ class Refinement:
     recipe: dict
     psnr: float
     start_psnr: float
+    prompt_psnr: tuple[float, ...] = ()
     steps: list[Step] = field(default_factory=list)
     rounds: int = 0
 
@@ -240,7 +242,7 @@ def refine_recipe(
         return float(sum(psnr) / len(psnr))
 
     first = start_psnr if start_psnr is not None else measure([best], 0)[0]
-    result = Refinement(dict(best), mean_psnr(first), mean_psnr(first))
+    result = Refinement(dict(best), mean_psnr(first), mean_psnr(first), tuple(first))
     best_d = distortion_from_psnr(first)
     names = list(options)
     for r in range(1, rounds + 1):
@@ -266,9 +268,9 @@ def refine_recipe(
             moved = sum(candidate[n] != best[n] for n in names)
             result.steps.append(Step(r, moved, change, d / best_d - 1.0, mean_psnr(psnr)))
             if mean_psnr(psnr) > result.psnr and (improved is None or mean_psnr(psnr) > improved[0]):
-                improved = (mean_psnr(psnr), d, candidate)
+                improved = (mean_psnr(psnr), d, candidate, tuple(psnr))
         if improved is None:
             break
-        result.psnr, best_d, best = improved
+        result.psnr, best_d, best, result.prompt_psnr = improved
         result.recipe = dict(best)
     return result

@@ -5,9 +5,11 @@ Targets are refined smallest first, within t bits/param (the size measure of eve
 starts: the size-aware recipe at t, and the best measured recipe that fits (the reference rule's, the size-aware
 ones, the refined recipes of smaller targets); the better result is kept, so a refined recipe is never worse than
 any measured recipe of its size or smaller. (The search is local: on the demo model the knapsack's start and the
-best start each win at some sizes.) With `data_aware`, each layer may also take its width's data-aware palette
-(`wkmeans<b>`: the same indices and LUT size, so the same bytes, stored by iOS17), whose isolated distortion is the
-measured plain one scaled by the ratio of their importance-weighted weight errors (`palette_distortions`). The
+best start each win at some sizes.) With `data_aware`, the refined recipe is refined once more with each layer
+also free to take its width's data-aware palette (`wkmeans<b>`: the same indices and LUT size, so the same bytes,
+stored by iOS17), whose isolated distortion is the measured plain one scaled by the ratio of their
+importance-weighted weight errors (`palette_distortions`); a second stage, not one search over both, because the
+ratio model flatters the data-aware palettes and would steer the first search (measured on the demo model). The
 refined recipe is named
 `recipe_<bpp>_bit_refined`; how it was found (each round's candidates, predicted and measured) goes to
 `run.json` under `refinement`.
@@ -109,10 +111,11 @@ def refine_recipes(
         if cache.importance is not None and cache.importance.digest != importance.digest:
             raise ValueError("the palette cache holds other importances than this analysis' probe gives")
         cache.importance = importance  # data-aware palettes are keyed by its digest; plain ones do not change
-    options = width_options(numels, measurements.widths, data_aware)
+    options = width_options(numels, measurements.widths)
     distortion = layer_distortions(measurements)
     if data_aware:
-        distortion = palette_distortions(unet, options, distortion, cache, importance)
+        aware_options = width_options(numels, measurements.widths, data_aware=True)
+        aware_distortion = palette_distortions(unet, aware_options, distortion, cache, importance)
     refined, report = [], {}
     for recipe in sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector):
         name = recipe_name(recipe.selector, "refined")
@@ -136,6 +139,13 @@ def refine_recipes(
                              "rounds": attempt.rounds})  # fmt: skip
             if found is None or attempt.psnr > found.psnr:
                 found, origin = attempt, start
+        if data_aware:
+            aware = refine_recipe(probe, unet, found.recipe, aware_options, aware_distortion,
+                                  recipe.selector * total + 1e-6 * total, measure, cache=cache, importance=importance,
+                                  rounds=rounds, start_psnr=found.prompt_psnr)  # fmt: skip
+            attempts.append({"start": f"{name} (widths only)", "start_psnr": found.psnr, "psnr": aware.psnr,
+                             "rounds": aware.rounds, "data_aware": True})  # fmt: skip
+            found = aware if aware.psnr > found.psnr else found
         bpp = bits_per_param(found.recipe, numels)
         task = EvalTask(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", dict(found.recipe),
                         {"config": "refined", "recipe": name, "bits_per_param": bpp,
