@@ -14,8 +14,8 @@ The tiny SDXL pipeline is slower per evaluation than the demo model on a CPU; it
 At each of the five sizes it compares the re-measured one-step PSNR of the fast run's recipe (the refined one;
 the knapsack's on the fast curves is printed too) with the exhaustive size-aware recipe (`delta`) and with Apple's
 rule (`vs_apple`). Both runs re-measure their recipes end to end, so these are measurements, not predictions.
-UNet evaluations count every UNet call (a refinement's gradient counts two: its forward and its forward with
-backward), so the ratio charges the fast run for its refinement.
+UNet evaluations count every UNet call (a refinement's gradient counts one, a forward with backward, which costs
+about three forwards: the wall-time ratio charges that), so the ratios charge the fast run for its refinement.
 
 The last line starts `eval_ratio=A wall_ratio=B mean_delta_db=C worst_vs_apple_db=D` (demo model), then the same
 for tiny SDXL and the fast sweep's validation errors. Example:

@@ -134,9 +134,9 @@ def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path)
     t = result.timing
     assert isinstance(t, Timing)
     assert t.new_evaluations == t.evaluations == len(result.evaluations)
-    # a gradient is one forward and one forward with backward; the refinement's importance one more probe run
+    # a gradient is one forward with backward; the refinement's importance one more probe run
     gradients = sum(a["rounds"] for r in result.refinement.values() for a in r["attempts"])
-    assert gradients > 0 and t.unet_evaluations == t.evaluations + 2 * gradients + 1
+    assert gradients > 0 and t.unet_evaluations == t.evaluations + gradients + 1
     assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s)
     run = json.loads((tmp_path / "run.json").read_text())
     assert list(run["timing"]) == [

@@ -147,7 +147,7 @@ class AnalysisConfig:
         fast_reference_bits (`int`, defaults to 2): the width the fast sweep measures every candidate at.
         fast_calibration (`float`, defaults to 0.05): fraction of candidates the fast sweep measures at every
             width.
-        fast_checks (`float`, defaults to 0.4): predicted points of the planned recipes measured (in 4 rounds of
+        fast_checks (`float`, defaults to 0.1): predicted points of the planned recipes measured (in 4 rounds of
             plan, check, refit), as a fraction of the number of candidates.
         refine_rounds (`int`, defaults to 4): the "refined" strategy's linearisations per recipe at most (each one
             backward pass and up to 4 measured candidates; it stops early when a round finds nothing better).
@@ -175,7 +175,7 @@ class AnalysisConfig:
     sweep: str = "exhaustive"
     fast_reference_bits: int = 2
     fast_calibration: float = 0.05
-    fast_checks: float = 0.4
+    fast_checks: float = 0.1
     refine_rounds: int = 4
     data_aware: bool = False
 
@@ -568,9 +568,13 @@ def run_analysis(
         baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
         if executor is local and (background_fits or (background_fits is None and workers > 0)):
-            # the fast sweep measures every layer at one width first; its other palettes are fitted when needed
+            # the fast sweep measures every layer at one width first, so that width's palettes come first; the other
+            # widths' palettes are fitted when needed, or in the background if the refinement will need them all
             ahead = [PaletteConfig(nbits=config.fast_reference_bits)] if config.sweep == "fast" else palettes
             prefetch_palettes(cache, candidates, ahead, workers=max(1, workers))
+            if config.sweep == "fast" and "refined" in config.strategies:
+                rest = [p for p in palettes if p not in ahead]
+                prefetch_palettes(cache, candidates, rest, workers=max(1, workers))
         if config.sweep == "fast":
             from workbench.fast_analysis import fast_phases
 

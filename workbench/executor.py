@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
@@ -34,7 +33,8 @@ from typing import Any, Protocol
 
 import torch
 
-from workbench.palettize import PaletteCache, palettized
+from workbench.layers import get_layer
+from workbench.palettize import PaletteCache, replacement_weight
 from workbench.stash import WeightStash
 from workbench.store import Evaluation, EvaluationRunner
 
@@ -121,8 +121,9 @@ class Executor(Protocol):
 
 class UNetState:
     """The recipe in force on a UNet, changed with as little work as possible: a recipe that extends the one in
-    force palettizes only the layers it adds (in one `WeightStash`, as a cumulative curve does); any other
-    restores the UNet first. `reset` restores every weight exactly.
+    force palettizes only the layers it adds (a cumulative curve); any other restores only the layers whose entry
+    differs and palettizes them anew (a refinement's candidates differ from each other in a few layers). Originals
+    wait in one `WeightStash` (its memory budget, then disk); `reset` restores every weight exactly.
 
     Args:
         unet (`torch.nn.Module`): the model, palettized in place.
@@ -132,24 +133,43 @@ class UNetState:
     def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None):
         self.unet, self.cache = unet, cache
         self.recipe: Mapping = {}
-        self._stack = contextlib.ExitStack()
         self._stash: WeightStash | None = None
+        self._replaced: dict[str, Any] = {}  # layer -> the entry whose weight is in place, in replacement order
 
     def reach(self, recipe: Mapping) -> None:
         """Put `recipe` in force."""
-        if not extends(recipe, self.recipe):
-            self.reset()
-        added = dict(itertools.islice(recipe.items(), len(self.recipe), None))
-        if added:
-            if self._stash is None:  # one budget for a whole chain: a curve ends with every layer replaced
-                self._stash = self._stack.enter_context(WeightStash())
-            self._stack.enter_context(palettized(self.unet, added, self.cache, self._stash))
+        if extends(recipe, self.recipe):
+            changed = dict(itertools.islice(recipe.items(), len(self.recipe), None))
+        else:
+            target = dict(recipe.items())
+            for name in [n for n, spec in reversed(self._replaced.items()) if target.get(n) != spec]:
+                self._restore(name)
+            changed = {n: spec for n, spec in target.items() if n not in self._replaced}
+        for name, spec in changed.items():
+            layer = get_layer(self.unet, name)
+            new = replacement_weight(name, layer, spec, self.cache)
+            if new is None:
+                continue
+            if self._stash is None:  # one budget for the whole state: a curve ends with every layer replaced
+                self._stash = WeightStash()
+            self._stash.swap(name, layer.weight, new, self.cache)
+            self._replaced[name] = spec
+            del new  # on the disk path its values now live in the weight's storage
         self.recipe = recipe
+
+    def _restore(self, name: str) -> None:
+        self._stash.restore(name, get_layer(self.unet, name).weight)
+        del self._replaced[name]
 
     def reset(self) -> None:
         """Restore every replaced weight (bitwise) and forget the recipe."""
-        self._stack.close()
-        self._stack, self._stash, self.recipe = contextlib.ExitStack(), None, {}
+        try:
+            for name in reversed(list(self._replaced)):
+                self._restore(name)
+        finally:
+            if self._stash is not None:
+                self._stash.close()
+            self._stash, self._replaced, self.recipe = None, {}, {}
 
 
 class LocalExecutor:

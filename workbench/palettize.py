@@ -437,7 +437,10 @@ def _held_nbytes(palette: Palette) -> int:
     return palette.indices.nbytes + palette.lut.nbytes
 
 
-def _replacement(name: str, layer: nn.Module, spec, cache: PaletteCache | None, importance) -> torch.Tensor | None:
+def replacement_weight(
+    name: str, layer: nn.Module, spec, cache: PaletteCache | None = None, importance=None
+) -> torch.Tensor | None:
+    """The weight `layer` (named `name`) takes under a recipe entry `spec` (`palettized`'s), or None (float16)."""
     if spec == "linear8" or spec == "linear8_per_channel":
         return linear_quantize_tensor(layer.weight, per_channel=spec == "linear8_per_channel")
     config = as_config(spec)
@@ -487,7 +490,7 @@ def palettized(
     try:
         for name, spec in recipe.items():
             layer = get_layer(model, name)
-            new = _replacement(name, layer, spec, cache, importance)
+            new = replacement_weight(name, layer, spec, cache, importance)
             if new is not None:
                 stash.swap(name, layer.weight, new, cache)
                 replaced.append(name)
@@ -505,7 +508,7 @@ def palettize_(model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str 
     """Palettize `model`'s layers in place, for good (see `palettized` for a reversible version)."""
     for name, spec in recipe.items():
         layer = get_layer(model, name)
-        new = _replacement(name, layer, spec, None, importance)
+        new = replacement_weight(name, layer, spec, None, importance)
         if new is not None:
             layer.weight.data = new
     return model

@@ -41,7 +41,8 @@ class OneStepProbe:
         reference (`torch.Tensor`): the recording run's output latents, (n_prompts, C, h, w).
         forward_seconds (`float`): wall time spent inside UNet calls made by `__call__` and
             `distortion_gradient` (perf_counter; backward passes included).
-        forward_calls (`int`): number of such calls (a gradient counts its forward and each chunk's).
+        forward_calls (`int`): number of such calls (a gradient counts its forward with backward, or with
+            `batch_chunk` its forward and each chunk's).
     """
 
     @torch.no_grad()
@@ -162,54 +163,71 @@ class OneStepProbe:
         """The latent distortion with the UNet's current weights and its gradient with respect to `params`.
 
         The distortion is the one the allocation predicts, `D = mean_prompts mse_p / peak_p**2` (`peak_p` the
-        reference PSNR's peak, held constant), so `10**(-psnr_p / 10)` averaged over prompts, unrounded. The
-        UNet runs once without autograd to get the output; the gradient of D with respect to the UNet's output
-        (through guidance and the scheduler step, which are cheap) is then pulled back through the UNet in chunks
-        of `batch_chunk` rows of its batch (None: all at once), so activation memory is bounded by the chunk.
+        reference PSNR's peak, held constant), so `10**(-psnr_p / 10)` averaged over prompts, unrounded. Without
+        `batch_chunk`, one forward with autograd and one backward pass. With it, the UNet runs once without
+        autograd, the gradient of D with respect to the UNet's output (through guidance and the scheduler step,
+        which are cheap) is pulled back through the UNet in chunks of `batch_chunk` rows of its batch, so
+        activation memory is bounded by the chunk (one more forward per chunk).
 
         Args:
             params (`Sequence[torch.Tensor]`): UNet parameters (e.g. the candidate layers' weights).
-            batch_chunk (`int`, *optional*): UNet batch rows per backward pass.
+            batch_chunk (`int`, *optional*): UNet batch rows per backward pass; None = the whole batch at once.
 
         Returns:
             `tuple[float, list[torch.Tensor]]`: D, and dD/dp for each of `params` (float32, on their device).
         """
         unet = self.pipe.unet
         start = time.perf_counter()
-        with torch.no_grad():
-            noise = unet(*self._unet_args, **self._unet_kwargs)[0]
-        with torch.enable_grad():
-            noise = noise.detach().float().requires_grad_(True)
-            out = self._step_from(noise.to(self.reference.dtype)).float()
-            ref = self.reference.to(out.device, torch.float32)
-            peak = out.detach().abs().flatten(1).amax(1).double() + PSNR_PEAK_EPS
-            mse = (out - ref).square().flatten(1).mean(1)
-            distortion = (mse / peak.square().to(mse.dtype)).mean()
-            (upstream,) = torch.autograd.grad(distortion, noise)
         flags = [p.requires_grad for p in params]
-        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        step = batch_chunk or self.unet_batch
         try:
             for p in params:
                 p.requires_grad_(True)
-            for first in range(0, self.unet_batch, step):
-                rows = slice(first, min(first + step, self.unet_batch))
-                args, kwargs = self._unet_inputs(rows)
+            if batch_chunk is None or batch_chunk >= self.unet_batch:
                 with torch.enable_grad():
-                    chunk = unet(*args, **kwargs)[0]
-                    parts = torch.autograd.grad(chunk, params, upstream[rows].to(chunk.dtype), allow_unused=True)
-                for g, part in zip(grads, parts):
-                    if part is not None:
-                        g += part.float()
+                    distortion = self._distortion(unet(*self._unet_args, **self._unet_kwargs)[0])
+                    parts = torch.autograd.grad(distortion, params, allow_unused=True)
                 self.forward_calls += 1
+                zero = torch.zeros_like
+                grads = [zero(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, parts)]
+            else:
+                distortion, grads = self._chunked_gradient(params, batch_chunk)
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.forward_seconds += time.perf_counter() - start
-        self.forward_calls += 1
         return float(distortion.detach()), grads
+
+    def _distortion(self, noise: torch.Tensor) -> torch.Tensor:
+        """D of the latents the UNet output `noise` steps to (differentiable; peaks held constant)."""
+        out = self._step_from(noise.to(self.reference.dtype)).float()
+        ref = self.reference.to(out.device, torch.float32)
+        peak = out.detach().abs().flatten(1).amax(1).double() + PSNR_PEAK_EPS
+        mse = (out - ref).square().flatten(1).mean(1)
+        return (mse / peak.square().to(mse.dtype)).mean()
+
+    def _chunked_gradient(self, params, batch_chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        unet = self.pipe.unet
+        with torch.no_grad():
+            noise = unet(*self._unet_args, **self._unet_kwargs)[0]
+        self.forward_calls += 1
+        with torch.enable_grad():
+            noise = noise.detach().float().requires_grad_(True)
+            distortion = self._distortion(noise)
+            (upstream,) = torch.autograd.grad(distortion, noise)
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for first in range(0, self.unet_batch, batch_chunk):
+            rows = slice(first, min(first + batch_chunk, self.unet_batch))
+            args, kwargs = self._unet_inputs(rows)
+            with torch.enable_grad():
+                chunk = unet(*args, **kwargs)[0]
+                parts = torch.autograd.grad(chunk, params, upstream[rows].to(chunk.dtype), allow_unused=True)
+            for g, part in zip(grads, parts):
+                if part is not None:
+                    g += part.float()
+            self.forward_calls += 1
+        return distortion, grads
 
     def psnr(self, latents: torch.Tensor | None = None) -> list[float]:
         """Reference PSNR (rounded to 0.1 dB) of each prompt's latent against the float model's."""

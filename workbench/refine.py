@@ -112,6 +112,7 @@ def layer_changes(
     current: float,
     cache: PaletteCache,
     importance=None,
+    gains: dict | None = None,
 ) -> dict[str, list[Change]]:
     """Every other option of every layer as a `Change` from `recipe` (the aligned model's terms).
 
@@ -124,7 +125,10 @@ def layer_changes(
         current: D at `recipe`.
         cache: the palettes (`PaletteCache`, data-aware ones with its importance).
         importance (`workbench.importance.Importance`, *optional*): weights of the weight error; None = 1.
+        gains (`dict`, *optional*): (layer, option) -> kappa, filled on first use and reused (they do not depend
+            on the recipe; one dict across a refinement's rounds saves recomputing them).
     """
+    gains = {} if gains is None else gains
     norm = math.sqrt(max(current, 1e-300))
     out: dict[str, list[Change]] = {}
     for name, opts in options.items():
@@ -143,10 +147,11 @@ def layer_changes(
             qc = _weight(name, c, original, cache).float()
             delta = qc - qa
             lin = float((grad * delta).sum())
-            reference = c if as_config(c) is not None else a  # the palettized end of the change
-            error = float((imp * (_weight(name, reference, original, cache).float() - w).square()).sum())
-            kappa = distortion[name][reference] / error if error > 0 else 0.0
-            norm2 = max(kappa * float((imp * delta.square()).sum()), lin * lin / (4 * max(current, 1e-300)))
+            end = c if as_config(c) is not None else a  # the palettized end of the change
+            if (name, end) not in gains:
+                error = float((imp * ((qc if end == c else qa) - w).square()).sum())
+                gains[name, end] = distortion[name][end] / error if error > 0 else 0.0
+            norm2 = max(gains[name, end] * float((imp * delta.square()).sum()), lin * lin / (4 * max(current, 1e-300)))
             alpha = lin / (2 * norm)
             changes.append(Change(name, c, opts[c] - opts[a], alpha, max(norm2 - alpha * alpha, 0.0)))
         out[name] = changes
@@ -245,13 +250,14 @@ def refine_recipe(
     result = Refinement(dict(best), mean_psnr(first), mean_psnr(first), tuple(first))
     best_d = distortion_from_psnr(first)
     names = list(options)
+    gains: dict = {}
     for r in range(1, rounds + 1):
         with palettized(unet, best, cache):
             params = [get_layer(unet, n).weight for n in names]
             current, grads = probe.distortion_gradient(params, batch_chunk=batch_chunk)
         result.rounds = r
         gradients = dict(zip(names, grads))
-        changes = layer_changes(unet, best, options, distortion, gradients, current, cache, importance)
+        changes = layer_changes(unet, best, options, distortion, gradients, current, cache, importance, gains)
         spent = sum(options[n][best[n]] for n in names)
         candidates, predicted = [], []
         for k in ks:
