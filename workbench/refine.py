@@ -158,19 +158,22 @@ def layer_changes(
     return out
 
 
-def exchange(
+def exchange_steps(
     changes: Mapping[str, Sequence[Change]], spent: float, budget: float, current: float, max_changed: int
-) -> tuple[dict[str, Hashable], float]:
-    """Up to `max_changed` layer changes that lower the aligned model's D' within `budget`, greedily.
+) -> list[tuple[dict[str, Hashable], float]]:
+    """The greedy steps that lower the aligned model's D' within `budget`, up to `max_changed` layer changes.
 
     Each step takes the best of: one change that fits, or an upgrade paired with a downgrade of another layer
-    (the `PAIR_POOL` best of each per byte) that fit together; it stops when nothing lowers D'.
+    (the `PAIR_POOL` best of each per byte) that fit together; it stops when nothing lowers D' or the next best step
+    would change more than `max_changed` layers. Fewer changes are a prefix of the same steps (`exchange`).
 
     Returns:
-        `(layer -> new option, predicted D'/D - 1)`.
+        `list[tuple[dict, float]]`: per step, the changes it makes (layer -> new option) and the predicted D'/D - 1
+        after it.
     """
     along, rest = math.sqrt(max(current, 1e-300)), 0.0
-    chosen: dict[str, Hashable] = {}
+    chosen: set[str] = set()
+    steps: list[tuple[dict[str, Hashable], float]] = []
 
     def model(a: float, r: float) -> float:
         return a * a + r
@@ -198,11 +201,36 @@ def exchange(
         if best is None or best[0] >= 0 or len(chosen) + len(best[1]) > max_changed:
             break
         for c in best[1]:
-            chosen[c.layer] = c.option
+            chosen.add(c.layer)
             spent += c.cost
             along += c.alpha
             rest += c.rest
-    return chosen, model(along, rest) / max(current, 1e-300) - 1.0
+        steps.append(({c.layer: c.option for c in best[1]}, model(along, rest) / max(current, 1e-300) - 1.0))
+    return steps
+
+
+def exchange(
+    changes: Mapping[str, Sequence[Change]], spent: float, budget: float, current: float, max_changed: int
+) -> tuple[dict[str, Hashable], float]:
+    """Up to `max_changed` layer changes that lower the aligned model's D' within `budget`, greedily
+    (`exchange_steps`, all of them).
+
+    Returns:
+        `(layer -> new option, predicted D'/D - 1)`.
+    """
+    return _prefix(exchange_steps(changes, spent, budget, current, max_changed), max_changed)
+
+
+def _prefix(steps: Sequence[tuple[dict, float]], max_changed: int) -> tuple[dict[str, Hashable], float]:
+    """The steps' changes while they change at most `max_changed` layers, and the prediction after the last."""
+    moves: dict[str, Hashable] = {}
+    change = 0.0
+    for step, after in steps:
+        if len(moves) + len(step) > max_changed:
+            break
+        moves.update(step)
+        change = after
+    return moves, change
 
 
 def refine_recipe(
@@ -260,8 +288,9 @@ def refine_recipe(
         changes = layer_changes(unet, best, options, distortion, gradients, current, cache, importance, gains)
         spent = sum(options[n][best[n]] for n in names)
         candidates, predicted = [], []
+        steps = exchange_steps(changes, spent, budget, current, max(ks))
         for k in ks:
-            moves, change = exchange(changes, spent, budget, current, k)
+            moves, change = _prefix(steps, k)
             candidate = {**best, **moves}
             if moves and candidate not in candidates:
                 candidates.append(candidate)
