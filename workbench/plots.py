@@ -341,5 +341,5 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title or f"{result.preanalysis.model_version}: one-step latent PSNR vs size")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")
     return fig
