@@ -75,7 +75,7 @@ def test_distortion_gradient_is_the_derivative_and_chunks_agree(pipe):
         assert [p.requires_grad for p in params] == flags  # as they were
         i = max(range(len(names)), key=lambda j: float(grads[j].norm()))
         weight = params[i]
-        step = -1e-3 * grads[i] / grads[i].norm() * weight.norm()
+        step = (-1e-3 * grads[i] / grads[i].norm() * weight.norm()).detach()
         with torch.no_grad():
             weight += step
             out = probe().double()
