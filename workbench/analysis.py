@@ -12,7 +12,10 @@
    palettized one after another in that order, not restored between additions (2-5: `workbench.sweeps`);
 6. `plan_recipes`: each strategy's recipes (`PlannedRecipe`) from those measurements;
 7. `measure_recipes`: each recipe re-measured end to end (`recipe_tasks`, `RecipeResult`);
-8. `recipe_trajectories` (optional): full-trajectory images of each recipe against the float model's.
+8. the refined strategy (`workbench.refine_analysis.refine_recipes`): the size-aware recipes refined where layers
+   interact;
+9. `workbench.trajectory.recipe_trajectories` (optional): full-trajectory images of each recipe against the float
+   model's.
 
 Each phase builds its evaluations as tasks (`workbench.executor.EvalTask`: an id and the recipe in force) and hands
 them to one executor's `measure_all`: a `LocalExecutor` in this process (the default), or a
@@ -77,7 +80,7 @@ from workbench.sweeps import (
 )
 
 if TYPE_CHECKING:
-    from workbench.trajectory import TrajectoryResult
+    pass
 
 STRATEGIES = ("apple", "size-aware", "refined")
 SWEEPS = ("exhaustive", "fast")
@@ -425,31 +428,6 @@ def measure_recipes(
     ]
 
 
-def recipe_trajectories(
-    pipe,
-    config: AnalysisConfig,
-    recipes: Sequence[RecipeResult],
-    runner: EvaluationRunner,
-    cache: PaletteCache | None = None,
-) -> list[TrajectoryResult]:
-    """Full trajectories of the float model and every recipe (`workbench.trajectory.evaluate_trajectories`) on
-    `config.trajectory_prompts` (None: `config.prompts`), recorded in the store."""
-    from workbench.trajectory import evaluate_trajectories
-
-    runner.plan(1 + len(recipes))
-    return evaluate_trajectories(
-        pipe,
-        {r.name: r.bits for r in recipes},
-        config.trajectory_prompts or config.prompts,
-        seed=config.seed,
-        num_inference_steps=config.trajectory_steps,
-        height=config.height,
-        width=config.width,
-        cache=cache,
-        runner=runner,
-    )
-
-
 def build_preanalysis(
     version: str,
     isolated: IsolatedSweep,
@@ -471,32 +449,62 @@ def build_preanalysis(
     )
 
 
-def _timing(
-    start: float, probe: OneStepProbe, runner: EvaluationRunner, cache: PaletteCache, remote: dict | None = None
-) -> Timing:
-    """This process' counts, plus the UNet calls, forward time and fits of `remote` workers (an executor's
-    `summary()`), if any."""
-    workers = [] if remote is None else remote["workers"]
-    wall = time.perf_counter() - start
-    forward = probe.forward_seconds + sum(w["forward_s"] for w in workers)
-    return Timing(
-        wall_s=wall,
-        forward_s=forward,
-        unet_evaluations=probe.forward_calls + sum(w["unet_calls"] for w in workers),
-        new_evaluations=runner.new,
-        evaluations=len(runner.evaluations),
-        kmeans_fits=cache.fits + sum(w["kmeans_fits"] for w in workers),
-        overhead=wall / forward if forward else float("nan"),
-        unet_batch=probe.unet_batch,
-    )
-
-
 def fit_workers(device: torch.device) -> int:
     """Background palette-fit threads that leave the UNet its cores: every core but one when the UNet runs on an
     accelerator, else the cores torch's own threads do not use (0: none free). The fits run in numpy and the numba
     solver without the GIL, so threads use the cores as processes would, without copying weights."""
     cores = os.cpu_count() or 1
     return cores - 1 if torch.device(device).type != "cpu" else cores - torch.get_num_threads()
+
+
+def prefetch_sweep_palettes(
+    cache: PaletteCache,
+    candidates: Candidates,
+    config: AnalysisConfig,
+    palettes: Sequence[PaletteConfig],
+    workers: int,
+) -> None:
+    """Fit the sweep's palettes in the background (`prefetch_palettes`). The fast sweep measures every layer at one
+    width first, so that width's palettes come first; its other widths are fitted when needed, or queued after it
+    when the refinement will read them all."""
+    if config.sweep != "fast":
+        prefetch_palettes(cache, candidates, palettes, workers=workers)
+        return
+    ahead = [PaletteConfig(nbits=config.fast_reference_bits)]
+    prefetch_palettes(cache, candidates, ahead, workers=workers)
+    if "refined" in config.strategies:
+        prefetch_palettes(cache, candidates, [p for p in palettes if p not in ahead], workers=workers)
+
+
+def sweep_and_plan(
+    candidates: Candidates,
+    config: AnalysisConfig,
+    baselines: Baselines,
+    palettes: Sequence[PaletteConfig],
+    runner: EvaluationRunner,
+    executor: Executor,
+    workers: int,
+):
+    """Phases 3-7: the sweeps (exhaustive, or the fast sweep's `workbench.fast_analysis.fast_phases`), the recipes
+    planned on them and re-measured. Returns `(isolated, curves, recipes, fast)`, `fast` the fast sweep's phases or
+    None; of the fast sweep's alternatives at a size only the best measured is kept (the others go to its report)."""
+    fast = None
+    if config.sweep == "fast":
+        from workbench.fast_analysis import fast_phases
+
+        fast = fast_phases(candidates, config, baselines, runner, executor, workers)
+        isolated, curves, planned = fast.isolated, fast.curves, fast.planned
+    else:
+        isolated = isolated_sweep(candidates, config.nbits, runner, executor)
+        curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
+        planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
+    recipes = measure_recipes(planned, candidates.numels, runner, executor)
+    if fast is not None:
+        from workbench.fast_analysis import keep_best_per_target
+
+        recipes, dropped = keep_best_per_target(recipes)
+        fast.report.alternatives.extend(dropped)
+    return isolated, curves, recipes, fast
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -557,7 +565,7 @@ def run_analysis(
     probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
     runner = probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
-    fast = None
+    trajectory = []
     palettes = sweep_palettes(config.nbits, config.group_size)
     local = LocalExecutor(unet, cache)
     executor = local if executor is None else executor
@@ -568,29 +576,10 @@ def run_analysis(
         baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
         if executor is local and (background_fits or (background_fits is None and workers > 0)):
-            # the fast sweep measures every layer at one width first, so that width's palettes come first; the other
-            # widths' palettes are fitted when needed, or in the background if the refinement will need them all
-            ahead = [PaletteConfig(nbits=config.fast_reference_bits)] if config.sweep == "fast" else palettes
-            prefetch_palettes(cache, candidates, ahead, workers=max(1, workers))
-            if config.sweep == "fast" and "refined" in config.strategies:
-                rest = [p for p in palettes if p not in ahead]
-                prefetch_palettes(cache, candidates, rest, workers=max(1, workers))
-        if config.sweep == "fast":
-            from workbench.fast_analysis import fast_phases
-
-            fast = fast_phases(candidates, config, baselines, runner, executor, max(1, workers))
-            isolated, curves, planned = fast.isolated, fast.curves, fast.planned
-        else:
-            isolated = isolated_sweep(candidates, config.nbits, runner, executor)
-            curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
-            planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
-        recipes = measure_recipes(planned, candidates.numels, runner, executor)
-        if fast is not None:
-            from workbench.fast_analysis import keep_best_per_target
-
-            recipes, dropped = keep_best_per_target(recipes)
-            fast.report.alternatives.extend(dropped)
-        refinement = {}
+            prefetch_sweep_palettes(cache, candidates, config, palettes, max(1, workers))
+        isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
+                                                         max(1, workers))  # fmt: skip
+        refinement, importance = {}, None
         if "refined" in config.strategies:
             from workbench.refine_analysis import refine_recipes
 
@@ -599,14 +588,17 @@ def run_analysis(
                                                              executor, cache, config.refine_rounds,
                                                              config.data_aware)  # fmt: skip
             recipes = [*recipes, *refined]
-        trajectory = recipe_trajectories(pipe, config, recipes, runner, cache) if config.trajectory else []
+        if config.trajectory:
+            from workbench.trajectory import recipe_trajectories
+
+            trajectory = recipe_trajectories(pipe, config, recipes, runner, cache)
     finally:
         runner.close()
         cache.close()  # stops background fits; the fitted palettes stay cached
         spill.close()  # deletes the spilled palettes (they are only valid in this process)
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
     execution = executor.summary()
-    timing = _timing(start, probed.probe, runner, cache, execution if executor is not local else None)
+    timing = Timing.of(start, probed.probe, runner, cache, execution if executor is not local else None)
     evaluations = list(runner.evaluations)
     if fast is not None:
         evaluations += fast.finish(recipes, curves, candidates)
@@ -615,7 +607,7 @@ def run_analysis(
                             refinement)  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
-        if config.data_aware:
+        if config.data_aware:  # what `workbench export --importance` fits the data-aware palettes with
             importance.save(Path(out_dir) / IMPORTANCE_FILE)
         probed.store.mark_complete()
     return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +75,25 @@ class Timing:
     kmeans_fits: int
     overhead: float
     unet_batch: int
+
+    @classmethod
+    def of(cls, start: float, probe, runner, cache, remote: dict | None = None) -> Timing:
+        """An analysis' timing since `start` (`time.perf_counter`): this process' counts (the probe's UNet calls and
+        forward time, the runner's evaluations, the cache's fits), plus the UNet calls, forward time and fits of
+        `remote` workers (an executor's `summary()`), if any."""
+        workers = [] if remote is None else remote["workers"]
+        wall = time.perf_counter() - start
+        forward = probe.forward_seconds + sum(w["forward_s"] for w in workers)
+        return cls(
+            wall_s=wall,
+            forward_s=forward,
+            unet_evaluations=probe.forward_calls + sum(w["unet_calls"] for w in workers),
+            new_evaluations=runner.new,
+            evaluations=len(runner.evaluations),
+            kmeans_fits=cache.fits + sum(w["kmeans_fits"] for w in workers),
+            overhead=wall / forward if forward else float("nan"),
+            unet_batch=probe.unet_batch,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,11 @@ import torch
 from workbench.generation import generate_images
 from workbench.metrics import image_psnr, image_ssim
 from workbench.palettize import PaletteCache, palettized
+
+if TYPE_CHECKING:
+    from workbench.analysis import AnalysisConfig
+    from workbench.analysis_result import RecipeResult
+    from workbench.store import EvaluationRunner
 
 
 @dataclass(frozen=True)
@@ -132,3 +138,26 @@ def evaluate_trajectories(
             )
         )
     return results
+
+
+def recipe_trajectories(
+    pipe,
+    config: AnalysisConfig,
+    recipes: Sequence[RecipeResult],
+    runner: EvaluationRunner,
+    cache: PaletteCache | None = None,
+) -> list[TrajectoryResult]:
+    """Full trajectories of the float model and every recipe of an analysis (`evaluate_trajectories`) on
+    `config.trajectory_prompts` (None: `config.prompts`), recorded in the store."""
+    runner.plan(1 + len(recipes))
+    return evaluate_trajectories(
+        pipe,
+        {r.name: r.bits for r in recipes},
+        config.trajectory_prompts or config.prompts,
+        seed=config.seed,
+        num_inference_steps=config.trajectory_steps,
+        height=config.height,
+        width=config.width,
+        cache=cache,
+        runner=runner,
+    )
