@@ -174,3 +174,11 @@ def test_group_size_that_divides_no_layer_is_a_user_error(capsys, tmp_path):
         "candidate layers"
     )
     assert not (tmp_path / "o" / "preanalysis.json").exists()
+
+
+def test_analyze_refuses_refined_without_size_aware_and_data_aware_on_workers(capsys, tmp_path):
+    code, err = run_cli(capsys, "analyze", "tiny-sd", "--out", str(tmp_path), "--data-aware", "--workers", "2")
+    assert code == 2 and "--data-aware runs in one process" in err and "--workers 2" in err
+    code, err = run_cli(capsys, "analyze", "tiny-sd", "--out", str(tmp_path), "--strategies", "apple", "refined")
+    assert code == 2 and "add 'size-aware'" in err
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written

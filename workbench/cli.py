@@ -213,6 +213,9 @@ def _ray_executor(args: argparse.Namespace, device: str, dtype):
         if args.ray_address:
             raise InvalidValueError(f"--ray-address={args.ray_address} needs --workers N (N >= 1)")
         return contextlib.nullcontext()
+    if getattr(args, "data_aware", False):  # before any worker starts
+        raise InvalidValueError(f"--data-aware runs in one process (its importances are this process'); drop "
+                                f"--workers {args.workers}")  # fmt: skip
     from workbench.ray_executor import RayExecutor
 
     return RayExecutor(args.model, args.workers, address=args.ray_address, device=device, dtype=dtype,
