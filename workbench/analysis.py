@@ -74,7 +74,7 @@ from workbench.sweeps import (
     cumulative_curves,
     isolated_sweep,
     measure_baselines,
-    prefetch_palettes,
+    prefetch_sweep_palettes,
     sensitivity_order,
     sweep_palettes,
 )
@@ -457,25 +457,6 @@ def fit_workers(device: torch.device) -> int:
     return cores - 1 if torch.device(device).type != "cpu" else cores - torch.get_num_threads()
 
 
-def prefetch_sweep_palettes(
-    cache: PaletteCache,
-    candidates: Candidates,
-    config: AnalysisConfig,
-    palettes: Sequence[PaletteConfig],
-    workers: int,
-) -> None:
-    """Fit the sweep's palettes in the background (`prefetch_palettes`). The fast sweep measures every layer at one
-    width first, so that width's palettes come first; its other widths are fitted when needed, or queued after it
-    when the refinement will read them all."""
-    if config.sweep != "fast":
-        prefetch_palettes(cache, candidates, palettes, workers=workers)
-        return
-    ahead = [PaletteConfig(nbits=config.fast_reference_bits)]
-    prefetch_palettes(cache, candidates, ahead, workers=workers)
-    if "refined" in config.strategies:
-        prefetch_palettes(cache, candidates, [p for p in palettes if p not in ahead], workers=workers)
-
-
 def sweep_and_plan(
     candidates: Candidates,
     config: AnalysisConfig,
@@ -576,7 +557,9 @@ def run_analysis(
         baselines = measure_baselines(unet, runner, executor)
         workers = fit_workers(unet.device)
         if executor is local and (background_fits or (background_fits is None and workers > 0)):
-            prefetch_sweep_palettes(cache, candidates, config, palettes, max(1, workers))
+            reference = config.fast_reference_bits if config.sweep == "fast" else None
+            prefetch_sweep_palettes(cache, candidates, palettes, max(1, workers), reference=reference,
+                                    all_widths=config.sweep != "fast" or "refined" in config.strategies)  # fmt: skip
         isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
                                                          max(1, workers))  # fmt: skip
         refinement, importance = {}, None

@@ -159,6 +159,27 @@ def prefetch_palettes(
     cache.prefetch(jobs, workers=workers)
 
 
+def prefetch_sweep_palettes(
+    cache: PaletteCache,
+    candidates: Candidates,
+    palettes: Sequence[PaletteConfig],
+    workers: int = 1,
+    *,
+    reference: int | None = None,
+    all_widths: bool = True,
+) -> None:
+    """A sweep's background fits (`prefetch_palettes`). A fast sweep measures every layer at its `reference` width
+    first, so that width's palettes are queued first; its other `palettes` only with `all_widths` (the refinement
+    reads them all), else they are fitted when needed."""
+    if reference is None:
+        prefetch_palettes(cache, candidates, palettes, workers=workers)
+        return
+    ahead = [PaletteConfig(nbits=reference)]
+    prefetch_palettes(cache, candidates, ahead, workers=workers)
+    if all_widths:
+        prefetch_palettes(cache, candidates, [p for p in palettes if p not in ahead], workers=workers)
+
+
 @dataclass(frozen=True)
 class IsolatedSweep:
     """nbits -> layer -> PSNR per prompt with only that layer palettized (per-tensor k-means), in module order."""
