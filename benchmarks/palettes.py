@@ -70,7 +70,7 @@ def _options_ios18(layer, numel: int, widths) -> dict:
 
 
 def main() -> None:
-    from workbench.allocation import layer_distortions
+    from workbench.allocation import layer_prompt_distortions
     from workbench.analysis import AnalysisConfig, run_analysis, sweep_measurements, torch_threads
     from workbench.importance import collect_importance
     from workbench.layers import get_layer
@@ -114,7 +114,7 @@ def main() -> None:
 
         # the sweep's distortions; every option's by the palette-error ratio to the same-width plain one
         m = sweep_measurements_from(result, sweep_measurements)
-        measured = layer_distortions(m)
+        measured = layer_prompt_distortions(m)
         ios18 = {n: _options_ios18(layers[n], numels[n], m.widths) for n in numels}
         distortion = palette_distortions(unet, ios18, measured, cache, importance)
         print(f"options and palettes ready at {time.perf_counter() - start:.0f} s")

@@ -110,7 +110,8 @@ def test_killed_cli_analysis_resumes_to_the_same_json(pipe, tmp_path):
 
     resumed = subprocess.run(_analyze(tmp_path / "cut", prompts), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _evaluation_counts(resumed.stdout) == (total, total - stored)  # only the missing ones were measured
+    refined = sum(r.strategy == "refined" for r in full.recipes)  # recorded from their candidates, not measured
+    assert _evaluation_counts(resumed.stdout) == (total, total - stored - refined)  # only the missing ones measured
     a, b = (tmp_path / "full" / "preanalysis.json").read_bytes(), (tmp_path / "cut" / "preanalysis.json").read_bytes()
     assert json.loads(a) == json.loads(b)
     assert a == b
@@ -133,10 +134,11 @@ def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path)
 
     t = result.timing
     assert isinstance(t, Timing)
-    assert t.new_evaluations == t.evaluations == len(result.evaluations)
+    refined = sum(r.strategy == "refined" for r in result.recipes)  # recorded from their measured candidates
+    assert t.new_evaluations == t.evaluations - refined and t.evaluations == len(result.evaluations)
     # a gradient is one forward with backward; the refinement's importance one more probe run
     gradients = sum(a["rounds"] for r in result.refinement.values() for a in r["attempts"])
-    assert gradients > 0 and t.unet_evaluations == t.evaluations + gradients + 1
+    assert gradients > 0 and t.unet_evaluations == t.new_evaluations + gradients + 1
     assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s)
     run = json.loads((tmp_path / "run.json").read_text())
     assert list(run["timing"]) == [

@@ -68,3 +68,28 @@ def test_cli_ray_address_needs_workers(tmp_path, capsys):
     assert "--ray-address=auto needs --workers N" in capsys.readouterr().err
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         RayExecutor("tiny-sd", workers=0)
+
+
+def test_prefetching_executor_fits_each_palette_once_ahead_and_measures_the_same(tmp_path):
+    from workbench.store import EvaluationStore
+
+    with torch_threads(1):
+        pipe = tiny_sd_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        probe = OneStepProbe(pipe, ["a red circle"], height=32, width=32)
+        candidates = candidate_layers(pipe.unet, 30_000)
+        names = list(candidates.layers)
+        tasks = [EvalTask(f"r{i}", "recipe", dict.fromkeys(names[i : i + 3], b)) for i, b in enumerate((2, 4, 2, 8))]
+        plain = LocalExecutor(pipe.unet, PaletteCache()).measure_all(tasks, EvaluationRunner(probe, None, False))
+        store = EvaluationStore(tmp_path / "s.jsonl", {"test": 1})
+        store.append({**plain[0].to_record()})  # the first task is stored: its palettes are not prefetched
+        with PaletteCache() as cache:
+            queued = []
+            prefetch = cache.prefetch
+            cache.prefetch = lambda jobs, workers: (queued.extend(jobs), prefetch(queued, workers))
+            ahead = LocalExecutor(pipe.unet, cache, prefetch=1)
+            got = ahead.measure_all(tasks, EvaluationRunner(probe, store, False))
+            needed = list(dict.fromkeys((n, PaletteConfig(nbits=b)) for t in tasks[1:] for n, b in t.recipe.items()))
+            assert [(n, c) for n, _, c in queued] == needed  # in task order, each once, none of the stored task
+            assert cache.fits == len(needed) and len(cache) == len(needed)
+    assert [e.psnr for e in got] == [e.psnr for e in plain]

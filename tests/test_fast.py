@@ -108,8 +108,10 @@ def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_pre
     n_recipes = len(fast.recipes) + len(report.alternatives)  # the refined ones too
     refine = sum(e.kind == "refine" for e in fast.evaluations)  # the refinement's candidates,
     gradients = sum(a["rounds"] for r in fast.refinement.values() for a in r["attempts"])  # one UNet call each,
-    t = fast.timing  # a candidate met twice is measured once (read back the second time)
-    assert t.unet_evaluations == t.new_evaluations + gradients + 1  # and one probe run for the importances
+    t = fast.timing  # a candidate met twice is measured once (read back the second time); a refined recipe is
+    assert t.unet_evaluations == t.new_evaluations + gradients + 1  # its best candidate's (not measured again),
+    refined = [e for e in fast.evaluations if e.kind == "recipe" and e.config == "refined"]  # and one probe run
+    assert refined and all(e.forward_s == 0.0 for e in refined)  # for the importances
     # baselines + every layer at the reference width + the calibration at the 2 other widths + checks + recipes
     assert t.evaluations == 3 + len(layers) + 2 * n_cal + len(report.checks) + n_recipes + refine
     assert len(report.calibration) == n_cal and 3 <= len(report.checks) <= 4 * FAST.fast_settings.checks_per_round(20)

@@ -239,3 +239,20 @@ def test_small_tensor_palettes_do_not_depend_on_thread_count_or_calling_thread()
     for fit in fits:
         assert np.array_equal(fit.lut.view(np.uint16), reference.lut.view(np.uint16))
         assert np.array_equal(fit.indices, reference.indices)
+
+
+def test_approximate_palettes_are_held_beside_exact_ones_and_only_for_plain_kmeans():
+    net = _net()
+    weight = net[2].weight
+    with PaletteCache() as cache:
+        exact = cache.palette("2", weight, PaletteConfig(nbits=4))
+        approximate = cache.palette("2", weight, PaletteConfig(nbits=4), approximate=True)
+        assert cache.palette("2", weight, PaletteConfig(nbits=4)) is exact and cache.fits == 2
+        assert np.array_equal(approximate.lut, fit_palette(weight, PaletteConfig(nbits=4), solver="binned").lut)
+        w = weight.detach().half().float().numpy()
+        errors = [float(((p.dense() - w) ** 2).sum()) for p in (exact, approximate)]
+        assert errors[1] <= 1.05 * errors[0]  # close to the fit Core ML stores, not that fit
+        with pytest.raises(ValueError, match="plain k-means"):
+            cache.palette("2", weight, PaletteConfig(nbits=4, mode="uniform"), approximate=True)
+    with pytest.raises(ValueError, match="plain k-means palettes only"):
+        fit_palette(weight, PaletteConfig(nbits=4, mode="uniform"), solver="binned")

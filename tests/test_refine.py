@@ -16,7 +16,7 @@ from workbench.importance import IMPORTANCE_FILE, Importance
 from workbench.layers import compressible_layers, get_layer
 from workbench.palettize import PaletteCache, PaletteConfig, as_config, fit_palette, palettized
 from workbench.probe import OneStepProbe
-from workbench.refine import Change, exchange
+from workbench.refine import Change, exchange, prompt_weights, weighted_distortion, weighted_distortions
 
 PROMPTS = ("a red circle", "a blue square")
 
@@ -73,6 +73,12 @@ def test_distortion_gradient_is_the_derivative_and_chunks_agree(pipe):
         for g, c in zip(grads, chunked):  # the same sums in another order: float32 rounding only
             assert float((c - g).norm()) <= 1e-4 * float(g.norm())
         assert [p.requires_grad for p in params] == flags  # as they were
+        # prompt weights: D = mean_p w_p d_p, so each prompt alone (weight 2, the other 0) averages to D
+        first, _ = probe.distortion_gradient(params, weights=(2.0, 0.0))
+        second, _ = probe.distortion_gradient(params, weights=(0.0, 2.0))
+        assert (first + second) / 2 == pytest.approx(d, rel=1e-5) and first != second
+        with pytest.raises(ValueError, match="one weight per prompt"):
+            probe.distortion_gradient(params, weights=(1.0,))
         i = max(range(len(names)), key=lambda j: float(grads[j].norm()))
         weight = params[i]
         step = (-1e-3 * grads[i] / grads[i].norm() * weight.norm()).detach()
@@ -84,6 +90,17 @@ def test_distortion_gradient_is_the_derivative_and_chunks_agree(pipe):
         moved = float(((out - probe.reference.double()).square().flatten(1).mean(1) / peak.square()).mean())
         linear = float((grads[i] * step).sum())
         assert linear < 0 and moved - d == pytest.approx(linear, rel=0.05)
+
+
+def test_prompt_weights_linearise_the_mean_relative_change_the_candidates_are_judged_by():
+    w = prompt_weights((30.0, 40.0))
+    assert w.mean() == pytest.approx(1.0) and w[1] == pytest.approx(10 * w[0])  # the cleaner prompt counts more
+    psnr, change = np.array([30.0, 40.0]), np.array([0.2, -0.1])  # each prompt's distortion times (1 + change)
+    after = psnr - 10 * np.log10(1 + change)
+    assert weighted_distortion(after, w) / weighted_distortion(psnr, w) - 1 == pytest.approx(change.mean())
+    assert prompt_weights((35.0, 35.0)) == pytest.approx([1.0, 1.0])  # equal prompts: the unweighted D
+    table = weighted_distortions({"l": {2: 0.5, 4: [1.0, 3.0], 6: [-1.0, 0.1]}}, w)["l"]
+    assert table == pytest.approx({2: 0.5, 4: float(np.mean(w * [1.0, 3.0])), 6: 0.0})  # clipped at 0
 
 
 def test_refined_recipes_are_measured_no_larger_and_no_worse_than_any_start(pipe, tmp_path):

@@ -188,6 +188,20 @@ def layer_distortions(m: Measurements) -> dict[str, dict[int, float]]:
     return out
 
 
+def layer_prompt_distortions(m: Measurements) -> dict[str, dict[int, np.ndarray]]:
+    """`layer_distortions` per prompt: `10**(-isolated_p/10) - 10**(-original/10)` of each (layer, width), not
+    clipped (a prompt may measure above the floor; clip what is made of them); 16 bits: 0 for every prompt."""
+    floor = 10.0 ** (-m.original / 10.0)
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for layer in m.numels:
+        prompts = len(next(iter(m.isolated.values()))[layer]) if m.isolated else 1
+        options = {FLOAT_BITS: np.zeros(prompts)}
+        for b, per_layer in m.isolated.items():
+            options[int(b)] = 10.0 ** (-np.asarray(per_layer[layer], dtype=np.float64) / 10.0) - floor
+        out[layer] = options
+    return out
+
+
 def allocate(
     distortion: Mapping[str, Mapping[int, float]], numels: Mapping[str, int], target_bpp: float
 ) -> dict[str, int]:

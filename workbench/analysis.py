@@ -548,28 +548,31 @@ def run_analysis(
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
     trajectory = []
     palettes = sweep_palettes(config.nbits, config.group_size)
-    local = LocalExecutor(unet, cache)
+    workers = fit_workers(unet.device)
+    background = executor is None and (background_fits or (background_fits is None and workers > 0))
+    local = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0)
     executor = local if executor is None else executor
     if config.data_aware and executor is not local:
         raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
                                 "process (no --workers)")  # fmt: skip
+    refining = "refined" in config.strategies
+    approximate = config.sweep == "fast" and refining  # the refinement prices options with approximate palettes
     try:
         baselines = measure_baselines(unet, runner, executor)
-        workers = fit_workers(unet.device)
-        if executor is local and (background_fits or (background_fits is None and workers > 0)):
+        if background:
             reference = config.fast_reference_bits if config.sweep == "fast" else None
             prefetch_sweep_palettes(cache, candidates, palettes, max(1, workers), reference=reference,
-                                    all_widths=config.sweep != "fast" or "refined" in config.strategies)  # fmt: skip
+                                    approximate=approximate)  # fmt: skip
         isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
                                                          max(1, workers))  # fmt: skip
         refinement, importance = {}, None
-        if "refined" in config.strategies:
+        if refining:
             from workbench.refine_analysis import refine_recipes
 
             measurements = sweep_measurements(candidates, isolated, curves, baselines)
             refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
                                                              executor, cache, config.refine_rounds,
-                                                             config.data_aware)  # fmt: skip
+                                                             config.data_aware, approximate)  # fmt: skip
             recipes = [*recipes, *refined]
         if config.trajectory:
             from workbench.trajectory import recipe_trajectories

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from workbench.layers import get_layer
-from workbench.palettize import PaletteCache, replacement_weight
+from workbench.palettize import PaletteCache, as_config, replacement_weight
 from workbench.stash import WeightStash
 from workbench.store import Evaluation, EvaluationRunner
 
@@ -128,13 +128,17 @@ class UNetState:
     Args:
         unet (`torch.nn.Module`): the model, palettized in place.
         cache (`PaletteCache`, *optional*): fitted palettes to reuse.
+
+    Attributes:
+        recipe: the recipe in force.
+        replaced (`dict`): layer -> the entry whose weight is in place, in replacement order.
     """
 
     def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None):
         self.unet, self.cache = unet, cache
         self.recipe: Mapping = {}
         self._stash: WeightStash | None = None
-        self._replaced: dict[str, Any] = {}  # layer -> the entry whose weight is in place, in replacement order
+        self.replaced: dict[str, Any] = {}
 
     def reach(self, recipe: Mapping) -> None:
         """Put `recipe` in force."""
@@ -142,9 +146,9 @@ class UNetState:
             changed = dict(itertools.islice(recipe.items(), len(self.recipe), None))
         else:
             target = dict(recipe.items())
-            for name in [n for n, spec in reversed(self._replaced.items()) if target.get(n) != spec]:
+            for name in [n for n, spec in reversed(self.replaced.items()) if target.get(n) != spec]:
                 self._restore(name)
-            changed = {n: spec for n, spec in target.items() if n not in self._replaced}
+            changed = {n: spec for n, spec in target.items() if n not in self.replaced}
         for name, spec in changed.items():
             layer = get_layer(self.unet, name)
             new = replacement_weight(name, layer, spec, self.cache)
@@ -153,23 +157,23 @@ class UNetState:
             if self._stash is None:  # one budget for the whole state: a curve ends with every layer replaced
                 self._stash = WeightStash()
             self._stash.swap(name, layer.weight, new, self.cache)
-            self._replaced[name] = spec
+            self.replaced[name] = spec
             del new  # on the disk path its values now live in the weight's storage
         self.recipe = recipe
 
     def _restore(self, name: str) -> None:
         self._stash.restore(name, get_layer(self.unet, name).weight)
-        del self._replaced[name]
+        del self.replaced[name]
 
     def reset(self) -> None:
         """Restore every replaced weight (bitwise) and forget the recipe."""
         try:
-            for name in reversed(list(self._replaced)):
+            for name in reversed(list(self.replaced)):
                 self._restore(name)
         finally:
             if self._stash is not None:
                 self._stash.close()
-            self._stash, self._replaced, self.recipe = None, {}, {}
+            self._stash, self.replaced, self.recipe = None, {}, {}
 
 
 class LocalExecutor:
@@ -181,15 +185,22 @@ class LocalExecutor:
             config).
         keep_state (`bool`, defaults to False): leave the last recipe in force after `measure_all` (a worker whose
             next chunk continues the same curve); False restores the UNet at the end of each call.
+        prefetch (`int`, defaults to 0): > 0: at the start of each `measure_all`, queue the palettes its tasks
+            will need (not stored, not yet fitted), in task order, for `PaletteCache.prefetch` on that many
+            background threads, so the next tasks' k-means runs while the UNet measures this one (the same
+            palettes as fitted on demand).
 
     Attributes:
         evaluations (`int`), busy_s (`float`): evaluations measured (not read back) and seconds spent measuring
             them (palettizing and probing).
     """
 
-    def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None, *, keep_state: bool = False):
+    def __init__(
+        self, unet: torch.nn.Module, cache: PaletteCache | None = None, *, keep_state: bool = False, prefetch: int = 0
+    ):
         self.state = UNetState(unet, cache)
         self.keep_state = keep_state
+        self.prefetch = prefetch
         self.evaluations = 0
         self.busy_s = 0.0
 
@@ -205,11 +216,26 @@ class LocalExecutor:
             self.busy_s += time.perf_counter() - start
             return psnr
 
+        if self.prefetch and self.state.cache is not None:
+            self._prefetch([t for t in tasks if runner.lookup(t.id) is None])
         try:
             return [runner.measure(t.id, t.kind, lambda t=t: measure(t), **t.fields) for t in tasks]
         finally:
             if not self.keep_state:
                 self.state.reset()
+
+    def _prefetch(self, tasks: Sequence[EvalTask]) -> None:
+        """Queue the palettes of `tasks` in task order (each once), of layers not replaced now (their weights
+        are the originals the palettes are fitted to)."""
+        seen, jobs = set(), []
+        for task in tasks:
+            for name, spec in task.recipe.items():
+                config = None if isinstance(spec, str) and spec.startswith("linear8") else as_config(spec)
+                if config is None or (name, config) in seen or name in self.state.replaced:
+                    continue
+                seen.add((name, config))
+                jobs.append((name, get_layer(self.state.unet, name).weight, config))
+        self.state.cache.prefetch(jobs, workers=self.prefetch)
 
     def close(self) -> None:
         """Restore the UNet (only needed with `keep_state`)."""

@@ -35,26 +35,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from workbench.kmeans import kmeans_1d, unique_float16
+from workbench.kmeans import kmeans_1d_binned, unique_float16
 
 TINY = 1e-30  # a distortion below the floor is clipped here, so its logarithm stays finite
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The cheap side: weight quantization errors.
-
-
-def _equal_count_bins(values: np.ndarray, counts: np.ndarray, bins: int):
-    """Consecutive sorted values merged into about `bins` bins of equal weight: (means, counts, within-bin SS)."""
-    if len(values) <= bins:
-        return values, counts, 0.0
-    edges = np.searchsorted(np.cumsum(counts), np.linspace(0, counts.sum(), bins + 1)[1:-1], side="right")
-    starts = np.unique(np.concatenate([[0], edges]))
-    w = np.add.reduceat(counts, starts)
-    s1 = np.add.reduceat(counts * values, starts)
-    s2 = np.add.reduceat(counts * values * values, starts)
-    means = s1 / w
-    return means, w, float(np.maximum(s2 - s1 * means, 0.0).sum())
 
 
 def float16_histogram(weight: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,10 +60,10 @@ def quantization_errors(
     """The squared error `sum (w - q_b(w))**2` of the optimal per-tensor k-means palette of `weight`'s float16
     values at each width b, the proxy `e_l(b)` of the fast sweep's model.
 
-    The distinct float16 values (with their counts) are merged into at most `min(bins_per_cluster * 2**b,
-    max_bins)` bins of equal weight and clustered exactly (`workbench.kmeans.kmeans_1d`); the error is the bins'
-    within-bin error plus the clustering's, an upper bound of the optimum that is exact when no bins are merged and
-    within a few percent otherwise. It costs milliseconds per width instead of an 8-bit fit's seconds.
+    The distinct float16 values (with their counts) are clustered by `workbench.kmeans.kmeans_1d_binned`: merged
+    into at most `min(bins_per_cluster * 2**b, max_bins)` bins and clustered exactly; the error is
+    an upper bound of the optimum that is exact when no bins are merged and within a few percent otherwise. It
+    costs milliseconds per width instead of an 8-bit fit's seconds.
 
     Args:
         weight: the weight, or its `float16_histogram`.
@@ -85,13 +72,7 @@ def quantization_errors(
         width -> error, in the weight's units squared (float64).
     """
     values, counts = weight if isinstance(weight, tuple) else float16_histogram(weight)
-    out = {}
-    for b in widths:
-        k = 1 << int(b)
-        means, weights, within = _equal_count_bins(values, counts, min(bins_per_cluster * k, max_bins))
-        labels, centroids = kmeans_1d(means, weights, k)
-        out[int(b)] = within + float((weights * (means - np.asarray(centroids)[labels]) ** 2).sum())
-    return out
+    return {int(b): kmeans_1d_binned(values, counts, 1 << int(b), bins_per_cluster, max_bins)[1] for b in widths}
 
 
 def layer_quantization_errors(

@@ -85,9 +85,9 @@ def fast_phases(
             break  # every option the recipes use is measured
         run_checks(sweep, points, candidates, runner, executor)
     isolated, curves, planned = plan()
-    return FastPhases(
-        sweep, isolated, curves, planned + rule_alternatives(planned, candidates, isolated, curves, baselines)
-    )
+    if "refined" not in config.strategies:  # the refinement corrects the knapsack's recipes better (measured)
+        planned += rule_alternatives(planned, candidates, isolated, curves, baselines)
+    return FastPhases(sweep, isolated, curves, planned)
 
 
 def rule_alternatives(

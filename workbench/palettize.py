@@ -51,6 +51,8 @@ from workbench.palette_config import (  # noqa: F401  (re-exported: the config b
 )
 from workbench.stash import WeightStash
 
+BINNED = "binned"  # fit_palette's approximate solver (estimates only)
+
 
 @dataclass(frozen=True, eq=False)
 class Palette:
@@ -105,8 +107,8 @@ def sklearn_single_thread():
 
 def _fit_group_kmeans(values: np.ndarray, nbits: int, solver: str) -> tuple[np.ndarray, np.ndarray]:
     lut = np.zeros(1 << nbits)
-    if values.size >= KMEANS_1D_MIN_NUMEL:
-        clusters = kmeans_float16(values, len(lut), solver=solver)
+    if values.size >= KMEANS_1D_MIN_NUMEL or solver == BINNED:
+        clusters = kmeans_float16(values, len(lut), solver=solver, binned=solver == BINNED)
         lut[: len(clusters.centroids)] = clusters.centroids
         return lut, clusters.labels
     from sklearn.cluster import KMeans
@@ -164,7 +166,9 @@ def fit_palette(
         weight (`torch.Tensor` or `np.ndarray`): any float dtype; cast to float16 first, as Core ML stores it.
             Axis 0 is the output-channel axis that grouped palettes split.
         config (`PaletteConfig`): bits, mode and granularity.
-        solver (`str`, defaults to `"auto"`): the 1-D k-means solver (see `workbench.kmeans.kmeans_1d`).
+        solver (`str`, defaults to `"auto"`): the 1-D k-means solver (see `workbench.kmeans.kmeans_1d`), or
+            `"binned"`: an approximate k-means palette at any size (`kmeans_float16(binned=True)`, milliseconds
+            where an 8-bit fit takes a second), for estimates only: not what Core ML stores.
         importance (`np.ndarray`, *optional*): for data-aware configs (required there, ignored by the others):
             finite importances >= 0 broadcastable to the weight's shape, e.g.
             `Importance.for_weight(name, weight.shape)` (the input channel's second moment of every weight).
@@ -172,6 +176,8 @@ def fit_palette(
     Returns:
         `Palette` with a float16 LUT per channel group and uint8 indices in the weight's shape.
     """
+    if solver == BINNED and config.mode != "kmeans":
+        raise ValueError(f"the {BINNED!r} solver approximates plain k-means palettes only, not {config.key!r}")
     w = _as_float16_numpy(weight)
     channels = w.shape[0]
     group_size = config.group_size if config.granularity == "per_grouped_channel" else channels
@@ -181,7 +187,9 @@ def fit_palette(
         )
     importance = _importance_array(importance, config, w.shape)
     luts, indices = [], []
-    small_groups = config.mode == "kmeans" and w.size // (channels // group_size) < KMEANS_1D_MIN_NUMEL
+    small_groups = (
+        config.mode == "kmeans" and solver != BINNED and w.size // (channels // group_size) < KMEANS_1D_MIN_NUMEL
+    )
     # scikit-learn's path: pinned once per weight, not per group (setting the pin costs ~5 ms)
     with sklearn_single_thread() if small_groups else nullcontext():
         for start in range(0, channels, group_size):
@@ -277,19 +285,28 @@ class PaletteCache:
     def _identity(weight: torch.Tensor) -> tuple:
         return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
 
-    def _key(self, name: str, config: PaletteConfig) -> tuple[str, PaletteConfig, str | None]:
+    def _key(
+        self, name: str, config: PaletteConfig, approximate: bool = False
+    ) -> tuple[str, PaletteConfig, str | None]:
+        if approximate:
+            if config.mode != "kmeans":
+                raise ValueError(f"approximate palettes are plain k-means ones, not {config.key!r}")
+            return (name, config, BINNED)
         return (name, config, self.importance.digest if config.data_aware and self.importance is not None else None)
 
-    def _fit(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+    def _fit(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool = False) -> Palette:
+        if approximate:
+            return fit_palette(weight, config, solver=BINNED)
         importance = None
         if config.data_aware and self.importance is not None:
             importance = self.importance.for_weight(name, tuple(weight.shape))
         return fit_palette(weight, config, solver=self.solver, importance=importance)
 
-    def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+    def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool = False) -> Palette:
         """The palette of `weight` (layer `name`) under `config`: held, read back, taken from a background fit,
-        or fitted now."""
-        key, identity = self._key(name, config), self._identity(weight)
+        or fitted now. `approximate`: the binned k-means palette instead (`fit_palette(solver="binned")`: fast at
+        any width, for estimates only), held beside the exact one."""
+        key, identity = self._key(name, config, approximate), self._identity(weight)
         palette = self._lookup(key, identity)
         if palette is None:
             with self._lock:
@@ -297,7 +314,7 @@ class PaletteCache:
             if pending is not None and pending[0] == identity and not pending[1].cancel():
                 palette = pending[1].result()  # fitted in the background (see `prefetch`), or being fitted
             else:  # not submitted, stale, or still queued (then cancelled: fitting it here is sooner)
-                palette = self._fit(name, weight, config)
+                palette = self._fit(name, weight, config, approximate)
             self._store(key, identity, palette)
         return palette
 
@@ -357,7 +374,9 @@ class PaletteCache:
             del self._pending[key]
         self._store(key, identity, future.result())
 
-    def prefetch(self, jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]], workers: int = 1) -> None:
+    def prefetch(
+        self, jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]], workers: int = 1, approximate: bool = False
+    ) -> None:
         """Start fitting palettes in background threads, in the order given, so they are ready when asked for.
 
         The fits spend their time in numpy and the compiled k-means solver (numba, nogil), which release the GIL,
@@ -371,17 +390,18 @@ class PaletteCache:
         Args:
             jobs (`Iterable[tuple[str, torch.Tensor, PaletteConfig]]`): (layer name, its weight, config).
             workers (`int`, defaults to 1): background threads.
+            approximate (`bool`, defaults to False): fit the approximate palettes (see `palette`).
         """
         if self._executor is None:
             self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
         for name, weight, config in jobs:
-            key = self._key(name, config)
+            key = self._key(name, config, approximate)
             with self._lock:
                 if key in self._palettes or key in self._pending or key in self._spilled:
                     continue
                 weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
                 identity = self._identity(weight)
-                future = self._executor.submit(self._fit, name, weight, config)
+                future = self._executor.submit(self._fit, name, weight, config, approximate)
                 self._pending[key] = (identity, future)
             future.add_done_callback(lambda f, k=key, i=identity, w=weight: self._adopt(k, i, w, f))
 
@@ -418,8 +438,8 @@ class PaletteCache:
         palette under `palette.config` (not counted in `fits`)."""
         self._put(self._key(name, palette.config), self._identity(weight), palette)
 
-    def get(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> torch.Tensor:
-        dense = self.palette(name, weight, config).dense()
+    def get(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool = False) -> torch.Tensor:
+        dense = self.palette(name, weight, config, approximate).dense()
         return torch.from_numpy(dense).to(device=weight.device, dtype=weight.dtype)
 
     @property

@@ -158,7 +158,7 @@ class OneStepProbe:
         return tuple(cut(a) for a in self._unet_args), {k: cut(v) for k, v in self._unet_kwargs.items()}
 
     def distortion_gradient(
-        self, params: Sequence[torch.Tensor], batch_chunk: int | None = None
+        self, params: Sequence[torch.Tensor], batch_chunk: int | None = None, weights: Sequence[float] | None = None
     ) -> tuple[float, list[torch.Tensor]]:
         """The latent distortion with the UNet's current weights and its gradient with respect to `params`.
 
@@ -172,6 +172,8 @@ class OneStepProbe:
         Args:
             params (`Sequence[torch.Tensor]`): UNet parameters (e.g. the candidate layers' weights).
             batch_chunk (`int`, *optional*): UNet batch rows per backward pass; None = the whole batch at once.
+            weights (`Sequence[float]`, *optional*): one per prompt: `D = mean_p weights_p mse_p / peak_p**2`
+                (`workbench.refine.prompt_weights`); None = 1 each.
 
         Returns:
             `tuple[float, list[torch.Tensor]]`: D, and dD/dp for each of `params` (float32, on their device).
@@ -184,13 +186,13 @@ class OneStepProbe:
                 p.requires_grad_(True)
             if batch_chunk is None or batch_chunk >= self.unet_batch:
                 with torch.enable_grad():
-                    distortion = self._distortion(unet(*self._unet_args, **self._unet_kwargs)[0])
+                    distortion = self._distortion(unet(*self._unet_args, **self._unet_kwargs)[0], weights)
                     parts = torch.autograd.grad(distortion, params, allow_unused=True)
                 self.forward_calls += 1
                 zero = torch.zeros_like
                 grads = [zero(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, parts)]
             else:
-                distortion, grads = self._chunked_gradient(params, batch_chunk)
+                distortion, grads = self._chunked_gradient(params, batch_chunk, weights)
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
@@ -199,22 +201,28 @@ class OneStepProbe:
         self.forward_seconds += time.perf_counter() - start
         return float(distortion.detach()), grads
 
-    def _distortion(self, noise: torch.Tensor) -> torch.Tensor:
-        """D of the latents the UNet output `noise` steps to (differentiable; peaks held constant)."""
+    def _distortion(self, noise: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+        """D of the latents the UNet output `noise` steps to (differentiable; peaks held constant), each prompt
+        weighted by `weights` if given."""
         out = self._step_from(noise.to(self.reference.dtype)).float()
         ref = self.reference.to(out.device, torch.float32)
         peak = out.detach().abs().flatten(1).amax(1).double() + PSNR_PEAK_EPS
         mse = (out - ref).square().flatten(1).mean(1)
-        return (mse / peak.square().to(mse.dtype)).mean()
+        d = mse / peak.square().to(mse.dtype)
+        if weights is not None:
+            if len(weights) != len(d):
+                raise ValueError(f"one weight per prompt: got {len(weights)} weights for {len(d)} prompts")
+            d = d * torch.as_tensor(weights, dtype=d.dtype, device=d.device)
+        return d.mean()
 
-    def _chunked_gradient(self, params, batch_chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _chunked_gradient(self, params, batch_chunk: int, weights=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         unet = self.pipe.unet
         with torch.no_grad():
             noise = unet(*self._unet_args, **self._unet_kwargs)[0]
         self.forward_calls += 1
         with torch.enable_grad():
             noise = noise.detach().float().requires_grad_(True)
-            distortion = self._distortion(noise)
+            distortion = self._distortion(noise, weights)
             (upstream,) = torch.autograd.grad(distortion, noise)
         grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for first in range(0, self.unet_batch, batch_chunk):

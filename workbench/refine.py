@@ -23,6 +23,13 @@ layer changes (one that fits the budget, or an upgrade paid for by a downgrade) 
 round measures the candidates for K in `ks` end to end, keeps the best if it beats R, and linearises again there.
 Every candidate is a measured recipe; nothing is kept on the model's word.
 
+Candidates are judged by their mean PSNR over prompts, so each round linearises the matching objective: the
+distortion with every prompt weighted by `1 / d_p` at R (`prompt_weights`), whose relative change is the mean of
+the prompts' relative changes, i.e. to first order the mean PSNR's. The unweighted D is dominated by the worst
+prompt: on the demo model, with it, the search stalled at two of five sizes on candidates that lowered D and the
+mean PSNR together (the fast analysis' refined recipes +0.8 dB over the knapsack's on average at 2.5-4.5 b/p;
+weighted, +2.6 dB).
+
 Example:
     >>> refined = refine_recipe(probe, unet, recipe, options, budget, measure, cache=cache, importance=importance)
     >>> refined.psnr, [s.measured_psnr for s in refined.steps]
@@ -34,10 +41,10 @@ import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from workbench.layers import get_layer
-from workbench.metrics import distortion_from_psnr
 from workbench.palette_config import as_config
 from workbench.palettize import PaletteCache, palettized
 
@@ -102,6 +109,15 @@ def _weight(name: str, option, original: torch.Tensor, cache: PaletteCache) -> t
     return original if config is None else cache.get(name, original, config)
 
 
+def _priced(name: str, option, original: torch.Tensor, cache: PaletteCache, approximate: bool) -> torch.Tensor:
+    """An option's weight as a change is priced: with `approximate`, a plain k-means palette's approximate one
+    (`PaletteCache.palette(approximate=True)`), else the exact one."""
+    config = as_config(option)
+    if approximate and config is not None and config.mode == "kmeans":
+        return cache.get(name, original, config, approximate=True)
+    return _weight(name, option, original, cache)
+
+
 @torch.no_grad()
 def layer_changes(
     unet: torch.nn.Module,
@@ -112,7 +128,8 @@ def layer_changes(
     current: float,
     cache: PaletteCache,
     importance=None,
-    gains: dict | None = None,
+    errors: dict | None = None,
+    approximate: bool = False,
 ) -> dict[str, list[Change]]:
     """Every other option of every layer as a `Change` from `recipe` (the aligned model's terms).
 
@@ -125,10 +142,14 @@ def layer_changes(
         current: D at `recipe`.
         cache: the palettes (`PaletteCache`, data-aware ones with its importance).
         importance (`workbench.importance.Importance`, *optional*): weights of the weight error; None = 1.
-        gains (`dict`, *optional*): (layer, option) -> kappa, filled on first use and reused (they do not depend
-            on the recipe; one dict across a refinement's rounds saves recomputing them).
+        errors (`dict`, *optional*): (layer, option) -> the option's importance-weighted weight error, filled on
+            first use and reused (it does not depend on the recipe; one dict across a refinement's rounds saves
+            recomputing them).
+        approximate (`bool`, defaults to False): price the other options' plain k-means palettes with their
+            approximate ones (`PaletteCache.palette(approximate=True)`): no exact fit of every width (a fast
+            analysis). The current option's weight is always the exact one the gradient was taken at.
     """
-    gains = {} if gains is None else gains
+    errors = {} if errors is None else errors
     norm = math.sqrt(max(current, 1e-300))
     out: dict[str, list[Change]] = {}
     for name, opts in options.items():
@@ -144,14 +165,14 @@ def layer_changes(
         for c in opts:
             if c == a:
                 continue
-            qc = _weight(name, c, original, cache).float()
+            qc = _priced(name, c, original, cache, approximate).float()
             delta = qc - qa
             lin = float((grad * delta).sum())
             end = c if as_config(c) is not None else a  # the palettized end of the change
-            if (name, end) not in gains:
-                error = float((imp * ((qc if end == c else qa) - w).square()).sum())
-                gains[name, end] = distortion[name][end] / error if error > 0 else 0.0
-            norm2 = max(gains[name, end] * float((imp * delta.square()).sum()), lin * lin / (4 * max(current, 1e-300)))
+            if (name, end) not in errors:
+                errors[name, end] = float((imp * ((qc if end == c else qa) - w).square()).sum())
+            kappa = distortion[name][end] / errors[name, end] if errors[name, end] > 0 else 0.0
+            norm2 = max(kappa * float((imp * delta.square()).sum()), lin * lin / (4 * max(current, 1e-300)))
             alpha = lin / (2 * norm)
             changes.append(Change(name, c, opts[c] - opts[a], alpha, max(norm2 - alpha * alpha, 0.0)))
         out[name] = changes
@@ -233,6 +254,29 @@ def _prefix(steps: Sequence[tuple[dict, float]], max_changed: int) -> tuple[dict
     return moves, change
 
 
+def prompt_weights(psnr: Sequence[float]) -> np.ndarray:
+    """Per-prompt weights `1 / d_p` (`d_p = 10**(-psnr_p / 10)`), scaled to mean 1, of the objective a round
+    linearises: `D_w = mean_p w_p d_p`. Its relative change is the mean of the prompts' relative changes, so to
+    first order it moves with the mean PSNR over prompts, which candidates are judged by; the unweighted D is
+    dominated by the worst prompt (a step that lowers it can lower the mean PSNR)."""
+    inverse = 10.0 ** (np.asarray(psnr, dtype=np.float64) / 10.0)
+    return inverse / inverse.mean()
+
+
+def weighted_distortion(psnr: Sequence[float], weights: np.ndarray) -> float:
+    """`mean_p w_p 10**(-psnr_p / 10)`: a measurement's `D_w` (`prompt_weights`)."""
+    return float(np.mean(weights * 10.0 ** (-np.asarray(psnr, dtype=np.float64) / 10.0)))
+
+
+def weighted_distortions(distortion: Mapping[str, Mapping[Hashable, object]], weights: np.ndarray) -> dict:
+    """layer -> option -> isolated `D_w`: a per-prompt distortion (`layer_prompt_distortions`) weighted by
+    `weights` (clipped at 0), a scalar as it is (the same for every prompt, and the weights' mean is 1)."""
+    out = {}
+    for name, opts in distortion.items():
+        out[name] = {o: max(float(np.mean(weights * np.asarray(d, dtype=np.float64))), 0.0) for o, d in opts.items()}
+    return out
+
+
 def refine_recipe(
     probe,
     unet: torch.nn.Module,
@@ -248,6 +292,7 @@ def refine_recipe(
     ks: Sequence[int] = DEFAULT_KS,
     batch_chunk: int | None = None,
     start_psnr: Sequence[float] | None = None,
+    approximate: bool = False,
 ) -> Refinement:
     """Refine `recipe` within `budget` bytes by measured steps of the aligned model (see the module docstring).
 
@@ -256,7 +301,9 @@ def refine_recipe(
         unet: `probe`'s UNet; palettized in place during each gradient and restored.
         recipe: layer -> option to start from (options as in `options`; 16 = float16).
         options: layer -> option -> bytes stored (`PaletteConfig.nbytes`, float16 2 bytes a weight).
-        distortion: layer -> option -> isolated distortion (`workbench.allocation.layer_distortions`).
+        distortion: layer -> option -> isolated distortion per prompt (`workbench.allocation.
+            layer_prompt_distortions`), or one for all prompts (`layer_distortions`); each round weighs the prompts
+            by `prompt_weights` at its recipe.
         budget: bytes the refined recipe may take.
         measure: `(recipes, round) -> PSNR per prompt of each`, end to end (the analysis' executor).
         cache (`PaletteCache`): the palettes.
@@ -265,6 +312,8 @@ def refine_recipe(
         ks (`Sequence[int]`, defaults to (1, 2, 4, 8)): layer changes per measured candidate.
         batch_chunk (`int`, *optional*): UNet batch rows per backward pass (bounds activation memory).
         start_psnr (`Sequence[float]`, *optional*): the start's measured PSNR per prompt, if known.
+        approximate (`bool`, defaults to False): price options with approximate palettes (`layer_changes`);
+            candidates are measured with exact ones, always.
 
     Returns:
         `Refinement`.
@@ -276,16 +325,17 @@ def refine_recipe(
 
     first = start_psnr if start_psnr is not None else measure([best], 0)[0]
     result = Refinement(dict(best), mean_psnr(first), mean_psnr(first), tuple(first))
-    best_d = distortion_from_psnr(first)
     names = list(options)
-    gains: dict = {}
+    errors: dict = {}
     for r in range(1, rounds + 1):
+        weights = prompt_weights(result.prompt_psnr)
         with palettized(unet, best, cache):
             params = [get_layer(unet, n).weight for n in names]
-            current, grads = probe.distortion_gradient(params, batch_chunk=batch_chunk)
+            current, grads = probe.distortion_gradient(params, batch_chunk=batch_chunk, weights=weights)
         result.rounds = r
         gradients = dict(zip(names, grads))
-        changes = layer_changes(unet, best, options, distortion, gradients, current, cache, importance, gains)
+        table = weighted_distortions(distortion, weights)
+        changes = layer_changes(unet, best, options, table, gradients, current, cache, importance, errors, approximate)
         spent = sum(options[n][best[n]] for n in names)
         candidates, predicted = [], []
         steps = exchange_steps(changes, spent, budget, current, max(ks))
@@ -297,15 +347,16 @@ def refine_recipe(
                 predicted.append(change)
         if not candidates:
             break
+        best_d = weighted_distortion(result.prompt_psnr, weights)
         improved = None
         for candidate, change, psnr in zip(candidates, predicted, measure(candidates, r)):
-            d = distortion_from_psnr(psnr)
             moved = sum(candidate[n] != best[n] for n in names)
-            result.steps.append(Step(r, moved, change, d / best_d - 1.0, mean_psnr(psnr)))
+            measured = weighted_distortion(psnr, weights) / best_d - 1.0
+            result.steps.append(Step(r, moved, change, measured, mean_psnr(psnr)))
             if mean_psnr(psnr) > result.psnr and (improved is None or mean_psnr(psnr) > improved[0]):
-                improved = (mean_psnr(psnr), d, candidate, tuple(psnr))
+                improved = (mean_psnr(psnr), candidate, tuple(psnr))
         if improved is None:
             break
-        result.psnr, best_d, best, result.prompt_psnr = improved
+        result.psnr, best, result.prompt_psnr = improved
         result.recipe = dict(best)
     return result

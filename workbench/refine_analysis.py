@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from workbench.allocation import Measurements, layer_distortions
+from workbench.allocation import Measurements, layer_prompt_distortions
 from workbench.analysis import recipe_hash
 from workbench.analysis_result import RecipeResult
 from workbench.executor import EvalTask, Executor
@@ -53,13 +53,13 @@ def width_options(numels: Mapping[str, int], widths: Sequence[int], data_aware: 
 def palette_distortions(
     unet: torch.nn.Module,
     options: Mapping[str, Mapping],
-    measured: Mapping[str, Mapping[int, float]],
+    measured: Mapping[str, Mapping[int, object]],
     cache: PaletteCache,
     importance: Importance,
 ) -> dict[str, dict]:
-    """Each option's isolated distortion: measured for per-tensor k-means widths (and float16); for any other
-    palette, the measured same-width one times the ratio of their importance-weighted weight errors
-    (`palette_error`), the proxy of a layer's output error that data-aware palettes minimise."""
+    """Each option's isolated distortion (per prompt if `measured`'s are): measured for per-tensor k-means widths
+    (and float16); for any other palette, the measured same-width one times the ratio of their importance-weighted
+    weight errors (`palette_error`), the proxy of a layer's output error that data-aware palettes minimise."""
     out = {}
     for name, opts in options.items():
         weight = get_layer(unet, name).weight
@@ -95,11 +95,13 @@ def refine_recipes(
     cache: PaletteCache,
     rounds: int,
     data_aware: bool = False,
+    approximate: bool = False,
 ) -> tuple[list[RecipeResult], dict, Importance]:
     """Refine every size-aware recipe (`refine_recipe`); return the refined recipes (measured end to end, strategy
     "refined"), per refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`,
     and the importances (input channels' second moments, collected with one probe run; data-aware palettes are
-    fitted with them, so an export needs them: `Importance.save`).
+    fitted with them, so an export needs them: `Importance.save`). `approximate`: price options with approximate
+    palettes (`refine_recipe`).
 
     Raises:
         ValueError: `data_aware` with a `cache` that holds other importances.
@@ -112,7 +114,7 @@ def refine_recipes(
             raise ValueError("the palette cache holds other importances than this analysis' probe gives")
         cache.importance = importance  # data-aware palettes are keyed by its digest; plain ones do not change
     options = width_options(numels, measurements.widths)
-    distortion = layer_distortions(measurements)
+    distortion = layer_prompt_distortions(measurements)
     if data_aware:
         aware_options = width_options(numels, measurements.widths, data_aware=True)
         aware_distortion = palette_distortions(unet, aware_options, distortion, cache, importance)
@@ -134,7 +136,8 @@ def refine_recipes(
         for start in [recipe] if best is recipe else [recipe, best]:
             attempt = refine_recipe(probe, unet, {n: start.bits.get(n, FLOAT_BITS) for n in numels}, options,
                                     distortion, recipe.selector * total + 1e-6 * total, measure, cache=cache,
-                                    importance=importance, rounds=rounds, start_psnr=start.psnr)  # fmt: skip
+                                    importance=importance, rounds=rounds, start_psnr=start.psnr,
+                                    approximate=approximate)  # fmt: skip
             attempts.append({"start": start.name, "start_psnr": start.psnr_mean, "psnr": attempt.psnr,
                              "rounds": attempt.rounds})  # fmt: skip
             if found is None or attempt.psnr > found.psnr:
@@ -142,16 +145,15 @@ def refine_recipes(
         if data_aware:
             aware = refine_recipe(probe, unet, found.recipe, aware_options, aware_distortion,
                                   recipe.selector * total + 1e-6 * total, measure, cache=cache, importance=importance,
-                                  rounds=rounds, start_psnr=found.prompt_psnr)  # fmt: skip
+                                  rounds=rounds, start_psnr=found.prompt_psnr, approximate=approximate)  # fmt: skip
             attempts.append({"start": f"{name} (widths only)", "start_psnr": found.psnr, "psnr": aware.psnr,
                              "rounds": aware.rounds, "data_aware": True})  # fmt: skip
             found = aware if aware.psnr > found.psnr else found
         bpp = bits_per_param(found.recipe, numels)
-        task = EvalTask(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", dict(found.recipe),
-                        {"config": "refined", "recipe": name, "bits_per_param": bpp,
-                         "extra": {"selector": recipe.selector}})  # fmt: skip
-        runner.plan(1)
-        (evaluation,) = executor.measure_all([task], runner)
+        runner.plan(1)  # measured end to end already (a candidate, or the start): recorded, not measured again
+        evaluation = runner.alias(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", found.prompt_psnr,
+                                  config="refined", recipe=name, bits_per_param=bpp,
+                                  extra={"selector": recipe.selector})  # fmt: skip
         refined.append(RecipeResult(name, "refined", dict(found.recipe), bpp, evaluation.psnr, recipe.selector))
         report[name] = {"start": origin.name, **found.to_dict(), "attempts": attempts}
     return refined, report, importance

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -276,6 +276,18 @@ class EvaluationRunner:
                     **fields,
                 )
             )  # fmt: skip
+        self.evaluations.append(evaluation)
+        self.advance()
+        return evaluation
+
+    def alias(self, eval_id: str, kind: str, psnr: Sequence[float], **fields) -> Evaluation:
+        """The evaluation `eval_id` of a configuration this run already measured under another id (the same
+        recipe in force, so the same PSNRs): stored (`forward_s` 0) and listed like any, not counted in `new`."""
+        evaluation = self.lookup(eval_id)
+        if evaluation is None:
+            evaluation = Evaluation(id=eval_id, kind=kind, psnr=tuple(psnr), forward_s=0.0, **fields)
+            if self.store is not None:
+                self.store.append(evaluation.to_record())
         self.evaluations.append(evaluation)
         self.advance()
         return evaluation

@@ -149,14 +149,20 @@ def sweep_palettes(nbits: Sequence[int], group_size: int = 0) -> list[PaletteCon
 
 
 def prefetch_palettes(
-    cache: PaletteCache, candidates: Candidates, palettes: Sequence[PaletteConfig], workers: int = 1
+    cache: PaletteCache,
+    candidates: Candidates,
+    palettes: Sequence[PaletteConfig],
+    workers: int = 1,
+    approximate: bool = False,
 ) -> None:
     """Fit every candidate's `palettes` in the background (`PaletteCache.prefetch`, `workers` threads), per-tensor
     before grouped and widest (slowest k-means) first, while the sweeps start at the narrowest; the same palettes as
-    fitted on demand."""
+    fitted on demand (`approximate`: the approximate ones, of the plain k-means `palettes`)."""
     ordered = sorted(palettes, key=lambda p: (p.granularity != "per_tensor", -p.nbits))
+    if approximate:
+        ordered = [p for p in ordered if p.mode == "kmeans"]
     jobs = [(name, layer.weight, p) for p in ordered for name, layer in candidates.layers.items()]
-    cache.prefetch(jobs, workers=workers)
+    cache.prefetch(jobs, workers=workers, approximate=approximate)
 
 
 def prefetch_sweep_palettes(
@@ -166,18 +172,26 @@ def prefetch_sweep_palettes(
     workers: int = 1,
     *,
     reference: int | None = None,
-    all_widths: bool = True,
+    approximate: bool = False,
 ) -> None:
-    """A sweep's background fits (`prefetch_palettes`). A fast sweep measures every layer at its `reference` width
-    first, so that width's palettes are queued first; its other `palettes` only with `all_widths` (the refinement
-    reads them all), else they are fitted when needed."""
+    """A sweep's background fits (`prefetch_palettes`). The exhaustive sweep (`reference` None) needs every palette.
+
+    A fast sweep measures every layer at its `reference` width first, so those palettes are queued first; then,
+    with `approximate`, every palette's approximate one (what the refinement prices options with); then the exact
+    palettes of the other widths but the widest, narrowest first, for the recipes. The widest are the slowest fits
+    (8 bits: two thirds of the demo model's k-means time) and recipes give that width to the fewest layers: they are
+    fitted when a measurement needs them (`workbench.executor.LocalExecutor` queues each call's own palettes).
+    """
     if reference is None:
         prefetch_palettes(cache, candidates, palettes, workers=workers)
         return
     ahead = [PaletteConfig(nbits=reference)]
     prefetch_palettes(cache, candidates, ahead, workers=workers)
-    if all_widths:
-        prefetch_palettes(cache, candidates, [p for p in palettes if p not in ahead], workers=workers)
+    if approximate:
+        prefetch_palettes(cache, candidates, palettes, workers=workers, approximate=True)
+    widest = max(p.nbits for p in palettes)
+    rest = sorted((p for p in palettes if p not in ahead and p.nbits < widest), key=lambda p: p.nbits)
+    cache.prefetch([(name, layer.weight, p) for p in rest for name, layer in candidates.layers.items()], workers)
 
 
 @dataclass(frozen=True)
