@@ -86,7 +86,10 @@ def test_prefetching_executor_fits_each_palette_once_ahead_and_measures_the_same
         with PaletteCache() as cache:
             queued = []
             prefetch = cache.prefetch
-            cache.prefetch = lambda jobs, workers: (queued.extend(jobs), prefetch(queued, workers))
+            cache.prefetch = lambda jobs, workers, urgent: (
+                queued.extend(jobs),
+                prefetch(queued, workers, urgent=urgent),
+            )
             ahead = LocalExecutor(pipe.unet, cache, prefetch=1)
             got = ahead.measure_all(tasks, EvaluationRunner(probe, store, False))
             needed = list(dict.fromkeys((n, PaletteConfig(nbits=b)) for t in tasks[1:] for n, b in t.recipe.items()))

@@ -247,17 +247,19 @@ def test_weights_move_centroids_towards_the_important_values_and_are_checked():
 @pytest.mark.parametrize("k", [4, 64, 256])
 def test_binned_kmeans_is_close_to_the_optimum_in_the_tails_too(k):
     """Equal-weight bins alone starved the tails (an 8-bit clustering of a Student-t tensor was 130x the optimum);
-    `merge_bins` adds equal-width edges. The binned labelling is a real clustering, so never below the optimum."""
+    `merge_bins` adds equal-width edges. A binned labelling is a real clustering, so never below the optimum."""
     rng = np.random.default_rng(k)
-    for x in (rng.standard_normal(200_000), rng.standard_t(3, 200_000)):
+    for tails, x in ((False, rng.standard_normal(200_000)), (True, rng.standard_t(3, 200_000))):
         x = x.astype(np.float16)
         u = unique_float16(x)
         values, counts = u.values.astype(np.float64), u.counts.astype(np.float64)
         optimum = _cost(values, counts, kmeans_1d(values, counts, k)[0])
-        binned = kmeans_float16(x, k, binned=True)
-        error = float(((x.astype(np.float64) - binned.centroids[binned.labels]) ** 2).sum())
-        assert optimum * (1 - 1e-9) <= error <= 1.05 * optimum
-        centroids, bound = kmeans.kmeans_1d_binned(values, counts, k)
-        assert np.array_equal(centroids, binned.centroids) and bound >= optimum * (1 - 1e-9)
+        _, bound = kmeans.kmeans_1d_binned(values, counts, k)  # 2,048 bins: what the fast sweep's errors use
+        assert optimum * (1 - 1e-9) <= bound <= 1.05 * optimum
+        palette = kmeans_float16(x, k, binned=True)  # fewer bins, faster: within 5 %, 30 % on heavy tails at k=256
+        centroids, _ = kmeans.kmeans_1d_binned(values, counts, k, max_bins=kmeans.BINNED_PALETTE_BINS)
+        assert np.array_equal(palette.centroids, centroids)
+        error = float(((x.astype(np.float64) - palette.centroids[palette.labels]) ** 2).sum())
+        assert optimum * (1 - 1e-9) <= error <= (1.3 if tails and k == 256 else 1.05) * optimum
     with pytest.raises(ValueError, match="plain k-means only"):
         kmeans_float16(x, k, binned=True, weights=np.ones(x.size))

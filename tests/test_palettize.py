@@ -256,3 +256,31 @@ def test_approximate_palettes_are_held_beside_exact_ones_and_only_for_plain_kmea
             cache.palette("2", weight, PaletteConfig(nbits=4, mode="uniform"), approximate=True)
     with pytest.raises(ValueError, match="plain k-means palettes only"):
         fit_palette(weight, PaletteConfig(nbits=4, mode="uniform"), solver="binned")
+
+
+def test_fit_process_gives_fit_palettes_bits_and_reports_failures():
+    from workbench.fit_worker import FitProcess, FitProcessError
+
+    net = _net()
+    small = net[0].weight  # 288 weights: scikit-learn's path, which background fits run in the helper process
+    with FitProcess() as process:
+        for nbits in (2, 6):
+            got, expected = process.fit(small.detach().half().numpy(), PaletteConfig(nbits=nbits)), None
+            expected = fit_palette(small, PaletteConfig(nbits=nbits))
+            assert np.array_equal(got.lut, expected.lut) and np.array_equal(got.indices, expected.indices)
+        with pytest.raises(FitProcessError, match="group_size"):  # raised there, reported here; it keeps serving
+            process.fit(small.detach().half().numpy(), PaletteConfig(nbits=4, granularity="per_grouped_channel",
+                                                                    group_size=3))  # fmt: skip
+        assert process.fit(small.detach().half().numpy(), PaletteConfig(nbits=2)).config == PaletteConfig(nbits=2)
+    assert process._process is None
+
+
+def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette():
+    net = _net()
+    with PaletteCache() as cache:
+        cache.prefetch([("2", net[2].weight, PaletteConfig(nbits=8)), ("4", net[4].weight, PaletteConfig(nbits=8))])
+        cache.prefetch([("4", net[4].weight, PaletteConfig(nbits=8))], urgent=True)
+        assert cache._urgent is not None
+        palette = cache.palette("4", net[4].weight, PaletteConfig(nbits=8))
+        assert np.array_equal(palette.dense(), fit_palette(net[4].weight, PaletteConfig(nbits=8)).dense())
+    assert cache._urgent is None and cache._process is None

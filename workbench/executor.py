@@ -235,7 +235,7 @@ class LocalExecutor:
                     continue
                 seen.add((name, config))
                 jobs.append((name, get_layer(self.state.unet, name).weight, config))
-        self.state.cache.prefetch(jobs, workers=self.prefetch)
+        self.state.cache.prefetch(jobs, workers=self.prefetch, urgent=True)
 
     def close(self) -> None:
         """Restore the UNet (only needed with `keep_state`)."""

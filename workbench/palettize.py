@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from workbench.errors import InvalidValueError
+from workbench.fit_worker import FitProcess, FitProcessError
 from workbench.kmeans import kmeans_float16
 from workbench.layers import get_layer
 from workbench.palette_config import (  # noqa: F401  (re-exported: the config belongs to palettization's API)
@@ -276,6 +277,8 @@ class PaletteCache:
         self._spilled: dict[tuple[str, PaletteConfig, str | None], tuple[tuple, Path]] = {}
         self._pending: dict[tuple[str, PaletteConfig, str | None], tuple[tuple, Future]] = {}
         self._executor: ThreadPoolExecutor | None = None
+        self._urgent: ThreadPoolExecutor | None = None  # `prefetch(urgent=True)`: the next measurements' palettes
+        self._process: FitProcess | None = None  # background fits of small tensors (scikit-learn holds the GIL)
         self._lock = threading.RLock()
         self._nbytes = 0
         self.peak_nbytes = 0
@@ -302,6 +305,27 @@ class PaletteCache:
             importance = self.importance.for_weight(name, tuple(weight.shape))
         return fit_palette(weight, config, solver=self.solver, importance=importance)
 
+    @staticmethod
+    def _in_process(weight: torch.Tensor, config: PaletteConfig, approximate: bool) -> bool:
+        """Whether a background fit of this palette runs in the helper process: scikit-learn's path (plain k-means
+        of groups under `KMEANS_1D_MIN_NUMEL` weights)."""
+        groups = weight.shape[0] // config.group_size if config.granularity == "per_grouped_channel" else 1
+        return not approximate and config.mode == "kmeans" and weight.numel() // groups < KMEANS_1D_MIN_NUMEL
+
+    def _fit_in_background(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool) -> Palette:
+        """A prefetched fit: scikit-learn's (a plain k-means palette of groups under `KMEANS_1D_MIN_NUMEL` weights)
+        in the helper process (`workbench.fit_worker`: the same palette, without holding this process' GIL while
+        the UNet runs), any other in this thread; in this thread too if the process fails."""
+        if self._in_process(weight, config, approximate):
+            with self._lock:
+                process = self._process
+            try:
+                if process is not None:
+                    return process.fit(_as_float16_numpy(weight), config, self.solver)
+            except FitProcessError:
+                pass
+        return self._fit(name, weight, config, approximate)
+
     def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool = False) -> Palette:
         """The palette of `weight` (layer `name`) under `config`: held, read back, taken from a background fit,
         or fitted now. `approximate`: the binned k-means palette instead (`fit_palette(solver="binned")`: fast at
@@ -311,9 +335,11 @@ class PaletteCache:
         if palette is None:
             with self._lock:
                 pending = self._pending.pop(key, None)
-            if pending is not None and pending[0] == identity and not pending[1].cancel():
+            running = pending is not None and pending[0] == identity and not pending[1].cancel()
+            if running and (pending[1].done() or not self._in_process(weight, config, approximate)):
                 palette = pending[1].result()  # fitted in the background (see `prefetch`), or being fitted
-            else:  # not submitted, stale, or still queued (then cancelled: fitting it here is sooner)
+            else:  # not submitted, stale, still queued (cancelled then), or in the helper process (which may still
+                # be starting): fitting it here is sooner, and gives the same palette
                 palette = self._fit(name, weight, config, approximate)
             self._store(key, identity, palette)
         return palette
@@ -375,33 +401,49 @@ class PaletteCache:
         self._store(key, identity, future.result())
 
     def prefetch(
-        self, jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]], workers: int = 1, approximate: bool = False
+        self,
+        jobs: Iterable[tuple[str, torch.Tensor, PaletteConfig]],
+        workers: int = 1,
+        approximate: bool = False,
+        urgent: bool = False,
     ) -> None:
         """Start fitting palettes in background threads, in the order given, so they are ready when asked for.
 
         The fits spend their time in numpy and the compiled k-means solver (numba, nogil), which release the GIL,
         so on a machine with a core the model does not use they overlap its forward passes instead of adding to
-        them. `palette` waits for a fit that is running, and fits a still-queued one itself (cancelling the
-        queued job), so submit the most expensive fits (the widest palettes) first and the caller works up
-        from the cheap end. A weight that changed after it was submitted is refitted. Results are the same
-        as without prefetching, and finished fits count against `max_bytes` like any other. Call `close` (or
-        use the cache as a context manager) to stop the threads.
+        them; scikit-learn's fits of small tensors, which hold it, run in a helper process
+        (`workbench.fit_worker`; the same palettes). `palette` waits for a fit that is running, and fits a
+        still-queued one itself (cancelling the queued job), so submit the most expensive fits (the widest
+        palettes) first and the caller works up from the cheap end. A weight that changed after it was submitted
+        is refitted. Results are the same as without prefetching, and finished fits count against `max_bytes` like
+        any other. Call `close` (or use the cache as a context manager) to stop the threads and the process.
 
         Args:
             jobs (`Iterable[tuple[str, torch.Tensor, PaletteConfig]]`): (layer name, its weight, config).
-            workers (`int`, defaults to 1): background threads.
+            workers (`int`, defaults to 1): background threads (of the first call; urgent fits have one more).
             approximate (`bool`, defaults to False): fit the approximate palettes (see `palette`).
+            urgent (`bool`, defaults to False): palettes needed next (the measurements about to run), fitted on a
+                thread of their own ahead of what earlier calls queued (a queued job of the same palette moves).
         """
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
+                self._process = FitProcess()
+                self._process.start()  # it imports while the first fits run
+            if urgent and self._urgent is None:
+                self._urgent = ThreadPoolExecutor(1, thread_name_prefix="palette-fit-urgent")
+            pool = self._urgent if urgent else self._executor
         for name, weight, config in jobs:
             key = self._key(name, config, approximate)
             with self._lock:
-                if key in self._palettes or key in self._pending or key in self._spilled:
+                if key in self._palettes or key in self._spilled:
                     continue
+                queued = self._pending.get(key)
+                if queued is not None and not (urgent and queued[1].cancel()):
+                    continue  # running or queued already (an urgent one moves to the urgent thread)
                 weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
                 identity = self._identity(weight)
-                future = self._executor.submit(self._fit, name, weight, config, approximate)
+                future = pool.submit(self._fit_in_background, name, weight, config, approximate)
                 self._pending[key] = (identity, future)
             future.add_done_callback(lambda f, k=key, i=identity, w=weight: self._adopt(k, i, w, f))
 
@@ -421,9 +463,13 @@ class PaletteCache:
 
     def close(self) -> None:
         """Cancel the fits not started yet, wait for the running ones and stop the background threads."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        for pool in (self._executor, self._urgent):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._executor = self._urgent = None
+        if self._process is not None:
+            self._process.close()
+            self._process = None
         with self._lock:
             self._pending.clear()
 
