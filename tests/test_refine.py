@@ -16,7 +16,14 @@ from workbench.importance import IMPORTANCE_FILE, Importance
 from workbench.layers import compressible_layers, get_layer
 from workbench.palettize import PaletteCache, PaletteConfig, as_config, fit_palette, palettized
 from workbench.probe import OneStepProbe
-from workbench.refine import Change, exchange, prompt_weights, weighted_distortion, weighted_distortions
+from workbench.refine import (
+    Change,
+    PricedWeights,
+    exchange,
+    prompt_weights,
+    weighted_distortion,
+    weighted_distortions,
+)
 
 PROMPTS = ("a red circle", "a blue square")
 
@@ -152,3 +159,18 @@ def test_data_aware_refinement_saves_its_importance_and_is_rejected_on_workers(p
     assert np.array_equal(cache.palette(name, weight, PaletteConfig.from_key(key)).dense(), again.dense())
     with pytest.raises(InvalidValueError, match="one process"):
         run_analysis(pipe, config, executor=object())
+
+
+def test_priced_weights_are_the_palettes_and_held_within_their_budget():
+    weight = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    cache = PaletteCache()
+    exact = cache.get("w", weight, PaletteConfig(nbits=4)).float()
+    approximate = cache.get("w", weight, PaletteConfig(nbits=4), approximate=True).float()
+    held = PricedWeights(max_bytes=weight.numel() * 4)  # room for one
+    assert torch.equal(held.get("w", 4, weight, cache, approximate=False), exact)
+    two = cache.get("w", weight, PaletteConfig(2), approximate=True).float()
+    assert torch.equal(held.get("w", 2, weight, cache, approximate=True), two)
+    assert list(held.held) == [("w", 4)] and held.nbytes == weight.numel() * 4
+    assert held.get("w", 4, weight, cache, approximate=False) is held.held["w", 4]
+    assert torch.equal(PricedWeights(max_bytes=0).get("w", 4, weight, cache, approximate=True), approximate)
+    assert torch.equal(held.get("w", 16, weight, cache, approximate=True), weight)  # float16: the weight itself

@@ -110,12 +110,32 @@ def _weight(name: str, option, original: torch.Tensor, cache: PaletteCache) -> t
 
 
 def _priced(name: str, option, original: torch.Tensor, cache: PaletteCache, approximate: bool) -> torch.Tensor:
-    """An option's weight as a change is priced: with `approximate`, a plain k-means palette's approximate one
-    (`PaletteCache.palette(approximate=True)`), else the exact one."""
+    """An option's weight as a change is priced (float32): with `approximate`, a plain k-means palette's
+    approximate one (`PaletteCache.palette(approximate=True)`), else the exact one."""
     config = as_config(option)
     if approximate and config is not None and config.mode == "kmeans":
-        return cache.get(name, original, config, approximate=True)
-    return _weight(name, option, original, cache)
+        return cache.get(name, original, config, approximate=True).float()
+    return _weight(name, option, original, cache).float()
+
+
+@dataclass
+class PricedWeights:
+    """The dense weights options are priced with, kept across a refinement's rounds (they do not depend on the
+    recipe) within `max_bytes`; beyond it, expanded from their palettes each time they are asked for."""
+
+    max_bytes: int = 256 << 20
+    held: dict = field(default_factory=dict)
+    nbytes: int = 0
+
+    def get(self, name: str, option, original: torch.Tensor, cache: PaletteCache, approximate: bool) -> torch.Tensor:
+        weight = self.held.get((name, option))
+        if weight is None:
+            weight = _priced(name, option, original, cache, approximate)
+            size = weight.numel() * weight.element_size()
+            if self.nbytes + size <= self.max_bytes:
+                self.held[name, option] = weight
+                self.nbytes += size
+        return weight
 
 
 @torch.no_grad()
@@ -130,6 +150,7 @@ def layer_changes(
     importance=None,
     errors: dict | None = None,
     approximate: bool = False,
+    priced: PricedWeights | None = None,
 ) -> dict[str, list[Change]]:
     """Every other option of every layer as a `Change` from `recipe` (the aligned model's terms).
 
@@ -148,8 +169,10 @@ def layer_changes(
         approximate (`bool`, defaults to False): price the other options' plain k-means palettes with their
             approximate ones (`PaletteCache.palette(approximate=True)`): no exact fit of every width (a fast
             analysis). The current option's weight is always the exact one the gradient was taken at.
+        priced (`PricedWeights`, *optional*): the options' dense weights, kept across calls (one per refinement).
     """
     errors = {} if errors is None else errors
+    priced = PricedWeights(max_bytes=0) if priced is None else priced
     norm = math.sqrt(max(current, 1e-300))
     out: dict[str, list[Change]] = {}
     for name, opts in options.items():
@@ -165,7 +188,7 @@ def layer_changes(
         for c in opts:
             if c == a:
                 continue
-            qc = _priced(name, c, original, cache, approximate).float()
+            qc = priced.get(name, c, original, cache, approximate)
             delta = qc - qa
             lin = float((grad * delta).sum())
             end = c if as_config(c) is not None else a  # the palettized end of the change
@@ -327,6 +350,7 @@ def refine_recipe(
     result = Refinement(dict(best), mean_psnr(first), mean_psnr(first), tuple(first))
     names = list(options)
     errors: dict = {}
+    priced = PricedWeights()
     for r in range(1, rounds + 1):
         weights = prompt_weights(result.prompt_psnr)
         with palettized(unet, best, cache):
@@ -335,7 +359,8 @@ def refine_recipe(
         result.rounds = r
         gradients = dict(zip(names, grads))
         table = weighted_distortions(distortion, weights)
-        changes = layer_changes(unet, best, options, table, gradients, current, cache, importance, errors, approximate)
+        changes = layer_changes(unet, best, options, table, gradients, current, cache, importance, errors, approximate,
+                                priced)  # fmt: skip
         spent = sum(options[n][best[n]] for n in names)
         candidates, predicted = [], []
         steps = exchange_steps(changes, spent, budget, current, max(ks))
