@@ -43,14 +43,18 @@ def test_unet_state_palettizes_only_what_a_recipe_adds_and_restores_bitwise():
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
 
 
+def _tiny_probe():
+    """A tiny SD pipeline, its one-prompt probe and its candidate layers (call with one torch thread)."""
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, OneStepProbe(pipe, ["a red circle"], height=32, width=32), candidate_layers(pipe.unet, 30_000)
+
+
 def test_local_executor_skips_stored_tasks_without_palettizing(tmp_path):
     from workbench.store import EvaluationStore
 
     with torch_threads(1):
-        pipe = tiny_sd_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        probe = OneStepProbe(pipe, ["a red circle"], height=32, width=32)
-        candidates = candidate_layers(pipe.unet, 30_000)
+        pipe, probe, candidates = _tiny_probe()
         tasks = isolated_tasks(candidates, (2,))[:2] + curve_tasks(candidates, C2, list(candidates.layers)[:3])
         store = EvaluationStore(tmp_path / "s.jsonl", {"test": 1})
         first = LocalExecutor(pipe.unet, PaletteCache()).measure_all(tasks, EvaluationRunner(probe, store, False))
@@ -74,10 +78,7 @@ def test_prefetching_executor_fits_each_palette_once_ahead_and_measures_the_same
     from workbench.store import EvaluationStore
 
     with torch_threads(1):
-        pipe = tiny_sd_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        probe = OneStepProbe(pipe, ["a red circle"], height=32, width=32)
-        candidates = candidate_layers(pipe.unet, 30_000)
+        pipe, probe, candidates = _tiny_probe()
         names = list(candidates.layers)
         tasks = [EvalTask(f"r{i}", "recipe", dict.fromkeys(names[i : i + 3], b)) for i, b in enumerate((2, 4, 2, 8))]
         plain = LocalExecutor(pipe.unet, PaletteCache()).measure_all(tasks, EvaluationRunner(probe, None, False))

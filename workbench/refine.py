@@ -277,6 +277,19 @@ def _prefix(steps: Sequence[tuple[dict, float]], max_changed: int) -> tuple[dict
     return moves, change
 
 
+def _candidates(best: Mapping, steps: Sequence[tuple[dict, float]], ks: Sequence[int]) -> tuple[list, list]:
+    """The distinct recipes of `best` with the first steps changing at most k layers, for k in `ks`, and their
+    predicted changes."""
+    candidates, predicted = [], []
+    for k in ks:
+        moves, change = _prefix(steps, k)
+        candidate = {**best, **moves}
+        if moves and candidate not in candidates:
+            candidates.append(candidate)
+            predicted.append(change)
+    return candidates, predicted
+
+
 def prompt_weights(psnr: Sequence[float]) -> np.ndarray:
     """Per-prompt weights `1 / d_p` (`d_p = 10**(-psnr_p / 10)`), scaled to mean 1, of the objective a round
     linearises: `D_w = mean_p w_p d_p`. Its relative change is the mean of the prompts' relative changes, so to
@@ -362,14 +375,7 @@ def refine_recipe(
         changes = layer_changes(unet, best, options, table, gradients, current, cache, importance, errors, approximate,
                                 priced)  # fmt: skip
         spent = sum(options[n][best[n]] for n in names)
-        candidates, predicted = [], []
-        steps = exchange_steps(changes, spent, budget, current, max(ks))
-        for k in ks:
-            moves, change = _prefix(steps, k)
-            candidate = {**best, **moves}
-            if moves and candidate not in candidates:
-                candidates.append(candidate)
-                predicted.append(change)
+        candidates, predicted = _candidates(best, exchange_steps(changes, spent, budget, current, max(ks)), ks)
         if not candidates:
             break
         best_d = weighted_distortion(result.prompt_psnr, weights)
