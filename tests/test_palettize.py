@@ -5,6 +5,7 @@ from torch import nn
 
 from workbench.layers import LayerNotFoundError, compressible_layers, get_layer
 from workbench.palettize import (
+    Palette,
     PaletteCache,
     PaletteConfig,
     as_config,
@@ -284,3 +285,22 @@ def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette():
         palette = cache.palette("4", net[4].weight, PaletteConfig(nbits=8))
         assert np.array_equal(palette.dense(), fit_palette(net[4].weight, PaletteConfig(nbits=8)).dense())
     assert cache._urgent is None and cache._process is None
+
+
+def test_a_fit_process_that_cannot_start_leaves_the_fits_to_the_thread(monkeypatch):
+    from workbench import fit_worker
+
+    monkeypatch.setattr(fit_worker.sys, "executable", "/nonexistent/python")
+    net = _net()
+    with fit_worker.FitProcess() as process:
+        for _ in range(2):  # the second call does not try again
+            with pytest.raises(fit_worker.FitProcessError, match="failed"):
+                process.fit(net[0].weight.detach().half().numpy(), PaletteConfig(nbits=2))
+    with PaletteCache() as cache:  # background fits of small tensors fall back to the cache's thread
+        cache.prefetch([("0", net[0].weight, PaletteConfig(nbits=2))])
+        pending = cache._pending.get(("0", PaletteConfig(nbits=2), None))
+        if pending is not None:  # (or already adopted)
+            assert isinstance(pending[1].result(), Palette)
+        got = cache.palette("0", net[0].weight, PaletteConfig(nbits=2))
+        assert np.array_equal(got.dense(), fit_palette(net[0].weight, PaletteConfig(nbits=2)).dense())
+        assert cache.fits == 1

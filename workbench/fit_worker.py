@@ -59,6 +59,7 @@ class FitProcess:
     def __init__(self):
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._failed: str | None = None  # once it failed, it is not started again (callers fit in their thread)
 
     def fit(self, values: np.ndarray, config, solver: str = "auto"):
         """`fit_palette(values, config, solver)` in the helper process (`values`: the weight's float16 array).
@@ -69,13 +70,16 @@ class FitProcess:
         from workbench.palettize import Palette
 
         with self._lock:
+            if self._failed is not None:
+                raise FitProcessError(self._failed)
             try:
                 self._start()
                 _send(self._process.stdin, (np.ascontiguousarray(values, dtype=np.float16), config, solver))
                 reply = _receive(self._process.stdout)
             except (OSError, EOFError, pickle.PickleError) as error:
                 self._stop()
-                raise FitProcessError(f"the palette fit process failed: {error}") from error
+                self._failed = f"the palette fit process failed: {error}"
+                raise FitProcessError(self._failed) from error
         if reply[0] != "ok":
             raise FitProcessError(f"the palette fit failed in the helper process: {reply[1]}")
         return Palette(reply[1], reply[2], config)
@@ -125,7 +129,9 @@ class FitProcess:
 def main() -> None:
     """The helper's loop: fit each request until stdin closes."""
     import os
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's; this process ends when its input closes
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything else printed goes to stderr, not into the replies
     from workbench.palettize import fit_palette
