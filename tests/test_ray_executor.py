@@ -52,6 +52,11 @@ def _stop_after(n: int):
     return callback
 
 
+def _aliases(result) -> int:
+    """Evaluations recorded from another's measurement (`EvaluationRunner.alias`): the refined recipes."""
+    return sum(r.strategy == "refined" for r in result.recipes)
+
+
 def _stored(out) -> int:
     (store,) = (out / "store").glob("*.jsonl")
     return sum("id" in json.loads(line) for line in store.read_text().splitlines())
@@ -69,12 +74,13 @@ def test_a_killed_worker_is_replaced_and_the_json_is_the_single_process_one(pipe
         result = run_analysis(pipe, CONFIG, out_dir=tmp_path, progress=False, executor=executor, callback=kill_one)
     total = single[0].timing.evaluations
     assert (tmp_path / "preanalysis.json").read_bytes() == single[1]
-    assert result.timing.evaluations == result.timing.new_evaluations == total == _stored(tmp_path)  # each once
+    assert result.timing.evaluations == total == _stored(tmp_path)  # each once; refined recipes are recorded from
+    assert result.timing.new_evaluations == total - _aliases(single[0])  # their measured candidates, not measured
     run = json.loads((tmp_path / "run.json").read_text())["execution"]
     assert run["executor"] == "ray" and run["replacements"] >= 1
     dead = [w for w in run["workers"] if not w["alive"]]
     assert [w["pid"] for w in dead] == killed
-    assert sum(w["evaluations"] for w in run["workers"]) == total
+    assert sum(w["evaluations"] for w in run["workers"]) == total - _aliases(single[0])
     assert all(w["device"] == "cpu" and w["busy_s"] > 0 for w in run["workers"] if w["evaluations"])
     assert len({w["reference"] for w in run["workers"] if "reference" in w}) == 1  # one float reference everywhere
 
@@ -85,11 +91,11 @@ def test_resume_across_worker_counts_gives_the_same_json(pipe, single, executor,
             run_analysis(pipe, CONFIG, tmp_path / "a", progress=False, executor=executor, callback=_stop_after(8))
         assert _stored(tmp_path / "a") == 8
         resumed = run_analysis(pipe, CONFIG, tmp_path / "a", progress=False)
-        assert resumed.timing.new_evaluations == single[0].timing.evaluations - 8
+        assert resumed.timing.new_evaluations == single[0].timing.evaluations - 8 - _aliases(single[0])
         with pytest.raises(Stop):  # this process, stopped in the cumulative curve; then 2 workers finish it
             run_analysis(pipe, CONFIG, tmp_path / "b", progress=False, callback=_stop_after(18))
         resumed = run_analysis(pipe, CONFIG, tmp_path / "b", progress=False, executor=executor)
-    assert resumed.timing.new_evaluations == single[0].timing.evaluations - 18
+    assert resumed.timing.new_evaluations == single[0].timing.evaluations - 18 - _aliases(single[0])
     assert (tmp_path / "a" / "preanalysis.json").read_bytes() == single[1]
     assert (tmp_path / "b" / "preanalysis.json").read_bytes() == single[1]
 

@@ -82,10 +82,10 @@ class _SharingCache(PaletteCache):
         super().__init__(*args, **kwargs)
         self.new: dict[tuple[str, PaletteConfig], Palette] = {}
 
-    def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig) -> Palette:
+    def palette(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool = False) -> Palette:
         fits = self.fits
-        palette = super().palette(name, weight, config)
-        if self.fits > fits:
+        palette = super().palette(name, weight, config, approximate)
+        if self.fits > fits and not approximate:  # approximate palettes are estimates, not for the driver
             self.new[(name, config)] = palette
         return palette
 
