@@ -186,9 +186,9 @@ class LocalExecutor:
         keep_state (`bool`, defaults to False): leave the last recipe in force after `measure_all` (a worker whose
             next chunk continues the same curve); False restores the UNet at the end of each call.
         prefetch (`int`, defaults to 0): > 0: at the start of each `measure_all`, queue the palettes its tasks
-            will need (not stored, not yet fitted), in task order, for `PaletteCache.prefetch` on that many
-            background threads, so the next tasks' k-means runs while the UNet measures this one (the same
-            palettes as fitted on demand).
+            will need (not stored, not yet fitted), in task order, as urgent background fits
+            (`PaletteCache.prefetch(urgent=True)`: a thread of their own, ahead of speculative ones), so the next
+            tasks' k-means runs while the UNet measures this one (the same palettes as fitted on demand).
 
     Attributes:
         evaluations (`int`), busy_s (`float`): evaluations measured (not read back) and seconds spent measuring
