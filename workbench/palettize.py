@@ -428,8 +428,6 @@ class PaletteCache:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(workers, thread_name_prefix="palette-fit")
-                self._process = FitProcess()
-                self._process.start()  # it imports while the first fits run
             if urgent and self._urgent is None:
                 self._urgent = ThreadPoolExecutor(1, thread_name_prefix="palette-fit-urgent")
             pool = self._urgent if urgent else self._executor
@@ -443,6 +441,9 @@ class PaletteCache:
                     continue  # running or queued already (an urgent one moves to the urgent thread)
                 weight = weight.detach()  # the current storage: later `.data` swaps of the layer do not reach it
                 identity = self._identity(weight)
+                if self._process is None and self._in_process(weight, config, approximate):
+                    self._process = FitProcess()  # only where small tensors are fitted: it costs a process
+                    self._process.start()  # it imports while the first fits run
                 future = pool.submit(self._fit_in_background, name, weight, config, approximate)
                 self._pending[key] = (identity, future)
             future.add_done_callback(lambda f, k=key, i=identity, w=weight: self._adopt(k, i, w, f))
