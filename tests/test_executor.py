@@ -93,7 +93,11 @@ def test_prefetching_executor_fits_each_palette_once_ahead_and_measures_the_same
             )
             ahead = LocalExecutor(pipe.unet, cache, prefetch=1)
             got = ahead.measure_all(tasks, EvaluationRunner(probe, store, False))
-            needed = list(dict.fromkeys((n, PaletteConfig(nbits=b)) for t in tasks[1:] for n, b in t.recipe.items()))
-            assert [(n, c) for n, _, c in queued] == needed  # in task order, each once, none of the stored task
+            needed, seen = [], set()
+            for t in tasks[1:]:  # in task order, each once, none of the stored task; a task's own last layer first
+                mine = [(n, PaletteConfig(nbits=b)) for n, b in t.recipe.items() if (n, b) not in seen]
+                seen.update(t.recipe.items())
+                needed += reversed(mine)
+            assert [(n, c) for n, _, c in queued] == needed
             assert cache.fits == len(needed) and len(cache) == len(needed)
     assert [e.psnr for e in got] == [e.psnr for e in plain]

@@ -148,12 +148,13 @@ class AnalysisConfig:
             cumulative curves (the reference's method); "fast" measures every candidate at `fast_reference_bits`,
             a calibration subset at every width, predicts the rest and checks it (`workbench.fast`).
         fast_reference_bits (`int`, defaults to 2): the width the fast sweep measures every candidate at.
-        fast_calibration (`float`, defaults to 0.05): fraction of candidates the fast sweep measures at every
+        fast_calibration (`float`, defaults to 0.03): fraction of candidates the fast sweep measures at every
             width.
-        fast_checks (`float`, defaults to 0.1): predicted points of the planned recipes measured (in 4 rounds of
+        fast_checks (`float`, defaults to 0.05): predicted points of the planned recipes measured (in 4 rounds of
             plan, check, refit), as a fraction of the number of candidates.
         refine_rounds (`int`, defaults to 4): the "refined" strategy's linearisations per recipe at most (each one
-            backward pass and up to 4 measured candidates; it stops early when a round finds nothing better).
+            backward pass and up to 4 measured candidates, 2 in a fast analysis; it stops early when a round finds
+            nothing better).
         data_aware (`bool`, defaults to False): the refined recipes may give a layer its width's data-aware palette
             (`wkmeans<b>`, the same bytes, iOS17); the importances they are fitted with are saved beside the
             results as `importance.npz`, which `workbench export --importance` needs. One process only (no Ray).
@@ -177,8 +178,8 @@ class AnalysisConfig:
     exclude: tuple[str, ...] = ()
     sweep: str = "exhaustive"
     fast_reference_bits: int = 2
-    fast_calibration: float = 0.05
-    fast_checks: float = 0.1
+    fast_calibration: float = 0.03
+    fast_checks: float = 0.05
     refine_rounds: int = 4
     data_aware: bool = False
 
@@ -567,12 +568,14 @@ def run_analysis(
                                                          max(1, workers))  # fmt: skip
         refinement, importance = {}, None
         if refining:
+            from workbench.refine import DEFAULT_KS
             from workbench.refine_analysis import refine_recipes
 
             measurements = sweep_measurements(candidates, isolated, curves, baselines)
+            ks = config.fast_settings.refine_ks if config.sweep == "fast" else DEFAULT_KS
             refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
                                                              executor, cache, config.refine_rounds,
-                                                             config.data_aware, approximate)  # fmt: skip
+                                                             config.data_aware, approximate, ks)  # fmt: skip
             recipes = [*recipes, *refined]
         if config.trajectory:
             from workbench.trajectory import recipe_trajectories

@@ -186,7 +186,7 @@ class LocalExecutor:
         keep_state (`bool`, defaults to False): leave the last recipe in force after `measure_all` (a worker whose
             next chunk continues the same curve); False restores the UNet at the end of each call.
         prefetch (`int`, defaults to 0): > 0: at the start of each `measure_all`, queue the palettes its tasks
-            will need (not stored, not yet fitted), in task order, as urgent background fits
+            will need (not stored, not yet fitted; see `_prefetch` for the order), as urgent background fits
             (`PaletteCache.prefetch(urgent=True)`: a thread of their own, ahead of speculative ones), so the next
             tasks' k-means runs while the UNet measures this one (the same palettes as fitted on demand).
 
@@ -225,16 +225,21 @@ class LocalExecutor:
                 self.state.reset()
 
     def _prefetch(self, tasks: Sequence[EvalTask]) -> None:
-        """Queue the palettes of `tasks` in task order (each once), of layers not replaced now (their weights
-        are the originals the palettes are fitted to)."""
+        """Queue the palettes of `tasks` (each once), of layers not replaced now (their weights are the originals
+        the palettes are fitted to): in task order, and within a task from its last layer to its first. `reach`
+        palettizes a task's layers first to last, fitting any still queued itself, so on a task that needs many
+        palettes (a recipe's) it and the background fits work from both ends and meet in the middle, instead of
+        racing for the same palette."""
         seen, jobs = set(), []
         for task in tasks:
+            mine = []
             for name, spec in task.recipe.items():
                 config = None if isinstance(spec, str) and spec.startswith("linear8") else as_config(spec)
                 if config is None or (name, config) in seen or name in self.state.replaced:
                     continue
                 seen.add((name, config))
-                jobs.append((name, get_layer(self.state.unet, name).weight, config))
+                mine.append((name, get_layer(self.state.unet, name).weight, config))
+            jobs += reversed(mine)
         self.state.cache.prefetch(jobs, workers=self.prefetch, urgent=True)
 
     def close(self) -> None:

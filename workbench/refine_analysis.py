@@ -33,7 +33,7 @@ from workbench.importance import Importance, collect_importance, palette_error
 from workbench.layers import get_layer
 from workbench.palettize import FLOAT_BITS, PaletteCache, PaletteConfig, as_config
 from workbench.recipes import recipe_name
-from workbench.refine import refine_recipe
+from workbench.refine import DEFAULT_KS, refine_recipe
 from workbench.size import bits_per_param
 from workbench.store import EvaluationRunner
 
@@ -96,12 +96,13 @@ def refine_recipes(
     rounds: int,
     data_aware: bool = False,
     approximate: bool = False,
+    ks: Sequence[int] = DEFAULT_KS,
 ) -> tuple[list[RecipeResult], dict, Importance]:
     """Refine every size-aware recipe (`refine_recipe`); return the refined recipes (measured end to end, strategy
     "refined"), per refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`,
     and the importances (input channels' second moments, collected with one probe run; data-aware palettes are
     fitted with them, so an export needs them: `Importance.save`). `approximate`: price options with approximate
-    palettes (`refine_recipe`).
+    palettes; `ks`: layer changes per measured candidate (`refine_recipe`).
 
     Raises:
         ValueError: `data_aware` with a `cache` that holds other importances.
@@ -137,7 +138,7 @@ def refine_recipes(
             attempt = refine_recipe(probe, unet, {n: start.bits.get(n, FLOAT_BITS) for n in numels}, options,
                                     distortion, recipe.selector * total + 1e-6 * total, measure, cache=cache,
                                     importance=importance, rounds=rounds, start_psnr=start.psnr,
-                                    approximate=approximate)  # fmt: skip
+                                    approximate=approximate, ks=ks)  # fmt: skip
             attempts.append({"start": start.name, "start_psnr": start.psnr_mean, "psnr": attempt.psnr,
                              "rounds": attempt.rounds})  # fmt: skip
             if found is None or attempt.psnr > found.psnr:
@@ -145,7 +146,8 @@ def refine_recipes(
         if data_aware:
             aware = refine_recipe(probe, unet, found.recipe, aware_options, aware_distortion,
                                   recipe.selector * total + 1e-6 * total, measure, cache=cache, importance=importance,
-                                  rounds=rounds, start_psnr=found.prompt_psnr, approximate=approximate)  # fmt: skip
+                                  rounds=rounds, start_psnr=found.prompt_psnr, approximate=approximate,
+                                  ks=ks)  # fmt: skip
             attempts.append({"start": f"{name} (widths only)", "start_psnr": found.psnr, "psnr": aware.psnr,
                              "rounds": aware.rounds, "data_aware": True})  # fmt: skip
             found = aware if aware.psnr > found.psnr else found
