@@ -17,6 +17,7 @@ from workbench.fast import (
     quantization_errors,
 )
 from workbench.kmeans import kmeans_float16
+from workbench.refine import DEFAULT_KS
 
 # 20 candidate layers, three widths, 32x32 images: tiny-sd at CFG batch 2
 CONFIG = AnalysisConfig(nbits=(2, 4, 6), min_numel=30_000, prompts=("a red circle", "a blue square"), height=32,
@@ -98,6 +99,9 @@ def test_distortions_and_psnr_round_trip_and_calibration_spans_the_ranking():
     assert FastSettings(calibration=0.1).calibration_count(100) == 10
     assert FastSettings(checks=0.4, check_rounds=4).checks_per_round(100) == 10
     assert FastSettings(checks=0.1, check_rounds=4).checks_per_round(5) == 1  # at least 3 checks in all
+    # a fast analysis' refinement measures two candidates a round, an exhaustive one the refinement's default four
+    assert AnalysisConfig(sweep="fast").refine_ks == FastSettings().refine_ks == (2, 8)
+    assert AnalysisConfig().refine_ks == DEFAULT_KS == (1, 2, 4, 8)
 
 
 def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_predicted(runs):

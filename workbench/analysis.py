@@ -63,6 +63,7 @@ from workbench.importance import IMPORTANCE_FILE
 from workbench.palettize import SUPPORTED_NBITS, PaletteCache, PaletteConfig
 from workbench.probe import OneStepProbe
 from workbench.recipes import PreAnalysis
+from workbench.refine import DEFAULT_KS
 from workbench.size import bits_per_param
 from workbench.store import Evaluation, EvaluationRunner, EvaluationStore, analysis_identity, model_version, open_store
 from workbench.sweeps import (
@@ -249,6 +250,11 @@ class AnalysisConfig:
     @property
     def fast_settings(self) -> FastSettings:
         return FastSettings(self.fast_reference_bits, self.fast_calibration, self.fast_checks)
+
+    @property
+    def refine_ks(self) -> tuple[int, ...]:
+        """Layer changes per candidate the refinement measures each round: fewer in a fast analysis."""
+        return tuple(self.fast_settings.refine_ks if self.sweep == "fast" else DEFAULT_KS)
 
     def to_dict(self) -> dict:
         """The fields as JSON values; an exhaustive sweep's dict leaves out the fast sweep's settings, which decide
@@ -568,14 +574,13 @@ def run_analysis(
                                                          max(1, workers))  # fmt: skip
         refinement, importance = {}, None
         if refining:
-            from workbench.refine import DEFAULT_KS
             from workbench.refine_analysis import refine_recipes
 
             measurements = sweep_measurements(candidates, isolated, curves, baselines)
-            ks = config.fast_settings.refine_ks if config.sweep == "fast" else DEFAULT_KS
             refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
                                                              executor, cache, config.refine_rounds,
-                                                             config.data_aware, approximate, ks)  # fmt: skip
+                                                             config.data_aware, approximate,
+                                                             config.refine_ks)  # fmt: skip
             recipes = [*recipes, *refined]
         if config.trajectory:
             from workbench.trajectory import recipe_trajectories
