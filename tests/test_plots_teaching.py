@@ -72,3 +72,11 @@ def test_quality_and_recipe_plots_skip_missing_values():
     ax = plot_recipe_metric(table, "image_psnr_db").axes[0]
     assert len(ax.lines) == 1 and list(ax.lines[0].get_xdata()) == [4.0, 8.0]
     assert "dB" in ax.get_ylabel()
+
+
+def test_figures_name_a_local_model_by_its_folder():
+    from workbench.plots import model_name
+
+    assert model_name("/work/main/workbench/data/tiny-shapes") == "tiny-shapes"
+    assert model_name("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert model_name("StableDiffusionPipeline") == "StableDiffusionPipeline"

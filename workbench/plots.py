@@ -6,6 +6,8 @@ saved here: the caller (a notebook, `workbench report`) decides.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +268,12 @@ def _as_numpy(weight) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def model_name(version: str) -> str:
+    """A model for a caption: a local pipeline folder by its name (the demo model: "tiny-shapes"), a hub id or a
+    class name as it is."""
+    return Path(version).name if Path(version).is_absolute() else version
+
+
 def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     """The reference's pre-analysis figure for a `workbench.analysis.AnalysisResult`.
 
@@ -339,7 +347,7 @@ def plot_psnr_vs_size(result, *, ax=None, title: str | None = None):
     ax.set_xlim(0, 100)
     ax.set_xlabel("Model size reduction (%)")
     ax.set_ylabel("PSNR (dB)")
-    ax.set_title(title or f"{result.preanalysis.model_version}: one-step latent PSNR vs size")
+    ax.set_title(title or f"{model_name(result.preanalysis.model_version)}: one-step latent PSNR vs size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     return fig
