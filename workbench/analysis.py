@@ -256,6 +256,12 @@ class AnalysisConfig:
         """Layer changes per candidate the refinement measures each round: fewer in a fast analysis."""
         return tuple(self.fast_settings.refine_ks if self.sweep == "fast" else DEFAULT_KS)
 
+    @property
+    def approximate_pricing(self) -> bool:
+        """Whether the refinement prices options with approximate palettes: in a fast analysis (which fits exactly
+        only what it measures)."""
+        return self.sweep == "fast" and "refined" in self.strategies
+
     def to_dict(self) -> dict:
         """The fields as JSON values; an exhaustive sweep's dict leaves out the fast sweep's settings, which decide
         nothing there, so stores written before they existed keep their keys."""
@@ -275,18 +281,6 @@ class AnalysisConfig:
         if unknown:
             raise InvalidValueError(f"unknown AnalysisConfig keys {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def read_prompts(path: str | os.PathLike) -> tuple[str, ...]:
-    """Prompts from a text file, one per line; blank lines and lines starting with '#' are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read prompts file {str(path)!r}: {err.strerror or err}") from None
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
-    if not prompts:
-        raise InvalidValueError(f"prompts file {str(path)!r} holds no prompts (one per line)")
-    return prompts
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -562,25 +556,21 @@ def run_analysis(
     if config.data_aware and executor is not local:
         raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
                                 "process (no --workers)")  # fmt: skip
-    refining = "refined" in config.strategies
-    approximate = config.sweep == "fast" and refining  # the refinement prices options with approximate palettes
     try:
         baselines = measure_baselines(unet, runner, executor)
         if background:
             reference = config.fast_reference_bits if config.sweep == "fast" else None
             prefetch_sweep_palettes(cache, candidates, palettes, max(1, workers), reference=reference,
-                                    approximate=approximate)  # fmt: skip
+                                    approximate=config.approximate_pricing)  # fmt: skip
         isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
                                                          max(1, workers))  # fmt: skip
         refinement, importance = {}, None
-        if refining:
+        if "refined" in config.strategies:
             from workbench.refine_analysis import refine_recipes
 
             measurements = sweep_measurements(candidates, isolated, curves, baselines)
             refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
-                                                             executor, cache, config.refine_rounds,
-                                                             config.data_aware, approximate,
-                                                             config.refine_ks)  # fmt: skip
+                                                             executor, cache, config)  # fmt: skip
             recipes = [*recipes, *refined]
         if config.trajectory:
             from workbench.trajectory import recipe_trajectories

@@ -227,7 +227,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
     import torch
 
-    from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, read_prompts, run_analysis
+    from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis
+    from workbench.io import read_prompts
     from workbench.layers import select_layers
     from workbench.pipelines import default_min_numel, is_demo_model, load_pipeline, model_dtype, pick_device
 

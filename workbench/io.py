@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes and the record of the environment a run used."""
+"""Small file helpers: atomic writes, prompts files and the record of the environment a run used."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from workbench.errors import InvalidValueError
 
 RECORDED_PACKAGES = ("torch", "diffusers", "transformers", "coremltools", "numpy", "scikit-learn", "workbench")
 
@@ -43,3 +45,15 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+
+
+def read_prompts(path: str | os.PathLike) -> tuple[str, ...]:
+    """Prompts from a text file, one per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read prompts file {str(path)!r}: {err.strerror or err}") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not prompts:
+        raise InvalidValueError(f"prompts file {str(path)!r} holds no prompts (one per line)")
+    return prompts

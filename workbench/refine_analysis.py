@@ -26,14 +26,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from workbench.allocation import Measurements, layer_prompt_distortions
-from workbench.analysis import recipe_hash
+from workbench.analysis import AnalysisConfig, recipe_hash
 from workbench.analysis_result import RecipeResult
 from workbench.executor import EvalTask, Executor
 from workbench.importance import Importance, collect_importance, palette_error
 from workbench.layers import get_layer
 from workbench.palettize import FLOAT_BITS, PaletteCache, PaletteConfig, as_config
 from workbench.recipes import recipe_name
-from workbench.refine import DEFAULT_KS, refine_recipe
+from workbench.refine import refine_recipe
 from workbench.size import bits_per_param
 from workbench.store import EvaluationRunner
 
@@ -93,20 +93,19 @@ def refine_recipes(
     runner: EvaluationRunner,
     executor: Executor,
     cache: PaletteCache,
-    rounds: int,
-    data_aware: bool = False,
-    approximate: bool = False,
-    ks: Sequence[int] = DEFAULT_KS,
+    config: AnalysisConfig,
 ) -> tuple[list[RecipeResult], dict, Importance]:
-    """Refine every size-aware recipe (`refine_recipe`); return the refined recipes (measured end to end, strategy
-    "refined"), per refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`,
-    and the importances (input channels' second moments, collected with one probe run; data-aware palettes are
-    fitted with them, so an export needs them: `Importance.save`). `approximate`: price options with approximate
-    palettes; `ks`: layer changes per measured candidate (`refine_recipe`).
+    """Refine every size-aware recipe (`refine_recipe`) as `config` says (`refine_rounds`, `refine_ks`,
+    `data_aware`, `approximate_pricing`); return the refined recipes (measured end to end, strategy "refined"), per
+    refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`, and the
+    importances (input channels' second moments, collected with one probe run; data-aware palettes are fitted with
+    them, so an export needs them: `Importance.save`).
 
     Raises:
         ValueError: `data_aware` with a `cache` that holds other importances.
     """
+    rounds, data_aware, ks = config.refine_rounds, config.data_aware, config.refine_ks
+    approximate = config.approximate_pricing
     numels = measurements.numels
     total = sum(numels.values())
     importance = collect_importance(unet, {n: get_layer(unet, n) for n in numels}, probe)
