@@ -189,6 +189,10 @@ class LocalExecutor:
             will need (not stored, not yet fitted; see `_prefetch` for the order), as urgent background fits
             (`PaletteCache.prefetch(urgent=True)`: a thread of their own, ahead of speculative ones), so the next
             tasks' k-means runs while the UNet measures this one (the same palettes as fitted on demand).
+        replay (`bool`, defaults to True): tell the probe which layers each recipe replaced, so the UNet's
+            computation upstream of the first of them is replayed from the float model's
+            (`workbench.replay.UpstreamReplay`): bitwise the same PSNRs; an isolated evaluation 35-40 % faster on
+            the tiny models. The UNet must be the float model's but for the layers this executor replaces.
 
     Attributes:
         evaluations (`int`), busy_s (`float`): evaluations measured (not read back) and seconds spent measuring
@@ -196,22 +200,29 @@ class LocalExecutor:
     """
 
     def __init__(
-        self, unet: torch.nn.Module, cache: PaletteCache | None = None, *, keep_state: bool = False, prefetch: int = 0
+        self,
+        unet: torch.nn.Module,
+        cache: PaletteCache | None = None,
+        *,
+        keep_state: bool = False,
+        prefetch: int = 0,
+        replay: bool = True,
     ):
         self.state = UNetState(unet, cache)
         self.keep_state = keep_state
         self.prefetch = prefetch
+        self.replay = replay
         self.evaluations = 0
         self.busy_s = 0.0
 
     def measure_all(self, tasks: Sequence[EvalTask], runner: EvaluationRunner) -> list[Evaluation]:
         """Each task's evaluation, in order: read back from `runner`'s store, else its recipe put in force and
-        `runner.probe.psnr()` measured."""
+        `runner.probe.psnr()` measured (told which layers the recipe replaced: see `replay`)."""
 
         def measure(task: EvalTask) -> list[float]:
             start = time.perf_counter()
             self.state.reach(task.recipe)
-            psnr = runner.probe.psnr()
+            psnr = runner.probe.psnr(changed=self.state.replaced if self.replay else None)
             self.evaluations += 1
             self.busy_s += time.perf_counter() - start
             return psnr

@@ -19,11 +19,12 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
 from workbench.metrics import PSNR_PEAK_EPS, psnr_per_item
+from workbench.replay import DEFAULT_REPLAY_MEMORY, UpstreamReplay
 
 
 class OneStepProbe:
@@ -43,6 +44,8 @@ class OneStepProbe:
             `distortion_gradient` (perf_counter; backward passes included).
         forward_calls (`int`): number of such calls (a gradient counts its forward with backward, or with
             `batch_chunk` its forward and each chunk's).
+        replay (`UpstreamReplay` or None): the float model's upstream computation, recorded at the first call
+            told which layers changed; `replay_memory` (bytes, defaults to 1 GiB) bounds it, set before that call.
     """
 
     @torch.no_grad()
@@ -94,6 +97,8 @@ class OneStepProbe:
         self.height, self.width = height, width
         self.forward_seconds = 0.0
         self.forward_calls = 0
+        self.replay: UpstreamReplay | None = None
+        self.replay_memory = DEFAULT_REPLAY_MEMORY
 
     def run_pipeline(self, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The reference's run: the full pipeline call, one step, latent output, fixed generator state."""
@@ -116,12 +121,25 @@ class OneStepProbe:
         return int(self._unet_args[0].shape[0]) if self._unet_args else int(self._unet_kwargs["sample"].shape[0])
 
     @torch.no_grad()
-    def __call__(self) -> torch.Tensor:
-        """The step's output latents with the UNet's current weights; only the UNet call is timed."""
+    def __call__(self, changed: Collection[str] | None = None) -> torch.Tensor:
+        """The step's output latents with the UNet's current weights; only the UNet call is timed.
+
+        Args:
+            changed (`Collection[str]`, *optional*): the only layers whose weights differ from the float model's
+                now, if known: the UNet's computation upstream of the first of them is replayed from the float
+                model's (`workbench.replay.UpstreamReplay`, recorded at the first such call; bitwise the same
+                latents, faster). None: the whole forward runs.
+        """
         unet = self.pipe.unet
         synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         start = time.perf_counter()
-        noise = unet(*self._unet_args, **self._unet_kwargs)[0]
+        if changed is None:
+            noise = unet(*self._unet_args, **self._unet_kwargs)[0]
+        else:
+            if self.replay is None:
+                self.replay = UpstreamReplay(unet, self.replay_memory)
+            with self.replay.skipping(changed):
+                noise = unet(*self._unet_args, **self._unet_kwargs)[0]
         synchronize()
         self.forward_seconds += time.perf_counter() - start
         self.forward_calls += 1
@@ -237,7 +255,8 @@ class OneStepProbe:
             self.forward_calls += 1
         return distortion, grads
 
-    def psnr(self, latents: torch.Tensor | None = None) -> list[float]:
-        """Reference PSNR (rounded to 0.1 dB) of each prompt's latent against the float model's."""
-        test = self() if latents is None else latents
+    def psnr(self, latents: torch.Tensor | None = None, changed: Collection[str] | None = None) -> list[float]:
+        """Reference PSNR (rounded to 0.1 dB) of each prompt's latent against the float model's: of `latents`, or
+        of a step with the UNet's current weights (`changed` as `__call__` takes it)."""
+        test = self(changed) if latents is None else latents
         return psnr_per_item(self.reference, test)
