@@ -6,11 +6,16 @@ one forward, the outputs of the UNet's blocks and of their direct children (`dow
 `down_blocks.1.attentions.0`, ...) and the order in which every module starts and finishes. In a later forward
 whose changed layers are known, every recorded module that finished before the first of them started returns
 its recorded output instead of running: the same tensors the float model computes there, so the evaluation is
-bitwise the one without replay (a test compares every candidate layer of an SD and an SDXL UNet). On the demo
-model an isolated evaluation skips about a third of the forward at the blocks' level alone.
+bitwise the one without replay (a test compares every candidate layer of an SD and an SDXL UNet). Measured here
+(1 torch thread, every candidate layer once at 2 bits): isolated evaluations take 35 % less time on the demo model,
+41 % on the tiny SD and SDXL pipelines.
 
 The recording holds activations of the probe's whole batch, so it is bounded (`max_bytes`, modules in execution
-order until the budget is spent; later ones always run). Only modules called once per forward are replayed.
+order until the budget is spent; later ones always run). Only modules called once per forward are replayed. Its
+size at batch 16 in float16 (shapes propagated on the meta device): SD-1.5 and SD-2.1 at 512 px 0.35 GiB through
+`down_blocks.1`, 0.52 through `mid_block`, 0.76 through `up_blocks.2`; SDXL at 1024 px 1.09 GiB through
+`down_blocks.1`, 1.74 through `mid_block`, 3.65 through `up_blocks.2`. The default 1 GiB covers most of SD's
+and the first third of SDXL's (float32 on a CPU doubles these).
 
 Example:
     >>> replay = UpstreamReplay(unet)
@@ -28,23 +33,26 @@ from collections.abc import Collection, Iterator
 import torch
 
 DEFAULT_REPLAY_MEMORY = 1 << 30  # 1 GiB of recorded activations
+REPLAY_DEPTH = 2  # blocks and their direct children: on the demo model, deeper levels (3, 4, 6) skipped no more
+# of an isolated evaluation (35 %) and recorded 3-7x the activations
 
 
-def replay_units(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The modules a forward can skip: the UNet's direct children and theirs (the elements of a `ModuleList`
-    instead of the list, which is never called), in registration order."""
+def replay_units(unet: torch.nn.Module, depth: int = REPLAY_DEPTH) -> dict[str, torch.nn.Module]:
+    """The modules a forward can skip: the UNet's descendants `depth` levels down at most (the elements of a
+    `ModuleList` count as the level of the list, which is never called), in registration order."""
     units = {}
 
-    def expand(prefix: str, module: torch.nn.Module):
-        if isinstance(module, torch.nn.ModuleList):
-            return [(f"{prefix}.{i}", m) for i, m in enumerate(module)]
-        return [(prefix, module)]
+    def visit(prefix: str, module: torch.nn.Module, level: int) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            items = [(f"{path}.{i}", m) for i, m in enumerate(child)] if isinstance(child, torch.nn.ModuleList) else [
+                (path, child)]  # fmt: skip
+            for unit, m in items:
+                units[unit] = m
+                if level < depth:
+                    visit(f"{unit}.", m, level + 1)
 
-    for name, child in unet.named_children():
-        for top, block in expand(name, child):
-            units[top] = block
-            for sub, grandchild in block.named_children():
-                units.update(expand(f"{top}.{sub}", grandchild))
+    visit("", unet, 1)
     return units
 
 
