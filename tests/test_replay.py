@@ -3,6 +3,7 @@ the full forward's, on SD and SDXL UNets, and never replay what they must not.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from workbench.analysis import torch_threads
@@ -56,14 +57,22 @@ def test_a_first_call_with_changed_layers_records_only_upstream_of_them(pipe):
     assert 0 < recorded == probe.replay.nbytes  # recorded once, at the first call
 
 
-def test_no_budget_records_nothing_and_measures_the_same(pipe):
-    probe = OneStepProbe(pipe, PROMPTS, height=32, width=32)
-    probe.replay_memory = 0
-    name = list(compressible_layers(pipe.unet, min_numel=0))[-1]
-    probe(changed=())
-    with palettized(pipe.unet, {name: 2}):
-        assert torch.equal(probe(changed=[name]), probe())
-    assert probe.replay.nbytes == 0 and probe.replay.skipped == 0
+def test_the_budget_bounds_the_recording_and_measures_the_same(pipe):
+    names = list(compressible_layers(pipe.unet, min_numel=0))
+    full = OneStepProbe(pipe, PROMPTS, height=32, width=32)
+    full(changed=())
+    for budget in (0, full.replay.nbytes // 3):
+        probe = OneStepProbe(pipe, PROMPTS, height=32, width=32)
+        probe.replay_memory = budget
+        probe(changed=())
+        assert probe.replay.nbytes <= budget
+        for name in names[::5]:
+            with palettized(pipe.unet, {name: 2}):
+                assert torch.equal(probe(changed=[name]), probe())
+        assert (probe.replay.skipped > 0) == (budget > 0)
+    with pytest.raises(ValueError, match="not modules of the UNet"):
+        with probe.replay.skipping(["down_blocks.9.nothing"]):
+            pass
 
 
 class _Shared(torch.nn.Module):
