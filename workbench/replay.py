@@ -11,11 +11,11 @@ bitwise the one without replay (a test compares every candidate layer of an SD a
 41 % on the tiny SD and SDXL pipelines.
 
 The recording holds activations of the probe's whole batch, so it is bounded (`max_bytes`: outputs are kept as
-modules finish until the budget is spent, and never more is held; modules not kept always run). Only modules called once per forward are replayed. Its
-size at batch 16 in float16 (shapes propagated on the meta device): SD-1.5 and SD-2.1 at 512 px 0.35 GiB through
-`down_blocks.1`, 0.52 through `mid_block`, 0.76 through `up_blocks.2`; SDXL at 1024 px 1.09 GiB through
-`down_blocks.1`, 1.74 through `mid_block`, 3.65 through `up_blocks.2`. The default 1 GiB covers most of SD's
-and the first third of SDXL's (float32 on a CPU doubles these).
+modules finish until the budget is spent, and never more is held; modules not kept always run). Only modules called
+once per forward are replayed. Its size at batch 16 in float16 (shapes propagated on the meta device): SD-1.5 and
+SD-2.1 at 512 px 0.35 GiB through `down_blocks.1`, 0.52 through `mid_block`, 0.76 through `up_blocks.2`; SDXL at
+1024 px 1.09 GiB through `down_blocks.1`, 1.74 through `mid_block`, 3.65 through `up_blocks.2`. The default 1 GiB
+covers most of SD's and the first third of SDXL's (float32 on a CPU doubles these).
 
 Example:
     >>> replay = UpstreamReplay(unet)
