@@ -41,7 +41,7 @@ format: install
 
 lab: install
 	$(BIN)/python -m ipykernel install --sys-prefix --name workbench --display-name "Python (workbench)"
-	$(BIN)/jupyter lab --notebook-dir=workbench/notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 # Re-record the exact versions of a working environment.
 lock: install

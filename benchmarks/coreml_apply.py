@@ -1,6 +1,6 @@
 """From a recipe to an app, on the demo model: Apple-layout export, then `workbench apply` to a float16 UNet package.
 
-Runs the commands a user types (through `workbench.cli.main`), in --out (default: a temporary folder):
+Runs the commands a user types (through `workbench.cli.main.main`), in --out (default: a temporary folder):
 
     workbench export --layout apple --nbits 6 --components unet,text_encoder,vae_decoder --out OUT/apple6
     workbench export --layout apple --components unet --out OUT/float16          # the float16 Unet.mlpackage
@@ -30,9 +30,9 @@ import torch
 
 def write_demo_recipe(path: Path) -> dict[str, int]:
     """A mixed-bit recipe over the demo UNet's layers with more than 2048 weights, saved as a pre-analysis file."""
-    from workbench.layers import compressible_layers
-    from workbench.pipelines import load_pipeline
-    from workbench.recipes import PreAnalysis
+    from workbench.models.layers import compressible_layers
+    from workbench.models.loader import load_pipeline
+    from workbench.recipes.recipe import PreAnalysis
 
     unet = load_pipeline(None, device="cpu", progress=False).unet
     small, large = (2, 4, 16), (2, 4, 6, 8, 16)
@@ -45,7 +45,7 @@ def write_demo_recipe(path: Path) -> dict[str, int]:
 
 
 def _cli(*argv: str) -> float:
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     start = time.perf_counter()
     status = main(list(argv))

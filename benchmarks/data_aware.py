@@ -29,13 +29,15 @@ from collections import Counter
 import numpy as np
 import torch
 
-from workbench.analysis import DEFAULT_PROMPTS
-from workbench.importance import capture_inputs, collect_importance, layer_output_mse
-from workbench.layers import compressible_layers
+from workbench.analysis.config import DEFAULT_PROMPTS
 from workbench.metrics import psnr_per_item
-from workbench.palettize import PaletteConfig, fit_palette, palettized
-from workbench.pipelines import default_min_numel, load_pipeline
-from workbench.probe import OneStepProbe
+from workbench.models.layers import compressible_layers
+from workbench.models.loader import default_min_numel, load_pipeline
+from workbench.palettes.apply import palettized
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
+from workbench.palettes.importance import capture_inputs, collect_importance, layer_output_mse
+from workbench.sweep.probe import OneStepProbe
 
 WIDTHS = (2, 3, 4, 6)
 

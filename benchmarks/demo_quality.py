@@ -1,14 +1,14 @@
 """Prompt adherence of the tiny-shapes demo model: does it draw the colour, shape and position it is asked for?
 
-Generates `--n` images (default 64) for fixed prompts (`workbench.shapes.benchmark_attributes`) and seeds
+Generates `--n` images (default 64) for fixed prompts (`workbench.demo.adherence.benchmark_attributes`) and seeds
 (image i: `torch.Generator("cpu").manual_seed(seed + i)`) with the pipeline's own defaults (its scheduler,
 `num_inference_steps=50`, `guidance_scale=7.5`, 64x64) in float32 on the CPU, reads every image with the
-transparent scorer `workbench.shapes.read_shape`, and prints, as its last line:
+transparent scorer `workbench.demo.adherence.read_shape`, and prints, as its last line:
 
     color_adherence=X shape_adherence=Y position_adherence=Z
 
 Usage:
-    .venv/bin/python benchmarks/demo_quality.py [--model workbench/data/tiny-shapes] [--n 64] [--grid grid.png]
+    .venv/bin/python benchmarks/demo_quality.py [--model data/tiny-shapes] [--n 64] [--grid grid.png]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from workbench.pipelines import DEMO_MODEL, load_pipeline
-from workbench.shapes import benchmark_attributes, generate_and_score
+from workbench.demo.adherence import benchmark_attributes, generate_and_score
+from workbench.models.loader import DEMO_MODEL, load_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         by_value = frame.groupby(attribute)[f"{attribute}_ok"].mean().round(2).to_dict()
         print(f"  {attribute:8s} {frame[f'{attribute}_ok'].mean():.3f}  by requested value: {by_value}")
     if args.grid:
-        from workbench.model_card import adherence_grid
+        from workbench.demo.card import adherence_grid
 
         adherence_grid(report).save(args.grid)
         print(f"grid: {args.grid}")

@@ -1,6 +1,6 @@
 """Core ML export: wall time of trace + convert, of palettization + save, of verification, and package sizes.
 
-Exports the demo model (workbench/data/tiny-shapes, or the tiny random SD pipeline while it is not built) with
+Exports the demo model (data/tiny-shapes, or the tiny random SD pipeline while it is not built) with
 `workbench.coreml.export_pipeline`: UNet, text encoder and VAE decoder, uniformly palettized at --nbits
 (the reference's `--quantize-nbits`, default 6) or by a recipe file for the UNet. Every package is read back
 and compared with the simulation. The last line holds the figures.
@@ -31,12 +31,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from workbench.coreml import export_pipeline
-    from workbench.pipelines import DEMO_MODEL, load_pipeline
-    from workbench.recipes import load_recipe
+    from workbench.models.loader import DEMO_MODEL, load_pipeline
+    from workbench.recipes.recipe import load_recipe
 
     model = args.model or (DEMO_MODEL if (DEMO_MODEL / "model_index.json").is_file() else None)
     if model is None:
-        from workbench.testing import tiny_sd_pipeline
+        from workbench.models.tiny import tiny_sd_pipeline
 
         pipe, source = tiny_sd_pipeline(), "tiny_sd_pipeline (random weights; demo model not built)"
     else:

@@ -35,8 +35,10 @@ SIZES = (2.5, 3.0, 3.5, 4.0, 4.5)
 def compare(model, threads: int, prompts: int | None = None) -> dict:
     """Run both analyses on `model` (the first `prompts` built-in prompts; None: all 8) and return the figures of
     one row of the last line."""
-    from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
-    from workbench.pipelines import default_min_numel, load_pipeline
+    from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig
+    from workbench.analysis.run import run_analysis
+    from workbench.models.loader import default_min_numel, load_pipeline
+    from workbench.threads import torch_threads
 
     with torch_threads(threads):
         pipe = load_pipeline(model, device="cpu", progress=False)
@@ -82,7 +84,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo", "tiny-sdxl"], help="demo and/or builtin names")
     parser.add_argument("--tiny-prompts", type=int, default=2, help="prompts for the tiny pipelines (default 2 of 8)")
     args = parser.parse_args()
-    from workbench.kmeans import kmeans_float16
+    from workbench.palettes.kmeans import kmeans_float16
 
     kmeans_float16(np.arange(64, dtype=np.float16), 4)  # compile the numba solver before either run is timed
     figures = {}

@@ -3,7 +3,7 @@
 One run on the demo model (8 COCO prompts, CFG, seed 0, widths 1 2 4 6 8, its 180 candidates):
 
 1. `run_analysis` with targets 2.5 3.0 3.5 4.0 4.5 bits/param: the reference rule ("apple") gives its largest
-   recipe within each target; the size-aware knapsack and the "refined" strategy (`workbench.refine`) give theirs
+   recipe within each target; the size-aware knapsack and the "refined" strategy (`workbench.recipes.refine`) give theirs
    at exactly that recipe's bits/param; every recipe re-measured end to end (one-step latent PSNR);
 2. "+ data-aware" (iOS17, the same bytes): the refined recipe with each layer free to take its width's plain or
    data-aware palette (`wkmeans`, input-channel importance), chosen by `refine_recipe` and measured;
@@ -13,7 +13,7 @@ One run on the demo model (8 COCO prompts, CFG, seed 0, widths 1 2 4 6 8, its 18
    same-width one scaled by the importance-weighted weight error (`palette_error`);
 4. full sampling: images of the float model and of each size's recipes from the demo's own captions (seeds
    matched, the pipeline's default steps), image PSNR against the float model's images and adherence;
-5. coremltools' `SKMPalettizer` at uniform 4 and 6 bits (`workbench.skm.compare_with_skm`) vs the workbench at
+5. coremltools' `SKMPalettizer` at uniform 4 and 6 bits (`workbench.analysis.skm.compare_with_skm`) vs the workbench at
    the same uniform width: per layer the plain or the data-aware palette, chosen by `refine_recipe`.
 
 The gain at a size is the best workbench recipe at that size (size-aware, refined, + data-aware; + grouped only if
@@ -56,7 +56,7 @@ def _image_psnr(trajectory) -> float:
 
 def _options_ios18(layer, numel: int, widths) -> dict:
     """Every width's plain, data-aware and grouped palette, and float16, by stored bytes."""
-    from workbench.palettize import FLOAT_BITS, PaletteConfig
+    from workbench.palettes.config import FLOAT_BITS, PaletteConfig
 
     out_channels = layer.weight.shape[0]
     options = {FLOAT_BITS: 2 * numel}
@@ -70,19 +70,24 @@ def _options_ios18(layer, numel: int, widths) -> dict:
 
 
 def main() -> None:
-    from workbench.allocation import layer_prompt_distortions
-    from workbench.analysis import AnalysisConfig, run_analysis, sweep_measurements, torch_threads
-    from workbench.importance import collect_importance
-    from workbench.layers import get_layer
-    from workbench.palettize import FLOAT_BITS, PaletteCache, PaletteConfig, palettized
-    from workbench.pipelines import default_min_numel, load_pipeline
-    from workbench.probe import OneStepProbe
-    from workbench.refine import refine_recipe
-    from workbench.refine_analysis import palette_distortions
-    from workbench.shapes import make_dataset
-    from workbench.size import bits_per_param, recipe_nbytes
-    from workbench.skm import compare_with_skm
-    from workbench.trajectory import evaluate_trajectories
+    from workbench.analysis.config import AnalysisConfig
+    from workbench.analysis.plan import sweep_measurements
+    from workbench.analysis.refine import palette_distortions
+    from workbench.analysis.run import run_analysis
+    from workbench.analysis.skm import compare_with_skm
+    from workbench.analysis.trajectory import evaluate_trajectories
+    from workbench.demo.world import make_dataset
+    from workbench.models.layers import get_layer
+    from workbench.models.loader import default_min_numel, load_pipeline
+    from workbench.palettes.apply import palettized
+    from workbench.palettes.cache import PaletteCache
+    from workbench.palettes.config import FLOAT_BITS, PaletteConfig
+    from workbench.palettes.importance import collect_importance
+    from workbench.palettes.size import bits_per_param, recipe_nbytes
+    from workbench.recipes.allocation import layer_prompt_distortions
+    from workbench.recipes.refine import refine_recipe
+    from workbench.sweep.probe import OneStepProbe
+    from workbench.threads import torch_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/palettes-bench", help="the analysis' folder (resumable)")
@@ -216,7 +221,7 @@ def main() -> None:
 
 def sweep_measurements_from(result, _unused=None):
     """The allocation's `Measurements` of a finished analysis (its reference-format JSON content)."""
-    from workbench.allocation import Measurements
+    from workbench.recipes.allocation import Measurements
 
     pre = result.preanalysis
     cumulative = {int(b): {n: v for n, v in c.items() if n != "metadata"} for b, c in pre.cumulative.items()}

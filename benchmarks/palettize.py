@@ -18,7 +18,8 @@ import warnings
 
 import numpy as np
 
-from workbench.palettize import PaletteConfig, fit_palette
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """Real scale on this machine: full-size SD-1.5 and SDXL UNets (random weights, published configs).
 
 For each architecture, in a fresh subprocess (so peak memory is its own): build the pipeline at small latents
-(`workbench.architectures`), run `run_analysis` on a layer subset (`--layers`), and report the UNet's
+(`workbench.models.architectures`), run `run_analysis` on a layer subset (`--layers`), and report the UNet's
 per-forward time, the analysis' peak resident memory minus the weights' bytes (Linux VmHWM, reset after the
 build; reported as a bound for the full analysis: the subset's figure plus the palette budget it left
 unused), and the extrapolated wall time of the reference's full analysis (1 + 10 N + 4 + 2 K evaluations at
@@ -45,10 +45,11 @@ def one(arch: str, layers: list[str], sample_size: int, nbits: list[int]) -> dic
 
     import torch
 
-    from workbench.analysis import DEFAULT_PALETTE_MEMORY, AnalysisConfig, run_analysis
-    from workbench.architectures import build_pipeline
-    from workbench.layers import compressible_layers
-    from workbench.palettize import PaletteCache
+    from workbench.analysis.config import AnalysisConfig
+    from workbench.analysis.run import run_analysis
+    from workbench.models.architectures import build_pipeline
+    from workbench.models.layers import compressible_layers
+    from workbench.palettes.cache import DEFAULT_PALETTE_MEMORY, PaletteCache
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -96,7 +97,8 @@ def one(arch: str, layers: list[str], sample_size: int, nbits: list[int]) -> dic
 
 def fit_times(numel: int = 29_491_200) -> dict:
     """Fit times by width for a weight the size of SD-1.5's largest layer, and 8 bits against coremltools."""
-    from workbench.palettize import PaletteConfig, fit_palette
+    from workbench.palettes.config import PaletteConfig
+    from workbench.palettes.fit import fit_palette
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

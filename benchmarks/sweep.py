@@ -1,6 +1,6 @@
 """Benchmark the pre-analysis: UNet evaluations, wall time, time inside UNet forward, overhead, and ours vs reference.
 
-Runs `workbench.analysis.run_analysis` fresh (no resume) on the demo model if it is built, else on the tiny SD
+Runs `workbench.analysis.run.run_analysis` fresh (no resume) on the demo model if it is built, else on the tiny SD
 pipeline, with the reference's settings (8 prompts, CFG, widths 1 2 4 6 8, 1 step, latent PSNR), and prints
 
 - UNet evaluations (each one CFG-batch forward), wall time of the whole analysis (probe, k-means, sweeps,
@@ -19,8 +19,10 @@ import time
 
 
 def main() -> None:
-    from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
-    from workbench.pipelines import DEMO_MODEL, is_demo_model, load_pipeline
+    from workbench.analysis.config import AnalysisConfig
+    from workbench.analysis.run import run_analysis
+    from workbench.models.loader import DEMO_MODEL, is_demo_model, load_pipeline
+    from workbench.threads import torch_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the demo model if built, else tiny-sd")

@@ -1,6 +1,6 @@
 """Benchmark the sharded analysis: the same pre-analysis on 1 and 2 Ray workers (and optionally in one process).
 
-Runs `workbench.analysis.run_analysis` fresh (no resume) with a `workbench.ray_executor.RayExecutor` of each worker
+Runs `workbench.analysis.run.run_analysis` fresh (no resume) with a `workbench.sweep.ray_executor.RayExecutor` of each worker
 count, in one Ray runtime started once (its start-up is printed, not counted), on the demo model if it is built,
 else on the tiny SD pipeline, with the reference's settings (8 prompts, widths 1 2 4 6 8). Each run's wall time
 counts everything the user waits for after the runtime is up: the workers loading the pipeline and recording the
@@ -26,9 +26,11 @@ from pathlib import Path
 def main() -> None:
     import ray
 
-    from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
-    from workbench.pipelines import DEMO_MODEL, load_pipeline
-    from workbench.ray_executor import RayExecutor, init_ray
+    from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig
+    from workbench.analysis.run import run_analysis
+    from workbench.models.loader import DEMO_MODEL, load_pipeline
+    from workbench.sweep.ray_executor import RayExecutor, init_ray
+    from workbench.threads import torch_threads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the demo model if built, else tiny-sd")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from workbench.analysis import torch_threads
-from workbench.testing import tiny_sd_pipeline
+from workbench.models.tiny import tiny_sd_pipeline
+from workbench.threads import torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def ray_runtime():
     """One local Ray runtime with 2 CPUs for the whole session, started when a test first asks for it (10-40 s
     on a 2-core machine) and shut down at the end."""
     ray = pytest.importorskip("ray")
-    from workbench.ray_executor import init_ray
+    from workbench.sweep.ray_executor import init_ray
 
     init_ray(num_cpus=2)
     yield ray

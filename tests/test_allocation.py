@@ -3,10 +3,10 @@ import itertools
 import numpy as np
 import pytest
 
-from workbench.allocation import (
+from workbench.palettes.size import bits_per_param
+from workbench.recipes.allocation import (
     Measurements,
     allocate,
-    bits_per_param,
     layer_distortions,
     reference_thresholds,
     size_aware_recipes,

@@ -10,14 +10,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench.analysis import DEFAULT_PROMPTS, AnalysisConfig, run_analysis, torch_threads
-from workbench.analysis_result import MatchedPair, Timing
-from workbench.cli import main
-from workbench.palettize import PaletteConfig
-from workbench.probe import OneStepProbe
-from workbench.store import EvaluationStore, StoreMismatchError, identity_key, scheduler_settings
-from workbench.sweeps import Candidates, sweep_bits_per_param
-from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig
+from workbench.analysis.result import MatchedPair, Timing
+from workbench.analysis.run import run_analysis
+from workbench.cli.main import main
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.palettes.config import PaletteConfig
+from workbench.sweep.phases import Candidates, sweep_bits_per_param
+from workbench.sweep.probe import OneStepProbe
+from workbench.sweep.store import EvaluationStore, StoreMismatchError, identity_key, scheduler_settings
+from workbench.threads import torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red circle",)
@@ -42,7 +44,7 @@ def test_probe_replay_is_bitwise_equal_to_the_pipeline_call(factory):
         # palettizing a layer changes the replay, and the weights come back exactly
         name = "down_blocks.1.attentions.0.proj_in"
         before = p.unet.get_submodule(name).weight.clone()
-        from workbench.palettize import palettized
+        from workbench.palettes.apply import palettized
 
         with palettized(p.unet, {name: 2}):
             assert not torch.equal(probe(), expected)
@@ -217,7 +219,7 @@ def test_grouped_palette_sweep_is_reported_with_its_lut_bits(pipe):
 
 
 def test_trajectory_compares_decoded_images_with_the_float_model(pipe):
-    from workbench.trajectory import evaluate_trajectories
+    from workbench.analysis.trajectory import evaluate_trajectories
 
     bits = dict.fromkeys(["down_blocks.1.attentions.0.proj_in", "up_blocks.0.attentions.0.proj_out"], 1)
     with torch_threads(1):
@@ -234,7 +236,7 @@ def test_trajectory_compares_decoded_images_with_the_float_model(pipe):
 
 @pytest.mark.slow
 def test_background_fits_give_the_same_analysis_on_the_demo_model():
-    from workbench.pipelines import load_pipeline
+    from workbench.models.loader import load_pipeline
 
     pipe = load_pipeline(None, device="cpu", progress=False)
     config = AnalysisConfig(nbits=(2, 8), min_numel=2048, prompts=DEFAULT_PROMPTS[:2], num_recipes=3)
@@ -244,7 +246,7 @@ def test_background_fits_give_the_same_analysis_on_the_demo_model():
 
 
 def test_a_tight_palette_budget_gives_the_same_analysis_and_holds_the_budget(pipe, tmp_path):
-    from workbench.palettize import PaletteCache
+    from workbench.palettes.cache import PaletteCache
 
     unbounded = run_analysis(pipe, CONFIG, progress=False, palette_memory=None)
     budget = 200_000  # a few layers' palettes: most of the sweep's palettes wait on disk
@@ -272,7 +274,7 @@ def test_layer_patterns_limit_the_candidates(pipe):
 def test_fit_workers_leave_the_unet_its_cores():
     import os
 
-    from workbench.analysis import fit_workers
+    from workbench.analysis.run import fit_workers
 
     cores = os.cpu_count() or 1
     assert fit_workers(torch.device("cuda")) == cores - 1  # the UNet runs on the GPU: every core but one

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from workbench.architectures import ARCHITECTURES, PUBLISHED_PARAMETERS, build_unet, save_pipeline, unet_config
-from workbench.layers import compressible_layers
+from workbench.models.architectures import ARCHITECTURES, PUBLISHED_PARAMETERS, build_unet, save_pipeline, unet_config
+from workbench.models.layers import compressible_layers
 
 # The reference's candidate counts at weight.numel() > 1e5 (REFERENCE.md) and the largest layer, 29.5M weights.
 REFERENCE_CANDIDATES = {"sd15": 280, "sd21-base": 280, "sdxl-base": 792}
@@ -44,7 +44,7 @@ def test_weights_are_a_function_of_the_seed_alone():
 
 @pytest.mark.slow
 def test_saved_sd15_pipeline_loads_and_is_labelled_random(tmp_path):
-    from workbench.pipelines import load_pipeline
+    from workbench.models.loader import load_pipeline
 
     folder = save_pipeline("sd15", tmp_path / "sd15", sample_size=8)
     assert "RANDOM WEIGHTS" in (folder / "README.md").read_text()
@@ -56,7 +56,7 @@ def test_saved_sd15_pipeline_loads_and_is_labelled_random(tmp_path):
 
 
 def test_layer_patterns_pick_a_block_of_the_full_size_unet():
-    from workbench.layers import LayerNotFoundError, select_layers
+    from workbench.models.layers import LayerNotFoundError, select_layers
 
     layers = compressible_layers(build_unet("sd15", device="meta"), 100_000)
     mid = select_layers(layers, ["mid_block.*"])

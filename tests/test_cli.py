@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from workbench import cli
+import workbench.cli.layers
+from workbench.cli import main as cli
+from workbench.cli.common import int_in_range
 from workbench.errors import InvalidValueError, UserError, is_user_error, parse_bool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,9 +69,9 @@ def test_threads_0_in_a_real_process_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("value", ["ture", "maybe", "", "2"])
 def test_set_rejects_a_boolean_it_cannot_read(capsys, monkeypatch, value):
-    import workbench.train
+    import workbench.demo.train
 
-    monkeypatch.setattr(workbench.train, "run", lambda args: pytest.fail("training started"))
+    monkeypatch.setattr(workbench.demo.train, "run", lambda args: pytest.fail("training started"))
     status, err = run_cli(capsys, "train", "--set", f"zero_terminal_snr={value}")
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert f"--set zero_terminal_snr={value!r} is not a boolean" in err and "true" in err and "no" in err
@@ -85,18 +87,18 @@ def test_set_rejects_a_boolean_it_cannot_read(capsys, monkeypatch, value):
     ],
 )
 def test_set_rejects_unknown_keys_and_unparsable_numbers(capsys, monkeypatch, override, message):
-    import workbench.train
+    import workbench.demo.train
 
-    monkeypatch.setattr(workbench.train, "run", lambda args: pytest.fail("training started"))
+    monkeypatch.setattr(workbench.demo.train, "run", lambda args: pytest.fail("training started"))
     status, err = run_cli(capsys, "train", "--set", override)
     assert status == 2 and message in err
 
 
 def test_set_accepts_every_spelling_of_a_boolean(capsys, monkeypatch):
-    import workbench.train
+    import workbench.demo.train
 
     seen = []
-    monkeypatch.setattr(workbench.train, "run", lambda args: seen.append(args.set))
+    monkeypatch.setattr(workbench.demo.train, "run", lambda args: seen.append(args.set))
     spellings = ["True", "false", "1", "0", "YES", "no"]
     status, _ = run_cli(capsys, "train", *[f"--set=zero_terminal_snr={v}" for v in spellings], "--set=unet_steps=3")
     assert status == 0 and seen == [[*(f"zero_terminal_snr={v}" for v in spellings), "unet_steps=3"]]
@@ -108,7 +110,7 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, error):
     def broken(args):
         raise error
 
-    monkeypatch.setattr(cli, "_cmd_layers", broken)
+    monkeypatch.setattr(workbench.cli.layers, "run", broken)
     with pytest.raises(type(error)) as raised:
         cli.main(["layers"])
     assert raised.value is error
@@ -117,11 +119,11 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, error):
 @pytest.mark.parametrize("error", ["ValueError", "KeyError"])
 def test_an_internal_error_in_a_real_process_prints_a_traceback_and_exits_1(tmp_path, error):
     code = (
-        "import sys\nimport workbench.cli as cli\n"
+        "import sys\nimport workbench.cli.layers\nfrom workbench.cli.main import main\n"
         "def broken(args):\n"
         f"    raise {error}('internal bug')\n"
-        "cli._cmd_layers = broken\n"
-        "sys.exit(cli.main(['layers']))\n"
+        "workbench.cli.layers.run = broken\n"
+        "sys.exit(main(['layers']))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -140,14 +142,14 @@ def test_user_errors_raised_by_a_command_are_one_line(capsys, monkeypatch):
     def refuse(args):
         raise InvalidValueError("--thing=3 is not valid; valid: 1 or 2")
 
-    monkeypatch.setattr(cli, "_cmd_layers", refuse)
+    monkeypatch.setattr(workbench.cli.layers, "run", refuse)
     assert run_cli(capsys, "layers") == (2, "workbench layers: error: --thing=3 is not valid; valid: 1 or 2\n")
 
 
 def test_errors_from_before_user_error_count_as_user_errors():
-    from workbench.pipelines import ModelNotAvailableError
-    from workbench.recipes import RecipeError
-    from workbench.store import StoreMismatchError
+    from workbench.models.loader import ModelNotAvailableError
+    from workbench.recipes.recipe import RecipeError
+    from workbench.sweep.store import StoreMismatchError
 
     assert is_user_error(RecipeError("x")) and is_user_error(StoreMismatchError("x"))
     assert is_user_error(ModelNotAvailableError("x")) and isinstance(ModelNotAvailableError("x"), FileNotFoundError)
@@ -156,7 +158,7 @@ def test_errors_from_before_user_error_count_as_user_errors():
 
 
 def test_int_in_range_names_the_value_and_the_range():
-    parse = cli.int_in_range(1, 8)
+    parse = int_in_range(1, 8)
     assert parse("8") == 8
     for text, message in [("9", "9 is out of range; valid: an integer from 1 to 8"), ("1.5", "'1.5' is not an int")]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.comparison import Column, seed_matched_images, uniform_recipes
-from workbench.generation import generate_images
-from workbench.grids import image_grid
-from workbench.layers import compressible_layers
+from workbench.analysis.trajectory import evaluate_trajectories
+from workbench.compare.seed_matched import Column, seed_matched_images, uniform_recipes
 from workbench.metrics import image_psnr
-from workbench.palettize import PaletteCache, palettized
-from workbench.tables import recipe_summary
-from workbench.testing import tiny_sd_pipeline
-from workbench.trajectory import evaluate_trajectories
+from workbench.models.generation import generate_images
+from workbench.models.layers import compressible_layers
+from workbench.models.tiny import tiny_sd_pipeline
+from workbench.palettes.apply import palettized
+from workbench.palettes.cache import PaletteCache
+from workbench.report.tables import recipe_summary
+from workbench.viz.grids import image_grid
 
 PROMPTS = ["a large red circle at the center", "a small blue square at the top left"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.coreml import (
     EMULATION_LABEL,
     CoreMLUnavailableError,
@@ -21,12 +21,14 @@ from workbench.coreml import (
     palette_plan,
     palettized_weight_names,
 )
-from workbench.generation import generate_images
-from workbench.layers import compressible_layers
 from workbench.metrics import image_psnr
-from workbench.palettize import PaletteConfig, fit_palette, palettized
-from workbench.recipes import PreAnalysis, load_recipe
-from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.models.generation import generate_images
+from workbench.models.layers import compressible_layers
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.palettes.apply import palettized
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
+from workbench.recipes.recipe import PreAnalysis, load_recipe
 
 ct = pytest.importorskip("coremltools")
 
@@ -241,7 +243,7 @@ def test_cli_export(tmp_path, capsys):
 
 def test_layer_patterns_narrow_the_unet_plan():
     from workbench.coreml import plan_export
-    from workbench.layers import LayerNotFoundError
+    from workbench.models.layers import LayerNotFoundError
 
     pipe = tiny_sd_pipeline()
     everything = plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000)[0].palette

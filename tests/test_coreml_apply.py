@@ -25,9 +25,10 @@ from workbench.coreml.layout import (
     write_compile_script,
 )
 from workbench.errors import InvalidValueError
-from workbench.layers import compressible_layers
-from workbench.palettize import PaletteConfig, fit_palette
-from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.models.layers import compressible_layers
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
 
 ct = pytest.importorskip("coremltools")
 
@@ -278,7 +279,7 @@ class StandInPredictor:
 def test_coreml_backend_glue_drives_apple_layout_packages(builder):
     """The Python Core ML runtime speaks Apple's layout: channels-first hidden states, float32 ids, its outputs."""
     from workbench.coreml import attach_predictors
-    from workbench.generation import generate_images
+    from workbench.models.generation import generate_images
 
     pipe, twin = builder(), builder()
     pipe.set_progress_bar_config(disable=True)
@@ -292,8 +293,8 @@ def test_coreml_backend_glue_drives_apple_layout_packages(builder):
 
 
 def test_cli_apply(sd, tmp_path, capsys):
-    from workbench.cli import main
-    from workbench.recipes import PreAnalysis
+    from workbench.cli.main import main
+    from workbench.recipes.recipe import PreAnalysis
 
     pipe, names, package = sd
     PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"mixed": mixed_bits(pipe.unet, names[:6])}).save(

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from workbench.coreml import coreml_weight_names, package_weights, palettized_weight_names
-from workbench.layers import compressible_layers
-from workbench.palettize import PaletteConfig, fit_palette, sklearn_single_thread
+from workbench.models.layers import compressible_layers
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
+from workbench.threads import sklearn_single_thread
 
 ct = pytest.importorskip("coremltools")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,7 +117,7 @@ DATA_AWARE = {
 @pytest.mark.parametrize("recipe_name", list(DATA_AWARE))
 def test_data_aware_palettes_are_stored_as_fitted(recipe_name, tmp_path):
     from workbench.coreml.explicit_lut import explicit_lut_config
-    from workbench.importance import expand_importance
+    from workbench.palettes.importance import expand_importance
 
     recipe = DATA_AWARE[recipe_name]
     net = _small_net()

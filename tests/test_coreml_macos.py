@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from workbench.coreml import COREML_LABEL, coreml_pipeline, export_pipeline
-from workbench.generation import generate_images
-from workbench.layers import compressible_layers
 from workbench.metrics import image_psnr
-from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.models.generation import generate_images
+from workbench.models.layers import compressible_layers
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytestmark = [
     pytest.mark.macos,

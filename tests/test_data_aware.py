@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from workbench.errors import InvalidValueError
-from workbench.importance import (
+from workbench.palettes.apply import palettized
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig, candidate_configs, check_target
+from workbench.palettes.fit import fit_palette
+from workbench.palettes.importance import (
     Importance,
     capture_inputs,
     collect_importance,
@@ -14,16 +18,8 @@ from workbench.importance import (
     layer_output_mse,
     palette_error,
 )
-from workbench.palettize import (
-    PaletteCache,
-    PaletteConfig,
-    candidate_configs,
-    check_target,
-    fit_palette,
-    palettized,
-)
-from workbench.recipes import PreAnalysis, Recipe, RecipeError
-from workbench.size import layer_nbytes
+from workbench.palettes.size import layer_nbytes
+from workbench.recipes.recipe import PreAnalysis, Recipe, RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,10 +184,10 @@ def test_recipes_carry_config_keys_and_say_their_target():
 @pytest.mark.slow  # converts the tiny UNet (15-70 s on a shared 2-core machine)
 def test_cli_exports_a_data_aware_recipe_bit_exact(tmp_path, capsys):
     pytest.importorskip("coremltools")
-    from workbench.cli import main
-    from workbench.layers import compressible_layers
-    from workbench.probe import OneStepProbe
-    from workbench.testing import tiny_sd_pipeline
+    from workbench.cli.main import main
+    from workbench.models.layers import compressible_layers
+    from workbench.models.tiny import tiny_sd_pipeline
+    from workbench.sweep.probe import OneStepProbe
 
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)

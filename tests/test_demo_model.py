@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import model_card
-from workbench.pipelines import DEMO_MODEL, load_pipeline
-from workbench.shapes import AdherenceReport, ShapeAttributes, benchmark_attributes, generate_and_score, read_shape
-from workbench.train import TrainConfig, TrainResult, add_arguments, train
+from workbench.demo import card as model_card
+from workbench.demo.adherence import AdherenceReport, benchmark_attributes, generate_and_score, read_shape
+from workbench.demo.config import TrainConfig, TrainResult
+from workbench.demo.train import add_arguments, train
+from workbench.demo.world import ShapeAttributes
+from workbench.models.loader import DEMO_MODEL, load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,7 +68,7 @@ def test_same_seed_same_image_and_it_follows_the_prompt(pipe):
     assert first.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).max() > 0.1
-    from workbench.shapes import score_adherence
+    from workbench.demo.adherence import score_adherence
 
     report = score_adherence(first, prompts)
     assert report.color_adherence == 1.0, report.to_frame()[["prompt", "read_color", "read_position"]]
@@ -135,7 +137,7 @@ def test_card_sections_that_need_no_benchmark_match_the_committed_card(pipe):
 
 def _report(pairs):
     """An AdherenceReport of rendered images: (asked for, drawn) attribute pairs."""
-    from workbench.shapes import render_shape
+    from workbench.demo.world import render_shape
 
     images = np.stack([render_shape(drawn) for _, drawn in pairs])
     readings = tuple(read_shape(image) for image in images)
@@ -160,7 +162,7 @@ def test_card_quality_and_grid_sections_list_every_miss():
 
 
 def test_cli_train_options_match_the_module():
-    from workbench.cli import build_parser
+    from workbench.cli.main import build_parser
 
     module = {a.dest for a in add_arguments(argparse.ArgumentParser())._actions} - {"help"}
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from workbench.analysis import torch_threads
-from workbench.executor import EvalTask, LayerPrefix, LocalExecutor, UNetState, extends
-from workbench.palettize import PaletteCache, PaletteConfig
-from workbench.probe import OneStepProbe
-from workbench.store import EvaluationRunner
-from workbench.sweeps import candidate_layers, curve_tasks, isolated_tasks
-from workbench.testing import tiny_sd_pipeline
+from workbench.models.tiny import tiny_sd_pipeline
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig
+from workbench.sweep.executor import EvalTask, LayerPrefix, LocalExecutor, UNetState, extends
+from workbench.sweep.phases import candidate_layers, curve_tasks, isolated_tasks
+from workbench.sweep.probe import OneStepProbe
+from workbench.sweep.store import EvaluationRunner
+from workbench.threads import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C2, C4 = PaletteConfig(nbits=2), PaletteConfig(nbits=4)
@@ -51,7 +52,7 @@ def _tiny_probe():
 
 
 def test_local_executor_skips_stored_tasks_without_palettizing(tmp_path):
-    from workbench.store import EvaluationStore
+    from workbench.sweep.store import EvaluationStore
 
     with torch_threads(1):
         pipe, probe, candidates = _tiny_probe()
@@ -65,8 +66,8 @@ def test_local_executor_skips_stored_tasks_without_palettizing(tmp_path):
 
 
 def test_cli_ray_address_needs_workers(tmp_path, capsys):
-    from workbench.cli import main
-    from workbench.ray_executor import RayExecutor
+    from workbench.cli.main import main
+    from workbench.sweep.ray_executor import RayExecutor
 
     assert main(["analyze", "tiny-sd", "--out", str(tmp_path), "--ray-address", "auto", "--quiet"]) == 2
     assert "--ray-address=auto needs --workers N" in capsys.readouterr().err
@@ -75,7 +76,7 @@ def test_cli_ray_address_needs_workers(tmp_path, capsys):
 
 
 def test_prefetching_executor_fits_each_palette_once_ahead_and_measures_the_same(tmp_path):
-    from workbench.store import EvaluationStore
+    from workbench.sweep.store import EvaluationStore
 
     with torch_threads(1):
         pipe, probe, candidates = _tiny_probe()

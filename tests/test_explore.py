@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.explore import (
+from workbench.metrics import weight_snr_db
+from workbench.palettes.config import PaletteConfig
+from workbench.report.widgets import (
     PaletteExplorer,
     RecipeExplorer,
     bits_per_block,
@@ -12,9 +14,7 @@ from workbench.explore import (
     default_group_size,
     palette_error_table,
     palette_state,
-    weight_snr_db,
 )
-from workbench.palettize import PaletteConfig
 
 
 @pytest.fixture(scope="module")

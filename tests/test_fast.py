@@ -3,9 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.run import run_analysis
 from workbench.errors import InvalidValueError
-from workbench.fast import (
+from workbench.palettes.kmeans import kmeans_float16
+from workbench.recipes.refine import DEFAULT_KS
+from workbench.sweep.prediction import (
     FastSettings,
     GainModel,
     calibration_layers,
@@ -16,8 +19,7 @@ from workbench.fast import (
     psnr_from_distortions,
     quantization_errors,
 )
-from workbench.kmeans import kmeans_float16
-from workbench.refine import DEFAULT_KS
+from workbench.threads import torch_threads
 
 # 20 candidate layers, three widths, 32x32 images: tiny-sd at CFG batch 2
 CONFIG = AnalysisConfig(nbits=(2, 4, 6), min_numel=30_000, prompts=("a red circle", "a blue square"), height=32,
@@ -60,8 +62,8 @@ def test_layer_errors_are_of_the_weights_as_they_were_when_asked(pipe):
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
-    from workbench.palettize import palettize_
-    from workbench.sweeps import candidate_layers
+    from workbench.palettes.apply import palettize_
+    from workbench.sweep.phases import candidate_layers
 
     unet = copy.deepcopy(pipe.unet)
     layers = candidate_layers(unet, 30_000).layers
@@ -171,8 +173,8 @@ def test_bad_fast_settings_name_the_value_and_what_is_valid(changes, message):
 
 
 def test_rule_recipe_within_a_target_is_the_largest_that_fits():
-    from workbench.allocation import Measurements, threshold_recipe, threshold_recipe_within
-    from workbench.size import bits_per_param
+    from workbench.palettes.size import bits_per_param
+    from workbench.recipes.allocation import Measurements, threshold_recipe, threshold_recipe_within
 
     numels = {"a": 100, "b": 300, "c": 600}
     cumulative = {2: {"a": [50.0], "b": [40.0], "c": [30.0]}, 4: {"a": [60.0], "b": [55.0], "c": [45.0]}}

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.analysis import AnalysisConfig, run_analysis
-from workbench.palettize import PaletteConfig, fit_palette
-from workbench.pipelines import load_pipeline, model_dtype, pick_device
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.run import run_analysis
+from workbench.models.loader import load_pipeline, model_dtype, pick_device
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
 
 ACCELERATOR = pick_device(None).type != "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ACCELERATOR, reason="needs a cuda or mps device")]

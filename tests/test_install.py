@@ -65,7 +65,7 @@ def installed(tmp_path_factory):
 def test_the_wheel_carries_the_demo_model_and_the_notebooks(installed):
     bin_dir, elsewhere = installed
     code = (
-        "import json, workbench, workbench.pipelines as p, workbench.report as r; "
+        "import json, workbench, workbench.models.loader as p, workbench.report.runner as r; "
         "notebooks = sorted(x.name for x in r.NOTEBOOK_DIR.glob('*.ipynb')); "
         "print(json.dumps([workbench.__file__, str(p.DEMO_MODEL), notebooks]))"
     )

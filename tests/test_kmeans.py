@@ -5,8 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from workbench import kmeans
-from workbench.kmeans import kmeans_1d, kmeans_1d_numpy, kmeans_float16, unique_float16
+from workbench.palettes import kmeans
+from workbench.palettes.kmeans import kmeans_1d, kmeans_1d_numpy, kmeans_float16, unique_float16
 
 
 def _coremltools_cluster():
@@ -173,7 +173,7 @@ def test_without_numba_auto_falls_back_to_coremltools_and_numba_solver_says_what
 
 
 def test_importing_workbench_kmeans_does_not_import_numba():
-    code = "import sys, workbench.kmeans; assert 'numba' not in sys.modules, 'numba imported at import time'"
+    code = "import sys, workbench.palettes.kmeans; assert 'numba' not in sys.modules, 'numba imported at import time'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from workbench.report import NOTEBOOK_DIR, NOTEBOOKS, ReportConfig, execute_notebook, notebook_parameters, run_report
-from workbench.report_progress import BarProgress, ProgressLog, cell_phase, parse_bar
+from workbench.report.config import NOTEBOOKS, ReportConfig
+from workbench.report.progress import BarProgress, ProgressLog, cell_phase, parse_bar
+from workbench.report.runner import NOTEBOOK_DIR, execute_notebook, notebook_parameters, run_report
 
 MODEL = "tiny-sd"
 
@@ -191,7 +192,7 @@ def test_cell_phase_names_the_section_and_the_first_line_of_code():
 
 
 def test_a_report_notebook_shows_its_cells_and_progress_without_the_tcp_warning(tmp_path, monkeypatch, capfd):
-    import workbench.report
+    import workbench.report.runner
 
     book = nbformat.v4.new_notebook()
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -204,7 +205,7 @@ def test_a_report_notebook_shows_its_cells_and_progress_without_the_tcp_warning(
     ]
     (tmp_path / "src").mkdir()
     nbformat.write(book, tmp_path / "src" / "99_progress.ipynb")
-    monkeypatch.setattr(workbench.report, "NOTEBOOK_DIR", tmp_path / "src")
+    monkeypatch.setattr(workbench.report.runner, "NOTEBOOK_DIR", tmp_path / "src")
     lines = []
     run = execute_notebook("99_progress", tmp_path / "out", {"n": 4}, timeout_s=120, log=lines.append)
     assert run.ok, run.error
@@ -214,14 +215,14 @@ def test_a_report_notebook_shows_its_cells_and_progress_without_the_tcp_warning(
 
 
 def test_a_cell_over_the_timeout_fails_its_notebook_not_the_report(tmp_path, monkeypatch):
-    import workbench.report
+    import workbench.report.runner
 
     book = nbformat.v4.new_notebook()
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     book.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(30)")]
     (tmp_path / "src").mkdir()
     nbformat.write(book, tmp_path / "src" / "98_slow.ipynb")
-    monkeypatch.setattr(workbench.report, "NOTEBOOK_DIR", tmp_path / "src")
+    monkeypatch.setattr(workbench.report.runner, "NOTEBOOK_DIR", tmp_path / "src")
     run = execute_notebook("98_slow", tmp_path / "out", {}, timeout_s=2)
     assert not run.ok and run.error.startswith("CellTimeoutError")
     assert (tmp_path / "out" / "html" / "98_slow.html").is_file()

@@ -5,7 +5,9 @@ from concurrent.futures import wait
 import numpy as np
 import torch
 
-from workbench.palettize import PaletteCache, PaletteConfig, fit_palette
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
 
 
 def _weights(n=6):

@@ -3,19 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.layers import LayerNotFoundError, compressible_layers, get_layer
-from workbench.palettize import (
-    Palette,
-    PaletteCache,
-    PaletteConfig,
-    as_config,
-    fit_palette,
-    linear_quantize_tensor,
-    palettize_,
-    palettize_tensor,
-    palettized,
-)
-from workbench.size import size_report
+from workbench.models.layers import LayerNotFoundError, compressible_layers, get_layer
+from workbench.palettes.apply import palettize_, palettized
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig, as_config
+from workbench.palettes.fit import Palette, fit_palette, linear_quantize_tensor, palettize_tensor
+from workbench.palettes.size import size_report
 
 
 def _net(seed=0):
@@ -260,7 +253,7 @@ def test_approximate_palettes_are_held_beside_exact_ones_and_only_for_plain_kmea
 
 
 def test_fit_process_gives_fit_palettes_bits_and_reports_failures():
-    from workbench.fit_worker import FitProcess, FitProcessError
+    from workbench.palettes.fit_worker import FitProcess, FitProcessError
 
     net = _net()
     small = net[0].weight  # 288 weights: scikit-learn's path, which background fits run in the helper process
@@ -288,7 +281,7 @@ def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette():
 
 
 def test_a_fit_process_that_cannot_start_leaves_the_fits_to_the_thread(monkeypatch):
-    from workbench import fit_worker
+    from workbench.palettes import fit_worker
 
     monkeypatch.setattr(fit_worker.sys, "executable", "/nonexistent/python")
     net = _net()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from workbench import cli
+from workbench.cli import main as cli
 from workbench.errors import UserError
-from workbench.pipelines import (
+from workbench.models.loader import (
     BUILTIN_MODELS,
     DEMO_MODEL,
     ModelNotAvailableError,
@@ -23,7 +23,7 @@ from workbench.pipelines import (
     model_from_text,
     pick_device,
 )
-from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +75,7 @@ def test_pick_device():
 def test_demo_model_is_package_data():
     import workbench
 
-    assert DEMO_MODEL == Path(workbench.__file__).resolve().parent / "data" / "tiny-shapes"
+    assert DEMO_MODEL == Path(workbench.__file__).resolve().parent.parent / "data" / "tiny-shapes"
     assert (DEMO_MODEL / "model_index.json").is_file()
 
 
@@ -114,7 +114,7 @@ def test_demo_model_loads_through_the_sentinel(offline):
 
 
 def test_missing_demo_model_says_how_to_build_it(monkeypatch, tmp_path):
-    import workbench.pipelines as pipelines
+    import workbench.models.loader as pipelines
 
     monkeypatch.setattr(pipelines, "DEMO_MODEL", tmp_path / "tiny-shapes")
     with pytest.raises(ModelNotAvailableError, match="the demo model is not built.*workbench train --out"):

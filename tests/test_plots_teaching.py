@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.explore import palette_error_table
-from workbench.palettize import PaletteConfig, fit_palette
-from workbench.plots import (
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
+from workbench.report.widgets import palette_error_table
+from workbench.viz.plots import (
     plot_palette_bytes,
     plot_palette_error_vs_bits,
     plot_palette_histograms,
@@ -75,8 +76,8 @@ def test_quality_and_recipe_plots_skip_missing_values():
 
 
 def test_figures_name_a_local_model_by_its_folder():
-    from workbench.plots import model_name
+    from workbench.viz.plots import model_name
 
-    assert model_name("/work/main/workbench/data/tiny-shapes") == "tiny-shapes"
+    assert model_name("/work/main/data/tiny-shapes") == "tiny-shapes"
     assert model_name("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
     assert model_name("StableDiffusionPipeline") == "StableDiffusionPipeline"

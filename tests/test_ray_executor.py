@@ -9,7 +9,9 @@ import signal
 
 import pytest
 
-from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.run import run_analysis
+from workbench.threads import torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +37,7 @@ def single(pipe, tmp_path_factory):
 def executor(ray_runtime):
     """Two workers for one test: they hold both CPUs of the runtime, so they must be gone before the CLI starts its
     own (a module-scoped pair left the CLI's workers unschedulable: the test hung)."""
-    from workbench.ray_executor import RayExecutor
+    from workbench.sweep.ray_executor import RayExecutor
 
     with RayExecutor("tiny-sd", workers=2) as ex:
         yield ex
@@ -101,7 +103,7 @@ def test_resume_across_worker_counts_gives_the_same_json(pipe, single, executor,
 
 
 def test_cli_workers_write_the_single_process_json(pipe, ray_runtime, tmp_path, capsys):
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     config = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=CONFIG.prompts, num_recipes=3, layers=CONFIG.layers)
     with torch_threads(1):

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench.cli import main
-from workbench.recipes import PreAnalysis, Recipe, RecipeError, load_recipe, recipe_name
+from workbench.cli.main import main
+from workbench.recipes.recipe import PreAnalysis, Recipe, RecipeError, load_recipe, recipe_name
 
 REFERENCE = Path(__file__).parent / "data" / "reference_preanalysis.json"
 LAYERS = [

@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.allocation import allocate, allocate_options
-from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.run import run_analysis
 from workbench.errors import InvalidValueError
-from workbench.importance import IMPORTANCE_FILE, Importance
-from workbench.layers import compressible_layers, get_layer
-from workbench.palettize import PaletteCache, PaletteConfig, as_config, fit_palette, palettized
-from workbench.probe import OneStepProbe
-from workbench.refine import (
+from workbench.models.layers import compressible_layers, get_layer
+from workbench.palettes.apply import palettized
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig, as_config
+from workbench.palettes.fit import fit_palette
+from workbench.palettes.importance import IMPORTANCE_FILE, Importance
+from workbench.recipes.allocation import allocate, allocate_options
+from workbench.recipes.refine import (
     Change,
     PricedWeights,
     exchange,
@@ -24,6 +27,8 @@ from workbench.refine import (
     weighted_distortion,
     weighted_distortions,
 )
+from workbench.sweep.probe import OneStepProbe
+from workbench.threads import torch_threads
 
 PROMPTS = ("a red circle", "a blue square")
 

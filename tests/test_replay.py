@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.analysis import torch_threads
-from workbench.executor import EvalTask, LocalExecutor
-from workbench.layers import compressible_layers
-from workbench.palettize import PaletteCache, palettized
-from workbench.probe import OneStepProbe
-from workbench.replay import UpstreamReplay, replay_units
-from workbench.store import EvaluationRunner
-from workbench.testing import tiny_sdxl_pipeline
+from workbench.models.layers import compressible_layers
+from workbench.models.tiny import tiny_sdxl_pipeline
+from workbench.palettes.apply import palettized
+from workbench.palettes.cache import PaletteCache
+from workbench.sweep.executor import EvalTask, LocalExecutor
+from workbench.sweep.probe import OneStepProbe
+from workbench.sweep.replay import UpstreamReplay, replay_units
+from workbench.sweep.store import EvaluationRunner
+from workbench.threads import torch_threads
 
 PROMPTS = ("a red circle", "a blue square")
 

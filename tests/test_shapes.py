@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from workbench.shapes import (
+from workbench.demo.adherence import read_shape, score_adherence
+from workbench.demo.world import (
     BACKGROUND,
     CAPTION_WORDS,
     COLORS,
@@ -11,9 +12,7 @@ from workbench.shapes import (
     all_attributes,
     make_dataset,
     make_sample,
-    read_shape,
     render_shape,
-    score_adherence,
 )
 
 

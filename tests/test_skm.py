@@ -3,11 +3,17 @@
 import pytest
 import torch
 
-from workbench.analysis import AnalysisConfig
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.skm import (
+    calibration_samples,
+    compare_with_skm,
+    skm_palettize,
+    skm_sensitivity,
+    swapped_weights,
+)
 from workbench.errors import InvalidValueError
-from workbench.skm import calibration_samples, compare_with_skm, skm_palettize, skm_sensitivity, swapped_weights
-from workbench.sweeps import candidate_layers
-from workbench.testing import tiny_sd_pipeline
+from workbench.models.tiny import tiny_sd_pipeline
+from workbench.sweep.phases import candidate_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

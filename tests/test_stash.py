@@ -3,11 +3,16 @@
 import torch
 from torch import nn
 
-from workbench import stash as stash_module
-from workbench.analysis import AnalysisConfig, run_analysis, torch_threads
-from workbench.palettize import PaletteCache, PaletteConfig, palettize_tensor, palettized
-from workbench.stash import WeightStash
-from workbench.testing import tiny_sd_pipeline
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.run import run_analysis
+from workbench.models.tiny import tiny_sd_pipeline
+from workbench.palettes import stash as stash_module
+from workbench.palettes.apply import palettized
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import palettize_tensor
+from workbench.palettes.stash import WeightStash
+from workbench.threads import torch_threads
 
 
 def _net():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from workbench.size import bits_per_param, recipe_nbytes
-from workbench.tables import pick_recipes, strategy_of
+from workbench.palettes.size import bits_per_param, recipe_nbytes
+from workbench.report.tables import pick_recipes, strategy_of
 
 NUMELS = {"a": 1000, "b": 3000}
 RECIPES = {

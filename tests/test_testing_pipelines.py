@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from workbench.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a photo of a red circle"
 

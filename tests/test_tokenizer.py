@@ -3,7 +3,7 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from workbench.tokenizer import DEFAULT_WORDS, clip_tokenizer, write_clip_tokenizer
+from workbench.models.tokenizer import DEFAULT_WORDS, clip_tokenizer, write_clip_tokenizer
 
 
 def test_tokenizer_makes_each_word_one_token(tmp_path):

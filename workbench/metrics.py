@@ -68,7 +68,7 @@ def psnr(ref, test, peak: float = 1.0) -> float:
 
 def image_psnr(reference, test) -> float:
     """Image PSNR, the one definition the workbench reports: uint8 images (values 0-255, as an app shows
-    them; `workbench.generation.generate_images` makes them), peak 255: `10*log10(255**2 / mse)`, float64;
+    them; `workbench.models.generation.generate_images` makes them), peak 255: `10*log10(255**2 / mse)`, float64;
     inf for identical images. Any layout, same shape for both."""
     return psnr(reference, test, peak=255.0)
 
@@ -137,3 +137,13 @@ def distortion_from_psnr(psnr_db) -> float:
     """
     values = np.atleast_1d(np.asarray(psnr_db, dtype=np.float64))
     return float(np.mean(10.0 ** (-values / 10.0)))
+
+
+def weight_snr_db(weight: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of a weight: `10 * log10(sum(w**2) / sum((w - q)**2))`, in dB.
+
+    Computed in float64; `inf` when `approx` equals `weight` exactly.
+    """
+    w, q = np.asarray(weight, np.float64), np.asarray(approx, np.float64)
+    noise = float(np.sum((w - q) ** 2))
+    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(w**2)) / noise)

@@ -16,7 +16,7 @@
 - `runtime`: running a pipeline on packages (`coreml_pipeline(backend="emulate" | "coreml")` ->
   `CoreMLPipeline`; `attach_predictors`).
 
-Images come from `workbench.generation.generate_images`, for torch and Core ML pipelines alike.
+Images come from `workbench.models.generation.generate_images`, for torch and Core ML pipelines alike.
 
 Example:
     >>> report = export_pipeline(pipe, "out/", recipe=load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette"),

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from workbench.errors import InvalidValueError
-from workbench.layers import get_layer
-from workbench.palettize import PaletteConfig, fit_palette
+from workbench.models.layers import get_layer
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
 
 
 class ExplicitLut:
@@ -81,7 +82,7 @@ def explicit_lut_config(weight: torch.Tensor, config: PaletteConfig, importance:
 def op_config(layer: str, config: PaletteConfig, module: nn.Module | None, importance):
     """The `OpPalettizerConfig` of torch layer `layer` of `module`: Core ML's own fit for k-means and uniform
     palettes (`PaletteConfig.to_coreml`); a data-aware one fitted here with `importance`
-    (`workbench.importance.Importance`) and stored as fitted (`explicit_lut_config`)."""
+    (`workbench.palettes.importance.Importance`) and stored as fitted (`explicit_lut_config`)."""
     if not config.data_aware:
         return config.to_coreml()
     if module is None or importance is None:

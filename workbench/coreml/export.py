@@ -44,10 +44,11 @@ from workbench.coreml.layout import (
 from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.verify import package_nbytes, program_weight_names, verify_package
 from workbench.errors import UserError
-from workbench.palettize import FLOAT_BITS, PaletteConfig, sklearn_single_thread
+from workbench.palettes.config import FLOAT_BITS, PaletteConfig
+from workbench.threads import sklearn_single_thread
 
 if TYPE_CHECKING:
-    from workbench.recipes import Recipe
+    from workbench.recipes.recipe import Recipe
 
 DEFAULT_MIN_NUMEL = 2048  # coremltools' own weight_threshold
 RecipeLike = Union["Recipe", Mapping[str, "int | PaletteConfig | None"], None]
@@ -124,8 +125,8 @@ def palette_plan(
     Raises:
         ValueError: both a recipe and nbits, or a recipe naming layers the module lacks (all listed).
     """
-    from workbench.layers import compressible_layers
-    from workbench.palettize import as_config
+    from workbench.models.layers import compressible_layers
+    from workbench.palettes.config import as_config
 
     if recipe is not None and nbits is not None:
         raise ValueError("pass a recipe or nbits, not both")
@@ -162,7 +163,7 @@ def compress_model(
     `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
     lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
     identical weights) must share a config. Data-aware palettes (`"wkmeans"`) are fitted from `module`'s weights
-    with `importance` (`workbench.importance.Importance`) and stored as fitted (`workbench.coreml.explicit_lut`);
+    with `importance` (`workbench.palettes.importance.Importance`) and stored as fitted (`workbench.coreml.explicit_lut`);
     Core ML fits the others.
 
     Returns:
@@ -205,7 +206,7 @@ class ComponentPlan:
             weights the package has (a VAE decoder package holds no VAE encoder). A recipe is not narrowed.
         deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
         layout: `"apple"` or `"workbench"` (`workbench.coreml.layout`): inputs, outputs and the package's name.
-        importance: `workbench.importance.Importance` for the data-aware palettes (None when there are none).
+        importance: `workbench.palettes.importance.Importance` for the data-aware palettes (None when there are none).
     """
 
     component: str
@@ -231,11 +232,11 @@ def plan_export(
     importance=None,
 ) -> list[ComponentPlan]:
     """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern, layout or missing
-    importance fails here, before any conversion. `layers` / `exclude` (globs, `workbench.layers.select_layers`)
-    narrow the UNet's palettized layers; the others stay float16. `importance` (`workbench.importance.Importance`)
+    importance fails here, before any conversion. `layers` / `exclude` (globs, `workbench.models.layers.select_layers`)
+    narrow the UNet's palettized layers; the others stay float16. `importance` (`workbench.palettes.importance.Importance`)
     is needed by data-aware palettes."""
     from workbench.coreml.layout import check_layout
-    from workbench.layers import select_layers
+    from workbench.models.layers import select_layers
 
     check_layout(layout)
     components = [check_component(c) for c in components]
@@ -360,8 +361,8 @@ def _compress_and_save(
     plan: ComponentPlan, conversion: Conversion, out: Path, *, min_numel: int, source: str, recipe_name: str
 ) -> Compression:
     """Palettize the planned weights by name, write the metadata and save `<out>/<package_name(component, layout)>`."""
-    from workbench.layers import compressible_layers
-    from workbench.size import bits_per_param
+    from workbench.models.layers import compressible_layers
+    from workbench.palettes.size import bits_per_param
 
     start = time.perf_counter()
     in_package = program_weight_names(conversion.model)
@@ -476,7 +477,7 @@ def export_pipeline(
         layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
             (`plan_export`).
         layout (`str`, defaults to `"apple"`): the packages' inputs, outputs and names (`workbench.coreml.layout`).
-        importance (`workbench.importance.Importance`, *optional*): the analysis' importances, needed by a recipe
+        importance (`workbench.palettes.importance.Importance`, *optional*): the analysis' importances, needed by a recipe
             with data-aware palettes (`"wkmeans4"`...), which are re-fitted with them exactly as the analysis did.
 
     Returns:
@@ -527,28 +528,28 @@ def export_model(
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
     Args:
-        model: hub id or pipeline folder; None for the demo model (`workbench.pipelines.DEMO_MODEL`).
+        model: hub id or pipeline folder; None for the demo model (`workbench.models.loader.DEMO_MODEL`).
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
         importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
         nbits, components, min_numel, layers, exclude, layout: see `export_pipeline`.
     """
     from workbench.coreml.layout import check_layout
-    from workbench.pipelines import DEMO_MODEL, load_pipeline
-    from workbench.recipes import load_recipe
+    from workbench.models.loader import DEMO_MODEL, load_pipeline
+    from workbench.recipes.recipe import load_recipe
 
     if recipe_name is not None and recipe_file is None:
         raise ValueError("--recipe-name needs --recipe FILE")
     if recipe_file is not None and nbits is not None:
         raise ValueError("pass a recipe or nbits, not both")
     if nbits is not None:
-        from workbench.palettize import as_config
+        from workbench.palettes.config import as_config
 
         as_config(int(nbits))  # an unsupported width fails before the pipeline loads
     recipe = load_recipe(recipe_file, recipe_name) if recipe_file is not None else None
     importance = None
     if importance_file is not None:
-        from workbench.importance import Importance
+        from workbench.palettes.importance import Importance
 
         importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
     components = [check_component(c) for c in components]  # fail before the pipeline loads

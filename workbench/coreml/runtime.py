@@ -352,7 +352,7 @@ def coreml_pipeline(
         compute_units (`str`, defaults to `"ALL"`): coreml only; a `coremltools.ComputeUnit` name.
 
     Returns:
-        `CoreMLPipeline`: call it like the pipeline (or pass it to `workbench.generation.generate_images`);
+        `CoreMLPipeline`: call it like the pipeline (or pass it to `workbench.models.generation.generate_images`);
         `restore()` (or a `with` block) undoes the change.
     """
     if backend not in BACKENDS:

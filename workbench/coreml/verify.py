@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from workbench.coreml.components import layer_weight_names, weight_layers
-from workbench.palettize import PaletteConfig
+from workbench.palettes.config import PaletteConfig
 
 
 def load_program(package):
@@ -163,7 +163,7 @@ def _check_layer(
     importance=None,
 ) -> LayerCheck:
     """One planned layer: stored palettized, and equal to `fit_palette(weight, config).dense()` bit for bit."""
-    from workbench.palettize import fit_palette
+    from workbench.palettes.fit import fit_palette
 
     torch_weight = weight.detach().cpu()
     weights = importance.for_weight(layer, tuple(weight.shape)) if config.data_aware else None
@@ -199,7 +199,7 @@ def verify_package(
             package we converted names layer `L`'s weight `coreml_weight_name(prefix + "." + L)`.
         names (`Mapping[str, str]`, *optional*): instead of `prefix`, torch layer -> Core ML weight name for the
             layers the package holds (`workbench.coreml.apply.match_weights`, for a package converted elsewhere).
-        importance (`workbench.importance.Importance`, *optional*): for data-aware palettes in the plan.
+        importance (`workbench.palettes.importance.Importance`, *optional*): for data-aware palettes in the plan.
 
     Returns:
         `Verification`.

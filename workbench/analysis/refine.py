@@ -1,0 +1,162 @@
+"""The "refined" strategy inside an analysis: each size-aware recipe refined where layers interact
+(`workbench.recipes.refine`), its candidates measured through the analysis' executor and stored like every evaluation.
+
+Targets are refined smallest first, within t bits/param (the size measure of every recipe table), from two
+starts: the size-aware recipe at t, and the best measured recipe that fits (the reference rule's, the size-aware
+ones, the refined recipes of smaller targets); the better result is kept, so a refined recipe is never worse than
+any measured recipe of its size or smaller. (The search is local: on the demo model the knapsack's start and the
+best start each win at some sizes.) With `data_aware`, the refined recipe is refined once more with each layer
+also free to take its width's data-aware palette (`wkmeans<b>`: the same indices and LUT size, so the same bytes,
+stored by iOS17), whose isolated distortion is the measured plain one scaled by the ratio of their
+importance-weighted weight errors (`palette_distortions`); a second stage, not one search over both, because the
+ratio model flatters the data-aware palettes and would steer the first search (measured on the demo model). The
+refined recipe is named
+`recipe_<bpp>_bit_refined`; how it was found (each round's candidates, predicted and measured) goes to
+`run.json` under `refinement`.
+
+Example:
+    >>> result = run_analysis(pipe, AnalysisConfig(strategies=("apple", "size-aware", "refined")), out_dir="out")
+    >>> result.refinement["recipe_4.40_bit_refined"]["steps"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.plan import recipe_hash
+from workbench.analysis.result import RecipeResult
+from workbench.models.layers import get_layer
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import FLOAT_BITS, PaletteConfig, as_config
+from workbench.palettes.importance import Importance, collect_importance, palette_error
+from workbench.palettes.size import bits_per_param
+from workbench.recipes.allocation import Measurements, layer_prompt_distortions
+from workbench.recipes.recipe import recipe_name
+from workbench.recipes.refine import refine_recipe
+from workbench.sweep.executor import EvalTask, Executor
+from workbench.sweep.store import EvaluationRunner
+
+
+def width_options(numels: Mapping[str, int], widths: Sequence[int], data_aware: bool = False) -> dict[str, dict]:
+    """Each layer's options: every swept width (and with `data_aware` its data-aware palette, key `wkmeans<b>`)
+    and float16, costing `bits * numel` (the recipes' size measure)."""
+    options = {}
+    for name, n in numels.items():
+        opts = {b: b * n for b in (*sorted(widths), FLOAT_BITS)}
+        if data_aware:
+            opts.update({PaletteConfig(b, "wkmeans").key: b * n for b in sorted(widths)})
+        options[name] = opts
+    return options
+
+
+def palette_distortions(
+    unet: torch.nn.Module,
+    options: Mapping[str, Mapping],
+    measured: Mapping[str, Mapping[int, object]],
+    cache: PaletteCache,
+    importance: Importance,
+) -> dict[str, dict]:
+    """Each option's isolated distortion (per prompt if `measured`'s are): measured for per-tensor k-means widths
+    (and float16); for any other palette, the measured same-width one times the ratio of their importance-weighted
+    weight errors (`palette_error`), the proxy of a layer's output error that data-aware palettes minimise."""
+    out = {}
+    for name, opts in options.items():
+        weight = get_layer(unet, name).weight
+        imp = importance.for_weight(name, tuple(weight.shape))
+        plain_error: dict[int, float] = {}
+        row = {}
+        for option in opts:
+            config = as_config(option)
+            if config is None or option in measured[name]:
+                row[option] = measured[name][option if config is not None else FLOAT_BITS]
+                continue
+            b = config.nbits
+            if b not in plain_error:
+                plain_error[b] = palette_error(weight, cache.palette(name, weight, PaletteConfig(b)), imp)
+            error = palette_error(weight, cache.palette(name, weight, config), imp)
+            row[option] = measured[name][b] * error / plain_error[b] if plain_error[b] > 0 else measured[name][b]
+        out[name] = row
+    return out
+
+
+def _start(target: float, measured: Sequence[RecipeResult]) -> RecipeResult:
+    """The best measured recipe within `target` bits/param (the knapsack's slack of 1e-6 allowed)."""
+    return max((r for r in measured if r.bits_per_param <= target + 1e-6), key=lambda r: r.psnr_mean)
+
+
+def refine_recipes(
+    probe,
+    unet: torch.nn.Module,
+    measurements: Measurements,
+    recipes: Sequence[RecipeResult],
+    runner: EvaluationRunner,
+    executor: Executor,
+    cache: PaletteCache,
+    config: AnalysisConfig,
+) -> tuple[list[RecipeResult], dict, Importance]:
+    """Refine every size-aware recipe (`refine_recipe`) as `config` says (`refine_rounds`, `refine_ks`,
+    `data_aware`, `approximate_pricing`); return the refined recipes (measured end to end, strategy "refined"), per
+    refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`, and the
+    importances (input channels' second moments, collected with one probe run; data-aware palettes are fitted with
+    them, so an export needs them: `Importance.save`).
+
+    Raises:
+        ValueError: `data_aware` with a `cache` that holds other importances.
+    """
+    rounds, data_aware, ks = config.refine_rounds, config.data_aware, config.refine_ks
+    approximate = config.approximate_pricing
+    numels = measurements.numels
+    total = sum(numels.values())
+    importance = collect_importance(unet, {n: get_layer(unet, n) for n in numels}, probe)
+    if data_aware:
+        if cache.importance is not None and cache.importance.digest != importance.digest:
+            raise ValueError("the palette cache holds other importances than this analysis' probe gives")
+        cache.importance = importance  # data-aware palettes are keyed by its digest; plain ones do not change
+    options = width_options(numels, measurements.widths)
+    distortion = layer_prompt_distortions(measurements)
+    if data_aware:
+        aware_options = width_options(numels, measurements.widths, data_aware=True)
+        aware_distortion = palette_distortions(unet, aware_options, distortion, cache, importance)
+    refined, report = [], {}
+    for recipe in sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector):
+        name = recipe_name(recipe.selector, "refined")
+
+        def measure(candidates, round_, name=name):
+            runner.plan(len(candidates))
+            tasks = [
+                EvalTask(f"refine/{name}/{round_}/{recipe_hash(c)}", "refine", dict(c),
+                         {"config": "refined", "recipe": name, "bits_per_param": bits_per_param(c, numels)})
+                for c in candidates
+            ]  # fmt: skip
+            return [e.psnr for e in executor.measure_all(tasks, runner)]
+
+        found, origin, attempts = None, None, []
+        best = _start(recipe.selector, [*recipes, *refined])
+        for start in [recipe] if best is recipe else [recipe, best]:
+            attempt = refine_recipe(probe, unet, {n: start.bits.get(n, FLOAT_BITS) for n in numels}, options,
+                                    distortion, recipe.selector * total + 1e-6 * total, measure, cache=cache,
+                                    importance=importance, rounds=rounds, start_psnr=start.psnr,
+                                    approximate=approximate, ks=ks)  # fmt: skip
+            attempts.append({"start": start.name, "start_psnr": start.psnr_mean, "psnr": attempt.psnr,
+                             "rounds": attempt.rounds})  # fmt: skip
+            if found is None or attempt.psnr > found.psnr:
+                found, origin = attempt, start
+        if data_aware:
+            aware = refine_recipe(probe, unet, found.recipe, aware_options, aware_distortion,
+                                  recipe.selector * total + 1e-6 * total, measure, cache=cache, importance=importance,
+                                  rounds=rounds, start_psnr=found.prompt_psnr, approximate=approximate,
+                                  ks=ks)  # fmt: skip
+            attempts.append({"start": f"{name} (widths only)", "start_psnr": found.psnr, "psnr": aware.psnr,
+                             "rounds": aware.rounds, "data_aware": True})  # fmt: skip
+            found = aware if aware.psnr > found.psnr else found
+        bpp = bits_per_param(found.recipe, numels)
+        runner.plan(1)  # measured end to end already (a candidate, or the start): recorded, not measured again
+        evaluation = runner.alias(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", found.prompt_psnr,
+                                  config="refined", recipe=name, bits_per_param=bpp,
+                                  extra={"selector": recipe.selector})  # fmt: skip
+        refined.append(RecipeResult(name, "refined", dict(found.recipe), bpp, evaluation.psnr, recipe.selector))
+        report[name] = {"start": origin.name, **found.to_dict(), "attempts": attempts}
+    return refined, report, importance

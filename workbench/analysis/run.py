@@ -1,0 +1,262 @@
+"""The mixed-bit pre-analysis: per-layer PSNR sweeps, cumulative curves, baselines and re-measured recipes.
+
+`run_analysis` runs these phases in order, each a function with typed inputs and results:
+
+1. `candidate_layers` (`workbench.sweep.phases`) and `probe_pipeline`: the layers to measure; the pipeline's one
+   denoising step recorded once (`workbench.sweep.probe.OneStepProbe`) and the resumable store its evaluations go to
+   (`workbench.sweep.store`);
+2. `measure_baselines`: the original model, linear 8-bit per tensor on every weight, per-channel int8;
+3. `isolated_sweep`: each candidate palettized alone, per bit width, restored after each;
+4. `sensitivity_order`: per bit width, the candidates least sensitive first;
+5. `cumulative_curves`: per bit width (per-tensor palettes, and grouped ones with `group_size`), the candidates
+   palettized one after another in that order, not restored between additions (2-5: `workbench.sweep.phases`);
+6. `plan_recipes`: each strategy's recipes (`PlannedRecipe`) from those measurements;
+7. `measure_recipes`: each recipe re-measured end to end (`recipe_tasks`, `RecipeResult`);
+8. the refined strategy (`workbench.analysis.refine.refine_recipes`): the size-aware recipes refined where layers
+   interact;
+9. `workbench.analysis.trajectory.recipe_trajectories` (optional): full-trajectory images of each recipe against the float
+   model's.
+
+Each phase builds its evaluations as tasks (`workbench.sweep.executor.EvalTask`: an id and the recipe in force) and hands
+them to one executor's `measure_all`: a `LocalExecutor` in this process (the default), or a
+`workbench.sweep.ray_executor.RayExecutor` that shards them over Ray workers with the same results.
+
+Every measurement is appended to an append-only JSONL store keyed by a hash of everything that determines it, so
+an interrupted analysis resumes where it stopped and a changed one starts afresh.
+
+Example:
+    >>> result = run_analysis(pipe, AnalysisConfig(nbits=(2, 4, 6, 8), min_numel=2048), out_dir="out")
+    >>> result.to_frame().head()
+    >>> result.recipes_frame()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from workbench.analysis.plan import analysis_identity
+from workbench.analysis.result import AnalysisResult, Timing
+from workbench.errors import InvalidValueError
+from workbench.palettes.cache import PaletteCache
+from workbench.palettes.config import PaletteConfig
+from workbench.palettes.importance import IMPORTANCE_FILE
+from workbench.sweep.executor import Executor, LocalExecutor
+from workbench.sweep.phases import (
+    Baselines,
+    Candidates,
+    candidate_layers,
+    cumulative_curves,
+    isolated_sweep,
+    measure_baselines,
+    prefetch_sweep_palettes,
+    sensitivity_order,
+    sweep_palettes,
+)
+from workbench.sweep.probe import OneStepProbe
+from workbench.sweep.store import Evaluation, EvaluationRunner, EvaluationStore, model_version, open_store
+
+if TYPE_CHECKING:
+    pass
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.plan import build_preanalysis, measure_recipes, plan_recipes, sweep_measurements
+from workbench.palettes.cache import DEFAULT_PALETTE_MEMORY
+
+# --------------------------------------------------------------------------------------------------------------
+# The recorded one-step run and where its evaluations go. The sweeps are in `workbench.sweep.phases`.
+
+
+@dataclass(frozen=True)
+class ProbedPipeline:
+    """The pipeline's recorded one-step run and where its evaluations go.
+
+    Attributes:
+        probe: replays the recorded step for the UNet's current weights.
+        identity: everything the measurements depend on (`workbench.analysis.plan.analysis_identity`).
+        store: the resumable store in `out_dir/store/`, or None (in memory).
+        runner: reads each evaluation back from the store or measures it.
+    """
+
+    probe: OneStepProbe
+    identity: dict
+    store: EvaluationStore | None
+    runner: EvaluationRunner
+
+
+def probe_pipeline(
+    pipe,
+    config: AnalysisConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Callable[[Evaluation], None] | None = None,
+) -> ProbedPipeline:
+    """Record the pipeline's one-step run (`OneStepProbe`) and open the store of its identity in `out_dir`."""
+    probe = OneStepProbe(pipe, config.prompts, config.seed, config.height, config.width)
+    identity = analysis_identity(pipe, config, probe)
+    store = None if out_dir is None else open_store(out_dir, identity, resume=resume)
+    return ProbedPipeline(probe, identity, store, EvaluationRunner(probe, store, progress, callback))
+
+
+def sweep_evaluations(config: AnalysisConfig, num_layers: int) -> int:
+    """Evaluations before the recipes: 3 baselines, the isolated sweep, the per-tensor and grouped curves (the
+    fast sweep plans its own)."""
+    if config.sweep == "fast":
+        return 3
+    return 3 + len(config.nbits) * num_layers * (3 if config.group_size else 2)
+
+
+def fit_workers(device: torch.device) -> int:
+    """Background palette-fit threads that leave the UNet its cores: every core but one when the UNet runs on an
+    accelerator, else the cores torch's own threads do not use (0: none free). The fits run in numpy and the numba
+    solver without the GIL, so threads use the cores as processes would, without copying weights."""
+    cores = os.cpu_count() or 1
+    return cores - 1 if torch.device(device).type != "cpu" else cores - torch.get_num_threads()
+
+
+def sweep_and_plan(
+    candidates: Candidates,
+    config: AnalysisConfig,
+    baselines: Baselines,
+    palettes: Sequence[PaletteConfig],
+    runner: EvaluationRunner,
+    executor: Executor,
+    workers: int,
+):
+    """Phases 3-7: the sweeps (exhaustive, or the fast sweep's `workbench.analysis.fast.fast_phases`), the recipes
+    planned on them and re-measured. Returns `(isolated, curves, recipes, fast)`, `fast` the fast sweep's phases or
+    None; of the fast sweep's alternatives at a size only the best measured is kept (the others go to its report)."""
+    fast = None
+    if config.sweep == "fast":
+        from workbench.analysis.fast import fast_phases
+
+        fast = fast_phases(candidates, config, baselines, runner, executor, workers)
+        isolated, curves, planned = fast.isolated, fast.curves, fast.planned
+    else:
+        isolated = isolated_sweep(candidates, config.nbits, runner, executor)
+        curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
+        planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
+    recipes = measure_recipes(planned, candidates.numels, runner, executor)
+    if fast is not None:
+        from workbench.analysis.fast import keep_best_per_target
+
+        recipes, dropped = keep_best_per_target(recipes)
+        fast.report.alternatives.extend(dropped)
+    return isolated, curves, recipes, fast
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The analysis.
+
+
+@torch.no_grad()
+def run_analysis(
+    pipe,
+    config: AnalysisConfig = AnalysisConfig(),
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Callable[[Evaluation], None] | None = None,
+    cache: PaletteCache | None = None,
+    background_fits: bool | None = None,
+    palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
+    executor: Executor | None = None,
+) -> AnalysisResult:
+    """Run the pre-analysis (the phases of this module, in order) on `pipe`, a diffusers SD-1.x/2.x or SDXL pipeline.
+    With `out_dir`, each evaluation is appended to `out_dir/store/<key>.jsonl` as soon as it is measured (resumable);
+    the result files are written only at the end (`AnalysisResult.save`).
+
+    Args:
+        pipe: the pipeline; its UNet is palettized in place during evaluations and restored exactly.
+        config (`AnalysisConfig`): what to measure.
+        out_dir (`str` or `os.PathLike`, *optional*): where the store and the results go; None keeps it in memory.
+        resume (`bool`, defaults to True): reuse a store with the same key; False starts it afresh.
+        progress (`bool`, defaults to True): a tqdm bar (notebook-aware) with done/left and ETA.
+        callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
+        cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
+        background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs, on `fit_workers` threads;
+            default: if a CPU core is free.
+        palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
+            `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
+            None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
+        executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a
+            `LocalExecutor` in this process. A `workbench.sweep.ray_executor.RayExecutor` shards them over Ray workers
+            (the same results on CPU; this process alone writes the store, so either resumes the other's).
+            Trajectories always run here.
+
+    Returns:
+        `AnalysisResult`.
+
+    Raises:
+        ValueError: no candidate layers at `config.min_numel`, or a group size that does not divide a layer.
+    """
+    start = time.perf_counter()
+    unet = pipe.unet
+    candidates = candidate_layers(unet, config.min_numel, config.group_size, config.layers, config.exclude)
+    spill = contextlib.ExitStack()
+    if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        spill_dir = spill.enter_context(tempfile.TemporaryDirectory(prefix="palettes-", dir=out_dir))
+        cache = PaletteCache(max_bytes=palette_memory, spill_dir=spill_dir)
+    probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
+    runner = probed.runner
+    runner.plan(sweep_evaluations(config, len(candidates.layers)))
+    trajectory = []
+    palettes = sweep_palettes(config.nbits, config.group_size)
+    workers = fit_workers(unet.device)
+    background = executor is None and (background_fits or (background_fits is None and workers > 0))
+    local = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0)
+    executor = local if executor is None else executor
+    if config.data_aware and executor is not local:
+        raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
+                                "process (no --workers)")  # fmt: skip
+    try:
+        baselines = measure_baselines(unet, runner, executor)
+        if background:
+            reference = config.fast_reference_bits if config.sweep == "fast" else None
+            prefetch_sweep_palettes(cache, candidates, palettes, max(1, workers), reference=reference,
+                                    approximate=config.approximate_pricing)  # fmt: skip
+        isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
+                                                         max(1, workers))  # fmt: skip
+        refinement, importance = {}, None
+        if "refined" in config.strategies:
+            from workbench.analysis.refine import refine_recipes
+
+            measurements = sweep_measurements(candidates, isolated, curves, baselines)
+            refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
+                                                             executor, cache, config)  # fmt: skip
+            recipes = [*recipes, *refined]
+        if config.trajectory:
+            from workbench.analysis.trajectory import recipe_trajectories
+
+            trajectory = recipe_trajectories(pipe, config, recipes, runner, cache)
+    finally:
+        runner.close()
+        cache.close()  # stops background fits; the fitted palettes stay cached
+        spill.close()  # deletes the spilled palettes (they are only valid in this process)
+    preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
+    execution = executor.summary()
+    timing = Timing.of(start, probed.probe, runner, cache, execution if executor is not local else None)
+    evaluations = list(runner.evaluations)
+    if fast is not None:
+        evaluations += fast.finish(recipes, curves, candidates)
+    result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,
+                            timing, trajectory, None if fast is None else fast.report, execution,
+                            refinement)  # fmt: skip
+    if out_dir is not None:
+        result.save(out_dir)
+        if config.data_aware:  # what `workbench export --importance` fits the data-aware palettes with
+            importance.save(Path(out_dir) / IMPORTANCE_FILE)
+        probed.store.mark_complete()
+    return result

@@ -1,0 +1,35 @@
+"""TODO(layout): docstring."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.cli.common import MODEL_HELP, int_in_range
+
+
+def run(args: argparse.Namespace) -> None:
+    from workbench.coreml.apply import apply_model
+
+    report = apply_model(
+        args.package,
+        args.out,
+        recipe_file=args.recipe,
+        recipe_name=args.recipe_name,
+        model=args.model,
+        min_numel=args.min_numel,
+    )
+    print(report.summary())
+    print(f"verification report: {report.out_dir}/verification.json")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "apply", help="palettize an existing float16 Core ML UNet package with a recipe (weights matched by content)"
+    )
+    p.add_argument("package", help="the float16 UNet .mlpackage (e.g. Unet.mlpackage from torch2coreml or export)")
+    p.add_argument("--recipe", required=True, help="recipe JSON (ours or the reference's pre-analysis)")
+    p.add_argument("--recipe-name", default=None, help="which recipe of --recipe (default: the file's only one)")
+    p.add_argument("--model", default=None, help="the pipeline the package was converted from; " + MODEL_HELP)
+    p.add_argument("--out", required=True, help="folder for the palettized package (same file name) and its report")
+    p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="layers counted in bits/param (2048)")
+    p.set_defaults(func=run)

@@ -1,0 +1,185 @@
+"""TODO(layout): docstring."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run decides. Frozen; `to_dict`/`from_dict` round-trip through JSON.
+
+    Args:
+        seed (`int`, defaults to 0): seeds the dataset (`make_dataset(n_images, seed)`), the weights and every draw.
+        n_images (`int`, defaults to 8192): training images.
+        text_hidden (`int`, defaults to 64): CLIP text encoder width (= the UNet's cross-attention dim).
+        text_layers (`int`, defaults to 3), text_heads (`int`, defaults to 4): text encoder depth and heads.
+        max_length (`int`, defaults to 16): tokenizer length = text encoder positions (captions use <= 11).
+        vae_channels (`tuple[int, ...]`, defaults to (16, 32, 64)): VAE `block_out_channels`; the image is
+            downsampled 2**(len - 1) times per side.
+        vae_steps, vae_batch, vae_lr, kl_weight: VAE stage (AdamW, cosine decay after a 5% warmup).
+        vae_foreground_weight (`float`, defaults to 10.0): extra reconstruction weight of shape pixels; without
+            it the background (90-98% of every image) dominates the loss and the VAE learns grey blobs.
+        unet_channels (`tuple[int, ...]`, defaults to (32, 64, 96, 80)): UNet `block_out_channels`; cross-attention
+            at all but the first (full-resolution) level. Four levels take 16x16 latents down to 2x2.
+        unet_conv_in_kernel (`int`, defaults to 7): kernel of the UNet's first conv.
+        unet_steps, unet_batch, unet_lr: UNet + text encoder stage (AdamW, 5% warmup, cosine decay).
+        ema_decay (`float`, defaults to 0.999): EMA of the UNet and text encoder weights (warmup (1+n)/(10+n)).
+        caption_dropout (`float`, defaults to 0.1): probability that a caption is replaced by "".
+        prediction_type (`str`, defaults to "v_prediction"): the UNet's target, "epsilon" (SD 1.x) or
+            "v_prediction" (SD 2.x); written to the scheduler config.
+        zero_terminal_snr (`bool`, defaults to True): rescale the betas so that the last training step is pure
+            noise and ship DDIM with "trailing" spacing (see `workbench.demo.components.build_schedulers`). Without
+            it the noisiest training input still holds 7% of the image, and the UNet learned to find the shape
+            in the noise rather than read its position from the prompt.
+        snr_gamma (`float`, defaults to 5.0): caps the weight of the low-noise steps; 0 turns weighting off.
+            In terms of the image error |x0 - x0'|^2 the weight is min(SNR, gamma) for epsilon (min-SNR,
+            Hang et al. 2023) and min(SNR + 1, gamma) for v-prediction.
+        checkpoint_every (`int`, defaults to 250): UNet steps between checkpoints (when a folder is given).
+        threads (`int`, defaults to 1): torch CPU threads during training. One, because on a CPU shared with
+            other jobs two OpenMP threads spin at every barrier waiting for a descheduled sibling: measured here
+            under load, a VAE step took 7-75 s with 2 threads and 2.7 s with 1.
+    """
+
+    seed: int = 0
+    n_images: int = 8192
+    image_size: int = 64
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    max_length: int = 16
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_steps: int = 1200
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    vae_foreground_weight: float = 10.0
+    unet_channels: tuple[int, ...] = (32, 64, 96, 80)
+    unet_conv_in_kernel: int = 7
+    unet_steps: int = 1600
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vae_channels", tuple(self.vae_channels))
+        object.__setattr__(self, "unet_channels", tuple(self.unet_channels))
+        _check_counts(self)
+        _check_architecture(self)
+        _check_diffusion(self)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+_AT_LEAST_ONE = ("n_images", "image_size", "text_hidden", "text_layers", "text_heads", "max_length", "vae_batch")
+_AT_LEAST_ZERO = ("vae_steps", "unet_steps")
+_FRACTIONS = ("caption_dropout", "ema_decay")  # in [0, 1)
+
+
+def _check_counts(config: TrainConfig) -> None:
+    """Sizes, batches and step counts: >= 1, or >= 0 for the step counts."""
+    for name in _AT_LEAST_ONE:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in _AT_LEAST_ZERO:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+
+
+def _check_architecture(config: TrainConfig) -> None:
+    """Shapes that the text encoder, the VAE and the UNet can be built with."""
+    if config.text_hidden % config.text_heads:
+        raise ValueError(f"text_hidden={config.text_hidden} must be a multiple of text_heads={config.text_heads}")
+    if config.max_length < 12:
+        raise ValueError(f"max_length={config.max_length} is too short: captions take up to 11 tokens")
+    if config.unet_conv_in_kernel % 2 == 0:
+        raise ValueError(f"unet_conv_in_kernel must be odd, got {config.unet_conv_in_kernel}")
+    if len(config.vae_channels) < 2 or len(config.unet_channels) < 2:
+        raise ValueError("vae_channels and unet_channels need at least two levels")
+    latent, halvings = config.latent_size, len(config.unet_channels) - 1
+    if latent % 2**halvings:
+        raise ValueError(f"{latent}x{latent} latents cannot be halved {halvings} times")
+
+
+def _check_diffusion(config: TrainConfig) -> None:
+    """Fractions in [0, 1) and a prediction type that the noise schedule supports."""
+    for name in _FRACTIONS:
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {config.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+    if config.zero_terminal_snr and config.prediction_type != "v_prediction":
+        raise ValueError("zero_terminal_snr needs prediction_type='v_prediction' (epsilon is undefined at SNR 0)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: where, how long each stage took, the parameter counts and loss curves."""
+
+    out: Path
+    config: TrainConfig
+    seconds: dict[str, float]
+    parameters: dict[str, int]
+    scaling_factor: float
+    vae_losses: list[float] = field(repr=False)
+    unet_losses: list[float] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "config": self.config.to_dict(),
+            "seconds": self.seconds,
+            "parameters": self.parameters,
+            "scaling_factor": self.scaling_factor,
+            "vae_losses": self.vae_losses,
+            "unet_losses": self.unet_losses,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        """The inverse of `to_dict`, e.g. of a folder's training.json."""
+        return cls(
+            out=Path(data["out"]),
+            config=TrainConfig.from_dict(data["config"]),
+            seconds=data["seconds"],
+            parameters=data["parameters"],
+            scaling_factor=data["scaling_factor"],
+            vae_losses=data["vae_losses"],
+            unet_losses=data["unet_losses"],
+        )
+
+    def to_frame(self):
+        """Loss curves, one row per logged step: stage, step, loss."""
+        import pandas as pd
+
+        rows = [("vae", i, v) for i, v in enumerate(self.vae_losses)]
+        rows += [("unet", i, v) for i, v in enumerate(self.unet_losses)]
+        return pd.DataFrame(rows, columns=["stage", "step", "loss"])
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())

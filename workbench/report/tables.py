@@ -1,0 +1,165 @@
+"""Recipe tables for notebooks and reports: one row per recipe with its size and every measured quality number.
+
+Example:
+    >>> result = run_analysis(pipe, config, out_dir="analysis")
+    >>> recipe_table(result)          # name, strategy, bits/param, size MB, % of float16, PSNRs, SSIM, adherence
+    >>> pick_recipes(result.preanalysis.recipes, result.layers, targets=[3.5, 4.5, 6.5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from workbench.palettes.config import as_config
+from workbench.palettes.size import bits_per_param, recipe_nbytes
+
+if TYPE_CHECKING:
+    from workbench.compare.seed_matched import SeedMatchedImages
+
+
+STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware", "refined": "refined"}
+
+
+def strategy_of(recipe_name: str) -> str:
+    """`recipe_4.50_bit_mixedpalette` -> `"apple"`, `..._sizeaware` -> `"size-aware"`, else the name's suffix."""
+    suffix = recipe_name.rsplit("_", 1)[-1]
+    return STRATEGY_BY_SUFFIX.get(suffix, suffix)
+
+
+def recipe_table(result):
+    """One row per recipe of a `workbench.analysis.result.AnalysisResult`, best first within each strategy.
+
+    Columns: name, strategy, target (the oldest Core ML deployment target that stores it: iOS17, or iOS18 for
+    grouped or 3-bit palettes), bits_per_param, size_mb (candidate layers, LUTs included), pct_of_float16,
+    psnr_one_step_db (the reference's latent PSNR, mean over prompts), and when the analysis ran full
+    trajectories: image_psnr_db and ssim (means over prompts, against the float model's images from the same
+    seed) and color/shape/position adherence (demo model prompts). A first row "float16" gives the float
+    model's own adherence.
+    """
+    import pandas as pd
+
+    numels = result.layers
+    float16 = 2 * sum(numels.values())
+    trajectories = {t.recipe: t for t in getattr(result, "trajectory", [])}
+    rows = []
+    if "float" in trajectories:
+        rows.append(_row("float16", "float", {}, numels, float16, None, trajectories["float"]))
+    for r in sorted(result.recipes, key=lambda r: (r.strategy, -r.bits_per_param)):
+        rows.append(_row(r.name, r.strategy, r.bits, numels, float16, r.psnr_mean, trajectories.get(r.name)))
+    return pd.DataFrame(rows)
+
+
+def _row(name, strategy, bits, numels, float16, one_step, trajectory) -> dict:
+    nbytes = recipe_nbytes(bits, numels)
+    configs = [c for c in map(as_config, bits.values()) if c is not None]
+    row = {
+        "name": name,
+        "strategy": strategy,
+        "target": "iOS18" if any(c.needs_ios18 for c in configs) else "iOS17",
+        "bits_per_param": round(bits_per_param(bits, numels), 3),
+        "size_mb": round(nbytes / 1e6, 4),
+        "pct_of_float16": round(100.0 * nbytes / float16, 1),
+        "psnr_one_step_db": None if one_step is None else round(one_step, 2),
+    }
+    if trajectory is not None:
+        finite = [v for v in trajectory.image_psnr if np.isfinite(v)]
+        row["image_psnr_db"] = round(float(np.mean(finite)), 2) if finite else None
+        row["ssim"] = round(float(np.mean(trajectory.ssim)), 4)
+        for attribute in ("color", "shape", "position"):
+            if trajectory.adherence:
+                row[f"{attribute}_adherence"] = trajectory.adherence[attribute]
+    return row
+
+
+def pick_recipes(
+    recipes: Mapping[str, Mapping[str, int]],
+    numels: Mapping[str, int],
+    targets: Sequence[float],
+    strategies: Sequence[str] | None = None,
+) -> dict[str, dict[str, int]]:
+    """For each strategy and each target bits/param, the recipe whose bits/param is closest (each kept once).
+
+    Args:
+        recipes: name -> {layer: bits} (e.g. `PreAnalysis.recipes`).
+        numels: layer -> weight count, what bits/param is measured over.
+        targets: bits/param to look near, e.g. `[3.5, 4.5, 6.5]` (the seed post's 3.41 / 4.50 / 6.55).
+        strategies: keep only these (`strategy_of` each name); None = all.
+
+    Returns:
+        name -> bits, ordered by strategy then descending bits/param (the grid's column order).
+    """
+    by_strategy: dict[str, list[str]] = {}
+    for name in recipes:
+        strategy = strategy_of(name)
+        if strategies is None or strategy in strategies:
+            by_strategy.setdefault(strategy, []).append(name)
+    if not by_strategy:
+        raise ValueError(f"no recipe of strategies {list(strategies or [])}; recipes: {', '.join(recipes)}")
+    chosen: list[str] = []
+    bpp = {name: bits_per_param(bits, numels) for name, bits in recipes.items()}
+    for strategy, names in by_strategy.items():
+        picked = {min(names, key=lambda n, t=t: abs(bpp[n] - t)) for t in targets}
+        chosen += sorted(picked, key=lambda n: -bpp[n])
+    return {name: dict(recipes[name]) for name in chosen}
+
+
+def load_analysis_outputs(analysis_dir):
+    """The reference-format JSON and the settings an analysis wrote (`workbench analyze --out DIR`, notebook 03).
+
+    Returns:
+        `(PreAnalysis, config dict)`: the config from `run.json` (empty if absent), e.g. its `min_numel`.
+
+    Raises:
+        FileNotFoundError: no `preanalysis.json` there; the message says how to make one.
+    """
+    import json
+    from pathlib import Path
+
+    from workbench.recipes.recipe import PreAnalysis
+
+    folder = Path(analysis_dir)
+    if not (folder / "preanalysis.json").is_file():
+        raise FileNotFoundError(
+            f"no analysis in {folder} (no preanalysis.json): run notebook 03_mixed_bit_analysis with the same out_dir "
+            "first, or `workbench analyze --out DIR` and pass analysis_dir=DIR"
+        )
+    run = folder / "run.json"
+    config = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+    return PreAnalysis.load(folder / "preanalysis.json"), config
+
+
+def recipe_summary(
+    comparison: SeedMatchedImages, *, latent_psnr: Mapping[str, float] | None = None, adherence: bool = False
+):
+    """One row per column: name, bits/param, size (MB), % of float16, latent PSNR (one step), image PSNR, SSIM,
+    and (with `adherence=True`, demo-model prompts only) colour/shape/position adherence.
+
+    Image PSNR and SSIM are means over the prompts against the reference column (float model, same seeds).
+    The reference column's own PSNR is left empty rather than infinite.
+    """
+    import pandas as pd
+
+    from workbench.compare.seed_matched import adherence_by_column
+
+    float16 = comparison.columns[0].nbytes
+    scores = adherence_by_column(comparison) if adherence else {}
+    rows = []
+    for c, column in enumerate(comparison.columns):
+        psnrs = [row[c] for row in comparison.psnr]
+        row = {
+            "name": column.name,
+            "bits_per_param": round(column.bits_per_param, 3),
+            "size_mb": round(column.nbytes / 1e6, 4),
+            "pct_of_float16": round(100.0 * column.nbytes / float16, 1),
+            "latent_psnr_db": None if latent_psnr is None else latent_psnr.get(column.name),
+            "image_psnr_db": None if c == 0 else round(float(np.mean(psnrs)), 2),
+            "ssim": round(float(np.mean([row[c] for row in comparison.ssim])), 4),
+        }
+        for attribute, value in scores.get(column.name, {}).items():
+            row[f"{attribute}_adherence"] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.drop(columns=["latent_psnr_db"]) if latent_psnr is None else frame

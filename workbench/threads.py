@@ -1,0 +1,42 @@
+"""TODO(layout): docstring."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    pass
+
+
+def sklearn_single_thread():
+    """A context in which scikit-learn's KMeans (`fit_palette`'s path for groups under 10,000 weights) runs
+    on one OpenMP thread in the calling thread.
+
+    Its Lloyd iterations sum per-thread partial centroids, so the LUT of a small tensor (the path
+    coremltools takes below 10,000 weights per tensor or channel group) changes in its last bits with the
+    thread count: 2 threads and 1 give different float16 LUTs on our machines. Pinning one thread makes
+    the simulation deterministic, the same in a background thread as in the main one, and bit-exact with
+    coremltools when `workbench.coreml` runs its `palettize_weights` the same way. (An OpenMP thread count
+    is per calling thread, so this does not slow the caller's other threads.)
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="openmp")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with `torch.set_num_threads(n)`, then put the previous value back (None: leave it)."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
