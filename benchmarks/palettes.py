@@ -85,7 +85,7 @@ def main() -> None:
     from workbench.palettes.importance import collect_importance
     from workbench.palettes.size import bits_per_param, recipe_nbytes
     from workbench.recipes.allocation import layer_prompt_distortions
-    from workbench.recipes.refine import refine_recipe
+    from workbench.recipes.refine import OptionSpace, Pricing, RefineSettings, refine_recipe
     from workbench.sweep.probe import OneStepProbe
     from workbench.threads import torch_threads
 
@@ -136,10 +136,11 @@ def main() -> None:
             plain = {n: refined.bits.get(n, FLOAT_BITS) for n in numels}
             aware_opts = {n: {b: 0, **({PaletteConfig(b, "wkmeans").key: 0} if b != FLOAT_BITS else {})}
                           for n, b in plain.items()}  # fmt: skip
-            aware = refine_recipe(probe, unet, plain, aware_opts, distortion, 0, measure, cache=cache,
-                                  importance=importance, rounds=3, start_psnr=refined.psnr)  # fmt: skip
-            grouped = refine_recipe(probe, unet, aware.recipe, ios18, distortion, apple_bytes, measure, cache=cache,
-                                    importance=importance, rounds=4)  # fmt: skip
+            aware = refine_recipe(probe, plain, OptionSpace(aware_opts, distortion), 0, measure,
+                                  pricing=Pricing(cache, importance), settings=RefineSettings(rounds=3),
+                                  start_psnr=refined.psnr)  # fmt: skip
+            grouped = refine_recipe(probe, aware.recipe, OptionSpace(ios18, distortion), apple_bytes, measure,
+                                    pricing=Pricing(cache, importance), settings=RefineSettings(rounds=4))  # fmt: skip
             row = {
                 "size": t,
                 "apple": apple,
@@ -191,8 +192,8 @@ def main() -> None:
         for b in (4, 6):
             opts = {n: {b: 0, PaletteConfig(b, "wkmeans").key: 0} for n in numels}
             starts = [dict.fromkeys(numels, b), dict.fromkeys(numels, PaletteConfig(b, "wkmeans").key)]
-            found = [refine_recipe(probe, unet, s, opts, distortion, 0, measure, cache=cache, importance=importance,
-                                   rounds=4) for s in starts]  # fmt: skip
+            found = [refine_recipe(probe, s, OptionSpace(opts, distortion), 0, measure, pricing=Pricing(cache, importance),
+                                   settings=RefineSettings(rounds=4)) for s in starts]  # fmt: skip
             uniform[b] = max(found, key=lambda f: f.psnr)
         cache.close()
 

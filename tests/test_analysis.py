@@ -12,7 +12,7 @@ import torch
 
 from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig
 from workbench.analysis.result import MatchedPair, Timing
-from workbench.analysis.run import run_analysis
+from workbench.analysis.run import fit_workers, run_analysis
 from workbench.cli.main import main
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from workbench.palettes.config import PaletteConfig
@@ -139,7 +139,7 @@ def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path)
     refined = sum(r.strategy == "refined" for r in result.recipes)  # recorded from their measured candidates
     assert t.new_evaluations == t.evaluations - refined and t.evaluations == len(result.evaluations)
     # a gradient is one forward with backward; the refinement's importance one more probe run
-    gradients = sum(a["rounds"] for r in result.refinement.values() for a in r["attempts"])
+    gradients = sum(a.rounds for r in result.refinement for a in r.attempts)
     assert gradients > 0 and t.unet_evaluations == t.new_evaluations + gradients + 1
     assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s)
     run = json.loads((tmp_path / "run.json").read_text())
@@ -240,7 +240,16 @@ def test_background_fits_give_the_same_analysis_on_the_demo_model():
 
     pipe = load_pipeline(None, device="cpu", progress=False)
     config = AnalysisConfig(nbits=(2, 8), min_numel=2048, prompts=DEFAULT_PROMPTS[:2], num_recipes=3)
-    runs = [run_analysis(pipe, config, progress=False, background_fits=bg) for bg in (False, True)]
+    from workbench.palettes.cache import PaletteCache
+    from workbench.sweep.executor import LocalExecutor
+
+    with torch_threads(1):  # a free core: the default executor fits palettes in the background
+        assert fit_workers(pipe.unet.device) > 0
+        background = run_analysis(pipe, config, progress=False)
+        cache = PaletteCache()
+        foreground = run_analysis(pipe, config, progress=False, cache=cache,
+                                  executor=LocalExecutor(pipe.unet, cache, prefetch=0))  # fmt: skip
+    runs = [foreground, background]
     assert runs[0].preanalysis.to_dict() == runs[1].preanalysis.to_dict()
     assert [e.psnr for e in runs[0].evaluations] == [e.psnr for e in runs[1].evaluations]
 
@@ -248,7 +257,7 @@ def test_background_fits_give_the_same_analysis_on_the_demo_model():
 def test_a_tight_palette_budget_gives_the_same_analysis_and_holds_the_budget(pipe, tmp_path):
     from workbench.palettes.cache import PaletteCache
 
-    unbounded = run_analysis(pipe, CONFIG, progress=False, palette_memory=None)
+    unbounded = run_analysis(pipe, CONFIG, progress=False, cache=PaletteCache(max_bytes=None))
     budget = 200_000  # a few layers' palettes: most of the sweep's palettes wait on disk
     cache = PaletteCache(max_bytes=budget, spill_dir=tmp_path / "spill")
     bounded = run_analysis(pipe, CONFIG, progress=False, cache=cache)

@@ -172,7 +172,7 @@ def test_group_size_that_divides_no_layer_is_a_user_error(capsys, tmp_path):
     # (transformers may print an import-time notice first: not ours)
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        "workbench analyze: error: --group-size=7 does not divide the output channels 32, 64, 128, 512 of the "
+        "workbench analyze: error: group_size=7 does not divide the output channels 32, 64, 128, 512 of the "
         "candidate layers"
     )
     assert not (tmp_path / "o" / "preanalysis.json").exists()

@@ -24,7 +24,7 @@ from workbench.threads import torch_threads
 # 20 candidate layers, three widths, 32x32 images: tiny-sd at CFG batch 2
 CONFIG = AnalysisConfig(nbits=(2, 4, 6), min_numel=30_000, prompts=("a red circle", "a blue square"), height=32,
                         width=32, num_recipes=3)  # fmt: skip
-FAST = AnalysisConfig(**{**CONFIG.to_dict(), "sweep": "fast", "fast_calibration": 0.15, "fast_checks": 0.15})
+FAST = AnalysisConfig(**{**CONFIG.to_dict(), "sweep": "fast", "fast": FastSettings(calibration=0.15, checks=0.15)})
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +110,17 @@ def test_fast_sweep_measures_what_the_exhaustive_one_does_and_marks_the_rest_pre
     exhaustive, fast, out = runs
     layers = list(exhaustive.layers)
     report = fast.fast
-    n_cal = FAST.fast_settings.calibration_count(len(layers))
+    n_cal = FAST.fast.calibration_count(len(layers))
     n_recipes = len(fast.recipes) + len(report.alternatives)  # the refined ones too
     refine = sum(e.kind == "refine" for e in fast.evaluations)  # the refinement's candidates,
-    gradients = sum(a["rounds"] for r in fast.refinement.values() for a in r["attempts"])  # one UNet call each,
+    gradients = sum(a.rounds for r in fast.refinement for a in r.attempts)  # one UNet call each,
     t = fast.timing  # a candidate met twice is measured once (read back the second time); a refined recipe is
     assert t.unet_evaluations == t.new_evaluations + gradients + 1  # its best candidate's (not measured again),
     refined = [e for e in fast.evaluations if e.kind == "recipe" and e.config == "refined"]  # and one probe run
     assert refined and all(e.forward_s == 0.0 for e in refined)  # for the importances
     # baselines + every layer at the reference width + the calibration at the 2 other widths + checks + recipes
     assert t.evaluations == 3 + len(layers) + 2 * n_cal + len(report.checks) + n_recipes + refine
-    assert len(report.calibration) == n_cal and 3 <= len(report.checks) <= 4 * FAST.fast_settings.checks_per_round(20)
+    assert len(report.calibration) == n_cal and 3 <= len(report.checks) <= 4 * FAST.fast.checks_per_round(20)
     assert fast.timing.unet_evaluations * 2 < exhaustive.timing.unet_evaluations
     # every measured isolated point is bitwise the exhaustive sweep's; predicted ones are marked
     full = {(e.layer, e.nbits): e.psnr for e in exhaustive.evaluations if e.kind == "isolated"}
@@ -162,14 +162,23 @@ def test_fast_recipes_fit_their_targets_and_are_deterministic(pipe, runs):
     "changes, message",
     [
         ({"sweep": "quick"}, "unknown sweep 'quick'; valid: exhaustive, fast"),
-        ({"sweep": "fast", "fast_reference_bits": 8}, "fast_reference_bits=8 is not one of the swept widths"),
-        ({"sweep": "fast", "fast_calibration": 1.5}, "fast_calibration must lie in [0, 1]"),
+        ({"sweep": "fast", "fast": FastSettings(reference_bits=8)}, "fast.reference_bits=8 is not one of the swept"),
+        ({"sweep": "fast", "fast": {"calibration": 1.5}}, "fast calibration must lie in [0, 1]"),
         ({"sweep": "fast", "group_size": 4}, "needs sweep='exhaustive'"),
     ],
 )
 def test_bad_fast_settings_name_the_value_and_what_is_valid(changes, message):
     with pytest.raises(InvalidValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        if isinstance(changes.get("fast"), dict):
+            changes = {**changes, "fast": FastSettings(**changes["fast"])}
         AnalysisConfig(**{**CONFIG.to_dict(), **changes})
+
+
+def test_the_config_dict_keeps_the_fast_settings_flat_and_reads_back():
+    d = FAST.to_dict()
+    assert d["fast_calibration"] == 0.15 and d["fast_checks"] == 0.15 and d["fast_reference_bits"] == 2
+    assert list(d).index("fast_reference_bits") == list(d).index("sweep") + 1  # where the store key had them
+    assert AnalysisConfig.from_dict(d) == FAST and "fast_checks" not in CONFIG.to_dict()
 
 
 def test_rule_recipe_within_a_target_is_the_largest_that_fits():

@@ -1,8 +1,10 @@
+
 """The refined strategy: the one knapsack over any options, the probe's gradient, the aligned model's exchange, and
 refined recipes in an analysis."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -129,8 +131,9 @@ def test_refined_recipes_are_measured_no_larger_and_no_worse_than_any_start(pipe
         fitting = [o for o in result.recipes if o.strategy != "refined" and o.bits_per_param <= r.selector + 1e-6]
         assert r.psnr_mean >= max(o.psnr_mean for o in fitting)
         report = result.refinement[r.name]
-        assert report["psnr"] == pytest.approx(r.psnr_mean) and report["rounds"] >= 1
-        assert all(s["measured_psnr"] <= report["psnr"] + 1e-9 for s in report["steps"])
+        assert report.psnr == pytest.approx(r.psnr_mean) and report.refinement.rounds >= 1
+        assert all(s.measured_psnr <= report.psnr + 1e-9 for s in report.refinement.steps)
+        assert report.to_dict() == json.loads((tmp_path / "run.json").read_text())["refinement"][r.name]
     assert any(e.kind == "refine" for e in result.evaluations)
     assert "refinement" in (tmp_path / "run.json").read_text()
 

@@ -1,4 +1,5 @@
-"""TODO(layout): docstring."""
+"""Thread pinning that results depend on: torch's intra-op threads, and one OpenMP thread for scikit-learn's
+small-tensor k-means (coremltools' LUTs differ with the thread count, so simulation and export pin the same)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,22 @@
-"""TODO(layout): docstring."""
+"""What an analysis measures (`AnalysisConfig`: widths, prompts, strategies, sweep), the defaults that depend on
+the model (`config_for_model`), and the built-in prompts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
 
+from workbench.demo.world import make_dataset
 from workbench.errors import InvalidValueError
+from workbench.models.loader import default_min_numel, is_demo_model
 from workbench.palettes.config import SUPPORTED_NBITS
+from workbench.recipes.recipe import STRATEGIES
 from workbench.recipes.refine import DEFAULT_KS
 from workbench.sweep.prediction import FastSettings
 
-if TYPE_CHECKING:
-    pass
-
-
-STRATEGIES = ("apple", "size-aware", "refined")
 SWEEPS = ("exhaustive", "fast")
 THRESHOLD_RULES = ("curves", "reference")
+FLAT_FAST_KEYS = ("reference_bits", "calibration", "checks")  # what `AnalysisConfig.to_dict` writes of `fast`
 
 # COCO-caption-style prompts, as the reference uses (8 prompts, CFG batch 16).
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -63,13 +62,10 @@ class AnalysisConfig:
             measure, e.g. `("mid_block.*",)`; empty = every candidate. Layers left out stay float16 in recipes.
         exclude (`tuple[str, ...]`, defaults to ()): glob patterns of candidates to leave out.
         sweep (`str`, defaults to "exhaustive"): "exhaustive" measures every candidate at every width and the
-            cumulative curves (the reference's method); "fast" measures every candidate at `fast_reference_bits`,
+            cumulative curves (the reference's method); "fast" measures every candidate at `fast.reference_bits`,
             a calibration subset at every width, predicts the rest and checks it (`workbench.sweep.prediction`).
-        fast_reference_bits (`int`, defaults to 2): the width the fast sweep measures every candidate at.
-        fast_calibration (`float`, defaults to 0.03): fraction of candidates the fast sweep measures at every
-            width.
-        fast_checks (`float`, defaults to 0.05): predicted points of the planned recipes measured (in 4 rounds of
-            plan, check, refit), as a fraction of the number of candidates.
+        fast (`FastSettings`, defaults to `FastSettings()`): the fast sweep's reference width, calibration and
+            checks (used only with `sweep="fast"`).
         refine_rounds (`int`, defaults to 4): the "refined" strategy's linearisations per recipe at most (each one
             backward pass and up to 4 measured candidates, 2 in a fast analysis; it stops early when a round finds
             nothing better).
@@ -95,9 +91,7 @@ class AnalysisConfig:
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     sweep: str = "exhaustive"
-    fast_reference_bits: int = 2
-    fast_calibration: float = 0.03
-    fast_checks: float = 0.05
+    fast: FastSettings = FastSettings()
     refine_rounds: int = 4
     data_aware: bool = False
 
@@ -153,25 +147,17 @@ class AnalysisConfig:
             raise InvalidValueError(f"unknown sweep {self.sweep!r}; valid: {', '.join(SWEEPS)}")
         if self.sweep != "fast":
             return
-        if self.fast_reference_bits not in self.nbits:
+        if self.fast.reference_bits not in self.nbits:
             raise InvalidValueError(
-                f"fast_reference_bits={self.fast_reference_bits} is not one of the swept widths {list(self.nbits)}"
+                f"fast.reference_bits={self.fast.reference_bits} is not one of the swept widths {list(self.nbits)}"
             )
-        for name in ("fast_calibration", "fast_checks"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise InvalidValueError(f"{name} must lie in [0, 1] (a fraction of the candidates), got {value}")
         if self.group_size:
             raise InvalidValueError("group_size > 0 (grouped cumulative curves) needs sweep='exhaustive'")
 
     @property
-    def fast_settings(self) -> FastSettings:
-        return FastSettings(self.fast_reference_bits, self.fast_calibration, self.fast_checks)
-
-    @property
     def refine_ks(self) -> tuple[int, ...]:
         """Layer changes per candidate the refinement measures each round: fewer in a fast analysis."""
-        return tuple(self.fast_settings.refine_ks if self.sweep == "fast" else DEFAULT_KS)
+        return tuple(self.fast.refine_ks if self.sweep == "fast" else DEFAULT_KS)
 
     @property
     def approximate_pricing(self) -> bool:
@@ -180,12 +166,18 @@ class AnalysisConfig:
         return self.sweep == "fast" and "refined" in self.strategies
 
     def to_dict(self) -> dict:
-        """The fields as JSON values; an exhaustive sweep's dict leaves out the fast sweep's settings, which decide
-        nothing there, so stores written before they existed keep their keys."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The fields as JSON values (the store key hashes them). The fast sweep's settings are written flat, as
+        `fast_reference_bits`, `fast_calibration` and `fast_checks`, and only for a fast sweep; `refine_rounds` only
+        with the refined strategy and `data_aware` only when set: settings that decide nothing are left out, so
+        stores written before they existed keep their keys."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fast"}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
         if self.sweep == "exhaustive":
-            for name in ("sweep", "fast_reference_bits", "fast_calibration", "fast_checks"):
-                del d[name]
+            del d["sweep"]
+        else:
+            at = list(d).index("sweep") + 1  # the flat keys where the fields stood
+            flat = {f"fast_{k}": v for k, v in self.fast.to_dict().items() if k in FLAT_FAST_KEYS}
+            d = {**dict(list(d.items())[:at]), **flat, **dict(list(d.items())[at:])}
         if "refined" not in self.strategies:
             del d["refine_rounds"]
         if not self.data_aware:
@@ -194,7 +186,33 @@ class AnalysisConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> AnalysisConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidValueError(f"unknown AnalysisConfig keys {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """The inverse of `to_dict` (flat `fast_*` keys or a `fast` object); unknown keys are an error."""
+        d = dict(d)
+        fast = dict(d.pop("fast", {}))
+        fast.update({k[len("fast_") :]: d.pop(k) for k in [k for k in d if k.startswith("fast_")]})
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown or set(fast) - set(FLAT_FAST_KEYS):
+            bad = sorted(unknown | {f"fast_{k}" for k in set(fast) - set(FLAT_FAST_KEYS)})
+            raise InvalidValueError(f"unknown AnalysisConfig keys {bad}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values, fast=FastSettings(**fast))
+
+
+def config_for_model(model, **options) -> AnalysisConfig:
+    """An `AnalysisConfig` for `model` (a model spec as `load_pipeline` takes it) from options named as its fields.
+
+    Options that are None take their defaults, and two defaults depend on the model: `min_numel`
+    (`default_min_numel`: 2048 for the demo and tiny models, whose layers are small; the reference's 1e5 otherwise)
+    and, for the demo model with `trajectory`, `trajectory_prompts`: captions of its own shapes world, which its
+    adherence scorer reads.
+
+    Example:
+        >>> config_for_model(None, nbits=[2, 4], trajectory=True).min_numel
+        2048
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    options.setdefault("min_numel", default_min_numel(model))
+    if options.get("trajectory") and is_demo_model(model) and "trajectory_prompts" not in options:
+        count = len(options.get("prompts", DEFAULT_PROMPTS))
+        options["trajectory_prompts"] = tuple(make_dataset(count, seed=1).captions)
+    return AnalysisConfig(**options)

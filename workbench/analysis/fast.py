@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from workbench.analysis.config import AnalysisConfig
-from workbench.analysis.plan import PlannedRecipe, plan_recipes, sweep_measurements
+from workbench.analysis.plan import plan_recipes, sweep_measurements
 from workbench.analysis.result import RecipeResult
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.size import bits_per_param
 from workbench.recipes.allocation import layer_distortions, predicted_psnr, threshold_recipe_within
-from workbench.recipes.recipe import recipe_name
+from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
 from workbench.sweep.executor import Executor
 from workbench.sweep.phases import (
     Baselines,
@@ -64,7 +64,7 @@ def fast_phases(
 ) -> FastPhases:
     """The fast sweep (`workbench.sweep.prediction`) in place of phases 3-6: measure and predict, plan, check the plan's most
     influential predicted points, plan again on the corrected table."""
-    settings = config.fast_settings
+    settings = config.fast
     sweep = fast_sweep(candidates, config.nbits, runner, executor, baselines.original.psnr, settings, workers)
 
     def plan() -> tuple[IsolatedSweep, CumulativeCurves, tuple[PlannedRecipe, ...]]:
@@ -109,10 +109,10 @@ def rule_alternatives(
         if r.strategy == "size-aware":
             bits = threshold_recipe_within(m, r.selector)
             if bits != dict(r.bits):
-                name = recipe_name(bits_per_param(bits, candidates.numels), "fastrule")
-                out.append(
-                    PlannedRecipe(name, "size-aware", bits, r.selector, predicted_psnr(distortion, bits, m.original))
-                )
+                bpp = bits_per_param(bits, candidates.numels)
+                recipe = Recipe(recipe_name(bpp, "fastrule"), bits)
+                predicted = predicted_psnr(distortion, bits, m.original)
+                out.append(PlannedRecipe(recipe, "size-aware", r.selector, bpp, predicted))
     return tuple(out)
 
 

@@ -1,34 +1,27 @@
-"""TODO(layout): docstring."""
+"""From measurements to recipes: the store identity of an analysis, each strategy's planned recipes, their
+re-measurement end to end, and the reference-format JSON that carries them (phases 6-7 of
+`workbench.analysis.run.run_analysis`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from workbench.analysis.config import AnalysisConfig
-    from workbench.sweep.probe import OneStepProbe
-
-
-from typing import TYPE_CHECKING
-
+from workbench.analysis.config import AnalysisConfig
 from workbench.analysis.result import RecipeResult
-from workbench.palettes.size import bits_per_param
 from workbench.recipes.allocation import (
-    AllocatedRecipe,
     Measurements,
     size_aware_recipes,
+    threshold_plan,
     threshold_recipe_within,
     threshold_recipes,
     threshold_within,
     unique_recipes,
 )
-from workbench.recipes.recipe import PreAnalysis
+from workbench.recipes.recipe import PlannedRecipe, PreAnalysis
 from workbench.sweep.executor import EvalTask, Executor
 from workbench.sweep.phases import (
     Baselines,
@@ -37,13 +30,10 @@ from workbench.sweep.phases import (
     IsolatedSweep,
 )
 from workbench.sweep.probe import OneStepProbe
-from workbench.sweep.store import EvaluationRunner, model_version
-
-if TYPE_CHECKING:
-    pass
-from workbench.analysis.config import AnalysisConfig
 from workbench.sweep.store import (
     SCHEMA_VERSION,
+    EvaluationRunner,
+    model_version,
     pipeline_fingerprint,
     scheduler_settings,
 )
@@ -70,25 +60,6 @@ def analysis_identity(pipe, config: AnalysisConfig, probe: OneStepProbe | None =
 # Recipes, their re-measurement, their full trajectories.
 
 
-@dataclass(frozen=True)
-class PlannedRecipe:
-    """A recipe a strategy chose, before it is re-measured.
-
-    Attributes:
-        name: e.g. `recipe_4.50_bit_mixedpalette` (apple) or `recipe_4.50_bit_sizeaware`.
-        strategy: "apple" or "size-aware".
-        bits: layer -> bit width (16 = float16).
-        selector: the PSNR threshold (apple) or the bits/param target (size-aware).
-        predicted_psnr: the size-aware allocation's predicted PSNR; None for apple.
-    """
-
-    name: str
-    strategy: str
-    bits: Mapping[str, int]
-    selector: float
-    predicted_psnr: float | None = None
-
-
 def sweep_measurements(
     candidates: Candidates, isolated: IsolatedSweep, curves: CumulativeCurves, baselines: Baselines
 ) -> Measurements:
@@ -108,7 +79,7 @@ def size_aware_targets(
     """Every apple recipe's bits/param below 16 (those include the rule's recipe within each of
     `config.size_aware_targets`), else `config.size_aware_targets`; with neither, `config.num_recipes` targets
     evenly from 3 to 6 bits/param."""
-    targets = sorted({round(bits_per_param(r.bits, numels), 6) for r in apple})
+    targets = sorted({round(r.bits_per_param, 6) for r in apple})
     targets = [t for t in targets if t < 16] or list(config.size_aware_targets)
     return targets or list(np.linspace(3.0, 6.0, config.num_recipes))
 
@@ -121,14 +92,11 @@ def plan_recipes(measurements: Measurements, config: AnalysisConfig) -> tuple[Pl
     if "apple" in config.strategies:
         rule = threshold_recipes(measurements, config.num_recipes, rule=config.threshold_rule)
         for t in config.size_aware_targets:
-            threshold = threshold_within(measurements, t)
             bits = threshold_recipe_within(measurements, t)
-            rule.append(AllocatedRecipe("", bits, bits_per_param(bits, measurements.numels), threshold=threshold))
-        for r in unique_recipes(rule, "mixedpalette"):
-            planned.append(PlannedRecipe(r.name, "apple", r.bits, r.threshold))
+            rule.append(threshold_plan(measurements, bits, threshold_within(measurements, t)))
+        planned.extend(unique_recipes(rule, "mixedpalette"))
     if "size-aware" in config.strategies:
-        for r in size_aware_recipes(measurements, size_aware_targets(planned, measurements.numels, config)):
-            planned.append(PlannedRecipe(r.name, "size-aware", r.bits, r.target, r.predicted_psnr))
+        planned.extend(size_aware_recipes(measurements, size_aware_targets(planned, measurements.numels, config)))
     return tuple(planned)
 
 
@@ -137,7 +105,7 @@ def recipe_hash(bits: Mapping[str, int]) -> str:
     return hashlib.sha256(json.dumps(dict(sorted(bits.items()))).encode()).hexdigest()[:10]
 
 
-def recipe_tasks(planned: Sequence[PlannedRecipe], numels: Mapping[str, int]) -> list[EvalTask]:
+def recipe_tasks(planned: Sequence[PlannedRecipe]) -> list[EvalTask]:
     """Each planned recipe end to end: all its layers palettized at once."""
     return [
         EvalTask(
@@ -147,7 +115,7 @@ def recipe_tasks(planned: Sequence[PlannedRecipe], numels: Mapping[str, int]) ->
             {
                 "config": r.strategy,
                 "recipe": r.name,
-                "bits_per_param": bits_per_param(r.bits, numels),
+                "bits_per_param": r.bits_per_param,
                 "extra": {"selector": r.selector},
             },
         )  # fmt: skip
@@ -156,15 +124,12 @@ def recipe_tasks(planned: Sequence[PlannedRecipe], numels: Mapping[str, int]) ->
 
 
 def measure_recipes(
-    planned: Sequence[PlannedRecipe], numels: Mapping[str, int], runner: EvaluationRunner, executor: Executor
+    planned: Sequence[PlannedRecipe], runner: EvaluationRunner, executor: Executor
 ) -> list[RecipeResult]:
     """Re-measure each planned recipe end to end (`recipe_tasks`)."""
     runner.plan(len(planned))
-    tasks = recipe_tasks(planned, numels)
-    return [
-        RecipeResult(r.name, r.strategy, r.bits, t.fields["bits_per_param"], e.psnr, r.selector, r.predicted_psnr)
-        for r, t, e in zip(planned, tasks, executor.measure_all(tasks, runner))
-    ]
+    evaluations = executor.measure_all(recipe_tasks(planned), runner)
+    return [RecipeResult(r, tuple(e.psnr)) for r, e in zip(planned, evaluations)]
 
 
 def build_preanalysis(

@@ -22,20 +22,21 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from workbench.analysis.config import AnalysisConfig
 from workbench.analysis.plan import recipe_hash
-from workbench.analysis.result import RecipeResult
+from workbench.analysis.result import Attempt, RecipeResult, RefinedRecipe, RefinementReport
 from workbench.models.layers import get_layer
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig, as_config
 from workbench.palettes.importance import Importance, collect_importance, palette_error
 from workbench.palettes.size import bits_per_param
 from workbench.recipes.allocation import Measurements, layer_prompt_distortions
-from workbench.recipes.recipe import recipe_name
-from workbench.recipes.refine import refine_recipe
+from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
+from workbench.recipes.refine import OptionSpace, Pricing, Refinement, RefineSettings, refine_recipe
 from workbench.sweep.executor import EvalTask, Executor
 from workbench.sweep.store import EvaluationRunner
 
@@ -87,76 +88,104 @@ def _start(target: float, measured: Sequence[RecipeResult]) -> RecipeResult:
     return max((r for r in measured if r.bits_per_param <= target + 1e-6), key=lambda r: r.psnr_mean)
 
 
+@dataclass(frozen=True)
+class _Search:
+    """What every refined recipe of an analysis is searched with: the probe, the option spaces (widths; and with
+    data-aware palettes, `aware`), the importances, the settings, and how candidates are measured."""
+
+    probe: object
+    numels: Mapping[str, int]
+    widths: OptionSpace
+    aware: OptionSpace | None
+    cache: PaletteCache
+    importance: Importance
+    settings: RefineSettings
+    approximate: bool
+    runner: EvaluationRunner
+    executor: Executor
+
+    def measure(self, name: str):
+        """`(candidates, round) -> PSNR per prompt of each`, measured end to end as "refine" evaluations."""
+
+        def measure(candidates, round_):
+            self.runner.plan(len(candidates))
+            tasks = [
+                EvalTask(f"refine/{name}/{round_}/{recipe_hash(c)}", "refine", dict(c),
+                         {"config": "refined", "recipe": name, "bits_per_param": bits_per_param(c, self.numels)})
+                for c in candidates
+            ]  # fmt: skip
+            return [e.psnr for e in self.executor.measure_all(tasks, self.runner)]
+
+        return measure
+
+    def refine(self, name: str, start, space: OptionSpace, target: float, start_psnr) -> Refinement:
+        total = sum(self.numels.values())
+        pricing = Pricing(self.cache, self.importance, self.approximate)  # fresh per search, as memory allows
+        return refine_recipe(self.probe, start, space, target * total + 1e-6 * total, self.measure(name),
+                             pricing=pricing, settings=self.settings, start_psnr=start_psnr)  # fmt: skip
+
+
+def _refine_one(search: _Search, recipe: RecipeResult, measured: Sequence[RecipeResult]) -> RefinedRecipe:
+    """Refine one size-aware recipe from itself and, if another measured recipe within its size is better, from
+    that too; keep the better; then, with data-aware palettes, refine the kept one again with them."""
+    name, target = recipe_name(recipe.selector, "refined"), recipe.selector
+    best = _start(target, measured)
+    found, origin, attempts = None, None, []
+    for start in [recipe] if best is recipe else [recipe, best]:
+        bits = {n: start.bits.get(n, FLOAT_BITS) for n in search.numels}
+        attempt = search.refine(name, bits, search.widths, target, start.psnr)
+        attempts.append(Attempt(start.name, start.psnr_mean, attempt.psnr, attempt.rounds))
+        if found is None or attempt.psnr > found.psnr:
+            found, origin = attempt, start
+    if search.aware is not None:
+        aware = search.refine(name, found.recipe, search.aware, target, found.prompt_psnr)
+        attempts.append(Attempt(f"{name} (widths only)", found.psnr, aware.psnr, aware.rounds, data_aware=True))
+        found = aware if aware.psnr > found.psnr else found
+    return RefinedRecipe(name, origin.name, found, tuple(attempts))
+
+
 def refine_recipes(
     probe,
-    unet: torch.nn.Module,
     measurements: Measurements,
     recipes: Sequence[RecipeResult],
     runner: EvaluationRunner,
     executor: Executor,
     cache: PaletteCache,
     config: AnalysisConfig,
-) -> tuple[list[RecipeResult], dict, Importance]:
+) -> tuple[list[RecipeResult], RefinementReport, Importance]:
     """Refine every size-aware recipe (`refine_recipe`) as `config` says (`refine_rounds`, `refine_ks`,
     `data_aware`, `approximate_pricing`); return the refined recipes (measured end to end, strategy "refined"), per
-    refined recipe its start, its steps and every attempt (start, result, rounds) for `run.json`, and the
+    refined recipe its start, its steps and every attempt (`RefinementReport`, for `run.json`), and the
     importances (input channels' second moments, collected with one probe run; data-aware palettes are fitted with
     them, so an export needs them: `Importance.save`).
 
     Raises:
         ValueError: `data_aware` with a `cache` that holds other importances.
     """
-    rounds, data_aware, ks = config.refine_rounds, config.data_aware, config.refine_ks
-    approximate = config.approximate_pricing
-    numels = measurements.numels
-    total = sum(numels.values())
+    unet, numels = probe.pipe.unet, measurements.numels
     importance = collect_importance(unet, {n: get_layer(unet, n) for n in numels}, probe)
-    if data_aware:
+    distortion = layer_prompt_distortions(measurements)
+    aware = None
+    if config.data_aware:
         if cache.importance is not None and cache.importance.digest != importance.digest:
             raise ValueError("the palette cache holds other importances than this analysis' probe gives")
         cache.importance = importance  # data-aware palettes are keyed by its digest; plain ones do not change
-    options = width_options(numels, measurements.widths)
-    distortion = layer_prompt_distortions(measurements)
-    if data_aware:
         aware_options = width_options(numels, measurements.widths, data_aware=True)
-        aware_distortion = palette_distortions(unet, aware_options, distortion, cache, importance)
-    refined, report = [], {}
+        aware = OptionSpace(aware_options, palette_distortions(unet, aware_options, distortion, cache, importance))
+    settings = RefineSettings(rounds=config.refine_rounds, ks=config.refine_ks)
+    widths = OptionSpace(width_options(numels, measurements.widths), distortion)
+    search = _Search(probe, numels, widths, aware, cache, importance, settings, config.approximate_pricing, runner,
+                     executor)  # fmt: skip
+    refined, reports = [], []
     for recipe in sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector):
-        name = recipe_name(recipe.selector, "refined")
-
-        def measure(candidates, round_, name=name):
-            runner.plan(len(candidates))
-            tasks = [
-                EvalTask(f"refine/{name}/{round_}/{recipe_hash(c)}", "refine", dict(c),
-                         {"config": "refined", "recipe": name, "bits_per_param": bits_per_param(c, numels)})
-                for c in candidates
-            ]  # fmt: skip
-            return [e.psnr for e in executor.measure_all(tasks, runner)]
-
-        found, origin, attempts = None, None, []
-        best = _start(recipe.selector, [*recipes, *refined])
-        for start in [recipe] if best is recipe else [recipe, best]:
-            attempt = refine_recipe(probe, unet, {n: start.bits.get(n, FLOAT_BITS) for n in numels}, options,
-                                    distortion, recipe.selector * total + 1e-6 * total, measure, cache=cache,
-                                    importance=importance, rounds=rounds, start_psnr=start.psnr,
-                                    approximate=approximate, ks=ks)  # fmt: skip
-            attempts.append({"start": start.name, "start_psnr": start.psnr_mean, "psnr": attempt.psnr,
-                             "rounds": attempt.rounds})  # fmt: skip
-            if found is None or attempt.psnr > found.psnr:
-                found, origin = attempt, start
-        if data_aware:
-            aware = refine_recipe(probe, unet, found.recipe, aware_options, aware_distortion,
-                                  recipe.selector * total + 1e-6 * total, measure, cache=cache, importance=importance,
-                                  rounds=rounds, start_psnr=found.prompt_psnr, approximate=approximate,
-                                  ks=ks)  # fmt: skip
-            attempts.append({"start": f"{name} (widths only)", "start_psnr": found.psnr, "psnr": aware.psnr,
-                             "rounds": aware.rounds, "data_aware": True})  # fmt: skip
-            found = aware if aware.psnr > found.psnr else found
+        report = _refine_one(search, recipe, [*recipes, *refined])
+        found, name = report.refinement, report.name
         bpp = bits_per_param(found.recipe, numels)
         runner.plan(1)  # measured end to end already (a candidate, or the start): recorded, not measured again
         evaluation = runner.alias(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", found.prompt_psnr,
                                   config="refined", recipe=name, bits_per_param=bpp,
                                   extra={"selector": recipe.selector})  # fmt: skip
-        refined.append(RecipeResult(name, "refined", dict(found.recipe), bpp, evaluation.psnr, recipe.selector))
-        report[name] = {"start": origin.name, **found.to_dict(), "attempts": attempts}
-    return refined, report, importance
+        planned = PlannedRecipe(Recipe(name, found.recipe), "refined", recipe.selector, bpp)
+        refined.append(RecipeResult(planned, evaluation.psnr))
+        reports.append(report)
+    return refined, RefinementReport(tuple(reports)), importance

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from workbench.palettes.size import size_reduction_pct
-from workbench.recipes.recipe import PreAnalysis
+from workbench.recipes.recipe import PlannedRecipe, PreAnalysis, Recipe, RecipeEntry
+from workbench.recipes.refine import Refinement, Step
 from workbench.sweep.store import Evaluation, identity_key
 
 if TYPE_CHECKING:
@@ -32,15 +34,39 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RecipeResult:
-    """A recipe a strategy produced, with its end-to-end measurement."""
+    """A planned recipe (`PlannedRecipe`: the recipe, its strategy and size) with its end-to-end measurement:
+    `psnr`, the one-step latent PSNR per prompt."""
 
-    name: str
-    strategy: str
-    bits: dict
-    bits_per_param: float
+    planned: PlannedRecipe
     psnr: tuple[float, ...]
-    selector: float  # the threshold (apple) or the bits/param target (size-aware)
-    predicted_psnr: float | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.planned.recipe
+
+    @property
+    def name(self) -> str:
+        return self.planned.name
+
+    @property
+    def bits(self) -> Mapping[str, RecipeEntry]:
+        return self.planned.bits
+
+    @property
+    def strategy(self) -> str:
+        return self.planned.strategy
+
+    @property
+    def selector(self) -> float:
+        return self.planned.selector
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.planned.bits_per_param
+
+    @property
+    def predicted_psnr(self) -> float | None:
+        return self.planned.predicted_psnr
 
     @property
     def psnr_mean(self) -> float:
@@ -49,6 +75,94 @@ class RecipeResult:
     @property
     def size_reduction_pct(self) -> float:
         return size_reduction_pct(self.bits_per_param)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One refinement of a recipe from one start: the start's name and mean PSNR, the result's, its rounds;
+    `data_aware` for the pass that may swap in data-aware palettes."""
+
+    start: str
+    start_psnr: float
+    psnr: float
+    rounds: int
+    data_aware: bool = False
+
+    def to_dict(self) -> dict:
+        d = {"start": self.start, "start_psnr": self.start_psnr, "psnr": self.psnr, "rounds": self.rounds}
+        return {**d, "data_aware": True} if self.data_aware else d
+
+
+@dataclass(frozen=True)
+class RefinedRecipe:
+    """How one refined recipe was found: the recipe it started from (`start`), the refinement kept
+    (`workbench.recipes.refine.Refinement`: its PSNR before and after, rounds and measured steps), and every
+    attempt."""
+
+    name: str
+    start: str
+    refinement: Refinement
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def start_psnr(self) -> float:
+        return self.refinement.start_psnr
+
+    @property
+    def psnr(self) -> float:
+        return self.refinement.psnr
+
+    def to_dict(self) -> dict:
+        """The recipe's entry in `run.json`'s `refinement` object."""
+        return {"start": self.start, **self.refinement.to_dict(), "attempts": [a.to_dict() for a in self.attempts]}
+
+    def steps_frame(self):
+        """One row per measured candidate: round, layers changed, predicted and measured change of the weighted
+        noise power relative to the round's recipe, measured mean PSNR."""
+        import pandas as pd
+
+        frame = pd.DataFrame([asdict(s) for s in self.refinement.steps], columns=[f.name for f in fields(Step)])
+        return frame.rename(columns={"predicted_change": "predicted", "measured_change": "measured"})
+
+
+@dataclass(frozen=True)
+class RefinementReport:
+    """The refined strategy's record, one `RefinedRecipe` per refined recipe (`report[name]`, iteration in order)."""
+
+    recipes: tuple[RefinedRecipe, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.recipes)
+
+    def __iter__(self):
+        return iter(self.recipes)
+
+    def __getitem__(self, name: str) -> RefinedRecipe:
+        for r in self.recipes:
+            if r.name == name:
+                return r
+        raise KeyError(f"no refined recipe {name!r}; refined: {', '.join(r.name for r in self.recipes)}")
+
+    def to_dict(self) -> dict:
+        """`run.json`'s `refinement` object: recipe name -> its record."""
+        return {r.name: r.to_dict() for r in self.recipes}
+
+    def to_frame(self):
+        """One row per refined recipe: where it started, its measured PSNR before and after, gradient rounds and
+        candidates measured."""
+        import pandas as pd
+
+        rows = [
+            {"recipe": r.name, "start": r.start, "start_psnr": r.start_psnr, "refined_psnr": r.psnr,
+             "rounds": r.refinement.rounds, "measured_candidates": len(r.refinement.steps)}
+            for r in self.recipes
+        ]  # fmt: skip
+        return pd.DataFrame(rows, columns=["recipe", "start", "start_psnr", "refined_psnr", "rounds",
+                                           "measured_candidates"])  # fmt: skip
+
+    def most_improved(self) -> RefinedRecipe:
+        """The refined recipe that gained most over its start."""
+        return max(self.recipes, key=lambda r: r.psnr - r.start_psnr)
 
 
 @dataclass(frozen=True)
@@ -143,7 +257,7 @@ class MatchedComparison:
         return pd.DataFrame(self.to_records(), columns=[f.name for f in fields(MatchedPair)])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AnalysisResult:
     """What `run_analysis` measured and decided.
 
@@ -159,7 +273,7 @@ class AnalysisResult:
         execution: what ran where (the executor's `summary()`: its workers, their devices, evaluations and busy
             seconds); the `execution` object of `run.json`.
         refinement: per "refined" recipe, the recipe it started from and every measured step
-            (`workbench.recipes.refine.Refinement.to_dict`); the `refinement` object of `run.json`.
+            (`RefinementReport`); the `refinement` object of `run.json`.
     """
 
     config: AnalysisConfig
@@ -172,7 +286,7 @@ class AnalysisResult:
     trajectory: list = field(default_factory=list)
     fast: FastReport | None = None
     execution: dict = field(default_factory=dict)
-    refinement: dict = field(default_factory=dict)
+    refinement: RefinementReport = field(default_factory=RefinementReport)
 
     def baseline(self, name: str) -> float:
         return self.preanalysis.baselines[name]
@@ -291,7 +405,7 @@ class AnalysisResult:
         if self.fast is not None:
             run["fast"] = self.fast.to_dict()
         if self.refinement:
-            run["refinement"] = self.refinement
+            run["refinement"] = self.refinement.to_dict()
         paths["run"] = write_json_atomic(out / "run.json", run)
         if plot:
             paths["png"] = _save_figure(out / "psnr_vs_size.png", self)

@@ -37,16 +37,25 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from workbench.analysis.plan import analysis_identity
-from workbench.analysis.result import AnalysisResult, Timing
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.fast import fast_phases, keep_best_per_target
+from workbench.analysis.plan import (
+    analysis_identity,
+    build_preanalysis,
+    measure_recipes,
+    plan_recipes,
+    sweep_measurements,
+)
+from workbench.analysis.refine import refine_recipes
+from workbench.analysis.result import AnalysisResult, RefinementReport, Timing
+from workbench.analysis.trajectory import recipe_trajectories
 from workbench.errors import InvalidValueError
-from workbench.palettes.cache import PaletteCache
+from workbench.palettes.cache import DEFAULT_PALETTE_MEMORY, PaletteCache
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.importance import IMPORTANCE_FILE
 from workbench.sweep.executor import Executor, LocalExecutor
@@ -63,15 +72,6 @@ from workbench.sweep.phases import (
 )
 from workbench.sweep.probe import OneStepProbe
 from workbench.sweep.store import Evaluation, EvaluationRunner, EvaluationStore, model_version, open_store
-
-if TYPE_CHECKING:
-    pass
-from workbench.analysis.config import AnalysisConfig
-from workbench.analysis.plan import build_preanalysis, measure_recipes, plan_recipes, sweep_measurements
-from workbench.palettes.cache import DEFAULT_PALETTE_MEMORY
-
-# --------------------------------------------------------------------------------------------------------------
-# The recorded one-step run and where its evaluations go. The sweeps are in `workbench.sweep.phases`.
 
 
 @dataclass(frozen=True)
@@ -137,18 +137,14 @@ def sweep_and_plan(
     None; of the fast sweep's alternatives at a size only the best measured is kept (the others go to its report)."""
     fast = None
     if config.sweep == "fast":
-        from workbench.analysis.fast import fast_phases
-
         fast = fast_phases(candidates, config, baselines, runner, executor, workers)
         isolated, curves, planned = fast.isolated, fast.curves, fast.planned
     else:
         isolated = isolated_sweep(candidates, config.nbits, runner, executor)
         curves = cumulative_curves(candidates, sensitivity_order(isolated), palettes, runner, executor)
         planned = plan_recipes(sweep_measurements(candidates, isolated, curves, baselines), config)
-    recipes = measure_recipes(planned, candidates.numels, runner, executor)
+    recipes = measure_recipes(planned, runner, executor)
     if fast is not None:
-        from workbench.analysis.fast import keep_best_per_target
-
         recipes, dropped = keep_best_per_target(recipes)
         fast.report.alternatives.extend(dropped)
     return isolated, curves, recipes, fast
@@ -168,8 +164,6 @@ def run_analysis(
     progress: bool = True,
     callback: Callable[[Evaluation], None] | None = None,
     cache: PaletteCache | None = None,
-    background_fits: bool | None = None,
-    palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
     executor: Executor | None = None,
 ) -> AnalysisResult:
     """Run the pre-analysis (the phases of this module, in order) on `pipe`, a diffusers SD-1.x/2.x or SDXL pipeline.
@@ -183,14 +177,12 @@ def run_analysis(
         resume (`bool`, defaults to True): reuse a store with the same key; False starts it afresh.
         progress (`bool`, defaults to True): a tqdm bar (notebook-aware) with done/left and ETA.
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
-        cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config).
-        background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs, on `fit_workers` threads;
-            default: if a CPU core is free.
-        palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
-            `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
-            None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
-        executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a
-            `LocalExecutor` in this process. A `workbench.sweep.ray_executor.RayExecutor` shards them over Ray workers
+        cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config); None = a
+            cache holding `DEFAULT_PALETTE_MEMORY` of palettes, the rest waiting in a temporary folder (outside
+            `out_dir`, removed at the end) until needed again.
+        executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a `LocalExecutor`
+            in this process, fitting palettes in the background (`prefetch_palettes`, on `fit_workers` threads)
+            where a CPU core is free. A `workbench.sweep.ray_executor.RayExecutor` shards them over Ray workers
             (the same results on CPU; this process alone writes the store, so either resumes the other's).
             Trajectories always run here.
 
@@ -198,65 +190,84 @@ def run_analysis(
         `AnalysisResult`.
 
     Raises:
-        ValueError: no candidate layers at `config.min_numel`, or a group size that does not divide a layer.
+        InvalidValueError: no candidate layers at `config.min_numel`, or a group size that does not divide one.
     """
     start = time.perf_counter()
-    unet = pipe.unet
-    candidates = candidate_layers(unet, config.min_numel, config.group_size, config.layers, config.exclude)
-    spill = contextlib.ExitStack()
-    if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-        spill_dir = spill.enter_context(tempfile.TemporaryDirectory(prefix="palettes-", dir=out_dir))
-        cache = PaletteCache(max_bytes=palette_memory, spill_dir=spill_dir)
-    probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
-    runner = probed.runner
+    candidates = candidate_layers(pipe.unet, config.min_numel, config.group_size, config.layers, config.exclude)
+    with contextlib.ExitStack() as stack:
+        if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
+            spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="workbench-palettes-"))
+            cache = PaletteCache(max_bytes=DEFAULT_PALETTE_MEMORY, spill_dir=spill_dir)
+        probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
+        stack.callback(cache.close)  # stops background fits; the fitted palettes stay cached
+        stack.callback(probed.runner.close)
+        phases = _measure(pipe, config, candidates, probed, cache, executor)
+    return _finish(pipe, config, candidates, probed, phases, cache, start, out_dir)
+
+
+@dataclass
+class _Phases:
+    """What `run_analysis`'s phases measured, before the result is assembled."""
+
+    executor: Executor
+    local: bool
+    isolated: object
+    curves: object
+    baselines: Baselines
+    recipes: list
+    fast: object = None
+    refinement: RefinementReport = RefinementReport()
+    importance: object = None
+    trajectory: list = field(default_factory=list)
+
+
+def _measure(pipe, config: AnalysisConfig, candidates: Candidates, probed: ProbedPipeline, cache, executor) -> _Phases:
+    """Phases 2-9: baselines, sweeps, recipes, refinement, trajectories."""
+    unet, runner = pipe.unet, probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
-    trajectory = []
     palettes = sweep_palettes(config.nbits, config.group_size)
     workers = fit_workers(unet.device)
-    background = executor is None and (background_fits or (background_fits is None and workers > 0))
-    local = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0)
-    executor = local if executor is None else executor
-    if config.data_aware and executor is not local:
+    background = executor is None and workers > 0
+    local = executor is None
+    executor = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0) if local else executor
+    if config.data_aware and not local:
         raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
                                 "process (no --workers)")  # fmt: skip
-    try:
-        baselines = measure_baselines(unet, runner, executor)
-        if background:
-            reference = config.fast_reference_bits if config.sweep == "fast" else None
-            prefetch_sweep_palettes(cache, candidates, palettes, max(1, workers), reference=reference,
-                                    approximate=config.approximate_pricing)  # fmt: skip
-        isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
-                                                         max(1, workers))  # fmt: skip
-        refinement, importance = {}, None
-        if "refined" in config.strategies:
-            from workbench.analysis.refine import refine_recipes
+    baselines = measure_baselines(unet, runner, executor)
+    if background:
+        reference = config.fast.reference_bits if config.sweep == "fast" else None
+        prefetch_sweep_palettes(cache, candidates, palettes, max(1, workers), reference=reference,
+                                approximate=config.approximate_pricing)  # fmt: skip
+    isolated, curves, recipes, fast = sweep_and_plan(candidates, config, baselines, palettes, runner, executor,
+                                                     max(1, workers))  # fmt: skip
+    phases = _Phases(executor, local, isolated, curves, baselines, recipes, fast)
+    if "refined" in config.strategies:
+        measurements = sweep_measurements(candidates, isolated, curves, baselines)
+        refined, phases.refinement, phases.importance = refine_recipes(probed.probe, measurements, recipes, runner,
+                                                                       executor, cache, config)  # fmt: skip
+        phases.recipes = [*recipes, *refined]
+    if config.trajectory:
+        phases.trajectory = recipe_trajectories(pipe, config, phases.recipes, runner, cache)
+    return phases
 
-            measurements = sweep_measurements(candidates, isolated, curves, baselines)
-            refined, refinement, importance = refine_recipes(probed.probe, unet, measurements, recipes, runner,
-                                                             executor, cache, config)  # fmt: skip
-            recipes = [*recipes, *refined]
-        if config.trajectory:
-            from workbench.analysis.trajectory import recipe_trajectories
 
-            trajectory = recipe_trajectories(pipe, config, recipes, runner, cache)
-    finally:
-        runner.close()
-        cache.close()  # stops background fits; the fitted palettes stay cached
-        spill.close()  # deletes the spilled palettes (they are only valid in this process)
-    preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
-    execution = executor.summary()
-    timing = Timing.of(start, probed.probe, runner, cache, execution if executor is not local else None)
-    evaluations = list(runner.evaluations)
-    if fast is not None:
-        evaluations += fast.finish(recipes, curves, candidates)
-    result = AnalysisResult(config, probed.identity, dict(candidates.numels), evaluations, recipes, preanalysis,
-                            timing, trajectory, None if fast is None else fast.report, execution,
-                            refinement)  # fmt: skip
+def _finish(pipe, config, candidates, probed: ProbedPipeline, phases: _Phases, cache, start, out_dir):
+    """The `AnalysisResult` of the phases, saved to `out_dir` (with the importances of a data-aware analysis)."""
+    preanalysis = build_preanalysis(model_version(pipe), phases.isolated, phases.curves, phases.baselines,
+                                    phases.recipes)  # fmt: skip
+    execution = phases.executor.summary()
+    timing = Timing.of(start, probed.probe, probed.runner, cache, None if phases.local else execution)
+    evaluations = list(probed.runner.evaluations)
+    if phases.fast is not None:
+        evaluations += phases.fast.finish(phases.recipes, phases.curves, candidates)
+    result = AnalysisResult(
+        config=config, identity=probed.identity, layers=dict(candidates.numels), evaluations=evaluations,
+        recipes=phases.recipes, preanalysis=preanalysis, timing=timing, trajectory=phases.trajectory,
+        fast=None if phases.fast is None else phases.fast.report, execution=execution, refinement=phases.refinement,
+    )  # fmt: skip
     if out_dir is not None:
         result.save(out_dir)
         if config.data_aware:  # what `workbench export --importance` fits the data-aware palettes with
-            importance.save(Path(out_dir) / IMPORTANCE_FILE)
+            phases.importance.save(Path(out_dir) / IMPORTANCE_FILE)
         probed.store.mark_complete()
     return result

@@ -1,10 +1,10 @@
-"""TODO(layout): docstring."""
+"""`workbench analyze`: the mixed-bit pre-analysis of a model (`workbench.analysis.run.run_analysis`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, add_layer_patterns, candidate_layers, int_in_range, palette_bits
+from workbench.cli.common import MODEL_HELP, add_layer_patterns, int_in_range, palette_bits
 from workbench.errors import InvalidValueError
 from workbench.models.loader import DTYPES
 
@@ -27,57 +27,29 @@ def _ray_executor(args: argparse.Namespace, device: str, dtype):
 
 
 def run(args: argparse.Namespace) -> None:
+    import dataclasses
     import json
 
     import torch
 
-    from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig
+    from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig, config_for_model
     from workbench.analysis.run import run_analysis
     from workbench.io import read_prompts
-    from workbench.models.layers import select_layers
-    from workbench.models.loader import default_min_numel, is_demo_model, load_pipeline, model_dtype, pick_device
+    from workbench.models.loader import load_pipeline, model_dtype, pick_device
 
     try:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     except (OSError, ValueError) as err:  # the prompts file the user named: missing, unreadable or empty
         raise InvalidValueError(str(err)) from err
-    trajectory_prompts = None
-    if args.trajectory and is_demo_model(args.model):
-        from workbench.demo.world import make_dataset
-
-        trajectory_prompts = tuple(make_dataset(len(prompts), seed=1).captions)  # the demo model's own world
-    config = AnalysisConfig(
-        nbits=tuple(args.nbits),
-        min_numel=default_min_numel(args.model) if args.min_numel is None else args.min_numel,
-        prompts=prompts,
-        seed=args.seed,
-        num_recipes=args.num_recipes,
-        strategies=tuple(args.strategies),
-        size_aware_targets=tuple(args.targets),
-        refine_rounds=args.refine_rounds,
-        data_aware=args.data_aware,
-        threshold_rule=args.threshold_rule,
-        group_size=args.group_size,
-        trajectory=args.trajectory,
-        trajectory_steps=args.trajectory_steps,
-        trajectory_prompts=trajectory_prompts,
-        layers=tuple(args.layers),
-        exclude=tuple(args.exclude),
-        sweep=args.sweep,
+    names = {f.name for f in dataclasses.fields(AnalysisConfig)}  # the options are named as the config's fields
+    config = config_for_model(
+        args.model, **{**{k: v for k, v in vars(args).items() if k in names}, "prompts": prompts}
     )
     torch.set_num_threads(args.threads)  # the CLI process is ours: set once, here
     device = pick_device(args.device)
     dtype = model_dtype(device, args.dtype)
     with _ray_executor(args, device.type, dtype) as executor:  # first: its workers load while this process does
         pipe = load_pipeline(args.model, device=device, dtype=dtype, progress=False)
-        layers = select_layers(candidate_layers(pipe, config.min_numel, args.model), config.layers, config.exclude)
-        misfits = sorted({m.weight.shape[0] for m in layers.values()} if args.group_size else ())
-        misfits = [c for c in misfits if c % args.group_size]
-        if misfits:
-            raise InvalidValueError(
-                f"--group-size={args.group_size} does not divide the output channels "
-                f"{', '.join(map(str, misfits))} of the candidate layers"
-            )
         result = run_analysis(pipe, config, args.out, resume=args.resume, progress=not args.quiet, executor=executor)
     print(result.recipes_frame().to_string(index=False))
     for pair in result.matched_comparison():
@@ -112,6 +84,14 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: 8 built-in prompts)")
     p.add_argument("--seed", type=int_in_range(0), default=0, help="generator seed (default 0)")
     p.add_argument("--num-recipes", type=int_in_range(1), default=7, help="recipes per strategy (default 7)")
+    _add_strategies(p)
+    _add_execution(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _add_strategies(p: argparse.ArgumentParser) -> None:
+    """The options that decide the recipes: strategies, sizes, refinement, sweep, trajectories."""
     p.add_argument(
         "--strategies",
         nargs="+",
@@ -122,6 +102,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--targets",
+        dest="size_aware_targets",
         type=float,
         nargs="+",
         default=[],
@@ -163,6 +144,10 @@ def add_parser(sub) -> None:
         default=None,
         help="steps for --trajectory (default: the pipeline's)",
     )
+
+
+def _add_execution(p: argparse.ArgumentParser) -> None:
+    """The options that decide where and how the analysis runs, not what it measures."""
     p.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
@@ -198,5 +183,3 @@ def add_parser(sub) -> None:
         metavar="ADDR",
         help="join this Ray cluster (auto, or ray://HOST:10001) instead of starting a local runtime; needs --workers",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)

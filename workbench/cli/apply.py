@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""`workbench apply`: a recipe applied to a float16 Core ML UNet package converted elsewhere."""
 
 from __future__ import annotations
 

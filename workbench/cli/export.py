@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""`workbench export`: a pipeline's components converted to Core ML packages, palettized by recipe or width."""
 
 from __future__ import annotations
 

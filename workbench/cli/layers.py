@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""`workbench layers`: a model's compressible UNet layers (the candidates of an analysis)."""
 
 from __future__ import annotations
 

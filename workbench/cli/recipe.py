@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""`workbench recipe`: list the recipes of a pre-analysis file, or check one against a model."""
 
 from __future__ import annotations
 

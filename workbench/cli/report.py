@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""`workbench report`: run the notebooks headless into a report folder."""
 
 from __future__ import annotations
 

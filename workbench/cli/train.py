@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""`workbench train`: train the tiny-shapes demo model and write its pipeline folder and card."""
 
 from __future__ import annotations
 

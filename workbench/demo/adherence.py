@@ -1,4 +1,5 @@
-"""TODO(layout): docstring."""
+"""Prompt adherence on the demo model's shapes world: read the shape, colour, position and size an image shows
+(`read_shape`, a transparent scorer, no learned model) and compare it with what the caption asked for."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def _intro_section(pipe) -> str:
 
 A Stable Diffusion-style pipeline (CLIP tokenizer and text encoder, `AutoencoderKL`, `UNet2DConditionModel`
 with cross-attention, a diffusers scheduler) trained in-house, on a CPU, on the procedural shapes world of
-`workbench/shapes.py`: one flat-coloured circle, square or triangle on a dark grey background, in one of 6
+`workbench/demo/world.py`: one flat-coloured circle, square or triangle on a dark grey background, in one of 6
 colours, 9 grid positions and 2 sizes. It draws what a caption such as "a small red circle at the top left"
 asks for, so a compressed copy can be checked for *prompt adherence*, not only PSNR. Not an image model for
 any other use.

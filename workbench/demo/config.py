@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""The demo model's training settings (`TrainConfig`, validated) and what a training run reports (`TrainResult`)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ class TrainConfig:
 
 
 _AT_LEAST_ONE = ("n_images", "image_size", "text_hidden", "text_layers", "text_heads", "max_length", "vae_batch")
+_AT_LEAST_ONE += ("unet_batch", "checkpoint_every", "threads", "unet_conv_in_kernel")
 _AT_LEAST_ZERO = ("vae_steps", "unet_steps")
 _FRACTIONS = ("caption_dropout", "ema_decay")  # in [0, 1)
 

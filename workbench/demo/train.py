@@ -46,11 +46,10 @@ from typing import Any
 import torch
 
 from workbench.demo.components import assemble_pipeline, build_components
-from workbench.demo.config import _AT_LEAST_ONE, TrainConfig, TrainResult, _count
+from workbench.demo.config import TrainConfig, TrainResult, _count
 from workbench.demo.stages import Log, train_unet, vae_stage
 from workbench.threads import torch_threads
 
-_AT_LEAST_ONE += ("unet_batch", "checkpoint_every", "threads", "unet_conv_in_kernel")
 
 
 def train(

@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""Assemble a Stable Diffusion pipeline from its components (the one place that picks the pipeline class)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""Palettize a model's layers in place for the duration of a `with` block (`palettized`) and restore them exactly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO(layout): docstring."""
+"""Fitted palettes per (layer, config) within a memory budget (`PaletteCache`): spilled to disk past it, fitted in
+the background while the UNet runs."""
 
 from __future__ import annotations
 

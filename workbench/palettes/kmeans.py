@@ -38,7 +38,7 @@ BINNED_PALETTE_BINS = 1024
 def _jit_kernels() -> ModuleType | None:
     """`workbench.palettes._kmeans_numba` (compiled on first use, cached on disk), or None when numba is missing."""
     try:
-        from workbench.palettes import _kmeans_numba
+        import workbench.palettes._kmeans_numba as _kmeans_numba
     except ImportError:
         return None
     return _kmeans_numba

@@ -26,7 +26,7 @@ import numpy as np
 from workbench.metrics import distortion_from_psnr
 from workbench.palettes.config import FLOAT_BITS
 from workbench.palettes.size import bits_per_param
-from workbench.recipes.recipe import recipe_name
+from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,9 @@ class Measurements:
         return tuple(sorted(int(b) for b in self.cumulative or self.isolated))
 
 
-@dataclass(frozen=True)
-class AllocatedRecipe:
-    """A recipe and how it was chosen: `threshold` (threshold rule) or `target` bits/param (size-aware)."""
-
-    name: str
-    bits: dict
-    bits_per_param: float
-    threshold: float | None = None
-    target: float | None = None
-    predicted_psnr: float | None = None
-
-
-def unique_recipes(recipes: list[AllocatedRecipe], suffix: str) -> list[AllocatedRecipe]:
+def unique_recipes(recipes: list[PlannedRecipe], suffix: str) -> list[PlannedRecipe]:
     """Drop exact duplicates; give recipes whose 2-decimal names collide more decimals, never the same name."""
-    seen: dict[tuple, AllocatedRecipe] = {}
+    seen: dict[tuple, PlannedRecipe] = {}
     for r in recipes:
         seen.setdefault(tuple(sorted(r.bits.items())), r)
     unique = list(seen.values())
@@ -81,7 +69,7 @@ def unique_recipes(recipes: list[AllocatedRecipe], suffix: str) -> list[Allocate
             name = f"recipe_{r.bits_per_param:.{decimals}f}_bit_{suffix}"
             if name in {o.name for o in out}:
                 name = f"{name}_{len(out)}"
-        out.append(AllocatedRecipe(name, r.bits, r.bits_per_param, r.threshold, r.target, r.predicted_psnr))
+        out.append(r.renamed(name))
     return out
 
 
@@ -155,7 +143,12 @@ def curve_thresholds(m: Measurements, k: int) -> list[float]:
     return chosen
 
 
-def threshold_recipes(m: Measurements, k: int = 7, rule: str = "curves") -> list[AllocatedRecipe]:
+def threshold_plan(m: Measurements, bits: Mapping[str, int], threshold: float) -> PlannedRecipe:
+    """The threshold rule's recipe `bits` (unnamed) for `threshold`."""
+    return PlannedRecipe(Recipe("", bits), "apple", threshold, bits_per_param(bits, m.numels))
+
+
+def threshold_recipes(m: Measurements, k: int = 7, rule: str = "curves") -> list[PlannedRecipe]:
     """The reference strategy's recipes, named `recipe_<bpp>_bit_mixedpalette`, duplicates dropped.
 
     Args:
@@ -171,8 +164,7 @@ def threshold_recipes(m: Measurements, k: int = 7, rule: str = "curves") -> list
         raise ValueError(f"unknown threshold rule {rule!r}; valid: curves, reference")
     recipes = []
     for t in thresholds:
-        bits = threshold_recipe(m, t)
-        recipes.append(AllocatedRecipe("", bits, bits_per_param(bits, m.numels), threshold=t))
+        recipes.append(threshold_plan(m, threshold_recipe(m, t), t))
     return unique_recipes(recipes, "mixedpalette")
 
 
@@ -304,14 +296,14 @@ def predicted_psnr(distortion: Mapping[str, Mapping[int, float]], bits: Mapping[
     return -10.0 * math.log10(total) if total > 0 else math.inf
 
 
-def size_aware_recipes(m: Measurements, targets: Sequence[float]) -> list[AllocatedRecipe]:
+def size_aware_recipes(m: Measurements, targets: Sequence[float]) -> list[PlannedRecipe]:
     """One knapsack recipe per bits/param target, named `recipe_<bpp>_bit_sizeaware` (duplicates dropped)."""
     distortion = layer_distortions(m)
     recipes = []
     for target in sorted({float(t) for t in targets}, reverse=True):
         bits = allocate(distortion, m.numels, target)
-        bpp = bits_per_param(bits, m.numels)
+        predicted = predicted_psnr(distortion, bits, m.original)
         recipes.append(
-            AllocatedRecipe("", bits, bpp, target=target, predicted_psnr=predicted_psnr(distortion, bits, m.original))
+            PlannedRecipe(Recipe("", bits), "size-aware", target, bits_per_param(bits, m.numels), predicted)
         )
     return unique_recipes(recipes, "sizeaware")

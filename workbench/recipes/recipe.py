@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from workbench.errors import InvalidValueError, UserError
@@ -122,10 +122,50 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"name": self.name, "bits": dict(self.bits)}
 
+    def renamed(self, name: str) -> Recipe:
+        return Recipe(name, self.bits)
+
     def save(self, path: str | os.PathLike, model_version: str = "") -> Path:
         """Write a reference-format file holding just this recipe (their apply script reads it)."""
         analysis = PreAnalysis(model_version=model_version, recipes={self.name: dict(self.bits)})
         return analysis.save(path)
+
+
+STRATEGIES = ("apple", "size-aware", "refined")
+
+
+@dataclass(frozen=True)
+class PlannedRecipe:
+    """A recipe a strategy chose, and how; `workbench.analysis.result.RecipeResult` adds its measurement.
+
+    Attributes:
+        recipe: the per-layer choices (`Recipe`; named e.g. `recipe_4.50_bit_sizeaware`).
+        strategy: "apple" (the reference's threshold rule), "size-aware" (the knapsack) or "refined".
+        selector: the PSNR threshold (apple) or the bits/param target (size-aware, refined).
+        bits_per_param: the recipe's size over the candidate layers (`Recipe.bits_per_param`).
+        predicted_psnr: the knapsack's predicted PSNR (size-aware); None for the others.
+    """
+
+    recipe: Recipe
+    strategy: str
+    selector: float
+    bits_per_param: float
+    predicted_psnr: float | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise InvalidValueError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def bits(self) -> Mapping[str, RecipeEntry]:
+        return self.recipe.bits
+
+    def renamed(self, name: str) -> PlannedRecipe:
+        return replace(self, recipe=self.recipe.renamed(name))
 
 
 @dataclass

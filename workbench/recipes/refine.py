@@ -31,7 +31,8 @@ mean PSNR together (the fast analysis' refined recipes +0.8 dB over the knapsack
 weighted, +2.6 dB).
 
 Example:
-    >>> refined = refine_recipe(probe, unet, recipe, options, budget, measure, cache=cache, importance=importance)
+    >>> space = OptionSpace(options, distortion)
+    >>> refined = refine_recipe(probe, recipe, space, budget, measure, pricing=Pricing(cache, importance))
     >>> refined.psnr, [s.measured_psnr for s in refined.steps]
 """
 
@@ -139,6 +140,60 @@ class PricedWeights:
         return weight
 
 
+@dataclass
+class Pricing:
+    """How layer changes are priced (`layer_changes`), and what pricing keeps across a refinement's rounds.
+
+    Attributes:
+        cache (`PaletteCache`): the palettes (data-aware ones with its importance).
+        importance (`workbench.palettes.importance.Importance`, *optional*): weights of the weight error; None = 1.
+        approximate (`bool`, defaults to False): price the other options' plain k-means palettes with their
+            approximate ones (`PaletteCache.palette(approximate=True)`): no exact fit of every width (a fast
+            analysis). The current option's weight is always the exact one the gradient was taken at; candidates
+            are measured with exact palettes, always.
+        errors (`dict`): (layer, option) -> the option's importance-weighted weight error, filled on first use
+            (it does not depend on the recipe).
+        priced (`PricedWeights`): the options' dense weights.
+    """
+
+    cache: PaletteCache
+    importance: object = None
+    approximate: bool = False
+    errors: dict = field(default_factory=dict)
+    priced: PricedWeights = field(default_factory=PricedWeights)
+
+
+@dataclass(frozen=True)
+class OptionSpace:
+    """What a refinement chooses from.
+
+    Attributes:
+        options: layer -> option -> bytes stored (`PaletteConfig.nbytes`, float16 2 bytes a weight; or any cost in
+            the budget's unit). Options are widths (16 = float16) or palette config keys.
+        distortion: layer -> option -> isolated distortion per prompt (`workbench.recipes.allocation.
+            layer_prompt_distortions`), or one for all prompts (`layer_distortions`); each round weighs the prompts
+            by `prompt_weights` at its recipe.
+    """
+
+    options: Mapping[str, Mapping[Hashable, float]]
+    distortion: Mapping[str, Mapping[Hashable, object]]
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How hard a refinement searches.
+
+    Attributes:
+        rounds: linearisations at most (one backward pass each); it stops early when a round finds nothing better.
+        ks: layer changes per measured candidate (one measured recipe each).
+        batch_chunk: UNet batch rows per backward pass (bounds activation memory); None = the whole batch.
+    """
+
+    rounds: int = DEFAULT_ROUNDS
+    ks: tuple[int, ...] = DEFAULT_KS
+    batch_chunk: int | None = None
+
+
 @torch.no_grad()
 def layer_changes(
     unet: torch.nn.Module,
@@ -147,11 +202,7 @@ def layer_changes(
     distortion: Mapping[str, Mapping[Hashable, float]],
     gradients: Mapping[str, torch.Tensor],
     current: float,
-    cache: PaletteCache,
-    importance=None,
-    errors: dict | None = None,
-    approximate: bool = False,
-    priced: PricedWeights | None = None,
+    pricing: Pricing,
 ) -> dict[str, list[Change]]:
     """Every other option of every layer as a `Change` from `recipe` (the aligned model's terms).
 
@@ -162,18 +213,9 @@ def layer_changes(
         distortion: layer -> option -> isolated distortion (the allocation's model; 0 for float16).
         gradients: layer -> dD/dW at `recipe`.
         current: D at `recipe`.
-        cache: the palettes (`PaletteCache`, data-aware ones with its importance).
-        importance (`workbench.palettes.importance.Importance`, *optional*): weights of the weight error; None = 1.
-        errors (`dict`, *optional*): (layer, option) -> the option's importance-weighted weight error, filled on
-            first use and reused (it does not depend on the recipe; one dict across a refinement's rounds saves
-            recomputing them).
-        approximate (`bool`, defaults to False): price the other options' plain k-means palettes with their
-            approximate ones (`PaletteCache.palette(approximate=True)`): no exact fit of every width (a fast
-            analysis). The current option's weight is always the exact one the gradient was taken at.
-        priced (`PricedWeights`, *optional*): the options' dense weights, kept across calls (one per refinement).
+        pricing (`Pricing`): the palettes, importances, and what is kept across calls.
     """
-    errors = {} if errors is None else errors
-    priced = PricedWeights(max_bytes=0) if priced is None else priced
+    cache, importance, errors = pricing.cache, pricing.importance, pricing.errors
     norm = math.sqrt(max(current, 1e-300))
     out: dict[str, list[Change]] = {}
     for name, opts in options.items():
@@ -189,7 +231,7 @@ def layer_changes(
         for c in opts:
             if c == a:
                 continue
-            qc = priced.get(name, c, original, cache, approximate)
+            qc = pricing.priced.get(name, c, original, cache, pricing.approximate)
             delta = qc - qa
             lin = float((grad * delta).sum())
             end = c if as_config(c) is not None else a  # the palettized end of the change
@@ -316,79 +358,68 @@ def weighted_distortions(distortion: Mapping[str, Mapping[Hashable, object]], we
 
 def refine_recipe(
     probe,
-    unet: torch.nn.Module,
     recipe: Mapping[str, Hashable],
-    options: Mapping[str, Mapping[Hashable, float]],
-    distortion: Mapping[str, Mapping[Hashable, float]],
+    space: OptionSpace,
     budget: float,
     measure: Callable[[Sequence[Mapping[str, Hashable]], int], list[Sequence[float]]],
     *,
-    cache: PaletteCache,
-    importance=None,
-    rounds: int = DEFAULT_ROUNDS,
-    ks: Sequence[int] = DEFAULT_KS,
-    batch_chunk: int | None = None,
+    pricing: Pricing,
+    settings: RefineSettings = RefineSettings(),
     start_psnr: Sequence[float] | None = None,
-    approximate: bool = False,
 ) -> Refinement:
     """Refine `recipe` within `budget` bytes by measured steps of the aligned model (see the module docstring).
 
     Args:
-        probe (`OneStepProbe`): the analysis' one-step probe (its gradient is taken at each round's recipe).
-        unet: `probe`'s UNet; palettized in place during each gradient and restored.
-        recipe: layer -> option to start from (options as in `options`; 16 = float16).
-        options: layer -> option -> bytes stored (`PaletteConfig.nbytes`, float16 2 bytes a weight).
-        distortion: layer -> option -> isolated distortion per prompt (`workbench.recipes.allocation.
-            layer_prompt_distortions`), or one for all prompts (`layer_distortions`); each round weighs the prompts
-            by `prompt_weights` at its recipe.
+        probe (`OneStepProbe`): the analysis' one-step probe (its gradient is taken at each round's recipe); its
+            UNet is palettized in place during each gradient and restored.
+        recipe: layer -> option to start from (options as in `space`; 16 = float16).
+        space (`OptionSpace`): each layer's options, their bytes and isolated distortions.
         budget: bytes the refined recipe may take.
         measure: `(recipes, round) -> PSNR per prompt of each`, end to end (the analysis' executor).
-        cache (`PaletteCache`): the palettes.
-        importance (`Importance`, *optional*): weights of the weight error (input channels' second moments).
-        rounds (`int`, defaults to 4): linearisations at most; it stops early when a round finds nothing better.
-        ks (`Sequence[int]`, defaults to (1, 2, 4, 8)): layer changes per measured candidate.
-        batch_chunk (`int`, *optional*): UNet batch rows per backward pass (bounds activation memory).
+        pricing (`Pricing`): how changes are priced (palettes, importances, approximate palettes).
+        settings (`RefineSettings`): rounds, layer changes per candidate, backward batch.
         start_psnr (`Sequence[float]`, *optional*): the start's measured PSNR per prompt, if known.
-        approximate (`bool`, defaults to False): price options with approximate palettes (`layer_changes`);
-            candidates are measured with exact ones, always.
 
     Returns:
         `Refinement`.
     """
-    best = dict(recipe)
-
-    def mean_psnr(psnr: Sequence[float]) -> float:
-        return float(sum(psnr) / len(psnr))
-
-    first = start_psnr if start_psnr is not None else measure([best], 0)[0]
-    result = Refinement(dict(best), mean_psnr(first), mean_psnr(first), tuple(first))
-    names = list(options)
-    errors: dict = {}
-    priced = PricedWeights()
-    for r in range(1, rounds + 1):
-        weights = prompt_weights(result.prompt_psnr)
-        with palettized(unet, best, cache):
-            params = [get_layer(unet, n).weight for n in names]
-            current, grads = probe.distortion_gradient(params, batch_chunk=batch_chunk, weights=weights)
+    first = start_psnr if start_psnr is not None else measure([dict(recipe)], 0)[0]
+    result = Refinement(dict(recipe), _mean(first), _mean(first), tuple(first))
+    for r in range(1, settings.rounds + 1):
         result.rounds = r
-        gradients = dict(zip(names, grads))
-        table = weighted_distortions(distortion, weights)
-        changes = layer_changes(unet, best, options, table, gradients, current, cache, importance, errors, approximate,
-                                priced)  # fmt: skip
-        spent = sum(options[n][best[n]] for n in names)
-        candidates, predicted = _candidates(best, exchange_steps(changes, spent, budget, current, max(ks)), ks)
-        if not candidates:
+        if not _refine_round(probe, result, space, budget, measure, pricing, settings):
             break
-        best_d = weighted_distortion(result.prompt_psnr, weights)
-        improved = None
-        for candidate, change, psnr in zip(candidates, predicted, measure(candidates, r)):
-            moved = sum(candidate[n] != best[n] for n in names)
-            measured = weighted_distortion(psnr, weights) / best_d - 1.0
-            result.steps.append(Step(r, moved, change, measured, mean_psnr(psnr)))
-            if mean_psnr(psnr) > result.psnr and (improved is None or mean_psnr(psnr) > improved[0]):
-                improved = (mean_psnr(psnr), candidate, tuple(psnr))
-        if improved is None:
-            break
-        result.psnr, best, result.prompt_psnr = improved
-        result.recipe = dict(best)
     return result
+
+
+def _mean(psnr: Sequence[float]) -> float:
+    return float(sum(psnr) / len(psnr))
+
+
+def _refine_round(probe, result: Refinement, space, budget, measure, pricing: Pricing, settings) -> bool:
+    """One round of `refine_recipe` at `result.recipe`: linearise, measure the candidates, move `result` to the
+    best if it beats the recipe. Returns whether it moved."""
+    unet, best, names = probe.pipe.unet, result.recipe, list(space.options)
+    weights = prompt_weights(result.prompt_psnr)
+    with palettized(unet, best, pricing.cache):
+        params = [get_layer(unet, n).weight for n in names]
+        current, grads = probe.distortion_gradient(params, batch_chunk=settings.batch_chunk, weights=weights)
+    table = weighted_distortions(space.distortion, weights)
+    changes = layer_changes(unet, best, space.options, table, dict(zip(names, grads)), current, pricing)
+    spent = sum(space.options[n][best[n]] for n in names)
+    ks = settings.ks
+    candidates, predicted = _candidates(best, exchange_steps(changes, spent, budget, current, max(ks)), ks)
+    if not candidates:
+        return False
+    best_d = weighted_distortion(result.prompt_psnr, weights)
+    improved = None
+    for candidate, change, psnr in zip(candidates, predicted, measure(candidates, result.rounds)):
+        moved = sum(candidate[n] != best[n] for n in names)
+        measured = weighted_distortion(psnr, weights) / best_d - 1.0
+        result.steps.append(Step(result.rounds, moved, change, measured, _mean(psnr)))
+        if _mean(psnr) > result.psnr and (improved is None or _mean(psnr) > improved[0]):
+            improved = (_mean(psnr), candidate, tuple(psnr))
+    if improved is None:
+        return False
+    result.psnr, result.recipe, result.prompt_psnr = improved[0], dict(improved[1]), improved[2]
+    return True

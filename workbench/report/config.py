@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""What a report run is asked for and what it did: `ReportConfig`, the notebooks it runs, their outcomes."""
 
 from __future__ import annotations
 

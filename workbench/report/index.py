@@ -1,4 +1,4 @@
-"""TODO(layout): docstring."""
+"""The report's front page (`index.html`, linking every notebook, figure and table) and the README's two figures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO(layout): docstring."""
+"""Helpers the notebooks call: open a model from a text parameter, quiet logs, name a model, and `Artifacts`, which
+writes each figure and table of a notebook into its report folder."""
 
 from __future__ import annotations
 

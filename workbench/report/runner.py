@@ -38,8 +38,7 @@ from workbench.report.index import write_index
 from workbench.resources import notebook_dir
 
 NOTEBOOK_DIR = notebook_dir()
-"""The source notebooks. Package data like the demo model: inside the package, found relative to this file, in
-the wheel through pyproject.toml's `[tool.setuptools.package-data]`; `make lab` opens this folder."""
+"""The source notebooks: the checkout's `notebooks/` (which `make lab` opens), or the copy a wheel carries."""
 KERNEL_NAME = "python3"  # ipykernel's own spec; resolved to this interpreter (see `_this_interpreters_kernel`)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers, select_layers
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import PaletteConfig
@@ -67,21 +68,23 @@ def candidate_layers(
             must divide every candidate's output channels.
 
     Raises:
-        ValueError: no such layer (the message gives the largest layer's size), or `group_size` does not divide a
-            layer's output channels.
+        InvalidValueError: no such layer (the message gives the largest layer's size), or `group_size` does not
+            divide a candidate's output channels (the message lists the channel counts it does not divide).
     """
     layers = compressible_layers(unet, min_numel)
     if not layers:
-        raise ValueError(
+        raise InvalidValueError(
             f"no Linear/Conv2d layer of the UNet has more than min_numel={min_numel} weights; lower it "
             f"(the largest layer has {max(m.weight.numel() for m in compressible_layers(unet, 0).values())})"
         )
     if include or exclude:
         layers = select_layers(layers, include, exclude)
-    if group_size:
-        bad = [n for n, m in layers.items() if m.weight.shape[0] % group_size]
-        if bad:
-            raise ValueError(f"group_size={group_size} does not divide the output channels of {bad[:3]}")
+    misfits = sorted({m.weight.shape[0] for m in layers.values() if group_size and m.weight.shape[0] % group_size})
+    if misfits:
+        raise InvalidValueError(
+            f"group_size={group_size} does not divide the output channels {', '.join(map(str, misfits))} of the "
+            "candidate layers"
+        )
     return Candidates(
         layers=layers,
         numels={name: layer.weight.numel() for name, layer in layers.items()},

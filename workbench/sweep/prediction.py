@@ -30,11 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
+from workbench.errors import InvalidValueError
 from workbench.palettes.kmeans import kmeans_1d_binned, unique_float16
 
 TINY = 1e-30  # a distortion below the floor is clipped here, so its logarithm stays finite
@@ -223,7 +224,7 @@ class FastReport:
         checks: predicted points measured after the first plan (`Check`).
         recipe_errors_db: recipe -> predicted minus re-measured mean PSNR (dB), for the recipes with a prediction.
         alternatives: re-measured recipes that lost to a better one at the same target
-            (`workbench.analysis.run.keep_best_per_target`, `RecipeResult`s).
+            (`workbench.analysis.fast.keep_best_per_target`, `RecipeResult`s).
     """
 
     model: GainModel
@@ -293,6 +294,18 @@ class FastSettings:
     checks: float = 0.05
     check_rounds: int = 4
     refine_ks: tuple[int, ...] = (2, 8)
+
+    def __post_init__(self):
+        for name in ("calibration", "checks"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidValueError(f"fast {name} must lie in [0, 1] (a fraction of the candidates), got {value}")
+        if self.check_rounds < 0 or not self.refine_ks or min(self.refine_ks) < 1:
+            raise InvalidValueError(f"check_rounds must be >= 0 and refine_ks positive, got {self}")
+        object.__setattr__(self, "refine_ks", tuple(int(k) for k in self.refine_ks))
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
 
     def calibration_count(self, num_layers: int) -> int:
         return min(num_layers, max(3, round(self.calibration * num_layers)))
