@@ -75,9 +75,9 @@ def build_unet(config: TrainConfig):
 
     Where a shape goes needs absolute position, which a UNet has no embedding for: convolutions only see it
     through zero padding (the CoordConv problem, Liu et al. 2018). A 3-level UNet (16 -> 4x4) trained like this
-    drew the asked-for colour and shape at a position set by the noise alone (position adherence 0.125, chance
-    0.11). Two stock settings make padding say more: a 2x2 bottom level, where every cell has its own set of
-    padded neighbours, and a 7x7 `conv_in`, whose output statistics differ with the distance to the border.
+    drew the asked-for colour and shape at a position set by the noise alone (position adherence at chance).
+    Two stock settings make padding say more: a 2x2 bottom level, where every cell has its own set of padded
+    neighbours, and a 7x7 `conv_in`, whose output statistics differ with the distance to the border.
     """
     from diffusers import UNet2DConditionModel
 

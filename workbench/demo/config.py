@@ -39,8 +39,8 @@ class TrainConfig:
             Hang et al. 2023) and min(SNR + 1, gamma) for v-prediction.
         checkpoint_every (`int`, defaults to 250): UNet steps between checkpoints (when a folder is given).
         threads (`int`, defaults to 1): torch CPU threads during training. One, because on a CPU shared with
-            other jobs two OpenMP threads spin at every barrier waiting for a descheduled sibling: measured here
-            under load, a VAE step took 7-75 s with 2 threads and 2.7 s with 1.
+            other jobs two OpenMP threads spin at every barrier waiting for a descheduled sibling, which made a VAE
+            step many times slower with 2 threads than with 1 (docs/benchmarks.md).
     """
 
     seed: int = 0

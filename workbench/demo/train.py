@@ -14,7 +14,7 @@ SNR) and DDIM for inference, with SD 2.x's v-prediction. Training runs in two st
 
 Where SD 1.x's recipe was changed, and why: where a shape goes is decided in the first, noisiest sampling
 steps, and a first run with SD 1.x's recipe (epsilon-prediction, min-SNR weights, PNDM, 3-level UNet) drew the
-asked-for colour (1.00) and shape (0.89) at a position set by the noise alone (0.125; chance is 0.11): the
+asked-for colour and shape at a position set by the noise alone, no better than chance (docs/benchmarks.md): the
 same seed put the shape in the same place whatever position the prompt named. Three things push the other
 way: v-prediction (the image error keeps weight >= 1 at high noise, where epsilon weights it by SNR ~0.01),
 a zero-terminal-SNR schedule (the noisiest training input is pure noise, so position can only come from the

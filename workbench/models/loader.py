@@ -82,7 +82,7 @@ def model_dtype(device: str | torch.device, name: str = "auto") -> torch.dtype:
     """The dtype to run a model in on `device`: `name` if given, else float16 on cuda/mps and float32 on cpu.
 
     On an accelerator float16 halves the memory and runs on the tensor cores; on a CPU float16 convolutions
-    are ~20x slower than float32. Metrics are computed in float64 either way (`workbench.metrics`), and palettes
+    are many times slower than float32. Metrics are computed in float64 either way (`workbench.metrics`), and palettes
     are fitted on the float16 weights whatever the model's dtype, so they stay bit-exact with Core ML.
 
     Raises:

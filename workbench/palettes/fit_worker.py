@@ -3,9 +3,9 @@
 coremltools fits a tensor (or channel group) under 10,000 weights with scikit-learn's KMeans, and so does
 `workbench.palettes.fit.fit_palette` for bit-exactness. Unlike the 1-D solver of larger tensors (numba, which releases
 the GIL), that path holds the GIL for much of its time, so in a background thread it slows the UNet's forward
-passes it is meant to overlap: on the demo model (2 cores, one torch thread) a forward took 85 ms alone, 85 ms
-beside numba 8-bit fits, and 139 ms beside scikit-learn 6-bit fits. In a process of its own it costs the forward
-nothing. The process runs the same `fit_palette` on the same float16 values, so its palettes are the same bits.
+passes it is meant to overlap (numba's fits, which release the GIL, leave them as fast as alone; the figures are
+in docs/benchmarks.md). In a process of its own it costs the forward nothing. The process runs the same
+`fit_palette` on the same float16 values, so its palettes are the same bits.
 
 The protocol is this module's own (no `multiprocessing`, which would import the caller's `__main__` in the
 child): `python -m workbench.palettes.fit_worker` reads length-prefixed pickles `(values, config, solver)` on stdin and

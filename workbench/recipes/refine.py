@@ -1,10 +1,11 @@
 """Refine a recipe where layers interact: the latent error's gradient, an aligned-error model, measured steps.
 
 The size-aware allocation adds each layer's *isolated* distortion; measured recipes show that layers interact
-(on the demo model a recipe's measured PSNR is 2-4 dB off what the sum predicts, and the knapsack loses to the
-reference's rule at some sizes). At a recipe R with latent error e (`D = |e|**2`, the allocation's distortion),
-changing layer l's palette from option a to option c changes its weight by `Δ = Q_c - Q_a` and the latent by
-about `v_l = J_l Δ`, so `D' = |e + sum_l v_l|**2`. Two things are known:
+(on the demo model a recipe's measured PSNR is several dB off what the sum predicts, and the knapsack loses to the
+reference's rule at some sizes; the figures are in docs/benchmarks.md). At a recipe R with latent error e
+(`D = |e|**2`, the allocation's distortion), changing layer l's palette from option a to option c changes its
+weight by `Δ = Q_c - Q_a` and the latent by about `v_l = J_l Δ`, so `D' = |e + sum_l v_l|**2`. Two things are
+known:
 
 - `<e, v_l>`, exactly to first order, from one backward pass at R: `lin_l = <dD/dW_l, Δ> = 2 <e, v_l>`
   (`OneStepProbe.distortion_gradient`; the one thing the isolated sweep cannot see);
@@ -18,17 +19,16 @@ uncorrelated between layers:
     D' = (|e| + sum_l alpha_l)**2 + sum_l (|v_l|**2 - alpha_l**2)
 
 so changes that each cancel part of e cannot together cancel more than all of it (a separable model, which adds
-the `lin_l`, does exactly that and its recipes collapse: measured 38 dB from 55). `exchange` searches up to K
-layer changes (one that fits the budget, or an upgrade paid for by a downgrade) that lower the model's D'; each
-round measures the candidates for K in `ks` end to end, keeps the best if it beats R, and linearises again there.
-Every candidate is a measured recipe; nothing is kept on the model's word.
+the `lin_l`, does exactly that and its recipes collapse, far below the recipe they started from). `exchange`
+searches up to K layer changes (one that fits the budget, or an upgrade paid for by a downgrade) that lower the
+model's D'; each round measures the candidates for K in `ks` end to end, keeps the best if it beats R, and
+linearises again there. Every candidate is a measured recipe; nothing is kept on the model's word.
 
 Candidates are judged by their mean PSNR over prompts, so each round linearises the matching objective: the
 distortion with every prompt weighted by `1 / d_p` at R (`prompt_weights`), whose relative change is the mean of
 the prompts' relative changes, i.e. to first order the mean PSNR's. The unweighted D is dominated by the worst
-prompt: on the demo model, with it, the search stalled at two of five sizes on candidates that lowered D and the
-mean PSNR together (the fast analysis' refined recipes +0.8 dB over the knapsack's on average at 2.5-4.5 b/p;
-weighted, +2.6 dB).
+prompt: on the demo model, with it, the search stalled at some sizes on candidates that lowered D and the mean
+PSNR together, and the weighting gained several times as much over the knapsack's recipes.
 
 Example:
     >>> space = OptionSpace(options, distortion)

@@ -193,8 +193,8 @@ class LocalExecutor:
             tasks' k-means runs while the UNet measures this one (the same palettes as fitted on demand).
         replay (`bool`, defaults to True): tell the probe which layers each recipe replaced, so the UNet's
             computation upstream of the first of them is replayed from the float model's
-            (`workbench.sweep.replay.UpstreamReplay`): bitwise the same PSNRs; an isolated evaluation 35-40 % faster on
-            the tiny models. The UNet must be the float model's but for the layers this executor replaces.
+            (`workbench.sweep.replay.UpstreamReplay`): bitwise the same PSNRs, and an isolated evaluation skips the
+            UNet's work before its layer. The UNet must be the float model's but for the layers this executor replaces.
 
     Attributes:
         evaluations (`int`), busy_s (`float`): evaluations measured (not read back) and seconds spent measuring

@@ -277,16 +277,12 @@ class FastSettings:
             fast analysis (the exhaustive one measures `DEFAULT_KS`).
 
     On the demo model, checks measured in rounds brought the fast recipes closer to the exhaustive ones than the
-    same number of points in one round or spent on calibration, and a 2-bit reference closer than a 4-bit one
-    (re-measured fast minus exhaustive size-aware recipes, mean over 2.2-4.7 bits/param: -0.26 dB vs -0.60 dB).
-    Since the refined strategy re-measures whole recipes around the knapsack's (`workbench.recipes.refine`), which corrects
-    what checks of isolated points cannot (layers interact), the defaults spend 5 % of the candidates on checks
-    (40 % before the refinement) and 3 % on calibration, and measure two candidates a round (2 and 8 changes): with
-    the refinement, more of each bought little. Measured on the demo model (8 prompts, fast analysis alone, refined
-    recipes at the five sizes of `benchmarks/fast.py`, minus the exhaustive size-aware ones): calibration 5 %, checks
-    10 %, 4 candidates a round: 312 evaluations, +1.62 dB on average; 2 candidates a round: 289, +1.44 dB; and
-    calibration 3 %, checks 5 %: 256, +1.15 dB (never under Apple's rule: +0.75 dB at worst). Tiny SDXL (2 prompts):
-    278 evaluations, +0.07 dB; 269, +0.06 dB; 248, -0.03 dB.
+    same number of points in one round or spent on calibration, and a 2-bit reference closer than a 4-bit one.
+    Since the refined strategy re-measures whole recipes around the knapsack's (`workbench.recipes.refine`), which
+    corrects what checks of isolated points cannot (layers interact), the defaults spend few of the candidates on
+    checks (far fewer than before the refinement) and on calibration, and measure two candidates a round (2 and 8
+    changes): with the refinement, more of each bought little and cost evaluations. The settings compared, with
+    their evaluations and gains on the demo model and tiny SDXL, are in docs/benchmarks.md.
     """
 
     reference_bits: int = 2

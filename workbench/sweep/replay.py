@@ -6,9 +6,9 @@ one forward, the outputs of the UNet's blocks and of their direct children (`dow
 `down_blocks.1.attentions.0`, ...) and the order in which every module starts and finishes. In a later forward
 whose changed layers are known, every recorded module that finished before the first of them started returns
 its recorded output instead of running: the same tensors the float model computes there, so the evaluation is
-bitwise the one without replay (a test compares every candidate layer of an SD and an SDXL UNet). Measured here
-(1 torch thread, every candidate layer once at 2 bits): isolated evaluations take 35 % less time on the demo model,
-41 % on the tiny SD and SDXL pipelines.
+bitwise the one without replay (a test compares every candidate layer of an SD and an SDXL UNet). An isolated
+evaluation skips, on average, the part of the UNet before its layer, so a sweep of every candidate runs in a good
+deal less time (measured in docs/benchmarks.md).
 
 The recording holds activations of the probe's whole batch, so it is bounded (`max_bytes`: outputs are kept as
 modules finish until the budget is spent, and never more is held; modules not kept always run). Only modules called
