@@ -3,7 +3,8 @@
 One run on the demo model (8 COCO prompts, CFG, seed 0, widths 1 2 4 6 8, its 180 candidates):
 
 1. `run_analysis` with targets 2.5 3.0 3.5 4.0 4.5 bits/param: the reference rule ("apple") gives its largest
-   recipe within each target; the size-aware knapsack and the "refined" strategy (`workbench.recipes.refine`) give theirs
+   recipe within each target; the size-aware knapsack and the "refined" strategy (`workbench.recipes.refine`) give
+   theirs
    at exactly that recipe's bits/param; every recipe re-measured end to end (one-step latent PSNR);
 2. "+ data-aware" (iOS17, the same bytes): the refined recipe with each layer free to take its width's plain or
    data-aware palette (`wkmeans`, input-channel importance), chosen by `refine_recipe` and measured;
@@ -192,7 +193,8 @@ def main() -> None:
         for b in (4, 6):
             opts = {n: {b: 0, PaletteConfig(b, "wkmeans").key: 0} for n in numels}
             starts = [dict.fromkeys(numels, b), dict.fromkeys(numels, PaletteConfig(b, "wkmeans").key)]
-            found = [refine_recipe(probe, s, OptionSpace(opts, distortion), 0, measure, pricing=Pricing(cache, importance),
+            found = [refine_recipe(probe, s, OptionSpace(opts, distortion), 0, measure, pricing=Pricing(cache,
+            importance),
                                    settings=RefineSettings(rounds=4)) for s in starts]  # fmt: skip
             uniform[b] = max(found, key=lambda f: f.psnr)
         cache.close()

@@ -11,7 +11,8 @@ last line holds the deltas in dB. Example:
 Measured (demo model, 180 candidates, 1 torch thread, shared 2-core CPU, 388 s): 4-bit skm 41.56 dB, ours
 40.38 dB; 6-bit skm 52.59 dB, ours 52.09 dB; last line `skm4_delta=-1.19 skm6_delta=-0.50`. One-off checks of where
 the gap comes from: coremltools' k-means with uniform importance (no Fisher) gives 41.34 dB at 4 bits, and exact
-1-D k-means on every layer (`workbench.palettes.kmeans.kmeans_float16`, also on the 117 layers under 10,000 weights that
+1-D k-means on every layer (`workbench.palettes.kmeans.kmeans_float16`, also on the 117 layers under 10,000 weights
+that
 Core ML's `palettize_weights` fits with scikit-learn's KMeans, tol=1e-2) gives 41.25 dB at 4 bits and 52.69 dB at
 6 bits: most of the gap is the scikit-learn path of small layers, the Fisher weighting adds 0.2-0.3 dB at 4 bits.
 """

@@ -1,6 +1,7 @@
 """Benchmark the sharded analysis: the same pre-analysis on 1 and 2 Ray workers (and optionally in one process).
 
-Runs `workbench.analysis.run.run_analysis` fresh (no resume) with a `workbench.sweep.ray_executor.RayExecutor` of each worker
+Runs `workbench.analysis.run.run_analysis` fresh (no resume) with a `workbench.sweep.ray_executor.RayExecutor` of each
+worker
 count, in one Ray runtime started once (its start-up is printed, not counted), on the demo model if it is built,
 else on the tiny SD pipeline, with the reference's settings (8 prompts, widths 1 2 4 6 8). Each run's wall time
 counts everything the user waits for after the runtime is up: the workers loading the pipeline and recording the

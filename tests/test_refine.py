@@ -1,4 +1,3 @@
-
 """The refined strategy: the one knapsack over any options, the probe's gradient, the aligned model's exchange, and
 refined recipes in an analysis."""
 

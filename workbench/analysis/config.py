@@ -45,7 +45,8 @@ class AnalysisConfig:
         num_recipes (`int`, defaults to 7): K, recipes per strategy (the reference's thresholds count).
         strategies (`tuple[str, ...]`, defaults to ("apple", "size-aware", "refined")): recipe strategies to run:
             the reference's threshold rule, the size-aware knapsack, and the knapsack's recipes refined where layers
-            interact by the latent error's gradient and measured steps (`workbench.recipes.refine`; needs "size-aware").
+            interact by the latent error's gradient and measured steps (`workbench.recipes.refine`; needs
+            "size-aware").
         threshold_rule (`str`, defaults to "curves"): "reference" = `linspace(original - 1, linear_8bit + 5, K)`
             exactly; "curves" = K thresholds read off the measured cumulative curves so that the recipes'
             bits/param spread evenly (the reference rule breaks where "original" is the ~200 dB cap of a

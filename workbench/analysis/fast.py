@@ -1,4 +1,5 @@
-"""The fast sweep inside an analysis: `workbench.sweep.prediction`'s measurements and predictions in place of phases 3-6 of
+"""The fast sweep inside an analysis: `workbench.sweep.prediction`'s measurements and predictions in place of phases
+3-6 of
 `workbench.analysis.run.run_analysis`, its recipes' selection, and its predicted points as evaluations.
 
 Example:
@@ -62,7 +63,8 @@ def fast_phases(
     executor: Executor,
     workers: int = 1,
 ) -> FastPhases:
-    """The fast sweep (`workbench.sweep.prediction`) in place of phases 3-6: measure and predict, plan, check the plan's most
+    """The fast sweep (`workbench.sweep.prediction`) in place of phases 3-6: measure and predict, plan, check the
+    plan's most
     influential predicted points, plan again on the corrected table."""
     settings = config.fast
     sweep = fast_sweep(candidates, config.nbits, runner, executor, baselines.original.psnr, settings, workers)

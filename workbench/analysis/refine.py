@@ -129,7 +129,9 @@ def _refine_one(search: _Search, recipe: RecipeResult, measured: Sequence[Recipe
     """Refine one size-aware recipe from itself and, if another measured recipe within its size is better, from
     that too; keep the better; then, with data-aware palettes, refine the kept one again with them."""
     name, target = recipe_name(recipe.selector, "refined"), recipe.selector
-    best = _start(target, measured)
+    # the search in widths starts from recipes of widths only: an earlier target's refined recipe may hold
+    # data-aware palettes, which are not options there
+    best = _start(target, [r for r in measured if all(isinstance(v, int) for v in r.bits.values())])
     found, origin, attempts = None, None, []
     for start in [recipe] if best is recipe else [recipe, best]:
         bits = {n: start.bits.get(n, FLOAT_BITS) for n in search.numels}

@@ -269,7 +269,8 @@ class AnalysisResult:
         preanalysis: the reference-format JSON content (`PreAnalysis`).
         timing: where the time went (`Timing`).
         trajectory: `workbench.analysis.trajectory.TrajectoryResult` list (empty unless `config.trajectory`).
-        fast: the fast sweep's model and validation (`workbench.sweep.prediction.FastReport`); None for an exhaustive sweep.
+        fast: the fast sweep's model and validation (`workbench.sweep.prediction.FastReport`); None for an exhaustive
+        sweep.
         execution: what ran where (the executor's `summary()`: its workers, their devices, evaluations and busy
             seconds); the `execution` object of `run.json`.
         refinement: per "refined" recipe, the recipe it started from and every measured step

@@ -14,10 +14,12 @@
 7. `measure_recipes`: each recipe re-measured end to end (`recipe_tasks`, `RecipeResult`);
 8. the refined strategy (`workbench.analysis.refine.refine_recipes`): the size-aware recipes refined where layers
    interact;
-9. `workbench.analysis.trajectory.recipe_trajectories` (optional): full-trajectory images of each recipe against the float
+9. `workbench.analysis.trajectory.recipe_trajectories` (optional): full-trajectory images of each recipe against the
+float
    model's.
 
-Each phase builds its evaluations as tasks (`workbench.sweep.executor.EvalTask`: an id and the recipe in force) and hands
+Each phase builds its evaluations as tasks (`workbench.sweep.executor.EvalTask`: an id and the recipe in force) and
+hands
 them to one executor's `measure_all`: a `LocalExecutor` in this process (the default), or a
 `workbench.sweep.ray_executor.RayExecutor` that shards them over Ray workers with the same results.
 

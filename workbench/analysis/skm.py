@@ -345,7 +345,8 @@ class SKMComparison:
 
     Attributes:
         nbits: palette width.
-        bits_per_param: the recipe's size over the candidates (`workbench.palettes.size.bits_per_param`, LUTs not counted).
+        bits_per_param: the recipe's size over the candidates (`workbench.palettes.size.bits_per_param`, LUTs not
+        counted).
         skm_psnr, ours_psnr: mean one-step latent PSNR over the prompts (dB, the analysis' probe).
         skm_seconds: wall time of `skm_palettize` given the sensitivities (coremltools' weighted k-means).
     """

@@ -4,7 +4,8 @@ The reference's one-step latent PSNR is dominated by the shared noise and hides 
 sampling trajectory. Here each recipe generates the same prompts from the same seed as the float model, with
 the pipeline's default (or a given) number of steps, and the decoded images are compared with the float
 model's: image PSNR and SSIM per prompt (`workbench.metrics.image_psnr`: uint8 images, peak 255), and, when
-every prompt is a caption of the demo model's shapes world, prompt adherence (`workbench.demo.adherence.score_adherence`)
+every prompt is a caption of the demo model's shapes world, prompt adherence
+(`workbench.demo.adherence.score_adherence`)
 of both.
 
 Example:

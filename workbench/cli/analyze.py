@@ -55,12 +55,7 @@ def run(args: argparse.Namespace) -> None:
     for pair in result.matched_comparison():
         print(json.dumps(pair.to_dict()))
     if result.fast is not None:
-        f = result.fast
-        held_out = ", ".join(f"{b}-bit {v:.1f}" for b, v in f.held_out_db.items())
-        print(
-            f"fast sweep: {f.measured_points} isolated points measured, {f.predicted_points} predicted; held-out "
-            f"error (dB) {held_out}; {len(f.checks)} checks, mean abs error {f.check_error_db:.2f} dB"
-        )
+        print(f"fast sweep: {result.fast.summary()}")
     t = result.timing
     print(
         f"wrote {args.out}/preanalysis.json, evaluations.csv, recipes.csv, run.json, psnr_vs_size.png; "

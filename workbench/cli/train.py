@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def add_parser(sub) -> None:
-    # the same options as `python -m workbench.demo.train` (workbench.demo.train.add_arguments), kept here so that parsing
+    # the same options as `python -m workbench.demo.train` (workbench.demo.train.add_arguments), kept here so that
+    # parsing
     # does not import torch
     p = sub.add_parser("train", help="train the tiny-shapes demo model and write its pipeline folder and card")
     p.add_argument("--out", default=None, help="pipeline folder to write (default: the demo model's own folder)")

@@ -163,7 +163,8 @@ def compress_model(
     `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
     lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
     identical weights) must share a config. Data-aware palettes (`"wkmeans"`) are fitted from `module`'s weights
-    with `importance` (`workbench.palettes.importance.Importance`) and stored as fitted (`workbench.coreml.explicit_lut`);
+    with `importance` (`workbench.palettes.importance.Importance`) and stored as fitted
+    (`workbench.coreml.explicit_lut`);
     Core ML fits the others.
 
     Returns:
@@ -233,7 +234,8 @@ def plan_export(
 ) -> list[ComponentPlan]:
     """One `ComponentPlan` per component; a bad component, recipe, width, layer pattern, layout or missing
     importance fails here, before any conversion. `layers` / `exclude` (globs, `workbench.models.layers.select_layers`)
-    narrow the UNet's palettized layers; the others stay float16. `importance` (`workbench.palettes.importance.Importance`)
+    narrow the UNet's palettized layers; the others stay float16. `importance`
+    (`workbench.palettes.importance.Importance`)
     is needed by data-aware palettes."""
     from workbench.coreml.layout import check_layout
     from workbench.models.layers import select_layers
@@ -477,7 +479,8 @@ def export_pipeline(
         layers, exclude (`Sequence[str]`, defaults to ()): globs narrowing the UNet's palettized layers
             (`plan_export`).
         layout (`str`, defaults to `"apple"`): the packages' inputs, outputs and names (`workbench.coreml.layout`).
-        importance (`workbench.palettes.importance.Importance`, *optional*): the analysis' importances, needed by a recipe
+        importance (`workbench.palettes.importance.Importance`, *optional*): the analysis' importances, needed by a
+        recipe
             with data-aware palettes (`"wkmeans4"`...), which are re-fitted with them exactly as the analysis did.
 
     Returns:

@@ -18,7 +18,8 @@ class ExportedPackage:
         component, path: what and where (`<out>/Unet.mlpackage`, ...: `workbench.coreml.layout.package_name`).
         nbytes: package size on disk; float16_nbytes: the same component converted without palettization.
         bits_per_param: sum(bits * numel) / sum(numel) over the component's Linear/Conv2d layers with more than
-            `min_numel` weights (16 for float16 layers), the reference's measure (`workbench.palettes.size.bits_per_param`).
+            `min_numel` weights (16 for float16 layers), the reference's measure
+            (`workbench.palettes.size.bits_per_param`).
         deployment_target: e.g. `"iOS17"`; export_s / compress_s / verify_s: wall time of trace + convert /
             palettize + save / read back + compare.
         verification: the read-back check (None when not verified).

@@ -247,7 +247,8 @@ def generate_and_score(
 ) -> AdherenceReport:
     """Generate one image per prompt with a text-to-image pipeline and score it with `score_adherence`.
 
-    Images come from `workbench.models.generation.generate_images` (image `i` from seed `seed + i`, negative prompt "").
+    Images come from `workbench.models.generation.generate_images` (image `i` from seed `seed + i`, negative prompt
+    "").
     Everything else is the pipeline's default (scheduler, `num_inference_steps`, `guidance_scale`, height and
     width) unless given in `pipe_kwargs`.
 

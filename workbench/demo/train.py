@@ -51,7 +51,6 @@ from workbench.demo.stages import Log, train_unet, vae_stage
 from workbench.threads import torch_threads
 
 
-
 def train(
     config: TrainConfig,
     out: str | Path,

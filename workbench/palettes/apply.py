@@ -52,7 +52,8 @@ def palettized(
     Nothing is deep-copied. Each listed layer's weight takes its palettized values and its original comes back
     bitwise on exit, also on error: kept as the original tensor (the same object) while the originals fit in the
     stash's memory budget, else written to the stash's temporary file and the palettized values written into
-    the weight's own storage, so palettizing a whole full-size model does not hold it twice (`workbench.palettes.stash`).
+    the weight's own storage, so palettizing a whole full-size model does not hold it twice
+    (`workbench.palettes.stash`).
 
     Args:
         model (`nn.Module`): e.g. `pipe.unet`.

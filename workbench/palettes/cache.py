@@ -97,7 +97,8 @@ class PaletteCache:
 
     def _fit_in_background(self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool) -> Palette:
         """A prefetched fit: scikit-learn's (a plain k-means palette of groups under `KMEANS_1D_MIN_NUMEL` weights)
-        in the helper process (`workbench.palettes.fit_worker`: the same palette, without holding this process' GIL while
+        in the helper process (`workbench.palettes.fit_worker`: the same palette, without holding this process' GIL
+        while
         the UNet runs), any other in this thread; in this thread too if the process fails."""
         if self._in_process(weight, config, approximate):
             with self._lock:

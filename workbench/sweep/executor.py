@@ -13,7 +13,8 @@ or measured (and appended to it). The executors:
 - `LocalExecutor`: in this process, in task order (the default). A task whose recipe extends the one in force
   (the next cumulative point) palettizes only the layers it adds, as a curve always did; any other task restores
   the UNet first. Stored tasks are skipped without palettizing anything.
-- `workbench.sweep.ray_executor.RayExecutor`: the tasks not in the store, sent to Ray actors that each hold the pipeline
+- `workbench.sweep.ray_executor.RayExecutor`: the tasks not in the store, sent to Ray actors that each hold the
+pipeline
   and run a `LocalExecutor` of their own; the driver alone writes the store.
 
 Example:

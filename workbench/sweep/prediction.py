@@ -61,7 +61,8 @@ def quantization_errors(
     """The squared error `sum (w - q_b(w))**2` of the optimal per-tensor k-means palette of `weight`'s float16
     values at each width b, the proxy `e_l(b)` of the fast sweep's model.
 
-    The distinct float16 values (with their counts) are clustered by `workbench.palettes.kmeans.kmeans_1d_binned`: merged
+    The distinct float16 values (with their counts) are clustered by `workbench.palettes.kmeans.kmeans_1d_binned`:
+    merged
     into at most `min(bins_per_cluster * 2**b, max_bins)` bins and clustered exactly; the error is
     an upper bound of the optimum that is exact when no bins are merged and within a few percent otherwise. It
     costs milliseconds per width instead of an 8-bit fit's seconds.
@@ -241,6 +242,22 @@ class FastReport:
         """Mean absolute error of the checks (dB); NaN without checks."""
         return float(np.mean([abs(c.error_db) for c in self.checks])) if self.checks else math.nan
 
+    def summary(self) -> str:
+        """One line: points measured and predicted, the calibration fit's held-out error, the checks' error."""
+        held_out = ", ".join(f"{b}-bit {v:.1f}" for b, v in self.held_out_db.items())
+        return (
+            f"{self.measured_points} isolated points measured, {self.predicted_points} predicted; held-out error of "
+            f"the calibration fit (dB) {held_out}; {len(self.checks)} checks, mean abs error "
+            f"{self.check_error_db:.2f} dB"
+        )
+
+    def checks_frame(self):
+        """One row per check: layer, bits, predicted and measured mean PSNR, error_db (predicted - measured)."""
+        import pandas as pd
+
+        rows = [(c.layer, c.nbits, c.predicted_psnr, c.measured_psnr, c.error_db) for c in self.checks]
+        return pd.DataFrame(rows, columns=["layer", "bits", "predicted", "measured", "error_db"])
+
     def to_dict(self) -> dict:
         return {
             "model": asdict(self.model),
@@ -273,7 +290,8 @@ class FastSettings:
             spread over `check_rounds` rounds of plan, check, refit.
         check_rounds: how many times the recipes are planned and their most influential predicted points checked.
 
-        refine_ks: layer changes per measured candidate of the refined strategy's rounds (`workbench.recipes.refine`) in a
+        refine_ks: layer changes per measured candidate of the refined strategy's rounds (`workbench.recipes.refine`)
+        in a
             fast analysis (the exhaustive one measures `DEFAULT_KS`).
 
     On the demo model, checks measured in rounds brought the fast recipes closer to the exhaustive ones than the

@@ -220,7 +220,8 @@ def plot_recipe_metric(table, metric: str = "image_psnr_db", *, ylabel: str | No
     """One metric of mixed-bit recipes against bits per parameter, one line per strategy.
 
     Args:
-        table (`pd.DataFrame`): `workbench.report.tables.recipe_table` rows (columns `strategy`, `bits_per_param`, `metric`).
+        table (`pd.DataFrame`): `workbench.report.tables.recipe_table` rows (columns `strategy`, `bits_per_param`,
+        `metric`).
         metric (`str`, defaults to `"image_psnr_db"`): the y column.
         ylabel (`str`, *optional*): y-axis label with its unit; defaults to one for the known metrics.
         ax (`matplotlib.axes.Axes`, *optional*), title (`str`, *optional*).
