@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from workbench.io import environment, write_json_atomic, write_text_atomic
 from workbench.palettes.size import size_reduction_pct
 from workbench.recipes.recipe import PlannedRecipe, PreAnalysis, Recipe, RecipeEntry
 from workbench.recipes.refine import Refinement, Step
 from workbench.sweep.store import Evaluation, identity_key
+from workbench.viz.plots import plot_psnr_vs_size
 
 if TYPE_CHECKING:
     from workbench.analysis.config import AnalysisConfig
@@ -380,7 +382,6 @@ class AnalysisResult:
     def save(self, out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
         """Write `preanalysis.json` (reference format), `evaluations.csv`, `recipes.csv`, `run.json` (config,
         identity, environment, timing, execution, matched comparison) and `psnr_vs_size.png`, each atomically."""
-        from workbench.io import environment, write_json_atomic, write_text_atomic
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -415,8 +416,6 @@ class AnalysisResult:
 
 def _save_figure(path: Path, result: AnalysisResult) -> Path:
     import matplotlib.pyplot as plt  # the backend is the caller's (headless: matplotlib falls back to Agg)
-
-    from workbench.viz.plots import plot_psnr_vs_size
 
     fig = plot_psnr_vs_size(result)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from workbench.errors import InvalidValueError, UserError
+from workbench.io import write_json_atomic
 from workbench.models.layers import closest_names
 from workbench.palettes.config import PaletteConfig, as_config
 from workbench.palettes.size import bits_per_param
@@ -219,7 +220,6 @@ class PreAnalysis:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the file atomically (a partial file is never left behind), with the reference's indent=2."""
-        from workbench.io import write_json_atomic
 
         return write_json_atomic(path, self.to_dict())
 

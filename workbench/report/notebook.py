@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.io import write_json_atomic, write_text_atomic
+from workbench.models.loader import load_pipeline, model_dtype, model_from_text, pick_device
 
 # ---------------------------------------------------------------------------------------------- in notebooks
 
@@ -31,8 +32,6 @@ def open_model(model: str = "", *, device: str | None = None, dtype: str = "auto
         the diffusers pipeline.
     """
     import torch
-
-    from workbench.models.loader import load_pipeline, model_dtype, model_from_text, pick_device
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -81,7 +80,6 @@ def resolve_analysis_dir(analysis_dir: str, out_dir: str) -> Path:
 def model_label(model: str) -> str:
     """A short name for captions of a notebook's `model` parameter: `"demo model (tiny-shapes)"`, `"tiny
     random-weight SD"` / `"... SDXL"`, or the path or hub id."""
-    from workbench.models.loader import model_from_text
 
     spec = model_from_text(model)
     labels = {

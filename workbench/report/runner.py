@@ -33,8 +33,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from workbench.io import environment, write_json_atomic, write_text_atomic
+from workbench.models.loader import check_model, model_from_text
 from workbench.report.config import NotebookRun, ReportConfig, ReportResult
 from workbench.report.index import write_index
+from workbench.report.progress import ProgressLog, execution_kwargs
 from workbench.resources import notebook_dir
 
 NOTEBOOK_DIR = notebook_dir()
@@ -86,8 +88,6 @@ def execute_notebook(
             progress bar runs, its counts and ETA (`workbench.report.progress.ProgressLog`); None: silent.
     """
     import papermill as pm
-
-    from workbench.report.progress import ProgressLog, execution_kwargs
 
     source = NOTEBOOK_DIR / f"{name}.ipynb"
     if not source.is_file():
@@ -147,8 +147,6 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = _console, prog
         `ReportResult`; `.ok` is False if any notebook stopped on an error (its executed copy and HTML show where).
     """
     import shutil
-
-    from workbench.models.loader import check_model, model_from_text
 
     check_model(model_from_text(config.model))
     out_dir = config.out_dir

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from workbench.compare.seed_matched import adherence_by_column
 from workbench.palettes.config import as_config
 from workbench.palettes.size import bits_per_param, recipe_nbytes
+from workbench.recipes.recipe import PreAnalysis
 
 if TYPE_CHECKING:
     from workbench.compare.seed_matched import SeedMatchedImages
@@ -118,8 +120,6 @@ def load_analysis_outputs(analysis_dir):
     import json
     from pathlib import Path
 
-    from workbench.recipes.recipe import PreAnalysis
-
     folder = Path(analysis_dir)
     if not (folder / "preanalysis.json").is_file():
         raise FileNotFoundError(
@@ -141,8 +141,6 @@ def recipe_summary(
     The reference column's own PSNR is left empty rather than infinite.
     """
     import pandas as pd
-
-    from workbench.compare.seed_matched import adherence_by_column
 
     float16 = comparison.columns[0].nbytes
     scores = adherence_by_column(comparison) if adherence else {}

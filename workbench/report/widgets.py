@@ -20,8 +20,13 @@ import numpy as np
 import torch
 
 from workbench.metrics import weight_snr_db
-from workbench.palettes.config import SUPPORTED_NBITS, PaletteConfig
+from workbench.models.generation import generate_images
+from workbench.palettes.apply import palettized
+from workbench.palettes.config import SUPPORTED_NBITS, PaletteConfig, as_config
 from workbench.palettes.fit import Palette, fit_palette
+from workbench.palettes.size import layer_nbytes
+from workbench.recipes.recipe import Recipe
+from workbench.viz.plots import plot_weight_histogram
 
 
 def _as_float16(weight) -> np.ndarray:
@@ -205,8 +210,6 @@ class PaletteExplorer:
     def _draw(self) -> None:
         import matplotlib.pyplot as plt
 
-        from workbench.viz.plots import plot_weight_histogram
-
         self.figure = plot_weight_histogram(
             self._layers[self.layer.value].weight, self.state.palette, title=self.layer.value
         )
@@ -286,8 +289,6 @@ class RecipeExplorer:
     ):
         import ipywidgets as w
 
-        from workbench.recipes.recipe import Recipe
-
         if not recipes:
             raise ValueError("RecipeExplorer needs at least one recipe")
         self._numels = dict(numels)
@@ -317,8 +318,6 @@ class RecipeExplorer:
 
     def update(self) -> RecipeState:
         """Recompute `state` for the slider's target and redraw."""
-        from workbench.palettes.config import as_config
-        from workbench.palettes.size import layer_nbytes
 
         name = self.pick(self.target.value)
         recipe = self._recipes[name].bits
@@ -370,9 +369,6 @@ def recipe_preview(pipe, prompt: str, *, seed: int = 0, steps: int = 20, size: i
     """A `RecipeExplorer` preview: `(name, bits) -> PIL image` of `prompt` from `seed` with the recipe applied
     (in place, restored after), upscaled to `size` pixels with nearest-neighbour."""
     from PIL import Image
-
-    from workbench.models.generation import generate_images
-    from workbench.palettes.apply import palettized
 
     def preview(name: str, bits: Mapping[str, int]):
         with palettized(pipe.unet, bits):

@@ -37,6 +37,7 @@ import torch
 
 from workbench.errors import InvalidValueError
 from workbench.palettes.kmeans import kmeans_1d_binned, unique_float16
+from workbench.sweep.phases import isolated_points
 
 TINY = 1e-30  # a distortion below the floor is clipped here, so its logarithm stays finite
 
@@ -400,7 +401,6 @@ def fast_sweep(
         settings (`FastSettings`): how much to measure.
         workers (`int`, defaults to 1): threads computing the quantization errors while the UNet runs.
     """
-    from workbench.sweep.phases import isolated_points
 
     widths = tuple(sorted(int(b) for b in widths))
     r = settings.reference_bits
@@ -441,7 +441,6 @@ def check_points(sweep: FastSweep, recipes: Sequence[Mapping[str, int]], count: 
 def run_checks(sweep: FastSweep, points: Sequence[tuple[str, int]], candidates, runner, executor) -> list[Check]:
     """Measure `points`, record them in `sweep` (they replace the predictions), refit the model's offsets on every
     measured point, and return the checks (each against the prediction made before it was measured)."""
-    from workbench.sweep.phases import isolated_points
 
     predicted = {p: _mean_psnr(sweep.distortion(*p), sweep.floor) for p in points}
     runner.plan(len(points))
