@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import InvalidValueError
+from workbench.io import atomic_path
 from workbench.models.layers import closest_names, get_layer
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import Palette, fit_palette
@@ -142,15 +142,8 @@ class Importance:
     def save(self, path: str | os.PathLike) -> Path:
         """Write `path` (`.npz`, one array per layer, keyed by its name) atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **self.arrays)  # a file object: np.savez would add ".npz" to a path that lacks it
         return path
 
     @classmethod
