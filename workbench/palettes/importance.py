@@ -36,6 +36,7 @@ from torch import nn
 
 from workbench.errors import InvalidValueError
 from workbench.io import atomic_path
+from workbench.metrics import weight_snr_db
 from workbench.models.layers import closest_names, get_layer
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import Palette, fit_palette
@@ -336,8 +337,6 @@ def data_aware_table(layer: nn.Module, palettes: Mapping[str, Palette], importan
         `output_snr_db` = `10 * log10(mean(y**2) / output_mse)`, y the float layer's outputs.
     """
     import pandas as pd
-
-    from workbench.metrics import weight_snr_db
 
     inputs = list(inputs)
     w16 = layer.weight.detach().to("cpu", torch.float16).numpy()
