@@ -136,7 +136,7 @@ from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("data/tiny-shapes")  # float32, offline
 image = pipe("a large blue triangle at the bottom right", generator=torch.Generator().manual_seed(0)).images[0]
-# or: workbench.models.load_pipeline("data/tiny-shapes")
+# or: workbench.models.loader.load_pipeline("data/tiny-shapes")
 ```
 
 Defaults are the pipeline's: {PIPELINE_DEFAULT_STEPS} {type(pipe.scheduler).__name__} steps, \
@@ -314,7 +314,7 @@ def render_card(pipe, result: TrainResult, measured: CardMeasurements, folder: P
 def document(out: str | Path, *, n_images: int = 64, log: Log = print) -> AdherenceReport:
     """Measure a trained folder as a user would load it, save `sample_grid.png` and write its README.md card.
 
-    Loads `out` with `workbench.models.load_pipeline` (float32, CPU), runs the quality benchmark
+    Loads `out` with `workbench.models.loader.load_pipeline` (float32, CPU), runs the quality benchmark
     (`generate_and_score(pipe, benchmark_attributes(n_images))`, pipeline defaults), scores the VAE round trip
     and the scorer itself on held-out clean images, and writes the model card from these numbers and
     `training.json`.
