@@ -174,6 +174,24 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
+def _run_seeing_inputs(
+    layers: Mapping[str, nn.Module], see: Callable[[str, torch.Tensor], None], run: Callable[[], object]
+) -> None:
+    """`run()`, with `see(name, x)` called on every input `x` the layer `name` of `layers` receives (forward
+    pre-hooks, removed afterwards, also on error)."""
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: see(name, _layer_input(args, kwargs)), with_kwargs=True
+        )
+        for name, layer in layers.items()
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _square_sum(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per input channel `sum(x**2)` in float64 (float32, then float64, on MPS, which has no float64), and the
     number of values summed per channel. Linear inputs are (..., in); Conv2d inputs (N, C, H, W) or (C, H, W)."""
@@ -213,20 +231,12 @@ def collect_importance(
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(chosen, 0)
 
-    def hook(name, layer, args, kwargs):
-        square, count = _square_sum(layer, _layer_input(args, kwargs))
+    def add(name: str, x: torch.Tensor) -> None:
+        square, count = _square_sum(chosen[name], x)
         sums[name] = square if name not in sums else sums[name] + square
         counts[name] += count
 
-    handles = [
-        layer.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True)
-        for name, layer in chosen.items()
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_seeing_inputs(chosen, add, run)
     missing = [name for name in chosen if name not in sums]
     if missing:
         raise RuntimeError(f"run() never called {len(missing)} of the layers, e.g. {', '.join(missing[:3])}")
@@ -242,18 +252,7 @@ def capture_inputs(
     a small model."""
     chosen = _resolve(model, layers)
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda module, args, kwargs, name=name: inputs[name].append(_layer_input(args, kwargs).detach().clone()),
-            with_kwargs=True,
-        )
-        for name, layer in chosen.items()
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_seeing_inputs(chosen, lambda name, x: inputs[name].append(x.detach().clone()), run)
     return inputs
 
 
