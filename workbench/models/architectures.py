@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from workbench.models.assemble import clip_text_config, sd_pipeline
+from workbench.models.assemble import clip_text_config, sd_pipeline, sdxl_pipeline
 from workbench.models.tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
@@ -169,8 +169,6 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
     Returns:
         `StableDiffusionPipeline` or `StableDiffusionXLPipeline` on CPU, float32, random weights.
     """
-    from diffusers import StableDiffusionXLPipeline
-
     unet = build_unet(arch, sample_size=sample_size, seed=seed)
     vae_scale = 0.13025 if arch == "sdxl-base" else 0.18215
     with torch.random.fork_rng(devices=[]):
@@ -183,11 +181,7 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
         tokenizer_2 = clip_tokenizer(pad_token="!")
         text_encoder = _text_encoder(tokenizer, 768)
         text_encoder_2 = _text_encoder(tokenizer_2, 1280, projection_dim=1280, act="gelu")
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(arch), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )  # fmt: skip
+    return sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, _scheduler(arch))
 
 
 def save_pipeline(arch: str, out_dir: str | os.PathLike, *, sample_size: int = 8, seed: int = 0) -> Path:

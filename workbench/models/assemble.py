@@ -2,7 +2,7 @@
 full-size random builds (`workbench.models.architectures`) and the demo model (`workbench.demo.components`).
 
 `clip_text_config` is the CLIP text encoder's config, sized by the caller and tied to its tokenizer;
-`sd_pipeline` is the SD 1.x/2.x pipeline around built components.
+`sd_pipeline` and `sdxl_pipeline` are the pipelines around built components.
 
 Example:
     >>> tokenizer = clip_tokenizer()
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTokenizer
 
 
@@ -73,4 +73,24 @@ def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusio
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def sdxl_pipeline(
+    vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler
+) -> StableDiffusionXLPipeline:
+    """A `StableDiffusionXLPipeline` around these components (put in eval mode), as SDXL-base is configured
+    (`force_zeros_for_empty_prompt`), without the invisible watermarker (it would change every image)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from workbench.models.assemble import clip_text_config, sd_pipeline
+from workbench.models.assemble import clip_text_config, sd_pipeline, sdxl_pipeline
 from workbench.models.tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     Returns:
         StableDiffusionXLPipeline: on CPU, float32, no watermarker.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
@@ -154,14 +154,4 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
     scheduler = EulerDiscreteScheduler(**_SCHEDULER, prediction_type="epsilon", interpolation_type="linear")
-    return StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler)
