@@ -78,6 +78,7 @@ def main() -> None:
     from workbench.analysis.skm import compare_with_skm
     from workbench.analysis.trajectory import evaluate_trajectories
     from workbench.demo.world import make_dataset
+    from workbench.models.generation import Sampling
     from workbench.models.layers import get_layer
     from workbench.models.loader import default_min_numel, load_pipeline
     from workbench.palettes.apply import palettized
@@ -181,8 +182,8 @@ def main() -> None:
         captions = tuple(make_dataset(len(config.prompts), seed=1).captions)
         recipes = {f"{k}@{r['size']}": bits for r in rows for k, bits in
                    {"apple": r["apple"].bits, **r["recipes"]}.items()}  # fmt: skip
-        trajectories = {tr.recipe: tr for tr in evaluate_trajectories(pipe, recipes, captions, seed=0,
-                                                                         num_inference_steps=args.steps,
+        trajectories = {tr.recipe: tr for tr in evaluate_trajectories(pipe, recipes, captions,
+                                                                         Sampling(seed=0, steps=args.steps),
                                                                          cache=cache)}  # fmt: skip
         print(f"full sampling done at {time.perf_counter() - start:.0f} s")
         for key, tr in trajectories.items():

@@ -220,11 +220,12 @@ def test_grouped_palette_sweep_is_reported_with_its_lut_bits(pipe):
 
 def test_trajectory_compares_decoded_images_with_the_float_model(pipe):
     from workbench.analysis.trajectory import evaluate_trajectories
+    from workbench.models.generation import Sampling
 
     bits = dict.fromkeys(["down_blocks.1.attentions.0.proj_in", "up_blocks.0.attentions.0.proj_out"], 1)
     with torch_threads(1):
         results = evaluate_trajectories(
-            pipe, {"r": bits}, ["a small red circle at the top left"], num_inference_steps=2, height=32, width=32
+            pipe, {"r": bits}, ["a small red circle at the top left"], Sampling(steps=2, height=32, width=32)
         )
     float_result, recipe = results
     assert float_result.recipe == "float" and float_result.image_psnr == (float("inf"),)

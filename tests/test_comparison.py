@@ -10,7 +10,7 @@ import torch
 from workbench.analysis.trajectory import evaluate_trajectories
 from workbench.compare.seed_matched import Column, seed_matched_images, uniform_recipes
 from workbench.metrics import image_psnr
-from workbench.models.generation import generate_images
+from workbench.models.generation import Sampling, generate_images
 from workbench.models.layers import compressible_layers
 from workbench.models.tiny import tiny_sd_pipeline
 from workbench.palettes.apply import palettized
@@ -114,7 +114,7 @@ def test_one_image_psnr_for_comparisons_and_trajectories(pipe):
     layers = compressible_layers(pipe.unet, 2048)
     recipe = dict.fromkeys(layers, 4)
     grid = seed_matched_images(pipe, PROMPTS, {"4-bit": recipe}, layers=layers, steps=2, seed=5)
-    trajectories = evaluate_trajectories(pipe, {"4-bit": recipe}, PROMPTS, seed=5, num_inference_steps=2)
+    trajectories = evaluate_trajectories(pipe, {"4-bit": recipe}, PROMPTS, Sampling(seed=5, steps=2))
     assert [row[1] for row in grid.psnr] == list(trajectories[1].image_psnr)
     assert all(math.isfinite(v) and v > 10 for v in trajectories[1].image_psnr)
     with palettized(pipe.unet, recipe):  # and both are the PSNR of generate_images' uint8 pixels, peak 255

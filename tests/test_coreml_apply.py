@@ -20,8 +20,10 @@ from workbench.coreml.components import weight_layers
 from workbench.coreml.layout import (
     COMPILE_SCRIPT,
     TOKENIZER_FILES,
-    apple_contract,
     check_layout,
+    host_dtype,
+    layout_inputs,
+    layout_wrapper,
     write_compile_script,
 )
 from workbench.errors import InvalidValueError
@@ -181,6 +183,20 @@ def test_grouped_and_3bit_palettes_need_an_ios18_package(tmp_path):
     assert {c.config for c in report.package("unet").verification.layers} == {"kmeans3", "kmeans4_g16"}
 
 
+@torch.no_grad()
+def _declared(pipe, component: str) -> tuple[list, list]:
+    """(inputs, outputs) of `component`'s Apple-layout package as (name, shape, dtype): the inputs the exporter
+    declares (`layout_inputs`, `host_dtype`), the outputs its wrapper names and the shapes the wrapper returns."""
+    inputs = layout_inputs(pipe, component, "apple")
+    wrapper = layout_wrapper(pipe, component, "apple")
+    outputs = wrapper(*inputs.values())
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return (
+        [(name, tuple(x.shape), host_dtype("apple", x)) for name, x in inputs.items()],
+        [(name, tuple(y.shape), "float32") for name, y in zip(wrapper.output_names, outputs)],
+    )
+
+
 def _described(spec_features) -> list[tuple[str, tuple[int, ...], str]]:
     dtypes = {ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32: "float32"}
     return [
@@ -209,9 +225,9 @@ def test_apple_layout_packages_have_the_swift_contract(builder, tmp_path):
         path = tmp_path / f"{names[component]}.mlpackage"
         assert report.package(component).path == str(path)
         spec = ct.utils.load_spec(str(path))
-        inputs, outputs = apple_contract(pipe, component)
-        assert _described(spec.description.input) == [(t.name, t.shape, t.dtype) for t in inputs], component
-        assert _described(spec.description.output) == [(t.name, t.shape, t.dtype) for t in outputs], component
+        inputs, outputs = _declared(pipe, component)
+        assert _described(spec.description.input) == inputs, component
+        assert _described(spec.description.output) == outputs, component
     for name in TOKENIZER_FILES:
         assert (tmp_path / name).stat().st_size > 0
     script = (tmp_path / COMPILE_SCRIPT).read_text()
@@ -219,24 +235,25 @@ def test_apple_layout_packages_have_the_swift_contract(builder, tmp_path):
     assert subprocess.run(["sh", "-n", str(tmp_path / COMPILE_SCRIPT)]).returncode == 0
 
 
-def test_apple_contract_fields():
+def test_apple_layout_fields():
+    """Apple's contract (module docstring of `workbench.coreml.layout`), as the exporter declares it."""
     sd, sdxl = tiny_sd_pipeline(), tiny_sdxl_pipeline()
-    unet_in, unet_out = apple_contract(sd, "unet")
+    unet_in, unet_out = _declared(sd, "unet")
     c = sd.unet.config.cross_attention_dim
-    assert [(t.name, t.shape) for t in unet_in] == [
-        ("sample", (2, 4, 32, 32)),
-        ("timestep", (2,)),
-        ("encoder_hidden_states", (2, c, 1, 77)),
+    assert unet_in == [
+        ("sample", (2, 4, 32, 32), "float32"),
+        ("timestep", (2,), "float32"),
+        ("encoder_hidden_states", (2, c, 1, 77), "float32"),
     ]
-    assert [(t.name, t.shape) for t in unet_out] == [("noise_pred", (2, 4, 32, 32))]
-    xl_in, _ = apple_contract(sdxl, "unet", batch_size=1)
-    assert [t.name for t in xl_in][3:] == ["time_ids", "text_embeds"] and xl_in[3].shape == (1, 6)
-    assert [t.name for t in apple_contract(sd, "text_encoder")[1]] == ["last_hidden_state", "pooled_outputs"]
+    assert unet_out == [("noise_pred", (2, 4, 32, 32), "float32")]
+    xl_in = layout_inputs(sdxl, "unet", "apple", batch_size=1)
+    assert list(xl_in)[3:] == ["time_ids", "text_embeds"] and xl_in["time_ids"].shape == (1, 6)
+    assert [name for name, _, _ in _declared(sd, "text_encoder")[1]] == ["last_hidden_state", "pooled_outputs"]
     for component in ("text_encoder", "text_encoder_2"):
-        ins, outs = apple_contract(sdxl, component)
-        assert [(t.name, t.shape, t.dtype) for t in ins] == [("input_ids", (1, 77), "float32")]
-        assert [t.name for t in outs] == ["hidden_embeds", "pooled_outputs"]
-    assert [t.name for t in apple_contract(sd, "vae_decoder")[0]] == ["z"]
+        ins, outs = _declared(sdxl, component)
+        assert ins == [("input_ids", (1, 77), "float32")]
+        assert [name for name, _, _ in outs] == ["hidden_embeds", "pooled_outputs"]
+    assert list(layout_inputs(sd, "vae_decoder", "apple")) == ["z"]
     with pytest.raises(InvalidValueError, match="valid: apple, workbench"):
         check_layout("swift")
 
@@ -258,9 +275,9 @@ class StandInPredictor:
         from workbench.coreml.layout import apple_wrapper
 
         self.wrapper = apple_wrapper(pipe, component)
-        inputs, _ = apple_contract(pipe, component)
-        self.shapes = {t.name: t.shape for t in inputs}
-        self.dtypes = {t.name: np.float32 for t in inputs}
+        inputs = layout_inputs(pipe, component, "apple")
+        self.shapes = {name: tuple(x.shape) for name, x in inputs.items()}
+        self.dtypes = dict.fromkeys(inputs, np.float32)
 
     @torch.no_grad()
     def predict(self, inputs):

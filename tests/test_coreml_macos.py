@@ -95,7 +95,7 @@ def test_apple_layout_packages_compile_and_predict_like_torch(builder, tmp_path)
     """What the Swift pipeline does: compile every package with the written script, load the .mlmodelc, predict."""
     import subprocess
 
-    from workbench.coreml.layout import APPLE_RESOURCE_NAMES, apple_contract, apple_wrapper
+    from workbench.coreml.layout import APPLE_RESOURCE_NAMES, apple_wrapper, layout_inputs
 
     pipe = builder()
     components = ["unet", "text_encoder", "vae_decoder"]
@@ -107,17 +107,18 @@ def test_apple_layout_packages_compile_and_predict_like_torch(builder, tmp_path)
     g = torch.Generator().manual_seed(0)
     for component in components:
         model = ct.models.CompiledMLModel(str(resources / f"{APPLE_RESOURCE_NAMES[component]}.mlmodelc"))
-        inputs, outputs = apple_contract(pipe, component)
-        feed = {t.name: torch.randn(t.shape, generator=g) for t in inputs}
+        shapes = {name: x.shape for name, x in layout_inputs(pipe, component, "apple").items()}
+        feed = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
         if "input_ids" in feed:
-            feed["input_ids"] = torch.randint(0, 400, inputs[0].shape, generator=g).float()
+            feed["input_ids"] = torch.randint(0, 400, shapes["input_ids"], generator=g).float()
         if "timestep" in feed:
-            feed["timestep"] = torch.full(inputs[1].shape, 500.0)
-        args = [feed[t.name].long() if t.name == "input_ids" else feed[t.name] for t in inputs]
+            feed["timestep"] = torch.full(shapes["timestep"], 500.0)
+        args = [v.long() if name == "input_ids" else v for name, v in feed.items()]
+        wrapper = apple_wrapper(pipe, component)
         with torch.no_grad():
-            expected = apple_wrapper(pipe, component)(*args)
+            expected = wrapper(*args)
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = model.predict({k: v.numpy() for k, v in feed.items()})
-        for spec, want in zip(outputs, expected):
-            assert got[spec.name].shape == spec.shape, (component, spec.name)
-            assert psnr_db(want.numpy(), got[spec.name]) >= 35.0, (component, spec.name)
+        for name, want in zip(wrapper.output_names, expected):
+            assert got[name].shape == tuple(want.shape), (component, name)
+            assert psnr_db(want.numpy(), got[name]) >= 35.0, (component, name)

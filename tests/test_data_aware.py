@@ -8,7 +8,7 @@ from torch import nn
 from workbench.errors import InvalidValueError
 from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
-from workbench.palettes.config import PaletteConfig, candidate_configs, check_target
+from workbench.palettes.config import SUPPORTED_NBITS, PaletteConfig
 from workbench.palettes.fit import fit_palette
 from workbench.palettes.importance import (
     Importance,
@@ -115,20 +115,16 @@ def test_uniform_importance_gives_the_exact_plain_kmeans():
 
 
 def test_config_keys_targets_and_exact_bytes():
-    for target, count in (("iOS17", 10), ("iOS18", 48)):
-        configs = candidate_configs(target)
-        assert len(configs) == count and len({c.key for c in configs}) == count
-        assert all(PaletteConfig.from_key(c.key) == c for c in configs)
-        assert all(check_target(c, target) is c for c in configs)
-    assert {c.key for c in candidate_configs("iOS17", modes=("kmeans",))} == {f"kmeans{n}" for n in (1, 2, 4, 6, 8)}
-    assert "wkmeans3_g16" in {c.key for c in candidate_configs("iOS18")}
-    assert [c.group_size for c in candidate_configs("iOS18", nbits=(4,), modes=("kmeans",), out_channels=24)] == [0, 8]
-    with pytest.raises(InvalidValueError, match="kmeans4_g16 needs iOS18"):
-        check_target(PaletteConfig.from_key("kmeans4_g16"), "iOS17")
-    with pytest.raises(InvalidValueError, match="wkmeans3 needs iOS18"):
-        check_target(PaletteConfig(3, "wkmeans"), "iOS17")
-    with pytest.raises(InvalidValueError, match="unknown deployment target 'iOS16'"):
-        candidate_configs("iOS16")
+    per_tensor = [PaletteConfig(n, mode) for mode in ("kmeans", "wkmeans") for n in SUPPORTED_NBITS]
+    configs = per_tensor + [
+        PaletteConfig(c.nbits, c.mode, "per_grouped_channel", g) for c in per_tensor for g in (8, 16)
+    ]
+    assert len({c.key for c in configs}) == len(configs) == 36
+    assert all(PaletteConfig.from_key(c.key) == c for c in configs)
+    # iOS17 stores per-tensor LUTs of 1, 2, 4, 6 or 8 bits; grouped and 3-bit ones need iOS18
+    ios17 = {c.key for c in configs if not c.needs_ios18}
+    assert ios17 == {f"{mode}{n}" for mode in ("kmeans", "wkmeans") for n in (1, 2, 4, 6, 8)}
+    assert "wkmeans3_g16" in {c.key for c in configs} and PaletteConfig.from_key("wkmeans3_g16").needs_ios18
     for bad in ("kmeans5", "kmeans", "median4", "kmeans4_g0", "4"):
         with pytest.raises(InvalidValueError):
             PaletteConfig.from_key(bad)

@@ -75,6 +75,18 @@ def test_cli_ray_address_needs_workers(tmp_path, capsys):
         RayExecutor("tiny-sd", workers=0)
 
 
+def test_ray_scheduling_names_bad_values_and_replaces_twice_the_workers_by_default():
+    from workbench.sweep.ray_executor import RayExecutor, Scheduling
+
+    with pytest.raises(ValueError, match="max_chunk must be >= 1, got 0"):
+        Scheduling(max_chunk=0)
+    with pytest.raises(ValueError, match="max_replacements must be >= 0 or None, got -1"):
+        Scheduling(max_replacements=-1)
+    executor = RayExecutor("tiny-sd", workers=3, scheduling=Scheduling(max_chunk=4, share_palettes=False))
+    assert (executor.max_chunk, executor.max_replacements, executor.share_palettes) == (4, 6, False)
+    assert RayExecutor("tiny-sd", workers=3, scheduling=Scheduling(max_replacements=0)).max_replacements == 0
+
+
 def test_prefetching_executor_fits_each_palette_once_ahead_and_measures_the_same(tmp_path):
     from workbench.sweep.store import EvaluationStore
 

@@ -59,19 +59,19 @@ def test_binned_quantization_errors_bound_the_optimum_closely_and_vanish_with_fe
 
 
 def test_layer_errors_are_of_the_weights_as_they_were_when_asked(pipe):
-    import copy
     from concurrent.futures import ThreadPoolExecutor
 
-    from workbench.palettes.apply import palettize_
+    from workbench.palettes.apply import palettized
+    from workbench.palettes.stash import WeightStash
     from workbench.sweep.phases import candidate_layers
 
-    unet = copy.deepcopy(pipe.unet)
-    layers = candidate_layers(unet, 30_000).layers
+    layers = candidate_layers(pipe.unet, 30_000).layers
     expected = {name: quantization_errors(layer.weight, (2, 4)) for name, layer in layers.items()}
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, WeightStash(memory_bytes=0) as stash:
         pending = layer_quantization_errors(layers, (2, 4), pool)
-        palettize_(unet, dict.fromkeys(layers, 2))  # in place, while the errors are being computed
-        assert {name: f.result() for name, f in pending.items()} == expected
+        # written into the weights' own storage (a stash with no memory), while the errors are being computed
+        with palettized(pipe.unet, dict.fromkeys(layers, 2), stash=stash):
+            assert {name: f.result() for name, f in pending.items()} == expected
 
 
 def test_the_gain_model_recovers_per_width_offsets_and_predicts_exactly_when_true():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from workbench.models.layers import LayerNotFoundError, compressible_layers, get_layer
-from workbench.palettes.apply import palettize_, palettized
+from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import PaletteConfig, as_config
 from workbench.palettes.fit import Palette, fit_palette, linear_quantize_tensor, palettize_tensor
@@ -170,7 +170,7 @@ def test_background_fits_equal_foreground_fits_and_never_serve_a_changed_weight(
     assert cache._executor is None and not cache._pending
 
 
-def test_palettize_in_place_and_int8_baselines():
+def test_palettized_in_place_and_int8_baselines():
     net = _net()
     w = net[4].weight.detach().clone()
     per_tensor = linear_quantize_tensor(w, per_channel=False)
@@ -180,8 +180,9 @@ def test_palettize_in_place_and_int8_baselines():
         assert len(torch.unique(per_channel[c])) <= 255
     err_t, err_c = (w - per_tensor).pow(2).sum(), (w - per_channel).pow(2).sum()
     assert err_c <= err_t
-    palettize_(net, {"4": 6})
-    assert len(torch.unique(net[4].weight)) <= 64
+    with palettized(net, {"4": 6}):
+        assert len(torch.unique(net[4].weight)) <= 64
+    assert torch.equal(net[4].weight, w)
 
 
 def test_unknown_layer_lists_closest_names():

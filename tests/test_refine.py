@@ -23,7 +23,7 @@ from workbench.recipes.allocation import allocate, allocate_options
 from workbench.recipes.refine import (
     Change,
     PricedWeights,
-    exchange,
+    exchange_steps,
     prompt_weights,
     weighted_distortion,
     weighted_distortions,
@@ -59,7 +59,8 @@ def test_exchange_does_not_cancel_more_than_the_whole_error():
     the aligned model takes one, and predicts the remainder."""
     d = 1.0
     cancel = [Change(f"l{i}", "up", 0.0, -0.9 * math.sqrt(d), 0.0) for i in range(2)]
-    chosen, change = exchange({c.layer: [c] for c in cancel}, spent=0.0, budget=0.0, current=d, max_changed=2)
+    steps = exchange_steps({c.layer: [c] for c in cancel}, spent=0.0, budget=0.0, current=d, max_changed=2)
+    ((chosen, change),) = steps
     assert len(chosen) == 1 and change == pytest.approx(0.1**2 - 1.0)
 
 
@@ -68,9 +69,10 @@ def test_exchange_pays_an_upgrade_with_a_downgrade_within_the_budget():
         "up": [Change("up", 8, 10.0, -0.5, 0.0)],  # costs 10 bytes, removes half the error
         "down": [Change("down", 2, -12.0, 0.0, 0.01)],  # saves 12 bytes, adds a little noise off the error's axis
     }
-    chosen, change = exchange(changes, spent=100.0, budget=100.0, current=1.0, max_changed=4)
+    ((chosen, change),) = exchange_steps(changes, spent=100.0, budget=100.0, current=1.0, max_changed=4)
     assert chosen == {"up": 8, "down": 2} and change == pytest.approx(0.25 + 0.01 - 1.0)
-    assert exchange(changes, spent=100.0, budget=100.0, current=1.0, max_changed=1) == ({}, 0.0)
+    # the pair is one step of two changes: with room for one, there is no step
+    assert exchange_steps(changes, spent=100.0, budget=100.0, current=1.0, max_changed=1) == []
 
 
 def test_distortion_gradient_is_the_derivative_and_chunks_agree(pipe):

@@ -5,6 +5,7 @@ import torch
 
 from workbench.analysis.config import AnalysisConfig
 from workbench.analysis.skm import (
+    Calibration,
     calibration_samples,
     compare_with_skm,
     skm_palettize,
@@ -27,7 +28,7 @@ def pipe():
 
 
 def test_calibration_samples_are_prompt_pairs_at_spread_steps(pipe):
-    samples = calibration_samples(pipe, PROMPTS, seed=0, num_samples=4)
+    samples = calibration_samples(pipe, Calibration(PROMPTS, seed=0, num_samples=4))
     assert len(samples) == 4
     # 2 prompts x 2 steps, step-major: each prompt's guidance pair (unconditional row, text row) at both steps
     assert [int(s.args[1]) for s in samples] == [int(samples[0].args[1])] * 2 + [int(samples[2].args[1])] * 2
@@ -40,9 +41,11 @@ def test_calibration_samples_are_prompt_pairs_at_spread_steps(pipe):
 
 def test_skm_palettizes_every_candidate_to_n_bits_deterministically(pipe):
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    options = {"prompts": PROMPTS, "seed": 0, "num_calibration": 2, "min_numel": MIN_NUMEL}
-    first = skm_palettize(pipe, 2, **options)
-    sensitivity = skm_sensitivity(pipe, **options)  # a second run, and the path that reuses the sensitivities
+    calibration = Calibration(PROMPTS, seed=0, num_samples=2)
+    first = skm_palettize(pipe, 2, calibration, min_numel=MIN_NUMEL)
+    sensitivity = skm_sensitivity(
+        pipe, calibration, min_numel=MIN_NUMEL
+    )  # a second run, and the path that reuses the sensitivities
     second = skm_palettize(pipe, 2, min_numel=MIN_NUMEL, sensitivity=sensitivity)
     candidates = candidate_layers(pipe.unet, MIN_NUMEL)
     assert list(first) == list(candidates.layers) and len(first) >= 3
@@ -59,11 +62,15 @@ def test_skm_palettizes_every_candidate_to_n_bits_deterministically(pipe):
         assert torch.equal(param, before[name])
 
 
-def test_bad_width_and_missing_sensitivities_are_user_errors(pipe):
+def test_bad_width_calibration_and_missing_sensitivities_are_user_errors(pipe):
     with pytest.raises(InvalidValueError, match="unsupported bit width 5"):
-        skm_palettize(pipe, 5, prompts=PROMPTS, min_numel=MIN_NUMEL)
+        skm_palettize(pipe, 5, Calibration(PROMPTS), min_numel=MIN_NUMEL)
     with pytest.raises(InvalidValueError, match="sensitivity lacks 3 candidate weight"):
         skm_palettize(pipe, 4, min_numel=MIN_NUMEL, sensitivity={})
+    with pytest.raises(InvalidValueError, match="at least one prompt"):
+        Calibration(prompts=())
+    with pytest.raises(InvalidValueError, match="num_samples must be >= 1, got 0"):
+        Calibration(PROMPTS, num_samples=0)
 
 
 def test_compare_with_skm_measures_both_at_the_same_size_and_restores_the_unet(pipe):

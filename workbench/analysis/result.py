@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from workbench.io import environment, write_json_atomic, write_text_atomic
+from workbench.io import atomic_path, environment, write_json_atomic, write_text_atomic
 from workbench.palettes.size import size_reduction_pct
 from workbench.recipes.recipe import PlannedRecipe, PreAnalysis, Recipe, RecipeEntry
 from workbench.recipes.refine import Refinement, Step
@@ -418,11 +418,9 @@ def _save_figure(path: Path, result: AnalysisResult) -> Path:
     import matplotlib.pyplot as plt  # the backend is the caller's (headless: matplotlib falls back to Agg)
 
     fig = plot_psnr_vs_size(result)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -5,9 +5,9 @@ weight's squared error in k-means by a diagonal Fisher estimate: the squared gra
 calibration samples (`SKMPalettizer.compute_sensitivity` squares each sample's gradient with a hook before it
 accumulates). Here:
 
-- calibration samples (`calibration_samples`): the UNet's inputs along the float pipeline's own trajectories for
-  the analysis' prompts, with the workbench's seeding rule (`workbench.models.generation`), at evenly spread timesteps:
-  one sample is one prompt's guidance pair (unconditional and text rows) at one step;
+- calibration samples (`calibration_samples` of a `Calibration`): the UNet's inputs along the float pipeline's
+  own trajectories for the analysis' prompts, with the workbench's seeding rule (`workbench.models.generation`), at
+  evenly spread timesteps: one sample is one prompt's guidance pair (unconditional and text rows) at one step;
 - loss (`output_fisher_loss`): the squared error between the UNet's output and the float UNet's output, whose
   target is the float output plus a fixed standard-normal draw `z`. At the float weights the plain error and its
   gradient are zero, so its Fisher would be empty; with `z` the gradient is `-J^T z` (`J`: the output's Jacobian
@@ -16,15 +16,15 @@ accumulates). Here:
   (Martens, "New insights and perspectives on the natural gradient method", 2020, sec. 9; BackPACK's
   `DiagGGNMC`), one draw per sample; SqueezeLLM and coremltools' docstring example take the gradient of a data
   loss (`mse_loss(model(inp), target)`) instead, which needs training targets the analysis does not have.
-- palettes: per-tensor LUTs of `nbits` on every candidate layer (`workbench.sweep.phases.candidate_layers`), fitted by
-  coremltools' weighted exact 1-D k-means (`kmeans1d`, deterministic) on the float32 weights; the result is cast to
+- palettes: per-tensor LUTs of `nbits` on every candidate layer (`workbench.sweep.phases.candidate_layers`), fitted
+  by coremltools' weighted exact 1-D k-means (`kmeans1d`, deterministic) on the float32 weights; the result is cast to
   float16, as Core ML stores the LUT.
 
 `compare_with_skm` measures SKM's palettes and the workbench's plain per-tensor k-means at the same widths on the
 same layers (so the same size) with the analysis' one-step probe.
 
 Example:
-    >>> weights = skm_palettize(pipe, 4, prompts=DEFAULT_PROMPTS, seed=0, min_numel=2048)
+    >>> weights = skm_palettize(pipe, 4, Calibration(DEFAULT_PROMPTS, seed=0), min_numel=2048)
     >>> with swapped_weights(pipe.unet, weights):
     ...     latents = probe()
     >>> compare_with_skm(pipe, (4, 6), AnalysisConfig(min_numel=2048)).to_frame()
@@ -60,6 +60,32 @@ from workbench.sweep.probe import OneStepProbe
 
 DEFAULT_CALIBRATION_SAMPLES = 128  # coremltools' `calibration_nsamples` default
 _DIRECTION_SEED_OFFSET = 1_000_003  # the loss' random directions: a stream apart from the latents' seeds
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """SKM's calibration set: the float pipeline's trajectories it is read from, and how many samples it keeps.
+
+    Attributes:
+        prompts (`tuple[str, ...]`, defaults to `DEFAULT_PROMPTS`): the analysis' prompts.
+        seed (`int`, defaults to 0): the first prompt's seed; the loss' directions come from `seed` too.
+        num_samples (`int`, defaults to 128): samples kept (coremltools' `calibration_nsamples` default), one
+            prompt at one step each.
+        height, width (`int`, *optional*): image size; None = the pipeline's default.
+    """
+
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    seed: int = 0
+    num_samples: int = DEFAULT_CALIBRATION_SAMPLES
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.prompts:
+            raise InvalidValueError("calibration needs at least one prompt")
+        if self.num_samples < 1:
+            raise InvalidValueError(f"num_samples must be >= 1, got {self.num_samples}")
 
 
 @dataclass(frozen=True)
@@ -116,16 +142,8 @@ def _split_call(args: tuple, kwargs: dict, n_prompts: int) -> list[tuple[tuple, 
     return per_prompt
 
 
-def calibration_samples(
-    pipe,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    *,
-    seed: int = 0,
-    num_samples: int = DEFAULT_CALIBRATION_SAMPLES,
-    height: int | None = None,
-    width: int | None = None,
-) -> list[CalibrationSample]:
-    """The UNet's inputs along the float pipeline's trajectories: `num_samples` (prompt, step) pairs.
+def calibration_samples(pipe, calibration: Calibration = Calibration()) -> list[CalibrationSample]:
+    """The UNet's inputs along the float pipeline's trajectories: `calibration.num_samples` (prompt, step) pairs.
 
     The pipeline generates every prompt (negative prompt "", image `i` from seed `seed + i`: `generate_images`) in
     `steps = ceil(num_samples / len(prompts))` steps and its UNet calls are recorded; `steps` of the calls, evenly
@@ -134,19 +152,12 @@ def calibration_samples(
 
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline (its UNet is only called, not changed).
-        prompts (`Sequence[str]`, defaults to `DEFAULT_PROMPTS`): the analysis' prompts.
-        seed (`int`, defaults to 0): the first prompt's seed; the loss' directions come from `seed` too.
-        num_samples (`int`, defaults to 128): samples kept (coremltools' `calibration_nsamples` default).
-        height, width (`int`, *optional*): image size; None = the pipeline's default.
+        calibration (`Calibration`, defaults to `Calibration()`): prompts, seed, samples and image size.
 
     Returns:
         `list[CalibrationSample]`, CPU tensors.
     """
-    prompts = list(prompts)
-    if not prompts:
-        raise InvalidValueError("calibration needs at least one prompt")
-    if num_samples < 1:
-        raise InvalidValueError(f"num_samples must be >= 1, got {num_samples}")
+    prompts, seed, num_samples = list(calibration.prompts), calibration.seed, calibration.num_samples
     steps = math.ceil(num_samples / len(prompts))
     calls: list[list[tuple[tuple, dict]]] = []  # per UNet call, one (args, kwargs) per prompt
 
@@ -155,7 +166,7 @@ def calibration_samples(
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        generate_images(pipe, prompts, seed=seed, steps=steps, height=height, width=width)
+        generate_images(pipe, prompts, seed=seed, steps=steps, height=calibration.height, width=calibration.width)
     finally:
         handle.remove()
     # a scheduler may call the UNet more than once a step (PNDM's warm-up): keep `steps` calls spread evenly
@@ -226,13 +237,9 @@ def _skm_config(names: Sequence[str], nbits: int, num_samples: int):
 
 def skm_sensitivity(
     pipe,
+    calibration: Calibration = Calibration(),
     *,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    seed: int = 0,
-    num_calibration: int = DEFAULT_CALIBRATION_SAMPLES,
     min_numel: int = REFERENCE_MIN_NUMEL,
-    height: int | None = None,
-    width: int | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """SKM's sensitivities of the candidate weights: `SKMPalettizer.compute_sensitivity` with `output_fisher_loss`
@@ -248,7 +255,7 @@ def skm_sensitivity(
     from coremltools.optimize.torch.palettization import SKMPalettizer
 
     names = list(candidate_layers(pipe.unet, min_numel).layers)
-    samples = calibration_samples(pipe, prompts, seed=seed, num_samples=num_calibration, height=height, width=width)
+    samples = calibration_samples(pipe, calibration)
     palettizer = SKMPalettizer(_float_copy(pipe.unet, names), _skm_config(names, 4, len(samples)))  # width unused
     with torch.enable_grad(), _coremltools_log_level(logging.INFO if progress else logging.WARNING):
         return palettizer.compute_sensitivity(samples, output_fisher_loss)
@@ -257,13 +264,9 @@ def skm_sensitivity(
 def skm_palettize(
     pipe,
     nbits: int,
+    calibration: Calibration = Calibration(),
     *,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    seed: int = 0,
-    num_calibration: int = DEFAULT_CALIBRATION_SAMPLES,
     min_numel: int = REFERENCE_MIN_NUMEL,
-    height: int | None = None,
-    width: int | None = None,
     sensitivity: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -278,12 +281,10 @@ def skm_palettize(
     Args:
         pipe: a diffusers SD-1.x/2.x or SDXL pipeline.
         nbits (`int`): palette width, one of 1, 2, 3, 4, 6, 8.
-        prompts (`Sequence[str]`, defaults to `DEFAULT_PROMPTS`): calibration prompts.
-        seed (`int`, defaults to 0): seeds of the calibration trajectories and of the loss' directions.
-        num_calibration (`int`, defaults to 128): calibration samples (one prompt at one step each).
+        calibration (`Calibration`, defaults to `Calibration()`): the calibration set (prompts, seeds of the
+            trajectories and of the loss' directions, samples, image size); unused when `sensitivity` is given.
         min_numel (`int`, defaults to 100,000): candidates have `weight.numel() > min_numel`
             (`workbench.models.loader.default_min_numel` gives the model's).
-        height, width (`int`, *optional*): calibration image size; None = the pipeline's default.
         sensitivity (`Mapping[str, torch.Tensor]`, *optional*): `skm_sensitivity`'s result, to reuse across
             widths; None = computed here from the arguments above.
         progress (`bool`, defaults to False): keep coremltools' INFO log lines (one per sample and layer).
@@ -297,10 +298,7 @@ def skm_palettize(
     _check_nbits(nbits)
     names = list(candidate_layers(pipe.unet, min_numel).layers)
     if sensitivity is None:
-        sensitivity = skm_sensitivity(
-            pipe, prompts=prompts, seed=seed, num_calibration=num_calibration, min_numel=min_numel, height=height,
-            width=width, progress=progress,
-        )  # fmt: skip
+        sensitivity = skm_sensitivity(pipe, calibration, min_numel=min_numel, progress=progress)
     missing = [name for name in names if f"{name}.weight" not in sensitivity]
     if missing:
         raise InvalidValueError(f"sensitivity lacks {len(missing)} candidate weight(s), e.g. {missing[:3]}")
@@ -346,7 +344,7 @@ class SKMComparison:
     Attributes:
         nbits: palette width.
         bits_per_param: the recipe's size over the candidates (`workbench.palettes.size.bits_per_param`, LUTs not
-        counted).
+            counted).
         skm_psnr, ours_psnr: mean one-step latent PSNR over the prompts (dB, the analysis' probe).
         skm_seconds: wall time of `skm_palettize` given the sensitivities (coremltools' weighted k-means).
     """
@@ -408,9 +406,9 @@ def compare_with_skm(
         _check_nbits(b)
     candidates = candidate_layers(pipe.unet, config.min_numel)
     probe = OneStepProbe(pipe, config.prompts, config.seed, config.height, config.width)
-    options = {"prompts": config.prompts, "seed": config.seed, "height": config.height, "width": config.width}
+    calibration = Calibration(config.prompts, config.seed, num_calibration, config.height, config.width)
     start = time.perf_counter()
-    sensitivity = skm_sensitivity(pipe, num_calibration=num_calibration, min_numel=config.min_numel, **options)
+    sensitivity = skm_sensitivity(pipe, calibration, min_numel=config.min_numel)
     sensitivity_seconds = time.perf_counter() - start
     comparisons = []
     for b in nbits:

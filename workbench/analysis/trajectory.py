@@ -5,11 +5,10 @@ sampling trajectory. Here each recipe generates the same prompts from the same s
 the pipeline's default (or a given) number of steps, and the decoded images are compared with the float
 model's: image PSNR and SSIM per prompt (`workbench.metrics.image_psnr`: uint8 images, peak 255), and, when
 every prompt is a caption of the demo model's shapes world, prompt adherence
-(`workbench.demo.adherence.score_adherence`)
-of both.
+(`workbench.demo.adherence.score_adherence`) of both.
 
 Example:
-    >>> results = evaluate_trajectories(pipe, {"recipe_4.50_bit_sizeaware": bits}, prompts, seed=0)
+    >>> results = evaluate_trajectories(pipe, {"recipe_4.50_bit_sizeaware": bits}, prompts, Sampling(seed=0))
     >>> pd.concat([r.to_frame() for r in results])
 """
 
@@ -22,8 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from workbench.demo.adherence import score_adherence
+from workbench.demo.world import ShapeAttributes
 from workbench.metrics import image_psnr, image_ssim
-from workbench.models.generation import generate_images
+from workbench.models.generation import Sampling, generate_images
 from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
 
@@ -63,9 +64,6 @@ class TrajectoryResult:
 
 
 def _adherence(images: np.ndarray, prompts: Sequence[str]) -> dict | None:
-    from workbench.demo.adherence import score_adherence
-    from workbench.demo.world import ShapeAttributes
-
     try:
         attributes = [ShapeAttributes.from_caption(p) for p in prompts]
     except ValueError:
@@ -96,10 +94,8 @@ def evaluate_trajectories(
     pipe,
     recipes: Mapping[str, Mapping[str, int]],
     prompts: Sequence[str],
-    seed: int = 0,
-    num_inference_steps: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
+    sampling: Sampling = Sampling(),
+    *,
     cache: PaletteCache | None = None,
     runner=None,
 ) -> list[TrajectoryResult]:
@@ -109,9 +105,8 @@ def evaluate_trajectories(
         pipe: the pipeline; palettized in place per recipe and restored exactly.
         recipes: name -> {layer: bits}.
         prompts: prompts to generate (negative prompt "").
-        seed (`int`, defaults to 0): prompt `i` starts from seed `seed + i` in every recipe (`generate_images`).
-        num_inference_steps (`int`, *optional*): None = the pipeline's default.
-        height, width (`int`, *optional*): None = the pipeline's default.
+        sampling (`Sampling`, defaults to seed 0 and the pipeline's steps and size): the same for every recipe;
+            prompt `i` starts from seed `sampling.seed + i` (`generate_images`).
         cache (`PaletteCache`, *optional*): reuse fitted palettes.
         runner (`workbench.sweep.store.EvaluationRunner`, *optional*): records each comparison in the analysis store.
 
@@ -119,7 +114,7 @@ def evaluate_trajectories(
         `list[TrajectoryResult]`, the float model first.
     """
     cache = cache if cache is not None else PaletteCache()
-    gen = {"seed": seed, "steps": num_inference_steps, "height": height, "width": width}
+    gen = sampling.to_dict()
     reference = generate_images(pipe, prompts, **gen)
     results = []
     for name, bits in {"float": {}, **recipes}.items():
@@ -157,10 +152,7 @@ def recipe_trajectories(
         pipe,
         {r.name: r.bits for r in recipes},
         config.trajectory_prompts or config.prompts,
-        seed=config.seed,
-        num_inference_steps=config.trajectory_steps,
-        height=config.height,
-        width=config.width,
+        Sampling(config.seed, config.trajectory_steps, config.height, config.width),
         cache=cache,
         runner=runner,
     )

@@ -4,7 +4,7 @@
   (`UNetExport`, `TextEncoderExport`, `VAEDecoderExport`), example inputs, and the Core ML name of each layer's
   weight (`coreml_weight_name`: UNet layer `L` is `unet_<L with . as _>_weight_to_fp16`).
 - `layout`: the packages' inputs, outputs and names: Apple's (`"apple"`, the default: what Apple's Swift pipeline and
-  apps load, `apple_contract`) or ours (`"workbench"`); the tokenizer files and `compile_for_swift.sh` beside them.
+  apps load) or ours (`"workbench"`); the tokenizer files and `compile_for_swift.sh` beside them.
 - `export`: conversion (`convert_component`), palettization plans and compression by name (`palette_plan`,
   `compress_model`), `export_pipeline` / `export_component` and their results (`ExportReport`,
   `ExportedPackage`), and `export_model` (the `workbench export` command).
@@ -71,8 +71,6 @@ from workbench.coreml.layout import (
     APPLE_RESOURCE_NAMES,
     DEFAULT_LAYOUT,
     LAYOUTS,
-    TensorSpec,
-    apple_contract,
 )
 from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.runtime import (
@@ -102,9 +100,7 @@ __all__ = [
     "LAYOUTS",
     "DeploymentTargetError",
     "PackageMismatchError",
-    "TensorSpec",
     "WeightMatch",
-    "apple_contract",
     "apply_model",
     "apply_recipe",
     "match_weights",

@@ -25,7 +25,6 @@ import json
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -144,45 +143,6 @@ def layout_inputs(pipe, component: str, layout: str, batch_size: int | None = No
 def host_dtype(layout: str, example: torch.Tensor) -> str:
     """The dtype a package declares for an input: float32 everywhere in Apple's layout; int32 ids in ours."""
     return "int32" if check_layout(layout) == "workbench" and example.dtype == torch.int32 else "float32"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a package: its name, shape and dtype (`"float32"` or `"int32"`)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-
-def _output_shapes(pipe, component: str, batch: int) -> dict[str, tuple[int, ...]]:
-    module = component_module(pipe, component)
-    cfg = module.config
-    if component == "unet":
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return {"noise_pred": (batch, cfg.out_channels, size, size)}
-    if component == "vae_decoder":
-        return {"image": (batch, cfg.out_channels, cfg.sample_size, cfg.sample_size)}
-    pooled = cfg.projection_dim if hasattr(module, "text_projection") else cfg.hidden_size
-    hidden = "hidden_embeds" if is_sdxl(pipe) else "last_hidden_state"
-    return {hidden: (batch, cfg.max_position_embeddings, cfg.hidden_size), "pooled_outputs": (batch, pooled)}
-
-
-def apple_contract(pipe, component: str, batch_size: int | None = None) -> tuple[tuple[TensorSpec, ...], ...]:
-    """`(inputs, outputs)` of `component`'s package in Apple's layout, as `TensorSpec`s in order.
-
-    Args:
-        pipe: a diffusers SD-1.x/2.x or SDXL pipeline.
-        component (`str`): `"unet"`, `"text_encoder"`, `"text_encoder_2"` or `"vae_decoder"`.
-        batch_size (`int`, *optional*): 2 for the UNet by default (classifier-free guidance), else 1.
-
-    Returns:
-        `tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]`: every tensor float32.
-    """
-    inputs = tuple(TensorSpec(n, tuple(x.shape)) for n, x in apple_inputs(pipe, component, batch_size).items())
-    batch = inputs[0].shape[0]
-    outputs = tuple(TensorSpec(n, shape) for n, shape in _output_shapes(pipe, component, batch).items())
-    return inputs, outputs
 
 
 def write_tokenizer_files(pipe, out: str | os.PathLike) -> list[Path]:

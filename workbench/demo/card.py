@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.demo.adherence import AdherenceReport
+from workbench.demo.adherence import AdherenceReport, benchmark_attributes, generate_and_score, score_adherence
 from workbench.demo.config import TrainConfig, TrainResult
 from workbench.demo.stages import Log, to_model_input
+from workbench.demo.world import make_dataset
+from workbench.models.loader import load_pipeline
 from workbench.threads import torch_threads
+from workbench.viz.grids import image_grid
 
 PIPELINE_DEFAULT_STEPS = 50  # StableDiffusionPipeline.__call__'s default num_inference_steps
 PIPELINE_DEFAULT_GUIDANCE = 7.5
@@ -36,8 +39,6 @@ _POSITION_ABBREVIATIONS.update({"right": "R", "bottom left": "BL", "bottom": "B"
 def adherence_grid(report: AdherenceReport, columns: int = 8, cell_size: int = 112):
     """The images of an `AdherenceReport` as a PIL grid, each captioned with its prompt (short form) and a
     `!` where the scorer found the wrong colour, shape or position."""
-    from workbench.viz.grids import image_grid
-
     if report.images is None:
         raise ValueError(
             "this AdherenceReport has no images; make it with workbench.demo.adherence.generate_and_score"
@@ -81,9 +82,6 @@ class CardMeasurements:
 @torch.no_grad()
 def _vae_round_trip(pipe, n: int = 256, seed: int = HELD_OUT_SEED) -> AdherenceReport:
     """Score VAE reconstructions of held-out images: the best adherence the latent model could reach."""
-    from workbench.demo.adherence import score_adherence
-    from workbench.demo.world import make_dataset
-
     data = make_dataset(n, seed=seed)
     x = to_model_input(torch.from_numpy(data.images), pipe.device)
     recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
@@ -93,9 +91,6 @@ def _vae_round_trip(pipe, n: int = 256, seed: int = HELD_OUT_SEED) -> AdherenceR
 
 def _scorer_on_clean_images(n: int = 1000, seed: int = HELD_OUT_SEED) -> AdherenceReport:
     """The scorer on rendered (not generated) held-out images: how often the scorer itself is wrong."""
-    from workbench.demo.adherence import score_adherence
-    from workbench.demo.world import make_dataset
-
     held_out = make_dataset(n, seed=seed)
     return score_adherence(held_out.images, held_out.attributes)
 
@@ -111,8 +106,6 @@ def measure(pipe, n_images: int = 64, log: Log = print) -> CardMeasurements:
     Returns:
         `CardMeasurements`.
     """
-    from workbench.demo.adherence import benchmark_attributes, generate_and_score
-
     t0 = time.perf_counter()
     report = generate_and_score(pipe, benchmark_attributes(n_images), seed=0)
     seconds = time.perf_counter() - t0
@@ -321,7 +314,7 @@ def render_card(pipe, result: TrainResult, measured: CardMeasurements, folder: P
 def document(out: str | Path, *, n_images: int = 64, log: Log = print) -> AdherenceReport:
     """Measure a trained folder as a user would load it, save `sample_grid.png` and write its README.md card.
 
-    Loads `out` with `workbench.models.load_pipeline` (float32, CPU), runs the quality benchmark
+    Loads `out` with `workbench.models.loader.load_pipeline` (float32, CPU), runs the quality benchmark
     (`generate_and_score(pipe, benchmark_attributes(n_images))`, pipeline defaults), scores the VAE round trip
     and the scorer itself on held-out clean images, and writes the model card from these numbers and
     `training.json`.
@@ -334,8 +327,6 @@ def document(out: str | Path, *, n_images: int = 64, log: Log = print) -> Adhere
     Returns:
         `AdherenceReport` of the benchmark.
     """
-    from workbench.models.loader import load_pipeline
-
     out = Path(out)
     result = TrainResult.from_dict(json.loads((out / "training.json").read_text(encoding="utf-8")))
     with torch_threads(result.config.threads):

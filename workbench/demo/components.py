@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workbench.demo.world import CAPTION_WORDS
+from workbench.models.assemble import clip_text_config, sd_pipeline
+from workbench.models.tokenizer import write_clip_tokenizer
+
 if TYPE_CHECKING:
     from workbench.demo.config import TrainConfig
 
@@ -22,9 +26,6 @@ def build_tokenizer(directory: str | Path, config: TrainConfig):
     """A `CLIPTokenizer` in which every caption word is one token, written to `directory`."""
     from transformers import CLIPTokenizer
 
-    from workbench.demo.world import CAPTION_WORDS
-    from workbench.models.tokenizer import write_clip_tokenizer
-
     return CLIPTokenizer.from_pretrained(
         write_clip_tokenizer(directory, CAPTION_WORDS, model_max_length=config.max_length)
     )
@@ -32,24 +33,16 @@ def build_tokenizer(directory: str | Path, config: TrainConfig):
 
 def build_text_encoder(tokenizer, config: TrainConfig):
     """`CLIPTextModel` with quick-GELU (as CLIP ViT-L), positions = tokenizer length."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_hidden,
-            intermediate_size=4 * config.text_hidden,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=config.max_length,
-            projection_dim=config.text_hidden,
-            hidden_act="quick_gelu",
-            # the pooled output is read at the first eos; CLIP's legacy eos_token_id=2 would mean "argmax id"
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_config = clip_text_config(
+        tokenizer,
+        config.text_hidden,
+        intermediate_size=4 * config.text_hidden,
+        num_layers=config.text_layers,
+        num_heads=config.text_heads,
     )
+    return CLIPTextModel(text_config)
 
 
 def build_vae(config: TrainConfig):
@@ -159,7 +152,5 @@ def assemble_pipeline(
 ):
     """A `StableDiffusionPipeline` around trained components, with `build_schedulers`' inference scheduler and
     no safety checker."""
-    from workbench.models.assemble import sd_pipeline
-
     _, scheduler = build_schedulers(prediction_type, zero_terminal_snr)
     return sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)

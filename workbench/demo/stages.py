@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from workbench.demo.components import build_schedulers
+from workbench.demo.components import Components, build_schedulers
+from workbench.demo.world import BACKGROUND
+from workbench.io import atomic_path
 
 if TYPE_CHECKING:
     from workbench.demo.config import TrainConfig
@@ -54,12 +56,6 @@ def to_model_input(images_uint8: torch.Tensor, device) -> torch.Tensor:
     return (images_uint8.to(device).permute(0, 3, 1, 2).float() / 127.5) - 1.0
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------------------ stage 1: the VAE
 
 
@@ -76,8 +72,6 @@ def _vae_loss(vae, x: torch.Tensor, background: torch.Tensor, config: TrainConfi
 def train_vae(vae, images: torch.Tensor, config: TrainConfig, log: Log, device="cpu") -> list[float]:
     """Stage 1: loss = mean(w * (|x - x'| + (x - x')^2)) / mean(w) + kl_weight * mean KL(q(z|x) || N(0, I)),
     with w = 1 + vae_foreground_weight on pixels that differ from the background colour, 1 elsewhere."""
-    from workbench.demo.world import BACKGROUND
-
     background = torch.tensor(BACKGROUND, dtype=torch.float32, device=device).view(1, 3, 1, 1) / 127.5 - 1.0
     vae.train().to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
@@ -156,7 +150,8 @@ def _save_stage1(path: Path, config: TrainConfig, vae, stage: VaeStage) -> None:
     state = {"config": config.to_dict(), "vae": vae.state_dict(), "losses": stage.losses}
     state.update(scaling_factor=stage.scaling_factor, latent_mean=stage.latents[0], latent_std=stage.latents[1])
     state.update(seconds=stage.seconds)
-    _save_atomic(state, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_stage1(path: Path, config: TrainConfig, vae, log: Log) -> VaeStage:
@@ -275,8 +270,7 @@ class _Batch:
 
 def _draw_batch(
     g: torch.Generator,
-    latents: tuple[torch.Tensor, torch.Tensor],
-    scaling_factor: float,
+    stage1: VaeStage,
     ids: torch.Tensor,
     empty: torch.Tensor,
     num_timesteps: int,
@@ -287,9 +281,9 @@ def _draw_batch(
 
     `ids` are the token ids of every caption, `empty` those of "" (what a dropped caption becomes).
     """
-    latent_mean, latent_std = latents
+    latent_mean, latent_std = stage1.latents
     idx = torch.randint(len(ids), (config.unet_batch,), generator=g)
-    z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)) * scaling_factor
+    z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)) * stage1.scaling_factor
     noise = torch.randn(z.shape, generator=g)
     t = torch.randint(0, num_timesteps, (config.unet_batch,), generator=g)
     drop = torch.rand(config.unet_batch, generator=g) < config.caption_dropout
@@ -319,12 +313,9 @@ def _resume_unet(checkpoint: Path | None, training: _UnetTraining, config: Train
 
 
 def train_unet(
-    unet,
-    text_encoder,
-    tokenizer,
-    latents: tuple[torch.Tensor, torch.Tensor],
+    models: Components,
+    stage1: VaeStage,
     captions: list[str],
-    scaling_factor: float,
     config: TrainConfig,
     log: Log,
     device="cpu",
@@ -336,18 +327,28 @@ def train_unet(
     SNR_t = abar_t / (1 - abar_t) and, for epsilon, y = eps and w = min(SNR_t, gamma) / SNR_t (min-SNR); for
     v-prediction, y = v = sqrt(abar_t) eps - sqrt(1 - abar_t) z and w = min(SNR_t + 1, gamma) / (SNR_t + 1).
     Both make the weight of the image error |z - z'|^2 the capped SNR (+1 for v: >= 1 at every step).
+
+    Args:
+        models (`Components`): its `unet`, `text_encoder` (trained in place) and `tokenizer`.
+        stage1 (`VaeStage`): the latents and scaling factor stage 1 made.
+        captions (`list[str]`): one per image of the dataset.
+        config (`TrainConfig`): the run's settings.
+        log (`Callable[[str], None]`): progress lines.
+        device (`str`, defaults to "cpu"): training device.
+        checkpoint (`Path`, *optional*): resumed from if it exists (and was made with `config`), and written
+            every `config.checkpoint_every` steps and at the end.
     """
     noise_scheduler, _ = build_schedulers(config.prediction_type, config.zero_terminal_snr)
     weights = _loss_weights(noise_scheduler, config, device)
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    training = _UnetTraining(unet, text_encoder, config, device)
-    ids, empty = _tokenize(tokenizer, captions), _tokenize(tokenizer, [""])
+    training = _UnetTraining(models.unet, models.text_encoder, config, device)
+    ids, empty = _tokenize(models.tokenizer, captions), _tokenize(models.tokenizer, [""])
     first, losses = _resume_unet(checkpoint, training, config, device, log)
     start = time.perf_counter()
     for step in range(first, config.unet_steps):
         g = _generator(config.seed, 2, step)
         _set_lr(training.optimizer, config.unet_lr * _lr_factor(step, config.unet_steps))
-        batch = _draw_batch(g, latents, scaling_factor, ids, empty, num_timesteps, config, device)
+        batch = _draw_batch(g, stage1, ids, empty, num_timesteps, config, device)
         loss = _unet_loss(training, noise_scheduler, weights, batch, config.prediction_type)
         training.step(loss, min(config.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
@@ -356,7 +357,7 @@ def train_unet(
             rate = (time.perf_counter() - start) / (done - first)
             log(f"unet step {step:5d}/{config.unet_steps} loss {_recent_loss(losses):.4f} {rate:.2f}s/step")
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.unet_steps):
-            _save_atomic(
-                {"config": config.to_dict(), "step": done, "losses": losses, **training.state_dict()}, checkpoint
-            )
+            state = {"config": config.to_dict(), "step": done, "losses": losses, **training.state_dict()}
+            with atomic_path(checkpoint) as tmp:
+                torch.save(state, tmp)
     return training.ema_unet.eval(), training.ema_text.eval(), losses

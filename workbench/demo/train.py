@@ -105,18 +105,7 @@ def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: 
     seconds.update(stage1.seconds)  # a resumed run reports the first run's stage-1 time
 
     t0 = time.perf_counter()
-    unet, text_encoder, unet_losses = train_unet(
-        models.unet,
-        models.text_encoder,
-        models.tokenizer,
-        stage1.latents,
-        data.captions,
-        stage1.scaling_factor,
-        config,
-        log,
-        device,
-        stage2_ckpt,
-    )
+    unet, text_encoder, unet_losses = train_unet(models, stage1, data.captions, config, log, device, stage2_ckpt)
     seconds["unet"] = time.perf_counter() - t0
 
     pipe = assemble_pipeline(

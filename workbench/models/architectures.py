@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from workbench.models.assemble import clip_text_config, sd_pipeline, sdxl_pipeline
+from workbench.models.tokenizer import clip_tokenizer
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
@@ -115,20 +118,17 @@ def build_unet(
 
 def _text_encoder(tokenizer, hidden_size: int, *, projection_dim: int | None = None, act: str = "quick_gelu"):
     """A one-layer CLIP text encoder of the right width: the UNet sees real-shaped embeddings."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
+    # SDXL reads the penultimate layer: 2 layers
+    config = clip_text_config(
+        tokenizer,
+        hidden_size,
         intermediate_size=hidden_size,
-        num_hidden_layers=2,  # SDXL reads the penultimate layer
-        num_attention_heads=8,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=projection_dim or hidden_size,
+        num_layers=2,
+        num_heads=8,
+        projection_dim=projection_dim,
         hidden_act=act,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config).eval()
 
@@ -169,11 +169,6 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
     Returns:
         `StableDiffusionPipeline` or `StableDiffusionXLPipeline` on CPU, float32, random weights.
     """
-    from diffusers import StableDiffusionXLPipeline
-
-    from workbench.models.assemble import sd_pipeline
-    from workbench.models.tokenizer import clip_tokenizer
-
     unet = build_unet(arch, sample_size=sample_size, seed=seed)
     vae_scale = 0.13025 if arch == "sdxl-base" else 0.18215
     with torch.random.fork_rng(devices=[]):
@@ -186,11 +181,7 @@ def build_pipeline(arch: str, *, sample_size: int = 8, seed: int = 0) -> Diffusi
         tokenizer_2 = clip_tokenizer(pad_token="!")
         text_encoder = _text_encoder(tokenizer, 768)
         text_encoder_2 = _text_encoder(tokenizer_2, 1280, projection_dim=1280, act="gelu")
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(arch), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )  # fmt: skip
+    return sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, _scheduler(arch))
 
 
 def save_pipeline(arch: str, out_dir: str | os.PathLike, *, sample_size: int = 8, seed: int = 0) -> Path:

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -35,6 +36,29 @@ def seed_generators(seed: int, n: int) -> list[torch.Generator]:
 def to_uint8(images) -> np.ndarray:
     """Images in [0, 1] (any float array, NHWC or HWC) as uint8: `rint(clip(x, 0, 1) * 255)`."""
     return np.rint(np.clip(np.asarray(images, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a set of images: `generate_images`' seed, step count and size, as one value.
+
+    Attributes:
+        seed (`int`, defaults to 0): the first image's seed (image `i` from `seed + i`).
+        steps (`int`, *optional*): `num_inference_steps`; None = the pipeline's default.
+        height, width (`int`, *optional*): image size; None = the pipeline's default.
+
+    Example:
+        >>> generate_images(pipe, prompts, **Sampling(seed=0, steps=20).to_dict())
+    """
+
+    seed: int = 0
+    steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+    def to_dict(self) -> dict:
+        """The fields as `generate_images`' keyword arguments."""
+        return asdict(self)
 
 
 @torch.no_grad()

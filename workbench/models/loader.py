@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from workbench.errors import InvalidValueError, UserError
+from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from workbench.resources import demo_model_dir
 
 if TYPE_CHECKING:
@@ -227,9 +228,7 @@ def load_pipeline(
     """
     target = pick_device(device)
     if isinstance(model, str) and model in BUILTIN_MODELS:
-        from workbench.models import tiny as testing
-
-        pipe = (testing.tiny_sd_pipeline if model == "tiny-sd" else testing.tiny_sdxl_pipeline)(seed=0)
+        pipe = (tiny_sd_pipeline if model == "tiny-sd" else tiny_sdxl_pipeline)(seed=0)
     else:
         pipe = _from_pretrained(model, dtype, variant)
     if pipe.dtype != dtype:  # older diffusers ignore `dtype` (they want `torch_dtype`); the test pipelines too

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from workbench.models.assemble import clip_text_config, sd_pipeline, sdxl_pipeline
 from workbench.models.tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
@@ -37,25 +38,38 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _text_encoder_config(
-    tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str, projection_dim: int = 32
-) -> CLIPTextConfig:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
+def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
+    """The tiny pipelines' text encoders: 4 layers, 4 heads, MLP twice as wide, pooled projection 32."""
+    return clip_text_config(
+        tokenizer,
+        hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=projection_dim,
+        num_layers=4,
+        num_heads=4,
+        projection_dim=32,
         hidden_act=hidden_act,
-        # the pooled output is read at the first eos; CLIP's legacy eos_token_id=2 would mean "argmax id" instead
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
+
+
+# Both tiny UNets: SD's block types at two levels, 32x32 latents; SDXL's adds its own settings to these.
+_UNET = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+}
+# SD's scaled-linear betas, "leading" spacing from step 1, as both published schedulers.
+_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
 
 
 def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
@@ -93,32 +107,12 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from workbench.models.assemble import sd_pipeline
-
     tokenizer = clip_tokenizer()
     with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            cross_attention_dim=32,
-        )
+        unet = UNet2DConditionModel(**_UNET, cross_attention_dim=32)
         vae = _tiny_vae(scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, hidden_size=32, hidden_act="quick_gelu"))
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+        text_encoder = CLIPTextModel(_text_config(tokenizer, 32, "quick_gelu"))
+    scheduler = PNDMScheduler(**_SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False)
     return sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
 
 
@@ -138,51 +132,26 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     Returns:
         StableDiffusionXLPipeline: on CPU, float32, no watermarker.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
-    time_embed_dim, n_time_ids, projection_dim = 8, 6, 32  # time ids: original size, crop top-left, target size
+    time_embed_dim, n_time_ids = 8, 6  # time ids: original size, crop top-left, target size
     with _seeded(seed):
-        text_config = _text_encoder_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
-        text_config_2 = _text_encoder_config(tokenizer_2, hidden_size=48, hidden_act="gelu", projection_dim=32)
+        text_config = _text_config(tokenizer, 32, "quick_gelu")
+        text_config_2 = _text_config(tokenizer_2, 48, "gelu")
         unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=2,
+            **_UNET,
             attention_head_dim=(2, 4),  # diffusers' name for the number of heads, as in SDXL's config
             use_linear_projection=True,
             transformer_layers_per_block=(1, 2),
             cross_attention_dim=text_config.hidden_size + text_config_2.hidden_size,
             addition_embed_type="text_time",
             addition_time_embed_dim=time_embed_dim,
-            projection_class_embeddings_input_dim=n_time_ids * time_embed_dim + projection_dim,
+            projection_class_embeddings_input_dim=n_time_ids * time_embed_dim + text_config_2.projection_dim,
         )
         vae = _tiny_vae(scaling_factor=0.13025)
         text_encoder = CLIPTextModel(text_config)
         text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    scheduler = EulerDiscreteScheduler(**_SCHEDULER, prediction_type="epsilon", interpolation_type="linear")
+    return sdxl_pipeline(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler)

@@ -83,14 +83,3 @@ def palettized(
             stash.restore(name, get_layer(model, name).weight)
         if own:
             stash.close()
-
-
-@torch.no_grad()
-def palettize_(model: nn.Module, recipe: Mapping[str, int | PaletteConfig | str | None], importance=None) -> nn.Module:
-    """Palettize `model`'s layers in place, for good (see `palettized` for a reversible version)."""
-    for name, spec in recipe.items():
-        layer = get_layer(model, name)
-        new = replacement_weight(name, layer, spec, None, importance)
-        if new is not None:
-            layer.weight.data = new
-    return model

@@ -3,21 +3,20 @@
 A config is a width (1, 2, 3, 4, 6 or 8 bits), a mode (`"kmeans"` and `"uniform"` as Core ML fits them,
 `"wkmeans"` data-aware k-means) and a granularity (one LUT per tensor, or one per group of output channels).
 Its key names it in recipes and tables: `kmeans4`, `kmeans4_g16`, `wkmeans3` (`PaletteConfig.from_key`).
-iOS17 stores per-tensor LUTs of 1, 2, 4, 6 or 8 bits; grouped and 3-bit LUTs need iOS18 (`check_target`,
-`candidate_configs`).
+iOS17 stores per-tensor LUTs of 1, 2, 4, 6 or 8 bits; grouped and 3-bit LUTs need iOS18 (`PaletteConfig.target`).
 
 Example:
     >>> PaletteConfig.from_key("wkmeans4_g16")
     PaletteConfig(nbits=4, mode='wkmeans', granularity='per_grouped_channel', group_size=16)
-    >>> [c.key for c in candidate_configs("iOS17", nbits=(2, 3, 4), modes=("kmeans",))]
-    ['kmeans2', 'kmeans4']
+    >>> [PaletteConfig.from_key(k).target for k in ("kmeans4", "kmeans3", "kmeans4_g16")]
+    ['iOS17', 'iOS18', 'iOS18']
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,10 +28,7 @@ FLOAT_BITS = 16  # a recipe's "leave this layer float16"
 MODES = ("kmeans", "uniform", "wkmeans")
 DATA_AWARE_MODES = ("wkmeans",)  # fitted with per-weight importances
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
-GROUP_SIZES = (8, 16, 32)  # output channels per LUT among the candidate grouped palettes
 KMEANS_1D_MIN_NUMEL = 10_000  # coremltools' switch from scikit-learn to exact 1-D k-means
-TARGETS = ("iOS17", "iOS18")  # Core ML deployment targets: iOS17 = per-tensor 1/2/4/6/8-bit LUTs only
-IOS17_NBITS = (1, 2, 4, 6, 8)
 _KEY = re.compile(r"(?P<mode>[a-z]+?)(?P<nbits>\d+)(?:_g(?P<group_size>\d+))?")
 
 
@@ -146,49 +142,3 @@ def as_config(spec: int | str | PaletteConfig | None) -> PaletteConfig | None:
     if isinstance(spec, str):
         return PaletteConfig.from_key(spec)
     raise TypeError(f"a recipe entry must be an int bit width, a config key or a PaletteConfig, got {spec!r}")
-
-
-def check_target(config: PaletteConfig, target: str) -> PaletteConfig:
-    """`config` if Core ML's `target` can store it, else an `InvalidValueError` saying why and what is valid.
-
-    iOS17 (macOS14) stores per-tensor LUTs of 1, 2, 4, 6 or 8 bits; iOS18 (macOS15) also grouped and 3-bit ones.
-    """
-    if target not in TARGETS:
-        raise InvalidValueError(f"unknown deployment target {target!r}; valid: {', '.join(TARGETS)}")
-    if TARGETS.index(config.target) > TARGETS.index(target):
-        raise InvalidValueError(
-            f"palette {config.key} needs {config.target} (grouped or 3-bit LUTs); {target} stores per-tensor "
-            f"palettes of {', '.join(map(str, IOS17_NBITS))} bits only"
-        )
-    return config
-
-
-def candidate_configs(
-    target: str = "iOS18",
-    *,
-    nbits: Iterable[int] = SUPPORTED_NBITS,
-    modes: Iterable[str] = ("kmeans", "wkmeans"),
-    group_sizes: Iterable[int] = GROUP_SIZES,
-    out_channels: int | None = None,
-) -> list[PaletteConfig]:
-    """Every palette `target` can store, among the widths, modes and group sizes given.
-
-    Args:
-        target (`str`, defaults to `"iOS18"`): `"iOS17"` (per-tensor 1/2/4/6/8 bits) or `"iOS18"` (all).
-        nbits (`Iterable[int]`, defaults to 1, 2, 3, 4, 6, 8): widths to consider.
-        modes (`Iterable[str]`, defaults to ("kmeans", "wkmeans")): plain and data-aware k-means.
-        group_sizes (`Iterable[int]`, defaults to (8, 16, 32)): output channels per LUT of the grouped candidates.
-        out_channels (`int`, *optional*): a layer's output channels: group sizes that do not divide it are left out.
-
-    Returns:
-        `list[PaletteConfig]`: per mode, per width, per-tensor then grouped by increasing group size.
-    """
-    if target not in TARGETS:
-        raise InvalidValueError(f"unknown deployment target {target!r}; valid: {', '.join(TARGETS)}")
-    sizes = [g for g in group_sizes if out_channels is None or (g <= out_channels and out_channels % g == 0)]
-    configs = []
-    for mode in modes:
-        for n in nbits:
-            configs.append(PaletteConfig(n, mode))
-            configs += [PaletteConfig(n, mode, "per_grouped_channel", g) for g in sorted(sizes)]
-    return [c for c in configs if TARGETS.index(c.target) <= TARGETS.index(target)]

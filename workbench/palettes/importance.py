@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import InvalidValueError
+from workbench.io import atomic_path
+from workbench.metrics import weight_snr_db
 from workbench.models.layers import closest_names, get_layer
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import Palette, fit_palette
@@ -142,15 +143,8 @@ class Importance:
     def save(self, path: str | os.PathLike) -> Path:
         """Write `path` (`.npz`, one array per layer, keyed by its name) atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **self.arrays)  # a file object: np.savez would add ".npz" to a path that lacks it
         return path
 
     @classmethod
@@ -178,6 +172,24 @@ def _resolve(model: nn.Module, layers: Iterable[str] | Mapping[str, nn.Module]) 
 
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
+
+
+def _run_seeing_inputs(
+    layers: Mapping[str, nn.Module], see: Callable[[str, torch.Tensor], None], run: Callable[[], object]
+) -> None:
+    """`run()`, with `see(name, x)` called on every input `x` the layer `name` of `layers` receives (forward
+    pre-hooks, removed afterwards, also on error)."""
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: see(name, _layer_input(args, kwargs)), with_kwargs=True
+        )
+        for name, layer in layers.items()
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _square_sum(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -219,20 +231,12 @@ def collect_importance(
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(chosen, 0)
 
-    def hook(name, layer, args, kwargs):
-        square, count = _square_sum(layer, _layer_input(args, kwargs))
+    def add(name: str, x: torch.Tensor) -> None:
+        square, count = _square_sum(chosen[name], x)
         sums[name] = square if name not in sums else sums[name] + square
         counts[name] += count
 
-    handles = [
-        layer.register_forward_pre_hook(functools.partial(hook, name), with_kwargs=True)
-        for name, layer in chosen.items()
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_seeing_inputs(chosen, add, run)
     missing = [name for name in chosen if name not in sums]
     if missing:
         raise RuntimeError(f"run() never called {len(missing)} of the layers, e.g. {', '.join(missing[:3])}")
@@ -248,18 +252,7 @@ def capture_inputs(
     a small model."""
     chosen = _resolve(model, layers)
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda module, args, kwargs, name=name: inputs[name].append(_layer_input(args, kwargs).detach().clone()),
-            with_kwargs=True,
-        )
-        for name, layer in chosen.items()
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_seeing_inputs(chosen, lambda name, x: inputs[name].append(x.detach().clone()), run)
     return inputs
 
 
@@ -343,8 +336,6 @@ def data_aware_table(layer: nn.Module, palettes: Mapping[str, Palette], importan
         `output_snr_db` = `10 * log10(mean(y**2) / output_mse)`, y the float layer's outputs.
     """
     import pandas as pd
-
-    from workbench.metrics import weight_snr_db
 
     inputs = list(inputs)
     w16 = layer.weight.detach().to("cpu", torch.float16).numpy()

@@ -19,7 +19,7 @@ uncorrelated between layers:
     D' = (|e| + sum_l alpha_l)**2 + sum_l (|v_l|**2 - alpha_l**2)
 
 so changes that each cancel part of e cannot together cancel more than all of it (a separable model, which adds
-the `lin_l`, does exactly that and its recipes collapse, far below the recipe they started from). `exchange`
+the `lin_l`, does exactly that and its recipes collapse, far below the recipe they started from). `exchange_steps`
 searches up to K layer changes (one that fits the budget, or an upgrade paid for by a downgrade) that lower the
 model's D'; each round measures the candidates for K in `ks` end to end, keeps the best if it beats R, and
 linearises again there. Every candidate is a measured recipe; nothing is kept on the model's word.
@@ -252,7 +252,7 @@ def exchange_steps(
 
     Each step takes the best of: one change that fits, or an upgrade paired with a downgrade of another layer
     (the `PAIR_POOL` best of each per byte) that fit together; it stops when nothing lowers D' or the next best step
-    would change more than `max_changed` layers. Fewer changes are a prefix of the same steps (`exchange`).
+    would change more than `max_changed` layers. Fewer changes are a prefix of the same steps (`_prefix`).
 
     Returns:
         `list[tuple[dict, float]]`: per step, the changes it makes (layer -> new option) and the predicted D'/D - 1
@@ -294,18 +294,6 @@ def exchange_steps(
             rest += c.rest
         steps.append(({c.layer: c.option for c in best[1]}, model(along, rest) / max(current, 1e-300) - 1.0))
     return steps
-
-
-def exchange(
-    changes: Mapping[str, Sequence[Change]], spent: float, budget: float, current: float, max_changed: int
-) -> tuple[dict[str, Hashable], float]:
-    """Up to `max_changed` layer changes that lower the aligned model's D' within `budget`, greedily
-    (`exchange_steps`, all of them).
-
-    Returns:
-        `(layer -> new option, predicted D'/D - 1)`.
-    """
-    return _prefix(exchange_steps(changes, spent, budget, current, max_changed), max_changed)
 
 
 def _prefix(steps: Sequence[tuple[dict, float]], max_changed: int) -> tuple[dict[str, Hashable], float]:

@@ -4,7 +4,7 @@
 - `measure_baselines`: the original model, per-tensor int8 on every weight, per-channel int8;
 - `isolated_sweep`: each candidate palettized alone at each width, restored after each;
 - `sensitivity_order`: per width, the candidates least sensitive first;
-- `cumulative_curve(s)`: the candidates palettized one after another in that order, never restored in between,
+- `cumulative_curves`: the candidates palettized one after another in that order, never restored in between,
   per palette of `sweep_palettes` (per-tensor k-means at each width, and grouped k-means with a group size).
 
 Each phase builds its `EvalTask`s (`baseline_tasks`, `isolated_tasks`, `curve_tasks`) and hands them to an
@@ -303,19 +303,6 @@ def curve_tasks(candidates: Candidates, config: PaletteConfig, order: Sequence[s
              "bits_per_param": sweep_bits_per_param(recipe, candidates)},
         ))  # fmt: skip
     return tasks
-
-
-def cumulative_curve(
-    candidates: Candidates,
-    config: PaletteConfig,
-    order: Sequence[str],
-    runner: EvaluationRunner,
-    executor: Executor,
-) -> CumulativeCurve:
-    """Palettize the layers of `order` one after another with `config`, measuring after each addition."""
-    tasks = curve_tasks(candidates, config, order)
-    return CumulativeCurve(config, tuple(order), {t.fields["layer"]: e.psnr for t, e in
-                                                  zip(tasks, executor.measure_all(tasks, runner))})  # fmt: skip
 
 
 def cumulative_curves(

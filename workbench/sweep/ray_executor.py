@@ -45,11 +45,12 @@ import torch
 
 from workbench.errors import InvalidValueError, UserError
 from workbench.models.layers import get_layer
-from workbench.models.loader import ModelSpec
+from workbench.models.loader import ModelSpec, load_pipeline
 from workbench.palettes.cache import DEFAULT_PALETTE_MEMORY, PaletteCache
 from workbench.palettes.config import PaletteConfig, as_config
 from workbench.palettes.fit import Palette
 from workbench.sweep.executor import EvalTask, LocalExecutor
+from workbench.sweep.probe import OneStepProbe
 from workbench.sweep.store import Evaluation, EvaluationRunner, pipeline_fingerprint
 
 
@@ -104,8 +105,6 @@ class SweepWorker:
     """
 
     def __init__(self, model: ModelSpec, device: str, dtype: torch.dtype, threads: int, palette_memory: int | None):
-        from workbench.models.loader import load_pipeline
-
         start = time.perf_counter()
         if torch.device(device).type == "cpu":
             torch.set_num_threads(threads)
@@ -154,8 +153,6 @@ class SweepWorker:
             palettes imported) and the palettes it fitted, (layer, config, object ref) each, for the others.
         """
         import ray
-
-        from workbench.sweep.probe import OneStepProbe
 
         start = time.perf_counter()
         if palettes:
@@ -232,6 +229,30 @@ def _lane(task: EvalTask) -> str:
     return str(task.fields.get("config", task.kind))
 
 
+@dataclass(frozen=True)
+class Scheduling:
+    """How `RayExecutor` sends work, replaces dead workers and shares palettes.
+
+    Attributes:
+        max_chunk (`int`, defaults to 32): most tasks sent in one call (results come back, and are stored, per call).
+        max_replacements (`int`, *optional*): workers started in place of dead ones before giving up; None =
+            2 x the executor's `workers`.
+        share_palettes (`bool`, defaults to True): a palette one worker fitted is sent (through Ray's object store)
+            to the others that need it, instead of fitted again; the object store then holds every palette of the
+            analysis (about 5 bytes per weight at 5 widths), spilling to disk beyond its size.
+    """
+
+    max_chunk: int = 32
+    max_replacements: int | None = None
+    share_palettes: bool = True
+
+    def __post_init__(self):
+        if self.max_chunk < 1:
+            raise InvalidValueError(f"max_chunk must be >= 1, got {self.max_chunk}")
+        if self.max_replacements is not None and self.max_replacements < 0:
+            raise InvalidValueError(f"max_replacements must be >= 0 or None, got {self.max_replacements}")
+
+
 class RayExecutor:
     """Measures an analysis' tasks on Ray actors (see the module docstring); use it as a context manager.
 
@@ -247,12 +268,8 @@ class RayExecutor:
         dtype (`torch.dtype`, defaults to float32): the workers' pipeline dtype.
         threads (`int`, defaults to 1): torch threads per worker on a CPU.
         palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of palettes a worker holds in memory.
-        max_chunk (`int`, defaults to 32): most tasks sent in one call (results come back, and are stored, per call).
-        max_replacements (`int`, *optional*): workers started in place of dead ones before giving up; None =
-            2 x `workers`.
-        share_palettes (`bool`, defaults to True): a palette one worker fitted is sent (through Ray's object store)
-            to the others that need it, instead of fitted again; the object store then holds every palette of the
-            analysis (about 5 bytes per weight at 5 widths), spilling to disk beyond its size.
+        scheduling (`Scheduling`, defaults to `Scheduling()`): chunk size, replacements of dead workers, palette
+            sharing.
 
     Attributes:
         workers (`list`): the actors, with their device, pid, counts (`summary()["workers"]`).
@@ -268,19 +285,15 @@ class RayExecutor:
         dtype: torch.dtype = torch.float32,
         threads: int = 1,
         palette_memory: int | None = DEFAULT_PALETTE_MEMORY,
-        max_chunk: int = 32,
-        max_replacements: int | None = None,
-        share_palettes: bool = True,
+        scheduling: Scheduling = Scheduling(),
     ):
         if workers < 1:
             raise InvalidValueError(f"workers must be >= 1, got {workers}")
-        if max_chunk < 1:
-            raise InvalidValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.model, self.num_workers, self.address = model, workers, address
         self.device, self.dtype, self.threads, self.palette_memory = str(device), dtype, threads, palette_memory
-        self.max_chunk = max_chunk
-        self.max_replacements = 2 * workers if max_replacements is None else max_replacements
-        self.share_palettes = share_palettes
+        self.max_chunk = scheduling.max_chunk
+        self.max_replacements = 2 * workers if scheduling.max_replacements is None else scheduling.max_replacements
+        self.share_palettes = scheduling.share_palettes
         self.workers: list[_Worker] = []
         self.replacements = 0
         self._palettes: dict[tuple[str, PaletteConfig], tuple] = {}  # fitted by a worker: (object ref, its index)
