@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -29,8 +30,6 @@ from workbench.palettes.apply import palettized
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
 from workbench.recipes.recipe import PreAnalysis, load_recipe
-
-ct = pytest.importorskip("coremltools")
 
 MIN_NUMEL = 2048
 GEN = {"steps": 2, "height": 32, "width": 32}  # 16x16 latents: fast, same code path

@@ -3,6 +3,7 @@
 import subprocess
 import warnings
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -29,8 +30,6 @@ from workbench.models.layers import compressible_layers
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
-
-ct = pytest.importorskip("coremltools")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,6 +6,7 @@ Run on a Mac with `pytest -m macos tests/test_coreml_macos.py`. Packages have fi
 
 import sys
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ pytestmark = [
     pytest.mark.macos,
     pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction runs on macOS only"),
 ]
-ct = pytest.importorskip("coremltools")
 
 GEN = {"steps": 4, "height": 64, "width": 64}
 
