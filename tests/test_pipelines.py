@@ -11,7 +11,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from workbench.cli import main as cli
-from workbench.errors import UserError
 from workbench.models.loader import (
     BUILTIN_MODELS,
     DEMO_MODEL,
@@ -143,13 +142,14 @@ def test_load_pipeline_from_the_hf_cache(saved_sd, offline):
 
 
 @pytest.mark.parametrize("model_id", ["runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"])
-def test_uncached_hub_id_says_how_to_get_it(offline, model_id):
-    with pytest.raises(ModelNotAvailableError) as err:
+def test_uncached_hub_id_says_how_to_get_it(offline, model_id, capsys):
+    with pytest.raises(FileNotFoundError) as err:  # what callers of the loader have always caught
         load_pipeline(model_id)
     message = str(err.value)
-    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, UserError)
     assert f"'{model_id}' is not available locally" in message
     assert f"huggingface-cli download {model_id}" in message and "HF_HOME" in message and "local" in message
+    assert cli.main(["layers", model_id]) == 2  # a user's error: that message, one line, from the command
+    assert capsys.readouterr().err == f"workbench layers: error: {message}\n"
 
 
 @pytest.mark.parametrize("missing", ["./no-such-model", "/no/such/model", "data/models/no-such-model"])
