@@ -293,13 +293,30 @@ def test_fit_process_gives_fit_palettes_bits_and_reports_failures(net):
     assert process._process is None
 
 
-def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette(net):
+def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette(net, monkeypatch):
+    config = PaletteConfig(nbits=8)
+    started, release, threads = threading.Event(), threading.Event(), {}
     with PaletteCache() as cache:
-        cache.prefetch([("2", net[2].weight, PaletteConfig(nbits=8)), ("4", net[4].weight, PaletteConfig(nbits=8))])
-        cache.prefetch([("4", net[4].weight, PaletteConfig(nbits=8))], urgent=True)
-        assert cache._urgent is not None
-        palette = cache.palette("4", net[4].weight, PaletteConfig(nbits=8))
-        assert np.array_equal(palette.dense(), fit_palette(net[4].weight, PaletteConfig(nbits=8)).dense())
+        background = cache._fit_in_background
+
+        def gated(name, *args):  # layer 2's fit holds the cache's fit thread until released
+            threads.setdefault(name, []).append(threading.current_thread().name)
+            if name == "2":
+                started.set()
+                assert release.wait(timeout=60)
+            return background(name, *args)
+
+        monkeypatch.setattr(cache, "_fit_in_background", gated)
+        cache.prefetch([("2", net[2].weight, config), ("4", net[4].weight, config)])
+        assert started.wait(timeout=60)  # layer 4's fit is queued behind layer 2's
+        cache.prefetch([("4", net[4].weight, config)], urgent=True)
+        ((_, urgent),) = [v for k, v in cache._pending.items() if k[0] == "4"]
+        assert np.array_equal(urgent.result(timeout=60).dense(), fit_palette(net[4].weight, config).dense())
+        assert not release.is_set() and threads == {"2": ["palette-fit_0"], "4": ["palette-fit-urgent_0"]}
+        release.set()
+        palette = cache.palette("4", net[4].weight, config)
+        assert np.array_equal(palette.dense(), fit_palette(net[4].weight, config).dense())
+        assert threads["4"] == ["palette-fit-urgent_0"]  # the queued job moved, it did not run as well
     assert cache._urgent is None and cache._process is None
 
 
