@@ -208,6 +208,19 @@ def test_the_store_is_reused_only_for_the_same_inputs(tmp_path):
     assert len(list((tmp_path / "store").glob("*.jsonl"))) == 5  # one store each: first, prompt, 2 weights, scheduler
 
 
+def test_cli_no_resume_measures_everything_again(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = ["analyze", "tiny-sd", "--out", str(tmp_path / "out"), "--nbits", "2", "--min-numel", "60000",
+            "--prompts", str(tmp_path / "prompts.txt"), "--num-recipes", "1", "--strategies", "apple", "--threads",
+            "1", "--quiet"]  # fmt: skip
+    counts = []
+    for extra in ([], [], ["--no-resume"]):
+        assert main([*argv, *extra]) == 0
+        counts.append(_evaluation_counts(capsys.readouterr().out))
+    n = counts[0][0]
+    assert n >= 5 and counts == [(n, n), (n, 0), (n, n)]  # fresh, resumed, measured again
+
+
 def test_sweep_bits_per_param_counts_luts_only_for_grouped_palettes():
     candidates = Candidates(layers={}, numels={"a": 1000, "b": 3000}, out_channels={"a": 10, "b": 30})
     assert sweep_bits_per_param({"a": PaletteConfig(nbits=4)}, candidates) == (4 * 1000 + 16 * 3000) / 4000
