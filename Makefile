@@ -28,8 +28,9 @@ readme-figures: report
 test: install
 	$(BIN)/python -m pytest -q
 
+# The long tests (a wheel installed into a fresh venv, conversions, notebooks): minutes. CI runs both.
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m 'slow and not macos'
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
 from workbench.analysis.config import DEFAULT_PROMPTS, AnalysisConfig
-from workbench.analysis.result import MatchedPair, Timing
 from workbench.analysis.run import fit_workers, run_analysis
 from workbench.cli.main import main
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -135,27 +135,90 @@ def test_analysis_measures_sensible_baselines_recipes_and_timing(pipe, tmp_path)
         assert (tmp_path / name).stat().st_size > 0
 
     t = result.timing
-    assert isinstance(t, Timing)
     refined = sum(r.strategy == "refined" for r in result.recipes)  # recorded from their measured candidates
     assert t.new_evaluations == t.evaluations - refined and t.evaluations == len(result.evaluations)
     # a gradient is one forward with backward; the refinement's importance one more probe run
     gradients = sum(a.rounds for r in result.refinement for a in r.attempts)
     assert gradients > 0 and t.unet_evaluations == t.new_evaluations + gradients + 1
-    assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s)
+    assert t.unet_batch == 2 and t.overhead == pytest.approx(t.wall_s / t.forward_s) and t.overhead > 1
+    # run.json against the other files the run wrote: the store and the CSV tables
     run = json.loads((tmp_path / "run.json").read_text())
-    assert list(run["timing"]) == [
-        "wall_s", "forward_s", "unet_evaluations", "new_evaluations", "evaluations", "kmeans_fits", "overhead",
-        "unet_batch",
-    ]  # fmt: skip
-    assert run["timing"] == t.to_dict()
+    (store,) = (tmp_path / "store").glob("*.jsonl")
+    stored = [json.loads(line) for line in store.read_text().splitlines()[1:]]  # after the header
+    assert run["timing"]["evaluations"] == len(pd.read_csv(tmp_path / "evaluations.csv"))
+    assert run["timing"]["new_evaluations"] == sum("id" in r for r in stored) - refined
+    assert 0 < run["timing"]["forward_s"] < run["timing"]["wall_s"]
 
     matched = result.matched_comparison()
-    assert len(matched) >= 1 and all(isinstance(p, MatchedPair) for p in matched)
-    for p in matched:
-        assert p.ours_bpp <= p.reference_bpp + 1e-6 and p.gain_db == p.ours_psnr - p.reference_psnr
-    assert run["matched_comparison"] == matched.to_records()
-    assert list(matched.to_frame().columns) == list(MatchedPair.__dataclass_fields__)
-    assert matched.mean_gain_db() == pytest.approx(sum(p.gain_db for p in matched) / len(matched))
+    recipes = pd.read_csv(tmp_path / "recipes.csv").set_index("name")
+    ours = recipes[recipes.strategy.isin(["size-aware", "refined"])]
+    assert len(matched) >= 1 and len(run["matched_comparison"]) == len(matched)
+    for pair in run["matched_comparison"]:  # each reference recipe against the best of ours no larger than it
+        reference = recipes.loc[pair["reference"]]
+        assert reference.strategy == "apple" and pair["reference_bpp"] == pytest.approx(reference.bits_per_param)
+        fits = ours[ours.bits_per_param <= reference.bits_per_param + 1e-6]
+        assert pair["ours"] in fits.index and pair["ours_psnr"] == pytest.approx(fits.psnr_mean.max(), abs=1e-9)
+        assert pair["gain_db"] == pytest.approx(fits.psnr_mean.max() - reference.psnr_mean, abs=1e-9)
+    frame = matched.to_frame()
+    assert frame["gain_db"].tolist() == pytest.approx((frame.ours_psnr - frame.reference_psnr).tolist())
+    assert (frame.ours_bpp <= frame.reference_bpp + 1e-6).all()
+    assert matched.mean_gain_db() == pytest.approx(frame.gain_db.mean())
+
+
+# the cheapest analysis that stores something: 3 candidate layers, one width, one recipe
+SMALL = AnalysisConfig(nbits=(2,), min_numel=60_000, prompts=PROMPTS, height=32, width=32, num_recipes=1,
+                       strategies=("apple",))  # fmt: skip
+
+
+def _measured(pipe, out: Path, config: AnalysisConfig = SMALL, resume: bool = True) -> str:
+    """Run the analysis into `out`: "all" if it measured every evaluation afresh, "none" if it read them all back
+    from the store (anything else: how many of how many)."""
+    timing = run_analysis(pipe, config, out_dir=out, resume=resume, progress=False).timing
+    assert timing.evaluations >= 5  # 2 baselines, 3 layers, a recipe
+    new = timing.new_evaluations
+    return "all" if new == timing.evaluations else "none" if new == 0 else f"{new} of {timing.evaluations}"
+
+
+def _nudge(tensor: torch.Tensor) -> None:
+    """Move one value of a weight to the next float32 up: the smallest change a weight can have."""
+    with torch.no_grad():
+        flat = tensor.view(-1)
+        flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))
+
+
+def test_the_store_is_reused_only_for_the_same_inputs(tmp_path):
+    with torch_threads(1):
+        pipe = tiny_sd_pipeline(seed=0)
+        pipe.set_progress_bar_config(disable=True)
+        assert _measured(pipe, tmp_path) == "all"  # a fresh folder
+        assert _measured(pipe, tmp_path) == "none"  # the same inputs: everything read back
+        assert _measured(pipe, tmp_path, resume=False) == "all"  # `--no-resume`: measured again
+        assert _measured(pipe, tmp_path, AnalysisConfig(**{**SMALL.to_dict(), "prompts": ["a blue square"]})) == "all"
+        for weight in (pipe.unet.conv_in.weight, next(pipe.text_encoder.parameters())):
+            original = weight.detach().clone()
+            _nudge(weight)  # one ulp, in a layer that is no candidate of the sweep
+            assert _measured(pipe, tmp_path) == "all"
+            with torch.no_grad():
+                weight.copy_(original)
+        scheduler = pipe.scheduler
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, steps_offset=0)  # one setting changed
+        assert _measured(pipe, tmp_path) == "all"
+        pipe.scheduler = scheduler
+        assert _measured(pipe, tmp_path) == "none"  # all restored: the first store again
+    assert len(list((tmp_path / "store").glob("*.jsonl"))) == 5  # one store each: first, prompt, 2 weights, scheduler
+
+
+def test_cli_no_resume_measures_everything_again(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = ["analyze", "tiny-sd", "--out", str(tmp_path / "out"), "--nbits", "2", "--min-numel", "60000",
+            "--prompts", str(tmp_path / "prompts.txt"), "--num-recipes", "1", "--strategies", "apple", "--threads",
+            "1", "--quiet"]  # fmt: skip
+    counts = []
+    for extra in ([], [], ["--no-resume"]):
+        assert main([*argv, *extra]) == 0
+        counts.append(_evaluation_counts(capsys.readouterr().out))
+    n = counts[0][0]
+    assert n >= 5 and counts == [(n, n), (n, 0), (n, n)]  # fresh, resumed, measured again
 
 
 def test_sweep_bits_per_param_counts_luts_only_for_grouped_palettes():

@@ -11,7 +11,7 @@ import pytest
 import workbench.cli.layers
 from workbench.cli import main as cli
 from workbench.cli.common import int_in_range
-from workbench.errors import InvalidValueError, UserError, is_user_error, parse_bool
+from workbench.errors import InvalidValueError, is_user_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,42 +67,103 @@ def test_threads_0_in_a_real_process_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("value", ["ture", "maybe", "", "2"])
-def test_set_rejects_a_boolean_it_cannot_read(capsys, monkeypatch, value):
+@pytest.fixture
+def trained(monkeypatch):
+    """`workbench train` runs for real up to the training itself, which records the config it was given instead."""
     import workbench.demo.train
 
-    monkeypatch.setattr(workbench.demo.train, "run", lambda args: pytest.fail("training started"))
+    configs = []
+    monkeypatch.setattr(workbench.demo.train, "train", lambda config, out, **kwargs: configs.append(config))
+    return configs
+
+
+@pytest.mark.parametrize("value", ["ture", "maybe", "", "2", "yes!"])
+def test_set_rejects_a_boolean_it_cannot_read(capsys, trained, value):
     status, err = run_cli(capsys, "train", "--set", f"zero_terminal_snr={value}")
-    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert status == 2 and len(err.strip().splitlines()) == 1 and trained == []
     assert f"--set zero_terminal_snr={value!r} is not a boolean" in err and "true" in err and "no" in err
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("unet_steps=abc", "--set unet_steps='abc' is not of the field's type int"),
+        ("unet_steps=abc", "--set unet_steps='abc' is not of the field's type int; valid: an integer"),
+        ("unet_steps=2.5", "--set unet_steps='2.5' is not of the field's type int"),
+        ("vae_lr=fast", "--set vae_lr='fast' is not of the field's type float; valid: a number"),
         ("unet_channels=32,x", "--set unet_channels='32,x' is not of the field's type tuple[int, ...]"),
         ("no_such_key=1", "--set expects KEY=VALUE with KEY one of"),
         ("unet_steps", "--set expects KEY=VALUE"),
+        ("unet_steps=-1", "--set unet_steps=-1: unet_steps must be >= 0, got -1"),
+        ("unet_batch=0", "unet_batch must be >= 1, got 0"),
     ],
 )
-def test_set_rejects_unknown_keys_and_unparsable_numbers(capsys, monkeypatch, override, message):
-    import workbench.demo.train
-
-    monkeypatch.setattr(workbench.demo.train, "run", lambda args: pytest.fail("training started"))
+def test_set_rejects_unknown_keys_and_unparsable_or_invalid_values(capsys, trained, override, message):
     status, err = run_cli(capsys, "train", "--set", override)
-    assert status == 2 and message in err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and trained == []
+    assert message in err, err
 
 
-def test_set_accepts_every_spelling_of_a_boolean(capsys, monkeypatch):
-    import workbench.demo.train
+@pytest.mark.parametrize(
+    "spelling, value", [("True", True), ("false", False), ("1", True), ("0", False), ("YES", True), ("no", False)]
+)
+def test_set_reads_every_spelling_of_a_boolean_into_the_trained_config(capsys, trained, tmp_path, spelling, value):
+    from workbench.demo.config import TrainConfig
 
-    seen = []
-    monkeypatch.setattr(workbench.demo.train, "run", lambda args: seen.append(args.set))
-    spellings = ["True", "false", "1", "0", "YES", "no"]
-    status, _ = run_cli(capsys, "train", *[f"--set=zero_terminal_snr={v}" for v in spellings], "--set=unet_steps=3")
-    assert status == 0 and seen == [[*(f"zero_terminal_snr={v}" for v in spellings), "unet_steps=3"]]
-    assert [parse_bool(v, name="x") for v in spellings] == [True, False, True, False, True, False]
+    out = str(tmp_path / "model")
+    status, err = run_cli(capsys, "train", "--out", out, f"--set=zero_terminal_snr={spelling}", "--set=unet_steps=3")
+    assert status == 0, err
+    assert trained == [TrainConfig(zero_terminal_snr=value, unet_steps=3)]
+
+
+def test_config_file_and_set_combine_with_the_set_winning(capsys, trained, tmp_path):
+    from workbench.demo.config import TrainConfig
+
+    (tmp_path / "config.json").write_text('{"unet_steps": 7, "vae_steps": 9}')
+    argv = ["train", "--out", str(tmp_path / "m"), "--config", str(tmp_path / "config.json"), "--set", "vae_steps=2"]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert trained == [TrainConfig(unet_steps=7, vae_steps=2)]
+    (tmp_path / "config.json").write_text('{"steps": 7}')
+    status, err = run_cli(capsys, *argv)
+    assert status == 2 and "unknown TrainConfig keys ['steps']" in err and len(trained) == 1
+
+
+def test_python_m_demo_train_reads_set_with_the_same_parser(capsys, trained, tmp_path):
+    from workbench.demo.config import TrainConfig
+    from workbench.demo.train import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--out", str(tmp_path), "--set", "zero_terminal_snr= yes please"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.strip().splitlines()[-1].endswith(
+        "error: --set zero_terminal_snr=' yes please' is not a boolean; valid: true, 1, yes, false, 0, no (any case)"
+    )
+    assert main(["--out", str(tmp_path), "--set", "zero_terminal_snr=no"]) == 0
+    assert trained == [TrainConfig(zero_terminal_snr=False)]
+
+
+def test_train_checks_its_options_before_importing_torch(tmp_path):
+    code = (
+        "import argparse, sys\n"
+        "from workbench.cli.train import run\n"
+        "from workbench.errors import InvalidValueError\n"
+        "args = argparse.Namespace(set=['unet_steps=x'], config=None, card_only=False, out=None)\n"
+        "try:\n"
+        "    run(args)\n"
+        "except InvalidValueError as err:\n"
+        "    print(err)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    refused = "--set unet_steps='x' is not of the field's type int; valid: an integer"
+    assert proc.stdout.splitlines() == [refused, "False"]
 
 
 @pytest.mark.parametrize("error", [ValueError("internal"), KeyError("internal"), FileNotFoundError("internal")])
@@ -146,14 +207,35 @@ def test_user_errors_raised_by_a_command_are_one_line(capsys, monkeypatch):
     assert run_cli(capsys, "layers") == (2, "workbench layers: error: --thing=3 is not valid; valid: 1 or 2\n")
 
 
-def test_errors_from_before_user_error_count_as_user_errors():
+def _user_errors():
+    from workbench.coreml import ExportMemoryError
     from workbench.models.loader import ModelNotAvailableError
     from workbench.recipes.recipe import RecipeError
     from workbench.sweep.store import StoreMismatchError
 
-    assert is_user_error(RecipeError("x")) and is_user_error(StoreMismatchError("x"))
-    assert is_user_error(ModelNotAvailableError("x")) and isinstance(ModelNotAvailableError("x"), FileNotFoundError)
-    assert isinstance(InvalidValueError("x"), ValueError) and issubclass(InvalidValueError, UserError)
+    return [
+        RecipeError("recipe x names no layer"),
+        StoreMismatchError("store of another run"),
+        ModelNotAvailableError("no model at /x"),
+        InvalidValueError("--thing=3 is not valid"),
+        ExportMemoryError("needs 9 GB"),
+    ]
+
+
+@pytest.mark.parametrize("error", _user_errors(), ids=lambda e: type(e).__name__)
+def test_errors_raised_from_every_layer_are_one_line_from_a_command(capsys, monkeypatch, error):
+    monkeypatch.setattr(workbench.cli.layers, "run", lambda args: (_ for _ in ()).throw(error))
+    assert run_cli(capsys, "layers") == (2, f"workbench layers: error: {error}\n")
+
+
+def test_user_errors_still_reach_code_that_catches_the_builtin_types():
+    from workbench.demo.config import TrainConfig
+    from workbench.models.loader import check_model
+
+    with pytest.raises(FileNotFoundError, match="/nonexistent/model"):  # the type callers caught before
+        check_model("/nonexistent/model")
+    with pytest.raises(ValueError, match="unet_steps"):
+        TrainConfig().with_overrides(["unet_steps=x"])
     assert not is_user_error(ValueError("x")) and not is_user_error(KeyError("x")) and not is_user_error(OSError())
 
 

@@ -12,23 +12,12 @@ from workbench.compare.seed_matched import Column, seed_matched_images, uniform_
 from workbench.metrics import image_psnr
 from workbench.models.generation import Sampling, generate_images
 from workbench.models.layers import compressible_layers
-from workbench.models.tiny import tiny_sd_pipeline
 from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
 from workbench.report.tables import recipe_summary
 from workbench.viz.grids import image_grid
 
 PROMPTS = ["a large red circle at the center", "a small blue square at the top left"]
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pipe = tiny_sd_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    yield pipe
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

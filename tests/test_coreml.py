@@ -3,7 +3,9 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -29,8 +31,6 @@ from workbench.palettes.apply import palettized
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
 from workbench.recipes.recipe import PreAnalysis, load_recipe
-
-ct = pytest.importorskip("coremltools")
 
 MIN_NUMEL = 2048
 GEN = {"steps": 2, "height": 32, "width": 32}  # 16x16 latents: fast, same code path
@@ -255,9 +255,10 @@ def test_layer_patterns_narrow_the_unet_plan():
         plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000, layers=["mid_blok.*"])
 
 
-def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need():
+def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need(tmp_path, capsys, monkeypatch):
+    import psutil
+
     from workbench.coreml import ExportMemoryError, check_export_memory, plan_export
-    from workbench.errors import UserError
 
     plans = plan_export(tiny_sd_pipeline(), ["unet"], recipe=None, nbits=4, min_numel=30_000)
     check_export_memory(plans, available=10**12)  # plenty: no error
@@ -266,4 +267,10 @@ def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need():
         match=r"exporting the unet needs about 0\.0 GB .* this machine has 0\.0 GB free. Run the export on a machine",
     ):
         check_export_memory(plans, available=1000)
-    assert issubclass(ExportMemoryError, UserError)
+    # from the command line: one line, exit 2, nothing converted
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    out = tmp_path / "out"
+    assert main(["export", "tiny-sd", "--out", str(out), "--nbits", "4", "--components", "unet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("workbench export: error: exporting the unet needs about") and err.count("\n") == 1, err
+    assert not list(out.glob("*.mlpackage"))

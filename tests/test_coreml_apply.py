@@ -3,6 +3,7 @@
 import subprocess
 import warnings
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -31,8 +32,6 @@ from workbench.models.layers import compressible_layers
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
-
-ct = pytest.importorskip("coremltools")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,8 +95,8 @@ def mixed_bits(unet: nn.Module, names: list[str]) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    pipe = tiny_sd_pipeline()
+def foreign(pipe, tmp_path_factory):
+    """(the tiny SD pipeline, the UNet layers of `subset`, their package as another converter names them)."""
     names = subset(pipe.unet)
     return pipe, names, foreign_package(pipe.unet, tmp_path_factory.mktemp("foreign") / "Unet.mlpackage", names)
 
@@ -110,8 +109,8 @@ def test_canonical_weight_ignores_singleton_axes_only():
     assert canonical_weight(w[:, :, None, None]).shape == (8, 4)
 
 
-def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_linears(sd, tmp_path):
-    pipe, names, package = sd
+def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_linears(foreign, tmp_path):
+    pipe, names, package = foreign
     stored = package_weights(package)
     assert not any(name.startswith("unet_") for name in stored) and all(v.ndim == 4 for v in stored.values())
     assert any(isinstance(weight_layers(pipe.unet)[n], nn.Linear) for n in names)
@@ -138,8 +137,8 @@ def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_line
         apply_recipe(applied.path, pipe.unet, bits, tmp_path / "again")
 
 
-def test_package_of_another_model_fails_naming_what_did_not_match(sd, tmp_path):
-    pipe, names, _ = sd
+def test_package_of_another_model_fails_naming_what_did_not_match(foreign, tmp_path):
+    pipe, names, _ = foreign
     other = foreign_package(tiny_sd_pipeline(seed=1).unet, tmp_path / "Unet.mlpackage", names[:8])
     bits = mixed_bits(pipe.unet, names[:8])
     with pytest.raises(PackageMismatchError) as err:
@@ -309,11 +308,11 @@ def test_coreml_backend_glue_drives_apple_layout_packages(builder):
     np.testing.assert_array_equal(image, expected)
 
 
-def test_cli_apply(sd, tmp_path, capsys):
+def test_cli_apply(foreign, tmp_path, capsys):
     from workbench.cli.main import main
     from workbench.recipes.recipe import PreAnalysis
 
-    pipe, names, package = sd
+    pipe, names, package = foreign
     PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"mixed": mixed_bits(pipe.unet, names[:6])}).save(
         tmp_path / "recipe.json"
     )

@@ -1,19 +1,20 @@
 """The simulation is the shipped model: Core ML's palettized weights equal ours, bit for bit."""
 
+import shutil
 import warnings
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from workbench.coreml import coreml_weight_names, package_weights, palettized_weight_names
+from workbench.coreml import coreml_weight_names, package_weights, palettized_weight_names, verify_package
 from workbench.models.layers import compressible_layers
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
 from workbench.threads import sklearn_single_thread
 
-ct = pytest.importorskip("coremltools")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -149,3 +150,115 @@ def test_data_aware_palettes_are_stored_as_fitted(recipe_name, tmp_path):
         theirs = stored[names[layer]]
         assert np.array_equal(palette.dense().view(np.uint16), theirs.view(np.uint16)), f"{layer} ({cfg.key})"
         assert not np.array_equal(palette.dense(), plain.dense()), "data-aware palettes differ from plain ones"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `verify_package` must say so when a package is not what the torch model and plan make
+
+
+PLAN = {"stem": PaletteConfig(4), "block.0": PaletteConfig(2), "head": PaletteConfig(8)}  # block.1, out: float16
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(SmallNet, its Core ML weight names, a package of it palettized by `PLAN` and saved)."""
+    net = _small_net()
+    names = coreml_weight_names(compressible_layers(net, min_numel=0))
+    config = ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={names[layer]: cfg.to_coreml() for layer, cfg in PLAN.items()}
+    )
+    with warnings.catch_warnings(), sklearn_single_thread():
+        warnings.simplefilter("ignore")
+        compressed = ct.optimize.coreml.palettize_weights(_convert(net, ct.target.iOS17), config)
+    path = tmp_path_factory.mktemp("verify") / "net.mlpackage"
+    compressed.save(str(path))
+    return net, names, path
+
+
+def _verify(path, net, names, plan=PLAN):
+    return verify_package(path, net, plan, component="net", names=names)
+
+
+def _exact(verification) -> dict[str, bool]:
+    return {c.layer: c.bit_exact for c in verification.layers}
+
+
+def test_verify_package_passes_the_package_it_was_made_from(saved):
+    net, names, path = saved
+    verification = _verify(path, net, names)
+    assert _exact(verification) == dict.fromkeys(PLAN, True)
+    assert verification.float16_layers == 2 and verification.float16_exact == 2 and verification.all_bit_exact
+
+
+def test_verify_package_reports_a_layer_planned_at_another_width(saved):
+    net, names, path = saved
+    verification = _verify(path, net, names, {**PLAN, "stem": PaletteConfig(6)})  # stored at 4 bits
+    assert _exact(verification) == {"stem": False, "block.0": True, "head": True}
+    assert not verification.all_bit_exact
+    grouped = {**PLAN, "head": PaletteConfig(8, granularity="per_grouped_channel", group_size=16)}
+    assert _exact(_verify(path, net, names, grouped))["head"] is False
+
+
+def test_verify_package_reports_another_seeds_weights(saved):
+    _, names, path = saved
+    other = _small_net()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    verification = _verify(path, other, names)
+    assert _exact(verification) == dict.fromkeys(PLAN, False)
+    assert verification.float16_exact == 0 and not verification.all_bit_exact
+
+
+def test_verify_package_reports_one_changed_torch_weight(saved):
+    net, names, path = saved
+    for layer, index in [("out", (3, 5)), ("head", (7, 11))]:  # a float16 layer, a palettized one
+        changed = _small_net()
+        with torch.no_grad():
+            changed.get_submodule(layer).weight[index] = 1.0  # 20 sigma: its own float16 value, its own cluster
+        verification = _verify(path, changed, names)
+        assert not verification.all_bit_exact, layer
+        if layer == "out":
+            assert verification.float16_exact == 1 and all(_exact(verification).values())
+        else:
+            assert _exact(verification) == {"stem": True, "block.0": True, "head": False}
+
+
+def test_verify_package_reports_a_palettized_layer_the_plan_does_not_name(saved):
+    net, names, path = saved
+    verification = _verify(path, net, names, {k: v for k, v in PLAN.items() if k != "head"})
+    assert verification.unexpected_palettized == (names["head"],) and not verification.all_bit_exact
+
+
+def _tamper(path, tmp_path, old: bytes, new: bytes):
+    """A copy of the package at `path` whose weight file has `old` (found exactly once) replaced by `new`."""
+    copy = tmp_path / "tampered.mlpackage"
+    shutil.copytree(path, copy)
+    (weights,) = (copy / "Data" / "com.apple.CoreML" / "weights").glob("*.bin")
+    data = weights.read_bytes()
+    assert data.count(old) == 1, "the bytes to tamper with must be found once"
+    weights.write_bytes(data.replace(old, new))
+    return copy
+
+
+def test_verify_package_reports_a_tampered_float16_weight(saved, tmp_path):
+    net, names, path = saved
+    stored = net.out.weight.detach().half().numpy().copy()
+    tampered = stored.copy()
+    tampered.flat[100] = -tampered.flat[100]  # one sign bit
+    copy = _tamper(path, tmp_path, stored.tobytes(), tampered.tobytes())
+    verification = _verify(copy, net, names)
+    assert verification.float16_layers == 2 and verification.float16_exact == 1
+    assert all(_exact(verification).values()) and not verification.all_bit_exact
+
+
+def test_verify_package_reports_a_tampered_palette(saved, tmp_path):
+    net, names, path = saved
+    lut = fit_palette(net.head.weight, PLAN["head"]).lut.copy()  # 256 float16 values, stored as the LUT
+    tampered = lut.copy()
+    tampered.flat[0] = np.nextafter(tampered.flat[0], np.float16(0))  # one value moved by one ulp
+    copy = _tamper(path, tmp_path, lut.tobytes(), tampered.tobytes())
+    verification = _verify(copy, net, names)
+    assert _exact(verification) == {"stem": True, "block.0": True, "head": False}
+    assert not verification.all_bit_exact

@@ -6,6 +6,7 @@ Run on a Mac with `pytest -m macos tests/test_coreml_macos.py`. Packages have fi
 
 import sys
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ pytestmark = [
     pytest.mark.macos,
     pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction runs on macOS only"),
 ]
-ct = pytest.importorskip("coremltools")
 
 GEN = {"steps": 4, "height": 64, "width": 64}
 
@@ -33,9 +33,8 @@ def psnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    pipe = tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+def exports(pipe, tmp_path_factory):
+    """(the tiny SD pipeline, its float16 packages, its 6-bit UNet package)."""
     float16 = export_pipeline(
         pipe, tmp_path_factory.mktemp("float16"), components=["unet", "text_encoder", "vae_decoder"]
     )
@@ -43,8 +42,8 @@ def sd(tmp_path_factory):
     return pipe, float16, palettized
 
 
-def test_float16_packages_predict_like_torch(sd):
-    pipe, float16, _ = sd
+def test_float16_packages_predict_like_torch(exports):
+    pipe, float16, _ = exports
     expected = generate_images(pipe, "a red circle", seed=0, **GEN)
     with coreml_pipeline(pipe, float16, backend="coreml") as coreml:
         assert coreml.label == COREML_LABEL
@@ -53,8 +52,8 @@ def test_float16_packages_predict_like_torch(sd):
     assert image_psnr(expected, image) >= 30.0  # float16 arithmetic on the Core ML runtime vs float32 torch
 
 
-def test_unet_noise_prediction_matches_torch(sd):
-    pipe, float16, _ = sd
+def test_unet_noise_prediction_matches_torch(exports):
+    pipe, float16, _ = exports
     model = ct.models.MLModel(str(float16.package("unet").path))
     g = torch.Generator().manual_seed(0)
     sample, hidden = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 32, generator=g)
@@ -68,8 +67,8 @@ def test_unet_noise_prediction_matches_torch(sd):
     assert psnr_db(expected, out) >= 40.0
 
 
-def test_palettized_package_predicts_like_its_emulation(sd):
-    pipe, _, palettized = sd
+def test_palettized_package_predicts_like_its_emulation(exports):
+    pipe, _, palettized = exports
     with coreml_pipeline(pipe, palettized, backend="emulate") as emulated:
         expected = generate_images(emulated, "a blue square", seed=1, **GEN)
     with coreml_pipeline(pipe, palettized, backend="coreml") as coreml:

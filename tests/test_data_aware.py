@@ -24,14 +24,16 @@ from workbench.recipes.recipe import PreAnalysis, Recipe, RecipeError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _net():
-    g = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(64, 64, 3, groups=4), nn.Flatten(1, 3))
-    net.append(nn.Linear(64 * 6 * 6, 256))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
+@pytest.fixture
+def net(seeded_net):
+    """Convs (one grouped) and a linear."""
+    layers = (
+        nn.Conv2d(8, 64, 3, padding=1),
+        nn.Conv2d(64, 64, 3, groups=4),
+        nn.Flatten(1, 3),
+        nn.Linear(64 * 6 * 6, 256),
+    )
+    return seeded_net(*layers)
 
 
 def _inputs(n=3):
@@ -45,8 +47,8 @@ def _run(net, inputs):
 
 
 @torch.no_grad()
-def test_importance_is_the_input_channel_second_moment_and_hooks_go_away():
-    net, inputs = _net(), _inputs()
+def test_importance_is_the_input_channel_second_moment_and_hooks_go_away(net):
+    inputs = _inputs()
     names = {"0": net[0], "1": net[1], "3": net[3]}
     importance = collect_importance(net, names, _run(net, inputs))
     assert all(not layer._forward_pre_hooks for layer in net)
@@ -67,8 +69,7 @@ def test_importance_is_the_input_channel_second_moment_and_hooks_go_away():
         collect_importance(net, {"extra": nn.Linear(3, 3)}, _run(net, inputs))
 
 
-def test_importance_file_round_trip_and_clear_errors(tmp_path):
-    net = _net()
+def test_importance_file_round_trip_and_clear_errors(net, tmp_path):
     importance = Importance({"0": expand_importance(net[0], np.arange(8.0)), "3": np.ones((1, 2304))})
     path = importance.save(tmp_path / "importance.npz")
     loaded = Importance.load(path)
@@ -84,8 +85,8 @@ def test_importance_file_round_trip_and_clear_errors(tmp_path):
         Importance({"0": -np.ones(3)})
 
 
-def test_data_aware_palette_lowers_the_weighted_error_and_the_output_error():
-    net, inputs = _net(), _inputs()
+def test_data_aware_palette_lowers_the_weighted_error_and_the_output_error(net):
+    inputs = _inputs()
     importance = collect_importance(net, {"0": net[0]}, _run(net, inputs))
     weight, imp = net[0].weight, importance.for_weight("0", net[0].weight.shape)
     captured = capture_inputs(net, ["0"], _run(net, inputs))["0"]
@@ -134,8 +135,8 @@ def test_config_keys_targets_and_exact_bytes():
         assert palette.nbytes == layer_nbytes(64 * 48, 64, cfg) == -(-64 * 48 * cfg.nbits // 8) + palette.lut.size * 2
 
 
-def test_cache_and_palettized_fit_data_aware_palettes_with_their_importance():
-    net, inputs = _net(), _inputs()
+def test_cache_and_palettized_fit_data_aware_palettes_with_their_importance(net):
+    inputs = _inputs()
     importance = collect_importance(net, ["0", "3"], _run(net, inputs))
     recipe = {"0": "wkmeans4", "3": "wkmeans2_g16"}
     expected = {
@@ -178,15 +179,11 @@ def test_recipes_carry_config_keys_and_say_their_target():
 
 
 @pytest.mark.slow  # converts the tiny UNet (15-70 s on a shared 2-core machine)
-def test_cli_exports_a_data_aware_recipe_bit_exact(tmp_path, capsys):
-    pytest.importorskip("coremltools")
+def test_cli_exports_a_data_aware_recipe_bit_exact(pipe, tmp_path, capsys):
     from workbench.cli.main import main
     from workbench.models.layers import compressible_layers
-    from workbench.models.tiny import tiny_sd_pipeline
     from workbench.sweep.probe import OneStepProbe
 
-    pipe = tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     layers = compressible_layers(pipe.unet, 2048)
     large = [n for n, m in layers.items() if m.weight.numel() >= 10_000]
     probe = OneStepProbe(pipe, ["a red circle"], seed=0)

@@ -59,7 +59,7 @@ def test_local_executor_skips_stored_tasks_without_palettizing(tmp_path):
         tasks = isolated_tasks(candidates, (2,))[:2] + curve_tasks(candidates, C2, list(candidates.layers)[:3])
         store = EvaluationStore(tmp_path / "s.jsonl", {"test": 1})
         first = LocalExecutor(pipe.unet, PaletteCache()).measure_all(tasks, EvaluationRunner(probe, store, False))
-        assert [e.id for e in first] == [t.id for t in tasks] and all(isinstance(t, EvalTask) for t in tasks)
+        assert [e.id for e in first] == [t.id for t in tasks] and set(store.records) == {t.id for t in tasks}
         cache = PaletteCache()
         again = LocalExecutor(pipe.unet, cache).measure_all(tasks, EvaluationRunner(probe, store, False))
     assert [e.psnr for e in again] == [e.psnr for e in first] and cache.fits == 0

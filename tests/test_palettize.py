@@ -1,3 +1,6 @@
+import threading
+from concurrent.futures import wait
+
 import numpy as np
 import pytest
 import torch
@@ -7,17 +10,18 @@ from workbench.models.layers import LayerNotFoundError, compressible_layers, get
 from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import PaletteConfig, as_config
-from workbench.palettes.fit import Palette, fit_palette, linear_quantize_tensor, palettize_tensor
+from workbench.palettes.fit import fit_palette, linear_quantize_tensor, palettize_tensor
 from workbench.palettes.size import size_report
 
 
-def _net(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(4, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.Flatten(), nn.Linear(64, 128))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return net
+def _layers():
+    """Two convs and a linear, each under 10,000 weights (scikit-learn's k-means path)."""
+    return nn.Conv2d(4, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.Flatten(), nn.Linear(64, 128)
+
+
+@pytest.fixture
+def net(seeded_net):
+    return seeded_net(*_layers())
 
 
 def test_config_validation_names_the_bad_value():
@@ -68,7 +72,9 @@ def _weights_for_exactness() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", ["student_t", "signed_zeros", "few_values", "float32_conv"])
 @pytest.mark.parametrize("nbits", [1, 2, 4, 6, 8])
 def test_fit_palette_is_bit_exact_with_coremltools_kmeans(name, nbits):
-    quantization_utils = pytest.importorskip("coremltools.models.neural_network.quantization_utils")
+    # a private coremltools name: if an upgrade moves it, this fails (the reference must be found, not skipped)
+    from coremltools.models.neural_network import quantization_utils
+
     weight = _weights_for_exactness()[name]
     lut, indices = quantization_utils._get_kmeans_lookup_table_and_weight(nbits, weight.astype(np.float16))
     palette = fit_palette(weight, PaletteConfig(nbits))
@@ -79,8 +85,6 @@ def test_fit_palette_is_bit_exact_with_coremltools_kmeans(name, nbits):
 
 @pytest.mark.parametrize("solver", ["numba", "coremltools", "auto"])
 def test_fit_palette_solvers_give_the_same_palette(solver):
-    if solver == "numba":
-        pytest.importorskip("numba", reason="the numba solver needs numba (pip install numba)")
     weight = _weights_for_exactness()["student_t"]
     reference = fit_palette(weight, PaletteConfig(8), solver="coremltools")
     palette = fit_palette(weight, PaletteConfig(8), solver=solver)
@@ -107,8 +111,7 @@ def test_uniform_mode_is_evenly_spaced():
     assert np.allclose(np.diff(lut), 2 / 15, rtol=2e-3)
 
 
-def test_palettized_restores_weights_bitwise_and_uses_no_copy_of_the_model():
-    net = _net()
+def test_palettized_restores_weights_bitwise_and_uses_no_copy_of_the_model(net):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     storage_before = {n: m.weight.data_ptr() for n, m in compressible_layers(net, 0).items()}
     recipe = {"0": 2, "2": PaletteConfig(4), "4": 16}
@@ -124,8 +127,7 @@ def test_palettized_restores_weights_bitwise_and_uses_no_copy_of_the_model():
         assert m.weight.data_ptr() == storage_before[n], "the original storage must come back, not a copy"
 
 
-def test_palettized_restores_on_error():
-    net = _net()
+def test_palettized_restores_on_error(net):
     before = net[0].weight.clone()
     with pytest.raises(RuntimeError, match="boom"):
         with palettized(net, {"0": 1}):
@@ -133,8 +135,7 @@ def test_palettized_restores_on_error():
     assert torch.equal(net[0].weight, before)
 
 
-def test_cache_fits_once_and_refits_a_changed_weight():
-    net = _net()
+def test_cache_fits_once_and_refits_a_changed_weight(net):
     cache = PaletteCache()
     for _ in range(3):
         with palettized(net, {"2": 4}, cache=cache):
@@ -147,17 +148,44 @@ def test_cache_fits_once_and_refits_a_changed_weight():
     assert cache.fits == 2
 
 
-def test_background_fits_equal_foreground_fits_and_never_serve_a_changed_weight():
-    net = _net()
+def test_background_fits_equal_foreground_fits_and_never_serve_a_changed_weight(net, monkeypatch):
     recipe = {"0": 2, "2": 4, "4": PaletteConfig(nbits=3, granularity="per_grouped_channel", group_size=4)}
     expected = {}
     for name, spec in recipe.items():
         with palettized(net, {name: spec}):
             expected[name] = net.get_submodule(name).weight.clone()
+    original = net[2].weight.detach().clone()
+    go, fitted, release = threading.Event(), threading.Event(), threading.Event()
+    read, foreground = {}, []
     with PaletteCache() as cache:
+        background, fit = cache._fit_in_background, cache._fit
+
+        def gated(name, weight, config, approximate):  # every background fit waits for `go`; layer 2's, once
+            assert go.wait(timeout=60)  # fitted, waits for `release` before it is handed back
+            read[name] = weight.detach().clone()
+            palette = background(name, weight, config, approximate)
+            if name == "2":
+                fitted.set()
+                assert release.wait(timeout=60)
+            return palette
+
+        def counted(name, *args):
+            if threading.current_thread() is threading.main_thread():
+                foreground.append(name)
+            return fit(name, *args)
+
+        monkeypatch.setattr(cache, "_fit_in_background", gated)
+        monkeypatch.setattr(cache, "_fit", counted)
         cache.prefetch((n, net.get_submodule(n).weight, as_config(s)) for n, s in recipe.items())
+        futures = [future for _, future in cache._pending.values()]
+        assert len(futures) == 3 and not any(f.done() for f in futures)
+        go.set()
+        assert fitted.wait(timeout=60)  # layer 2's palette is fitted to its old values and not yet handed back
         with torch.no_grad():
-            net[2].weight.add_(1.0)  # changed after its fit was submitted: that fit must not be used
+            net[2].weight.add_(1.0)  # changed after its fit: that fit must not be used
+        release.set()
+        wait(futures, timeout=60)
+        assert all(f.done() for f in futures) and torch.equal(read["2"], original)
         for name, spec in recipe.items():
             with palettized(net, {name: spec}, cache=cache):
                 got = net.get_submodule(name).weight.clone()
@@ -166,12 +194,11 @@ def test_background_fits_equal_foreground_fits_and_never_serve_a_changed_weight(
                 assert torch.equal(got, palettize_tensor(net[2].weight, PaletteConfig(nbits=4)))
             else:
                 assert torch.equal(got, expected[name])
-        assert cache.fits == 3
+        assert foreground == ["2"] and cache.fits == 3  # layers 0 and 4 from the background, layer 2 refitted
     assert cache._executor is None and not cache._pending
 
 
-def test_palettized_in_place_and_int8_baselines():
-    net = _net()
+def test_palettized_in_place_and_int8_baselines(net):
     w = net[4].weight.detach().clone()
     per_tensor = linear_quantize_tensor(w, per_channel=False)
     per_channel = linear_quantize_tensor(w, per_channel=True)
@@ -201,8 +228,7 @@ def test_compressible_layers_threshold_is_strict():
     assert list(compressible_layers(net, 99)) == ["0", "1"]
 
 
-def test_size_report_counts_luts_and_packing():
-    net = _net()
+def test_size_report_counts_luts_and_packing(net):
     layers = compressible_layers(net, 0)
     report = size_report(layers, {"0": 4, "2": PaletteConfig(2, granularity="per_grouped_channel", group_size=16)})
     n0, n2, n4 = (layers[k].weight.numel() for k in ("0", "2", "4"))
@@ -236,8 +262,7 @@ def test_small_tensor_palettes_do_not_depend_on_thread_count_or_calling_thread()
         assert np.array_equal(fit.indices, reference.indices)
 
 
-def test_approximate_palettes_are_held_beside_exact_ones_and_only_for_plain_kmeans():
-    net = _net()
+def test_approximate_palettes_are_held_beside_exact_ones_and_only_for_plain_kmeans(net):
     weight = net[2].weight
     with PaletteCache() as cache:
         exact = cache.palette("2", weight, PaletteConfig(nbits=4))
@@ -253,10 +278,9 @@ def test_approximate_palettes_are_held_beside_exact_ones_and_only_for_plain_kmea
         fit_palette(weight, PaletteConfig(nbits=4, mode="uniform"), solver="binned")
 
 
-def test_fit_process_gives_fit_palettes_bits_and_reports_failures():
+def test_fit_process_gives_fit_palettes_bits_and_reports_failures(net):
     from workbench.palettes.fit_worker import FitProcess, FitProcessError
 
-    net = _net()
     small = net[0].weight  # 288 weights: scikit-learn's path, which background fits run in the helper process
     with FitProcess() as process:
         for nbits in (2, 6):
@@ -270,31 +294,59 @@ def test_fit_process_gives_fit_palettes_bits_and_reports_failures():
     assert process._process is None
 
 
-def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette():
-    net = _net()
+def test_urgent_prefetch_runs_on_its_own_thread_and_gives_the_same_palette(net, monkeypatch):
+    config = PaletteConfig(nbits=8)
+    started, release, threads = threading.Event(), threading.Event(), {}
     with PaletteCache() as cache:
-        cache.prefetch([("2", net[2].weight, PaletteConfig(nbits=8)), ("4", net[4].weight, PaletteConfig(nbits=8))])
-        cache.prefetch([("4", net[4].weight, PaletteConfig(nbits=8))], urgent=True)
-        assert cache._urgent is not None
-        palette = cache.palette("4", net[4].weight, PaletteConfig(nbits=8))
-        assert np.array_equal(palette.dense(), fit_palette(net[4].weight, PaletteConfig(nbits=8)).dense())
+        background = cache._fit_in_background
+
+        def gated(name, *args):  # layer 2's fit holds the cache's fit thread until released
+            threads.setdefault(name, []).append(threading.current_thread().name)
+            if name == "2":
+                started.set()
+                assert release.wait(timeout=60)
+            return background(name, *args)
+
+        monkeypatch.setattr(cache, "_fit_in_background", gated)
+        cache.prefetch([("2", net[2].weight, config), ("4", net[4].weight, config)])
+        assert started.wait(timeout=60)  # layer 4's fit is queued behind layer 2's
+        cache.prefetch([("4", net[4].weight, config)], urgent=True)
+        ((_, urgent),) = [v for k, v in cache._pending.items() if k[0] == "4"]
+        assert np.array_equal(urgent.result(timeout=60).dense(), fit_palette(net[4].weight, config).dense())
+        assert not release.is_set() and threads == {"2": ["palette-fit_0"], "4": ["palette-fit-urgent_0"]}
+        release.set()
+        palette = cache.palette("4", net[4].weight, config)
+        assert np.array_equal(palette.dense(), fit_palette(net[4].weight, config).dense())
+        assert threads["4"] == ["palette-fit-urgent_0"]  # the queued job moved, it did not run as well
     assert cache._urgent is None and cache._process is None
 
 
-def test_a_fit_process_that_cannot_start_leaves_the_fits_to_the_thread(monkeypatch):
+def test_a_fit_process_that_cannot_start_leaves_the_fits_to_the_thread(net, monkeypatch):
     from workbench.palettes import fit_worker
 
     monkeypatch.setattr(fit_worker.sys, "executable", "/nonexistent/python")
-    net = _net()
     with fit_worker.FitProcess() as process:
         for _ in range(2):  # the second call does not try again
             with pytest.raises(fit_worker.FitProcessError, match="failed"):
                 process.fit(net[0].weight.detach().half().numpy(), PaletteConfig(nbits=2))
+    expected = fit_palette(net[0].weight, PaletteConfig(nbits=2)).dense()
+    started, release, threads = threading.Event(), threading.Event(), []
     with PaletteCache() as cache:  # background fits of small tensors fall back to the cache's thread
+        fit = cache._fit
+
+        def gated(*args):
+            threads.append(threading.current_thread().name)
+            started.set()
+            assert release.wait(timeout=60)
+            return fit(*args)
+
+        monkeypatch.setattr(cache, "_fit", gated)
         cache.prefetch([("0", net[0].weight, PaletteConfig(nbits=2))])
-        pending = cache._pending.get(("0", PaletteConfig(nbits=2), None))
-        if pending is not None:  # (or already adopted)
-            assert isinstance(pending[1].result(), Palette)
+        assert started.wait(timeout=60)  # fitting, held before it can be handed back
+        assert threads == ["palette-fit_0"]  # the cache's own thread, the helper process having failed
+        _, pending = cache._pending[("0", PaletteConfig(nbits=2), None)]
+        release.set()
+        assert np.array_equal(pending.result(timeout=60).dense(), expected)
         got = cache.palette("0", net[0].weight, PaletteConfig(nbits=2))
-        assert np.array_equal(got.dense(), fit_palette(net[0].weight, PaletteConfig(nbits=2)).dense())
-        assert cache.fits == 1
+        assert np.array_equal(got.dense(), expected)
+        assert cache.fits == 1 and threads == ["palette-fit_0"]  # handed over, not fitted again

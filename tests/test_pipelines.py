@@ -11,7 +11,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from workbench.cli import main as cli
-from workbench.errors import UserError
 from workbench.models.loader import (
     BUILTIN_MODELS,
     DEMO_MODEL,
@@ -30,15 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """No network at all, HF offline mode, and an empty HF cache of our own under tmp_path/hub."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"load_pipeline tried to open a connection: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    """An empty HF cache of our own under tmp_path/hub (no network and HF offline mode: conftest's `no_network`)."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     return tmp_path / "hub"
 
@@ -151,13 +142,14 @@ def test_load_pipeline_from_the_hf_cache(saved_sd, offline):
 
 
 @pytest.mark.parametrize("model_id", ["runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"])
-def test_uncached_hub_id_says_how_to_get_it(offline, model_id):
-    with pytest.raises(ModelNotAvailableError) as err:
+def test_uncached_hub_id_says_how_to_get_it(offline, model_id, capsys):
+    with pytest.raises(FileNotFoundError) as err:  # what callers of the loader have always caught
         load_pipeline(model_id)
     message = str(err.value)
-    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, UserError)
     assert f"'{model_id}' is not available locally" in message
     assert f"huggingface-cli download {model_id}" in message and "HF_HOME" in message and "local" in message
+    assert cli.main(["layers", model_id]) == 2  # a user's error: that message, one line, from the command
+    assert capsys.readouterr().err == f"workbench layers: error: {message}\n"
 
 
 @pytest.mark.parametrize("missing", ["./no-such-model", "/no/such/model", "data/models/no-such-model"])
@@ -178,3 +170,13 @@ def test_cli_layers_lists_the_unet_layers(saved_sd, offline, capsys):
     assert len(lines) == 1 + 104  # header + the tiny UNet's Linear/Conv2d layers over 2048 weights
     assert cli.main(["layers", str(folder / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_every_test_is_refused_the_network_but_not_this_machine(no_network):
+    with pytest.raises(ConnectionRefusedError, match="tests never use the network"):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)  # TEST-NET-1: refused before any packet
+    assert no_network[-1] == ("192.0.2.1", 443)
+    no_network.pop()  # asked for here: not a failure of this test
+    with socket.create_server(("127.0.0.1", 0)) as server:  # loopback stays open (Ray, Jupyter kernels)
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass

@@ -13,18 +13,12 @@ from workbench.analysis.skm import (
     swapped_weights,
 )
 from workbench.errors import InvalidValueError
-from workbench.models.tiny import tiny_sd_pipeline
 from workbench.sweep.phases import candidate_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ("a red circle", "a blue square")
 MIN_NUMEL = 40_000  # the tiny UNet's 3 largest layers, to keep the test fast
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_sd_pipeline(seed=0)
 
 
 def test_calibration_samples_are_prompt_pairs_at_spread_steps(pipe):

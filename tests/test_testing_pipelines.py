@@ -39,29 +39,24 @@ def test_building_leaves_the_global_rng_alone():
 
 
 @pytest.fixture(scope="module")
-def sd():
-    return tiny_sd_pipeline(seed=0)
+def sd_image(pipe):
+    return generate(pipe)
 
 
-@pytest.fixture(scope="module")
-def sd_image(sd):
-    return generate(sd)
+def test_tiny_sd_pipeline_architecture(pipe):
+    assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 1_427_012  # REFERENCE.md's tiny UNet
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 32
+    assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    assert (pipe.scheduler.config.steps_offset, pipe.scheduler.config.timestep_spacing) == (1, "leading")
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 32
 
 
-def test_tiny_sd_pipeline_architecture(sd):
-    assert isinstance(sd, StableDiffusionPipeline) and sd.safety_checker is None
-    assert sum(p.numel() for p in sd.unet.parameters()) == 1_427_012  # REFERENCE.md's tiny UNet
-    assert sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size == 32
-    assert len(sd.tokenizer) == sd.text_encoder.config.vocab_size
-    assert (sd.scheduler.config.steps_offset, sd.scheduler.config.timestep_spacing) == (1, "leading")
-    assert sd.vae_scale_factor == 2 and sd.unet.config.sample_size == 32
-
-
-def test_tiny_sd_pipeline_is_deterministic(sd, sd_image):
+def test_tiny_sd_pipeline_is_deterministic(pipe, sd_image):
     again = tiny_sd_pipeline(seed=0)
     for name in ("unet", "vae", "text_encoder"):
-        assert state_dicts_equal(getattr(sd, name), getattr(again, name)), name
-    assert not state_dicts_equal(sd.unet, tiny_sd_pipeline(seed=1).unet)
+        assert state_dicts_equal(getattr(pipe, name), getattr(again, name)), name
+    assert not state_dicts_equal(pipe.unet, tiny_sd_pipeline(seed=1).unet)
     assert sd_image.shape == (64, 64, 3) and sd_image.std() > 0.02  # an image, not a constant
     np.testing.assert_array_equal(generate(again), sd_image)
     # pins the seed -> weights -> image chain (diffusers-style slice; tolerant of BLAS rounding only)
@@ -69,12 +64,12 @@ def test_tiny_sd_pipeline_is_deterministic(sd, sd_image):
     np.testing.assert_allclose(sd_image[-3:, -3:, -1].ravel(), expected, atol=1e-3)
 
 
-def test_tiny_sd_pipeline_round_trips_through_save_pretrained(sd, sd_image, tmp_path):
-    sd.save_pretrained(tmp_path)
+def test_tiny_sd_pipeline_round_trips_through_save_pretrained(pipe, sd_image, tmp_path):
+    pipe.save_pretrained(tmp_path)
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
-    assert loaded.tokenizer.get_vocab() == sd.tokenizer.get_vocab()
+    assert loaded.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
     for name in ("unet", "vae", "text_encoder"):
-        assert state_dicts_equal(getattr(sd, name), getattr(loaded, name)), name
+        assert state_dicts_equal(getattr(pipe, name), getattr(loaded, name)), name
     assert_same_images(loaded, sd_image)
 
 

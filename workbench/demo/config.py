@@ -1,10 +1,17 @@
-"""The demo model's training settings (`TrainConfig`, validated) and what a training run reports (`TrainResult`)."""
+"""The demo model's training settings (`TrainConfig`, read from JSON and `--set KEY=VALUE` overrides, checked
+when built) and what a run produced (`TrainResult`). No torch here: the command line checks a config before it
+imports the training code."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from workbench.errors import InvalidValueError, parse_bool
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,68 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(known)}")
+            raise InvalidValueError(f"unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(known)}")
         return cls(**data)
+
+    def with_overrides(self, pairs: Iterable[str]) -> TrainConfig:
+        """This config with `KEY=VALUE` overrides (`--set`) applied, each value read strictly as its field's type.
+
+        A boolean must read as one (`workbench.errors.parse_bool`: "ture" is an error, not False), an int or float
+        must parse whole, a tuple is comma-separated ints; a later pair for the same key wins.
+
+        Args:
+            pairs (`Iterable[str]`): e.g. `["unet_steps=100", "zero_terminal_snr=no", "unet_channels=32,64"]`.
+
+        Raises:
+            InvalidValueError: a pair without `=`, an unknown key, or a value its field cannot take (naming the key,
+                the value and what is valid).
+
+        Example:
+            >>> TrainConfig().with_overrides(["unet_steps=10"]).unet_steps
+            10
+        """
+        pairs = list(pairs)
+        changes = dict(_parse_override(text) for text in pairs)
+        try:
+            return replace(self, **changes)
+        except InvalidValueError as err:
+            raise InvalidValueError(f"--set {' '.join(pairs)}: {err}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> TrainConfig:
+        """The config of a JSON file of fields (`--config`; None: the defaults), with `overrides` applied
+        (`with_overrides`)."""
+        base = cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8"))) if path is not None else cls()
+        return base.with_overrides(overrides)
+
+
+def _parse_tuple(value: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in value.split(","))
+
+
+# a field's (postponed) annotation -> (reader raising ValueError, what is valid)
+_READERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "int": (int, "an integer"),
+    "float": (float, "a number"),
+    "str": (str, "any text"),
+    "tuple[int, ...]": (_parse_tuple, "comma-separated integers, e.g. 32,64"),
+}
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """'unet_steps=100' -> ('unet_steps', 100): the value read strictly as the TrainConfig field's type."""
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    key, sep, value = text.partition("=")
+    if not sep or key not in types:
+        raise InvalidValueError(f"--set expects KEY=VALUE with KEY one of {sorted(types)}, got {text!r}")
+    kind = types[key]
+    if kind == "bool":
+        return key, parse_bool(value, name=f"--set {key}")
+    read, valid = _READERS[kind]
+    try:
+        return key, read(value)
+    except ValueError:
+        raise InvalidValueError(f"--set {key}={value!r} is not of the field's type {kind}; valid: {valid}") from None
 
 
 _AT_LEAST_ONE = ("n_images", "image_size", "text_hidden", "text_layers", "text_heads", "max_length", "vae_batch")
@@ -102,36 +169,40 @@ def _check_counts(config: TrainConfig) -> None:
     """Sizes, batches and step counts: >= 1, or >= 0 for the step counts."""
     for name in _AT_LEAST_ONE:
         if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+            raise InvalidValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     for name in _AT_LEAST_ZERO:
         if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+            raise InvalidValueError(f"{name} must be >= 0, got {getattr(config, name)}")
 
 
 def _check_architecture(config: TrainConfig) -> None:
     """Shapes that the text encoder, the VAE and the UNet can be built with."""
     if config.text_hidden % config.text_heads:
-        raise ValueError(f"text_hidden={config.text_hidden} must be a multiple of text_heads={config.text_heads}")
+        raise InvalidValueError(
+            f"text_hidden={config.text_hidden} must be a multiple of text_heads={config.text_heads}"
+        )
     if config.max_length < 12:
-        raise ValueError(f"max_length={config.max_length} is too short: captions take up to 11 tokens")
+        raise InvalidValueError(f"max_length={config.max_length} is too short: captions take up to 11 tokens")
     if config.unet_conv_in_kernel % 2 == 0:
-        raise ValueError(f"unet_conv_in_kernel must be odd, got {config.unet_conv_in_kernel}")
+        raise InvalidValueError(f"unet_conv_in_kernel must be odd, got {config.unet_conv_in_kernel}")
     if len(config.vae_channels) < 2 or len(config.unet_channels) < 2:
-        raise ValueError("vae_channels and unet_channels need at least two levels")
+        raise InvalidValueError("vae_channels and unet_channels need at least two levels")
     latent, halvings = config.latent_size, len(config.unet_channels) - 1
     if latent % 2**halvings:
-        raise ValueError(f"{latent}x{latent} latents cannot be halved {halvings} times")
+        raise InvalidValueError(f"{latent}x{latent} latents cannot be halved {halvings} times")
 
 
 def _check_diffusion(config: TrainConfig) -> None:
     """Fractions in [0, 1) and a prediction type that the noise schedule supports."""
     for name in _FRACTIONS:
         if not 0.0 <= getattr(config, name) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+            raise InvalidValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
     if config.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {config.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+        raise InvalidValueError(f"prediction_type {config.prediction_type!r} is not 'epsilon' or 'v_prediction'")
     if config.zero_terminal_snr and config.prediction_type != "v_prediction":
-        raise ValueError("zero_terminal_snr needs prediction_type='v_prediction' (epsilon is undefined at SNR 0)")
+        raise InvalidValueError(
+            "zero_terminal_snr needs prediction_type='v_prediction' (epsilon is undefined at SNR 0)"
+        )
 
 
 @dataclass(frozen=True)

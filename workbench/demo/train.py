@@ -39,15 +39,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from workbench.demo.components import assemble_pipeline, build_components
 from workbench.demo.config import TrainConfig, TrainResult, _count
 from workbench.demo.stages import Log, train_unet, vae_stage
+from workbench.errors import InvalidValueError
 from workbench.threads import torch_threads
 
 
@@ -128,22 +127,6 @@ def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: 
 # ------------------------------------------------------------------------------------------- command line
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    """'unet_steps=100' -> ('unet_steps', 100), typed like the TrainConfig field."""
-    key, sep, value = text.partition("=")
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    if not sep or key not in types:
-        raise ValueError(f"--set expects KEY=VALUE with KEY one of {sorted(types)}, got {text!r}")
-    kind = types[key]
-    if "tuple" in str(kind):
-        return key, tuple(int(v) for v in value.split(","))
-    if kind in ("bool", bool):
-        return key, value.lower() in ("1", "true", "yes")
-    if kind in ("str", str):
-        return key, value
-    return key, float(value) if kind in ("float", float) else int(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The training options, shared by `python -m workbench.demo.train` and `workbench train`."""
     parser.add_argument("--out", default="data/tiny-shapes", help="pipeline folder to write")
@@ -156,8 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> TrainResult | None:
-    """Build the config from parsed `add_arguments` options and train (or, with --card-only, document)."""
+def run(args: argparse.Namespace, config: TrainConfig | None = None) -> TrainResult | None:
+    """Train with the parsed `add_arguments` options (or, with --card-only, document `args.out`).
+
+    `config`: the run's settings, if already built; by default `TrainConfig.load(args.config, args.set)`.
+    """
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -167,9 +153,7 @@ def run(args: argparse.Namespace) -> TrainResult | None:
 
         document(args.out, log=log)
         return None
-    data = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
-    data.update(dict(_parse_override(text) for text in args.set))
-    config = TrainConfig.from_dict(data)
+    config = TrainConfig.load(args.config, args.set) if config is None else config
     log(f"config: {json.dumps(config.to_dict())}")
     return train(
         config, args.out, checkpoint_dir=args.checkpoint_dir, card=not args.no_card, device=args.device, log=log
@@ -180,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(
         argparse.ArgumentParser(prog="python -m workbench.demo.train", description=__doc__.split("\n")[0])
     )
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        config = None if args.card_only else TrainConfig.load(args.config, args.set)
+    except InvalidValueError as err:
+        parser.error(str(err))  # one line, exit status 2, as `workbench train`
+    run(args, config)
     return 0
 
 
