@@ -125,7 +125,7 @@ def _add_strategies(p: argparse.ArgumentParser) -> None:
         default="exhaustive",
         choices=["exhaustive", "fast"],
         help="exhaustive: every layer at every width and the cumulative curves (the reference's method); fast: "
-        "every layer at one width, a few at all, the rest predicted and checked (~7x fewer UNet evaluations)",
+        "every layer at one width, a few at all, the rest predicted and checked (far fewer UNet evaluations)",
     )
     p.add_argument(
         "--trajectory",
