@@ -9,7 +9,7 @@ from workbench.errors import InvalidValueError
 
 
 def run(args: argparse.Namespace) -> None:
-    from workbench.coreml import COMPONENTS, export_model
+    from workbench.coreml import COMPONENTS, ExportConfig, export_model
 
     if args.recipe_name is not None and args.recipe is None:
         raise InvalidValueError("--recipe-name needs --recipe FILE")
@@ -17,17 +17,20 @@ def run(args: argparse.Namespace) -> None:
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise InvalidValueError(f"--components={args.components!r}: unknown {unknown}; valid: {', '.join(COMPONENTS)}")
-    report = export_model(
-        args.model,
-        args.out,
-        recipe_file=args.recipe,
-        recipe_name=args.recipe_name,
+    config = ExportConfig(
         nbits=args.nbits,
-        components=components,
+        components=tuple(components),
         min_numel=args.min_numel,
         layers=tuple(args.layers),
         exclude=tuple(args.exclude),
         layout=args.layout,
+    )
+    report = export_model(
+        args.model,
+        args.out,
+        config,
+        recipe_file=args.recipe,
+        recipe_name=args.recipe_name,
         importance_file=args.importance,
     )
     print(report.summary())

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.coreml.verify import Verification
@@ -18,7 +19,8 @@ class ExportedPackage:
         component, path: what and where (`<out>/Unet.mlpackage`, ...: `workbench.coreml.layout.package_name`).
         nbytes: package size on disk; float16_nbytes: the same component converted without palettization.
         bits_per_param: sum(bits * numel) / sum(numel) over the component's Linear/Conv2d layers with more than
-            `min_numel` weights (16 for float16 layers), the reference's measure (`workbench.palettes.size.bits_per_param`).
+            `min_numel` weights (16 for float16 layers), the reference's measure
+            (`workbench.palettes.size.bits_per_param`).
         deployment_target: e.g. `"iOS17"`; export_s / compress_s / verify_s: wall time of trace + convert /
             palettize + save / read back + compare.
         verification: the read-back check (None when not verified).
@@ -82,7 +84,8 @@ class ExportedPackage:
 class ExportReport:
     """The packages written by `export_pipeline` (or `apply_recipe`), and what was checked. Saved as
     `<out>/verification.json`. `applied_to`: the input package of `apply_recipe` ("" for an export); `notes`: what
-    else a user should know (e.g. package weights that matched no layer and were left as they are)."""
+    else a user should know (e.g. package weights that matched no layer and were left as they are); `settings`: the
+    export's `ExportConfig.to_dict()` (empty for an apply)."""
 
     out_dir: str
     source: str
@@ -90,6 +93,7 @@ class ExportReport:
     packages: tuple[ExportedPackage, ...]
     applied_to: str = ""
     notes: tuple[str, ...] = ()
+    settings: Mapping = field(default_factory=dict)
 
     @property
     def all_bit_exact(self) -> bool:
