@@ -32,9 +32,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,7 +185,8 @@ def run_analysis(
         background_fits (`bool`, *optional*): `prefetch_palettes` while the UNet runs, on `fit_workers` threads;
             default: if a CPU core is free.
         palette_memory (`int`, *optional*, defaults to 512 MiB): bytes of fitted palettes held in memory when no
-            `cache` is given; the rest wait in a temporary folder (under `out_dir` if given) until needed again.
+            `cache` is given; the rest wait in a private temporary folder (under the system's temp dir, deleted at the
+            end, or by the next analysis if this one is killed) until needed again.
             None = no limit (a full-size SDXL sweep at 5 widths holds about 13 GB of palettes).
         executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a
             `LocalExecutor` in this process. A `workbench.sweep.ray_executor.RayExecutor` shards them over Ray workers
@@ -203,12 +202,8 @@ def run_analysis(
     start = time.perf_counter()
     unet = pipe.unet
     candidates = candidate_layers(unet, config.min_numel, config.group_size, config.layers, config.exclude)
-    spill = contextlib.ExitStack()
     if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-        spill_dir = spill.enter_context(tempfile.TemporaryDirectory(prefix="palettes-", dir=out_dir))
-        cache = PaletteCache(max_bytes=palette_memory, spill_dir=spill_dir)
+        cache = PaletteCache(max_bytes=palette_memory, spill_dir=True)  # a private temp folder, never in out_dir
     probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
     runner = probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
@@ -243,8 +238,7 @@ def run_analysis(
             trajectory = recipe_trajectories(pipe, config, recipes, runner, cache)
     finally:
         runner.close()
-        cache.close()  # stops background fits; the fitted palettes stay cached
-        spill.close()  # deletes the spilled palettes (they are only valid in this process)
+        cache.close()  # stops background fits and deletes a private spill folder; the palettes held stay cached
     preanalysis = build_preanalysis(model_version(pipe), isolated, curves, baselines, recipes)
     execution = executor.summary()
     timing = Timing.of(start, probed.probe, runner, cache, execution if executor is not local else None)
