@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Union
 
+import numpy as np
+
 from workbench.coreml.components import COMPONENTS, check_component
 from workbench.coreml.layout import DEFAULT_LAYOUT, check_layout
 from workbench.errors import InvalidValueError
@@ -80,7 +82,10 @@ class ExportConfig:
         if self.recipe is not None and self.nbits is not None:
             raise InvalidValueError("pass a recipe or nbits, not both")
         if self.nbits is not None:
-            as_config(int(self.nbits))  # an unsupported width fails here, naming the valid ones
+            if isinstance(self.nbits, bool) or not isinstance(self.nbits, (int, np.integer)):
+                raise InvalidValueError(f"nbits must be an integer bit width, got {self.nbits!r}")
+            object.__setattr__(self, "nbits", int(self.nbits))
+            as_config(self.nbits)  # an unsupported width fails here, naming the valid ones
         if self.recipe is not None and "unet" not in components:
             raise InvalidValueError("a recipe applies to the UNet; add 'unet' to the components or use nbits")
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:

@@ -4,9 +4,13 @@ Per component (`export_component`): trace + convert to a float16 ML Program in a
 (`convert_component`; `workbench.coreml.layout`: Apple's by default), save it once unpalettized to measure its size,
 palettize the planned weights by name (`compress_model`), write the metadata, save `<out>/Unet.mlpackage` (Apple's
 layout; `<out>/<component>.mlpackage` in ours), and read it back to compare every weight with the simulation
-(`workbench.coreml.verify.verify_package`). `export_pipeline` plans every component first (`plan_export`: the
-recipe is checked against the torch modules before any slow conversion), then exports them in turn and writes
-`<out>/verification.json` (`ExportReport`).
+(`workbench.coreml.verify.verify_package`). `export_pipeline(pipe, out, ExportConfig(...))` plans every component
+first (`workbench.coreml.plan.plan_export`: the recipe is checked against the torch modules, and the memory need
+against the machine's, before any slow conversion), then exports them in turn and writes `<out>/verification.json`
+(`ExportReport`, with the settings).
+
+Example:
+    >>> report = export_pipeline(pipe, "out/", ExportConfig(nbits=6, components=("unet", "text_encoder")))
 """
 
 from __future__ import annotations
