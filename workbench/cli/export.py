@@ -1,7 +1,7 @@
 """`workbench export`: a pipeline to palettized, verified Core ML packages (`workbench.coreml.export_model`).
 
-The options become an `ExportConfig`; the recipe file is read (and its entries checked) before the pipeline loads, and a recipe
-naming layers the model lacks fails before anything is converted or written.
+The options become an `ExportConfig`; the recipe file is read (and its entries checked) before the pipeline
+loads, and a recipe naming layers the model lacks fails before anything is converted or written.
 """
 
 from __future__ import annotations
