@@ -24,8 +24,8 @@ Images come from `workbench.models.generation.generate_images`, for torch and Co
 
 Example:
     >>> recipe = load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette")
-    >>> report = export_pipeline(pipe, "out/", ExportConfig(recipe=recipe, components=("unet", "text_encoder",
-    ...                                                                                 "vae_decoder")))
+    >>> config = ExportConfig(recipe=recipe, components=("unet", "text_encoder", "vae_decoder"))
+    >>> report = export_pipeline(pipe, "out/", config)
     >>> print(report.summary())          # sizes, bits/param, bit-exact per package; out/verification.json
     >>> with coreml_pipeline(pipe, report, backend="emulate") as emulated:   # any OS
     ...     images = generate_images(emulated, "a red circle", seed=0)
