@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from workbench.coreml import export_pipeline
+    from workbench.coreml import ExportConfig, export_pipeline
     from workbench.models.loader import DEMO_MODEL, load_pipeline
     from workbench.recipes.recipe import load_recipe
 
@@ -46,15 +46,13 @@ def main() -> None:
     components = [c for c in args.components.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
         start = time.perf_counter()
-        report = export_pipeline(
-            pipe,
-            args.out or tmp,
+        config = ExportConfig(
             recipe=recipe,
             nbits=None if recipe is not None else nbits,
             components=components,
             min_numel=args.min_numel,
-            source=source,
         )
+        report = export_pipeline(pipe, args.out or tmp, config, source=source)
         total_s = time.perf_counter() - start
     frame = report.to_frame()
     print(report.summary())

@@ -1,5 +1,6 @@
 """Core ML export: recipes applied by name, packages read back bit-exact, emulation equal to the simulation."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from workbench.cli.main import main
 from workbench.coreml import (
     EMULATION_LABEL,
     CoreMLUnavailableError,
+    ExportConfig,
     attach_predictors,
     compress_model,
     coreml_pipeline,
@@ -30,7 +32,7 @@ from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from workbench.palettes.apply import palettized
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
-from workbench.recipes.recipe import PreAnalysis, load_recipe
+from workbench.recipes.recipe import PreAnalysis, Recipe, RecipeError, load_recipe
 
 MIN_NUMEL = 2048
 GEN = {"steps": 2, "height": 32, "width": 32}  # 16x16 latents: fast, same code path
@@ -71,7 +73,7 @@ def sd_export(tmp_path_factory):
         recipes={"recipe_other": {next(iter(bits)): 8}, "recipe_mixed": bits},
     ).save(out / "pre_analysis.json")
     recipe = load_recipe(out / "pre_analysis.json", "recipe_mixed")
-    report = export_pipeline(pipe, out / "packages", recipe=recipe, components=["unet"], source="tiny-sd")
+    report = export_pipeline(pipe, out / "packages", ExportConfig(recipe=recipe), source="tiny-sd")
     return pipe, bits, report
 
 
@@ -114,6 +116,9 @@ def test_package_has_names_metadata_and_verification_json(sd_export):
     assert "recipe_mixed" in spec.description.metadata.shortDescription
     saved = json.loads((Path(report.out_dir) / "verification.json").read_text())
     assert saved["all_bit_exact"] is True
+    # the settings the export ran with, as `ExportConfig.to_dict` writes them
+    settings = ExportConfig.from_dict(saved["settings"])
+    assert settings.recipe.name == "recipe_mixed" and settings.recipe.bits == bits and settings.components == ("unet",)
     assert len(saved["packages"][0]["verification"]["layers"]) == sum(b != 16 for b in bits.values())
     assert set(report.layers_frame().columns) >= {"layer", "nbits", "bit_exact", "psnr_db"}
     assert report.to_frame().loc[0, "n_palettized"] == sum(b != 16 for b in bits.values())
@@ -174,14 +179,53 @@ def test_coreml_backend_off_macos_names_emulate(sd_export):
         coreml_pipeline(pipe, report, backend="ane")
 
 
-def test_recipe_naming_missing_layers_lists_them(tmp_path):
+def test_recipe_naming_missing_layers_lists_them_with_the_closest_names():
     pipe = tiny_sd_pipeline()
-    with pytest.raises(ValueError, match=r"2 layers .*down_blocks\.9\.conv, mid_block\.nope"):
+    with pytest.raises(RecipeError, match=r"2 layers not in UNet2DConditionModel: 'down_blocks\.9\.conv' \(closest: "):
         palette_plan(pipe.unet, {"down_blocks.9.conv": 4, "mid_block.nope": 2, "conv_in": 8})
+    with pytest.raises(RecipeError, match=r"'mid_block\.resnets\.0\.conv2x' \(closest: mid_block\.resnets\.0\.conv2"):
+        palette_plan(pipe.unet, Recipe("r", {"mid_block.resnets.0.conv2x": 4}))
     with pytest.raises(ValueError, match="not both"):
         palette_plan(pipe.unet, {"conv_in": 8}, nbits=4)
-    with pytest.raises(ValueError, match="valid: unet, text_encoder, text_encoder_2, vae_decoder"):
-        export_pipeline(pipe, tmp_path, components=["vae"])
+
+
+def test_export_config_checks_its_settings_when_made():
+    config = ExportConfig(nbits=4, components=["unet", "vae_decoder"], layers="mid_block.*")
+    assert config.components == ("unet", "vae_decoder") and config.layers == ("mid_block.*",)
+    assert config.recipe_label == "uniform_4bit" and ExportConfig().recipe_label == ""
+    assert ExportConfig(recipe={"conv_in": 4}).recipe_label == "custom recipe"
+    for settings, message in (
+        ({"components": ["vae"]}, "valid: unet, text_encoder, text_encoder_2, vae_decoder"),
+        ({"components": []}, "no components to export"),
+        ({"recipe": {"conv_in": 4}, "nbits": 4}, "not both"),
+        ({"recipe": {"conv_in": 4}, "components": ["vae_decoder"]}, "a recipe applies to the UNet"),
+        ({"nbits": 5}, "unsupported nbits 5"),
+        ({"nbits": "4"}, "nbits must be an integer"),
+        ({"layout": "swift"}, "valid: apple, workbench"),
+        ({"min_numel": -1}, "min_numel must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"recipe": 4}, "recipe must be a Recipe or a mapping"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ExportConfig(**settings)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.nbits = 8
+
+
+def test_export_config_round_trips_through_json():
+    recipe = Recipe("mixed", {"conv_in": 4, "mid_block.resnets.0.conv1": "kmeans3", "conv_out": 16})
+    for config in (
+        ExportConfig(recipe=recipe, components=("unet", "text_encoder"), layers=("mid_block.*",), layout="workbench"),
+        ExportConfig(nbits=6, min_numel=0, exclude=("*.conv2",), batch_size=2, verify=False),
+        ExportConfig(),
+    ):
+        assert ExportConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # a mapping of configs comes back as a recipe of their keys
+    grouped = PaletteConfig(4, granularity="per_grouped_channel", group_size=16)
+    back = ExportConfig.from_dict(json.loads(json.dumps(ExportConfig(recipe={"conv_in": grouped}).to_dict())))
+    assert back.recipe == Recipe("custom recipe", {"conv_in": grouped.key})
+    with pytest.raises(ValueError, match="unknown export settings"):
+        ExportConfig.from_dict({"nbit": 4})
 
 
 def test_recipe_naming_weights_the_package_lacks_lists_them(sd_export):
@@ -200,7 +244,7 @@ def test_tiny_sdxl_unet_exports_and_compresses_with_grouped_and_3bit_palettes(tm
     recipe = {"conv_in": 6, large[0]: PaletteConfig(3), large[1]: 8, large[-1]: 4, "time_embedding.linear_1": 2}
     recipe[large[2]] = PaletteConfig(4, granularity="per_grouped_channel", group_size=16)
     recipe["add_embedding.linear_1"] = 4  # SDXL's text_time conditioning
-    report = export_pipeline(pipe, tmp_path, recipe=recipe, components=["unet"])
+    report = export_pipeline(pipe, tmp_path, ExportConfig(recipe=recipe))
     package = report.package("unet")
     assert package.deployment_target == "iOS18"  # grouped and 3-bit LUTs need it
     assert report.all_bit_exact and len(package.verification.layers) == len(recipe)
@@ -241,18 +285,30 @@ def test_cli_export(tmp_path, capsys):
         assert err.startswith("workbench export: error:") and err.count("\n") == 1, err
 
 
+def test_cli_export_of_a_recipe_naming_unknown_layers_is_one_line_with_the_closest_names(tmp_path, capsys):
+    recipe = {"conv_in": 4, "mid_block.resnets.0.conv1x": 4, "up_blocks.7.conv": 8}
+    PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"typo": recipe}).save(tmp_path / "recipe.json")
+    out = tmp_path / "out"
+    assert main(["export", "tiny-sd", "--out", str(out), "--recipe", str(tmp_path / "recipe.json")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("workbench export: error: recipe 'typo' names 2 layers not in the model")
+        and err.count("\n") == 1
+    ), err
+    assert "'mid_block.resnets.0.conv1x' (closest: mid_block.resnets.0.conv1" in err and "'up_blocks.7.conv'" in err
+    assert not out.exists() or not any(out.iterdir())  # nothing converted, nothing written
+
+
 def test_layer_patterns_narrow_the_unet_plan():
     from workbench.coreml import plan_export
     from workbench.models.layers import LayerNotFoundError
 
     pipe = tiny_sd_pipeline()
-    everything = plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000)[0].palette
-    mid = plan_export(
-        pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000, layers=["mid_block.*"], exclude=["*.conv2"]
-    )
+    everything = plan_export(pipe, ExportConfig(nbits=4, min_numel=30_000))[0].palette
+    mid = plan_export(pipe, ExportConfig(nbits=4, min_numel=30_000, layers=["mid_block.*"], exclude=["*.conv2"]))
     assert set(mid[0].palette) == {n for n in everything if n.startswith("mid_block.") and not n.endswith(".conv2")}
     with pytest.raises(LayerNotFoundError, match="'mid_blok.*' matches none"):
-        plan_export(pipe, ["unet"], recipe=None, nbits=4, min_numel=30_000, layers=["mid_blok.*"])
+        plan_export(pipe, ExportConfig(nbits=4, min_numel=30_000, layers=["mid_blok.*"]))
 
 
 def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need(tmp_path, capsys, monkeypatch):
@@ -260,7 +316,7 @@ def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need(tmp_pa
 
     from workbench.coreml import ExportMemoryError, check_export_memory, plan_export
 
-    plans = plan_export(tiny_sd_pipeline(), ["unet"], recipe=None, nbits=4, min_numel=30_000)
+    plans = plan_export(tiny_sd_pipeline(), ExportConfig(nbits=4, min_numel=30_000))
     check_export_memory(plans, available=10**12)  # plenty: no error
     with pytest.raises(
         ExportMemoryError,

@@ -207,13 +207,13 @@ def _described(spec_features) -> list[tuple[str, tuple[int, ...], str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("builder", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
 def test_apple_layout_packages_have_the_swift_contract(builder, tmp_path):
-    from workbench.coreml import export_pipeline
+    from workbench.coreml import ExportConfig, export_pipeline
 
     pipe = builder()
     components = ["unet", "text_encoder", "text_encoder_2"] if builder is tiny_sdxl_pipeline else ["unet"]
     components += ["vae_decoder"] if builder is tiny_sd_pipeline else []
     components += ["text_encoder"] if builder is tiny_sd_pipeline else []
-    report = export_pipeline(pipe, tmp_path, components=components, layout="apple", verify=False)
+    report = export_pipeline(pipe, tmp_path, ExportConfig(components=components, layout="apple", verify=False))
     names = {
         "unet": "Unet",
         "text_encoder": "TextEncoder",
@@ -328,3 +328,22 @@ def test_cli_apply(foreign, tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "out2")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("workbench apply: error:") and err.count("\n") == 1, err
+
+
+def test_cli_apply_of_a_recipe_naming_unknown_layers_is_one_line_with_the_closest_names(sd, tmp_path, capsys):
+    from workbench.cli.main import main
+    from workbench.recipes.recipe import PreAnalysis
+
+    _, names, package = sd
+    recipe = {names[0]: 4, "mid_block.attentions.0.proj_outx": 4}
+    PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"typo": recipe}).save(tmp_path / "recipe.json")
+    out = tmp_path / "out"
+    argv = ["apply", str(package), "--recipe", str(tmp_path / "recipe.json"), "--model", "tiny-sd", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("workbench apply: error: recipe 'typo' names 1 layers not in the model")
+        and err.count("\n") == 1
+    ), err
+    assert "'mid_block.attentions.0.proj_outx' (closest: mid_block.attentions.0.proj_out" in err
+    assert not out.exists() or not any(out.iterdir())  # nothing palettized, nothing written

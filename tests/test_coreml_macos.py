@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.coreml import COREML_LABEL, coreml_pipeline, export_pipeline
+from workbench.coreml import COREML_LABEL, ExportConfig, coreml_pipeline, export_pipeline
 from workbench.metrics import image_psnr
 from workbench.models.generation import generate_images
 from workbench.models.layers import compressible_layers
@@ -36,9 +36,9 @@ def psnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 def exports(pipe, tmp_path_factory):
     """(the tiny SD pipeline, its float16 packages, its 6-bit UNet package)."""
     float16 = export_pipeline(
-        pipe, tmp_path_factory.mktemp("float16"), components=["unet", "text_encoder", "vae_decoder"]
+        pipe, tmp_path_factory.mktemp("float16"), ExportConfig(components=("unet", "text_encoder", "vae_decoder"))
     )
-    palettized = export_pipeline(pipe, tmp_path_factory.mktemp("6bit"), nbits=6, components=["unet"])
+    palettized = export_pipeline(pipe, tmp_path_factory.mktemp("6bit"), ExportConfig(nbits=6))
     return pipe, float16, palettized
 
 
@@ -81,7 +81,7 @@ def test_palettized_package_predicts_like_its_emulation(exports):
 def test_sdxl_unet_package_runs_in_the_pipeline(tmp_path):
     pipe = tiny_sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    report = export_pipeline(pipe, tmp_path, nbits=8, components=["unet"])
+    report = export_pipeline(pipe, tmp_path, ExportConfig(nbits=8))
     with coreml_pipeline(pipe, report, backend="emulate") as emulated:
         expected = generate_images(emulated, "a red circle", seed=0, **GEN)
     with coreml_pipeline(pipe, report, backend="coreml") as coreml:
@@ -99,7 +99,7 @@ def test_apple_layout_packages_compile_and_predict_like_torch(builder, tmp_path)
     pipe = builder()
     components = ["unet", "text_encoder", "vae_decoder"]
     components += ["text_encoder_2"] if builder is tiny_sdxl_pipeline else []
-    export_pipeline(pipe, tmp_path, components=components, layout="apple", verify=False)
+    export_pipeline(pipe, tmp_path, ExportConfig(components=components, layout="apple", verify=False))
     subprocess.run(["sh", str(tmp_path / "compile_for_swift.sh")], check=True)
     resources = tmp_path / "Resources"
     assert (resources / "vocab.json").exists() and (resources / "merges.txt").exists()

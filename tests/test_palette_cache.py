@@ -1,11 +1,18 @@
 """PaletteCache: k-means once per layer and width, within a memory budget, spilling to disk, never stale."""
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from concurrent.futures import wait
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from workbench.palettes.cache import PaletteCache
+from workbench.palettes.cache import SPILL_PREFIX, PaletteCache, SpillFolder, remove_abandoned_spills
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
 
@@ -88,3 +95,84 @@ def test_a_palette_fitted_elsewhere_is_served_without_a_fit():
     assert cache.palette("layer", weight, config) is fitted
     assert cache.fits == 0
     assert cache.palette("layer", weight, PaletteConfig(nbits=2)) is not fitted and cache.fits == 1
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """The system temp dir, for this test: a folder of its own (spill folders go there)."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_a_private_spill_folder_is_in_the_temp_dir_and_deleted_on_close(temp_root):
+    weights = _weights()
+    budget = 2 * max(_palette_bytes(w, 4) for w in weights.values())
+    with PaletteCache(max_bytes=budget, spill_dir=True) as cache:
+        assert cache.spill_dir is None  # nothing spilled, nothing created
+        first = {name: cache.palette(name, w, PaletteConfig(nbits=4)) for name, w in weights.items()}
+        spill = cache.spill_dir
+        assert spill.parent == temp_root and spill.name.startswith(f"{SPILL_PREFIX}{os.getpid()}-")
+        assert cache.spills >= 4 and len(list(spill.glob("*.npz"))) == cache.spills
+        cache.palette("layer0", weights["layer0"], PaletteConfig(nbits=4))
+        assert cache.reloads == 1 and cache.fits == 6  # read back while open
+    assert not spill.exists() and list(temp_root.iterdir()) == []
+    # closed: its spilled palettes are gone, so they are refitted (the same), and a new folder takes the new spills
+    again = {name: cache.palette(name, w, PaletteConfig(nbits=4)) for name, w in weights.items()}
+    assert cache.fits > 6 and cache.spill_dir is not None and cache.spill_dir != spill
+    for name in weights:
+        assert np.array_equal(first[name].indices, again[name].indices)
+    cache.close()
+    assert list(temp_root.iterdir()) == []
+
+
+def test_only_abandoned_spill_folders_are_removed(temp_root):
+    live = SpillFolder()
+    foreign = temp_root / f"{SPILL_PREFIX}123-notours"  # no lock file: not a spill folder we made
+    foreign.mkdir()
+    assert remove_abandoned_spills() == [] and live.path.exists() and foreign.exists()
+    live.remove()
+    assert not live.path.exists() and foreign.exists()
+
+
+KILLED_ANALYSIS = """
+import os, signal, sys, tempfile
+from pathlib import Path
+
+import torch
+
+from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.run import run_analysis
+from workbench.models.tiny import tiny_sd_pipeline
+
+torch.set_num_threads(1)
+pipe = tiny_sd_pipeline()
+pipe.set_progress_bar_config(disable=True)
+
+
+def kill_once_spilled(evaluation):
+    if any(Path(tempfile.gettempdir()).glob("workbench-palettes-*/*.npz")):
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no atexit: what an OOM kill or kill -9 does
+
+
+config = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=("a red circle",), num_recipes=3)
+run_analysis(pipe, config, out_dir=sys.argv[1], progress=False, palette_memory=1, callback=kill_once_spilled,
+             background_fits=False)
+"""
+
+
+def test_an_analysis_killed_mid_run_leaves_no_palettes_in_its_output_folder(tmp_path):
+    root, out = tmp_path / "tmp", tmp_path / "out"
+    root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TMPDIR": str(root)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_ANALYSIS, str(out)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    (abandoned,) = root.glob(f"{SPILL_PREFIX}*")  # it was killed with palettes on disk...
+    assert any(abandoned.glob("*.npz"))
+    assert [p.name for p in out.iterdir()] == ["store"]  # ...none of them in the output folder
+    assert not any(out.rglob("*.npz")) and not any(out.rglob("palettes-*"))
+    # the next spill cleans up after the killed process
+    next_one = SpillFolder(root)
+    assert not abandoned.exists() and list(root.glob(f"{SPILL_PREFIX}*")) == [next_one.path]
+    next_one.remove()

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -180,8 +179,9 @@ def run_analysis(
         progress (`bool`, defaults to True): a tqdm bar (notebook-aware) with done/left and ETA.
         callback (`Callable[[Evaluation], None]`, *optional*): called after each newly measured evaluation.
         cache (`PaletteCache`, *optional*): palettes to reuse (k-means runs once per layer and config); None = a
-            cache holding `DEFAULT_PALETTE_MEMORY` of palettes, the rest waiting in a temporary folder (outside
-            `out_dir`, removed at the end) until needed again.
+            cache holding `DEFAULT_PALETTE_MEMORY` of palettes, the rest waiting until needed again in a private
+            folder under the system's temp dir (never in `out_dir`), deleted at the end, or by the next analysis
+            if this one is killed.
         executor (`Executor`, *optional*): what measures the sweeps' and recipes' tasks; None = a `LocalExecutor`
             in this process, fitting palettes in the background (`prefetch_palettes`, on `fit_workers` threads)
             where a CPU core is free. A `workbench.sweep.ray_executor.RayExecutor` shards them over Ray workers
@@ -196,12 +196,11 @@ def run_analysis(
     """
     start = time.perf_counter()
     candidates = candidate_layers(pipe.unet, config.min_numel, config.group_size, config.layers, config.exclude)
+    if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
+        cache = PaletteCache(max_bytes=DEFAULT_PALETTE_MEMORY, spill_dir=True)
     with contextlib.ExitStack() as stack:
-        if cache is None:  # palettes over the budget wait on disk, so memory does not grow with the number of widths
-            spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="workbench-palettes-"))
-            cache = PaletteCache(max_bytes=DEFAULT_PALETTE_MEMORY, spill_dir=spill_dir)
         probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
-        stack.callback(cache.close)  # stops background fits; the fitted palettes stay cached
+        stack.callback(cache.close)  # stops background fits, deletes a private spill folder; held palettes stay
         stack.callback(probed.runner.close)
         phases = _measure(pipe, config, candidates, probed, cache, executor)
     return _finish(pipe, config, candidates, probed, phases, cache, start, out_dir)

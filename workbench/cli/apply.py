@@ -1,4 +1,5 @@
-"""`workbench apply`: a recipe applied to a float16 Core ML UNet package converted elsewhere."""
+"""`workbench apply`: a recipe applied to a float16 Core ML UNet package converted elsewhere, weights matched by
+content (`workbench.coreml.apply.apply_model`)."""
 
 from __future__ import annotations
 

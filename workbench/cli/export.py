@@ -1,4 +1,8 @@
-"""`workbench export`: a pipeline's components converted to Core ML packages, palettized by recipe or width."""
+"""`workbench export`: a pipeline to palettized, verified Core ML packages (`workbench.coreml.export_model`).
+
+The options become an `ExportConfig`; the recipe file is read (and its entries checked) before the pipeline
+loads, and a recipe naming layers the model lacks fails before anything is converted or written.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from workbench.errors import InvalidValueError
 
 
 def run(args: argparse.Namespace) -> None:
-    from workbench.coreml import COMPONENTS, export_model
+    from workbench.coreml import COMPONENTS, ExportConfig, export_model
 
     if args.recipe_name is not None and args.recipe is None:
         raise InvalidValueError("--recipe-name needs --recipe FILE")
@@ -17,17 +21,20 @@ def run(args: argparse.Namespace) -> None:
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
         raise InvalidValueError(f"--components={args.components!r}: unknown {unknown}; valid: {', '.join(COMPONENTS)}")
-    report = export_model(
-        args.model,
-        args.out,
-        recipe_file=args.recipe,
-        recipe_name=args.recipe_name,
+    config = ExportConfig(
         nbits=args.nbits,
-        components=components,
+        components=tuple(components),
         min_numel=args.min_numel,
         layers=tuple(args.layers),
         exclude=tuple(args.exclude),
         layout=args.layout,
+    )
+    report = export_model(
+        args.model,
+        args.out,
+        config,
+        recipe_file=args.recipe,
+        recipe_name=args.recipe_name,
         importance_file=args.importance,
     )
     print(report.summary())

@@ -22,6 +22,7 @@ import torch
 
 from workbench.metrics import image_psnr, image_ssim
 from workbench.models.generation import generate_images
+from workbench.recipes.recipe import Recipe
 from workbench.viz.grids import image_grid
 
 REFERENCE_COLUMN = "float16"  # the unpalettized model's column, as the reference labels it
@@ -235,8 +236,7 @@ def adherence_by_column(comparison: SeedMatchedImages) -> dict[str, dict[str, fl
 def backend_comparison(
     pipe,
     packages,
-    recipe_name: str,
-    recipe: Mapping[str, int],
+    recipe: Recipe,
     prompts: Sequence[str],
     *,
     layers: Mapping[str, torch.nn.Module],
@@ -251,6 +251,15 @@ def backend_comparison(
     (`backend="coreml"`), weight-exact emulation elsewhere (`"emulate"`: the package's decompressed weights in
     torch). PSNRs are against the float model; the third column's name carries the backend's label.
 
+    Args:
+        pipe: the float pipeline the packages were exported from.
+        packages: an `ExportReport`, the folder `export_pipeline` wrote, or `{component: package path}`.
+        recipe (`Recipe`): the recipe the UNet package holds; its name titles the simulated column.
+        prompts (`Sequence[str]`): one row each, row `i` from seed `seed + i`.
+        layers (`Mapping[str, nn.Module]`): the layers the columns are sized over (`compressible_layers(unet)`).
+        seed, steps, **kwargs: for `workbench.models.generation.generate_images`.
+        backend (`str`, *optional*): `"coreml"` or `"emulate"`; default: `"coreml"` on macOS, else `"emulate"`.
+
     Returns:
         `(SeedMatchedImages, label)`: the label says what produced the Core ML column.
     """
@@ -263,10 +272,10 @@ def backend_comparison(
     seeds = tuple(seed + i for i in range(len(prompts)))
     columns = [
         column_for(REFERENCE_COLUMN, layers, {}),
-        column_for(f"{recipe_name} (torch simulation)", layers, recipe),
+        column_for(f"{recipe.name} (torch simulation)", layers, recipe.bits),
     ]
     per_column = [generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs)]
-    with palettized(pipe.unet, recipe):
+    with palettized(pipe.unet, recipe.bits):
         per_column.append(generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs))
     with coreml_pipeline(pipe, packages, backend=backend) as core:
         label = core.label

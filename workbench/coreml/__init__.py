@@ -4,10 +4,14 @@
   (`UNetExport`, `TextEncoderExport`, `VAEDecoderExport`), example inputs, and the Core ML name of each layer's
   weight (`coreml_weight_name`: UNet layer `L` is `unet_<L with . as _>_weight_to_fp16`).
 - `layout`: the packages' inputs, outputs and names: Apple's (`"apple"`, the default: what Apple's Swift pipeline and
-  apps load) or ours (`"workbench"`); the tokenizer files and `compile_for_swift.sh` beside them.
-- `export`: conversion (`convert_component`), palettization plans and compression by name (`palette_plan`,
-  `compress_model`), `export_pipeline` / `export_component` and their results (`ExportReport`,
-  `ExportedPackage`), and `export_model` (the `workbench export` command).
+  apps load, `apple_contract`) or ours (`"workbench"`); the tokenizer files and `compile_for_swift.sh` beside them.
+- `config`: `ExportConfig`, the settings of an export (recipe or width, components, layout, ...), checked when made.
+- `plan`: what each component will palettize (`palette_plan`, `plan_export` -> `ComponentPlan`), checked against the
+  torch modules before any conversion (a recipe naming unknown layers: `RecipeError` with the closest names).
+- `memory`: the memory an export needs, checked first (`check_export_memory`, `ExportMemoryError`).
+- `metadata`: what a package says about itself (`set_package_metadata`).
+- `export`: conversion (`convert_component`), compression by name (`compress_model`), `export_pipeline` /
+  `export_component`, and `export_model` (the `workbench export` command).
 - `apply`: a recipe applied to a package converted elsewhere (`apply_recipe`, `workbench apply`), its weights
   matched to torch layers by exact float16 content (`match_weights`).
 - `results`: `ExportedPackage`, `ExportReport` (`verification.json`), for export and apply alike.
@@ -19,8 +23,9 @@
 Images come from `workbench.models.generation.generate_images`, for torch and Core ML pipelines alike.
 
 Example:
-    >>> report = export_pipeline(pipe, "out/", recipe=load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette"),
-    ...                          components=["unet", "text_encoder", "vae_decoder"])
+    >>> recipe = load_recipe("recipes.json", "recipe_4.50_bit_mixedpalette")
+    >>> config = ExportConfig(recipe=recipe, components=("unet", "text_encoder", "vae_decoder"))
+    >>> report = export_pipeline(pipe, "out/", config)
     >>> print(report.summary())          # sizes, bits/param, bit-exact per package; out/verification.json
     >>> with coreml_pipeline(pipe, report, backend="emulate") as emulated:   # any OS
     ...     images = generate_images(emulated, "a red circle", seed=0)
@@ -53,25 +58,22 @@ from workbench.coreml.components import (
     layer_weight_names,
     weight_layers,
 )
+from workbench.coreml.config import DEFAULT_MIN_NUMEL, ExportConfig, RecipeLike
 from workbench.coreml.export import (
-    DEFAULT_MIN_NUMEL,
-    ComponentPlan,
-    ExportMemoryError,
-    RecipeLike,
-    check_export_memory,
     compress_model,
     convert_component,
     export_component,
     export_model,
     export_pipeline,
-    palette_plan,
-    plan_export,
 )
 from workbench.coreml.layout import (
     APPLE_RESOURCE_NAMES,
     DEFAULT_LAYOUT,
     LAYOUTS,
 )
+from workbench.coreml.memory import ExportMemoryError, check_export_memory
+from workbench.coreml.metadata import set_package_metadata
+from workbench.coreml.plan import ComponentPlan, check_recipe_layers, palette_plan, plan_export
 from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.runtime import (
     BACKENDS,
@@ -111,6 +113,7 @@ __all__ = [
     "EMULATION_LABEL",
     "WRAPPERS",
     "ComponentPlan",
+    "ExportConfig",
     "ExportMemoryError",
     "CoreMLPipeline",
     "CoreMLUnavailableError",
@@ -126,6 +129,7 @@ __all__ = [
     "check_component",
     "component_module",
     "check_export_memory",
+    "check_recipe_layers",
     "compress_model",
     "convert_component",
     "coreml_pipeline",
@@ -144,6 +148,7 @@ __all__ = [
     "palettized_weight_names",
     "plan_export",
     "program_weight_names",
+    "set_package_metadata",
     "verify_package",
     "weight_layers",
     "weight_psnr",

@@ -32,15 +32,11 @@ import torch
 from torch import nn
 
 from workbench.coreml.components import weight_layers
-from workbench.coreml.export import (
-    DEFAULT_MIN_NUMEL,
-    ExportedPackage,
-    ExportReport,
-    RecipeLike,
-    compress_model,
-    palette_plan,
-    set_package_metadata,
-)
+from workbench.coreml.config import DEFAULT_MIN_NUMEL, RecipeLike
+from workbench.coreml.export import compress_model
+from workbench.coreml.metadata import set_package_metadata
+from workbench.coreml.plan import palette_plan
+from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.verify import package_nbytes, package_weights, palettized_weight_names, verify_package
 from workbench.errors import InvalidValueError, UserError
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.coreml.verify import Verification
@@ -83,7 +84,8 @@ class ExportedPackage:
 class ExportReport:
     """The packages written by `export_pipeline` (or `apply_recipe`), and what was checked. Saved as
     `<out>/verification.json`. `applied_to`: the input package of `apply_recipe` ("" for an export); `notes`: what
-    else a user should know (e.g. package weights that matched no layer and were left as they are)."""
+    else a user should know (e.g. package weights that matched no layer and were left as they are); `settings`: the
+    export's `ExportConfig.to_dict()` (empty for an apply)."""
 
     out_dir: str
     source: str
@@ -91,6 +93,7 @@ class ExportReport:
     packages: tuple[ExportedPackage, ...]
     applied_to: str = ""
     notes: tuple[str, ...] = ()
+    settings: Mapping = field(default_factory=dict)
 
     @property
     def all_bit_exact(self) -> bool:

@@ -3,7 +3,11 @@ the background while the UNet runs."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -33,13 +37,16 @@ class PaletteCache:
 
     With `max_bytes`, the palettes held in memory never exceed that many bytes: the least recently used are
     written to `spill_dir` (and read back when asked for again, which is far cheaper than a refit) or, without a
-    `spill_dir`, dropped (and refitted if asked for again). A full-size SDXL sweep at 5 widths fits about 13 GB
+    `spill_dir`, dropped (and refitted if asked for again). With `spill_dir=True` they go to a private folder
+    under the system's temp dir (`SpillFolder`), deleted by `close` and at exit, or by the next cache that spills
+    if this process was killed: never to the user's output folder. A full-size SDXL sweep at 5 widths fits about 13 GB
     of palettes; with a budget it holds at most `max_bytes` of them, whatever the number of widths.
 
     Args:
         solver (`str`, defaults to "auto"): the 1-D k-means solver (`workbench.palettes.kmeans.kmeans_1d`).
         max_bytes (`int`, *optional*): memory budget for the palettes held; None = unbounded.
-        spill_dir (`str | os.PathLike`, *optional*): where palettes over the budget go (one .npz each).
+        spill_dir (`str | os.PathLike | bool`, *optional*): where palettes over the budget go (one .npz each): a
+            folder the caller owns, or True for a private temporary one the cache deletes (see above).
         importance (`workbench.palettes.importance.Importance`, *optional*): per-layer importances, needed to fit
             data-aware (`"wkmeans"`) palettes; their cache keys carry its `digest`.
 
@@ -54,7 +61,9 @@ class PaletteCache:
         self.solver = solver
         self.importance = importance
         self.max_bytes = max_bytes
-        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._own_spill = spill_dir is True
+        self._spill_folder: SpillFolder | None = None  # created on the first spill, deleted by `close`
+        self.spill_dir = None if spill_dir is None or spill_dir is False or spill_dir is True else Path(spill_dir)
         # keys: (layer, config, the importance's digest for data-aware configs, else None)
         self._palettes: OrderedDict[tuple[str, PaletteConfig, str | None], tuple[tuple, Palette]] = OrderedDict()
         self._spilled: dict[tuple[str, PaletteConfig, str | None], tuple[tuple, Path]] = {}
@@ -166,6 +175,9 @@ class PaletteCache:
         """Drop the least recently used palette from memory, writing it to `spill_dir` first if there is one."""
         key, (identity, palette) = self._palettes.popitem(last=False)
         self._nbytes -= _held_nbytes(palette)
+        if self._own_spill and self._spill_folder is None:
+            self._spill_folder = SpillFolder()
+            self.spill_dir = self._spill_folder.path
         if self.spill_dir is not None and self._spilled.get(key, (None,))[0] != identity:  # not on disk yet
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             path = self.spill_dir / f"{len(self._spilled) + self.spills:06d}_{key[1].key}.npz"
@@ -247,7 +259,8 @@ class PaletteCache:
                 wait([future])
 
     def close(self) -> None:
-        """Cancel the fits not started yet, wait for the running ones and stop the background threads."""
+        """Cancel the fits not started yet, wait for the running ones and stop the background threads; delete a
+        private spill folder (`spill_dir=True`: its palettes are refitted if asked for again)."""
         for pool in (self._executor, self._urgent):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -257,6 +270,10 @@ class PaletteCache:
             self._process = None
         with self._lock:
             self._pending.clear()
+            if self._spill_folder is not None:
+                self._spill_folder.remove()
+                self._spill_folder = self.spill_dir = None
+                self._spilled.clear()
 
     def __enter__(self) -> PaletteCache:
         return self
@@ -282,6 +299,73 @@ class PaletteCache:
         """Palettes held in memory or spilled."""
         with self._lock:
             return len(self._palettes) + len(set(self._spilled) - set(self._palettes))
+
+
+SPILL_PREFIX = "workbench-palettes-"  # private spill folders under the system's temp dir
+_LOCK = ".lock"
+
+
+class SpillFolder:
+    """A private folder under the system's temp dir for one cache's spilled palettes.
+
+    Removed by `remove`, at interpreter exit, or when garbage collected. A process killed outright (SIGKILL, out
+    of memory) cannot remove it: its lock (`flock` on `.lock` inside, which the kernel releases when the process
+    dies) then tells the next `SpillFolder` it is abandoned, and that one deletes it. Without `fcntl` (Windows)
+    abandoned folders stay in the temp dir.
+
+    Attributes:
+        path (`Path`): `<tempdir>/workbench-palettes-<pid>-<random>`.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        root = Path(tempfile.gettempdir() if root is None else root)
+        remove_abandoned_spills(root)
+        staging = Path(tempfile.mkdtemp(prefix=f".{SPILL_PREFIX}", dir=root))
+        self._fd = _lock(staging / _LOCK, create=True)
+        self.path = root / f"{SPILL_PREFIX}{os.getpid()}-{staging.name.rsplit('-', 1)[-1]}"
+        staging.rename(self.path)  # locked before it has the name other processes look for
+        self._finalizer = weakref.finalize(self, _remove_folder, self.path, self._fd, os.getpid())
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
+def _lock(path: Path, create: bool = False) -> int | None:
+    """An fd holding an exclusive `flock` on `path`, or None where another process holds it (or no `fcntl`)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_folder(path: Path, fd: int | None, owner: int | None = None) -> None:
+    if owner is not None and owner != os.getpid():
+        return  # a forked child exiting: the folder is its parent's
+    shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_abandoned_spills(root: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the spill folders under `root` (default: the system's temp dir) whose process is gone (their lock is
+    free); returns them."""
+    removed = []
+    for folder in Path(tempfile.gettempdir() if root is None else root).glob(f"{SPILL_PREFIX}*"):
+        try:
+            fd = _lock(folder / _LOCK)
+        except OSError:  # no lock file (not ours) or not readable: leave it
+            continue
+        if fd is not None:
+            _remove_folder(folder, fd)
+            removed.append(folder)
+    return removed
 
 
 def _held_nbytes(palette: Palette) -> int:

@@ -35,7 +35,6 @@ import hashlib
 import math
 import os
 import socket
-import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -109,8 +108,7 @@ class SweepWorker:
         if torch.device(device).type == "cpu":
             torch.set_num_threads(threads)
         self.pipe = load_pipeline(model, device=device, dtype=dtype, progress=False)
-        self.spill = tempfile.TemporaryDirectory(prefix="palettes-")
-        self.cache = _SharingCache(max_bytes=palette_memory, spill_dir=self.spill.name)
+        self.cache = _SharingCache(max_bytes=palette_memory, spill_dir=True)  # private, cleaned up if killed
         self.executor = LocalExecutor(self.pipe.unet, self.cache, keep_state=True)
         self.runner: EvaluationRunner | None = None
         self.probe_spec: tuple | None = None
@@ -188,7 +186,6 @@ class SweepWorker:
         """Restore the UNet, stop the cache and delete its spilled palettes."""
         self.executor.close()
         self.cache.close()
-        self.spill.cleanup()
 
 
 @dataclass
