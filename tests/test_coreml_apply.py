@@ -330,11 +330,11 @@ def test_cli_apply(foreign, tmp_path, capsys):
         assert err.startswith("workbench apply: error:") and err.count("\n") == 1, err
 
 
-def test_cli_apply_of_a_recipe_naming_unknown_layers_is_one_line_with_the_closest_names(sd, tmp_path, capsys):
+def test_cli_apply_of_a_recipe_naming_unknown_layers_is_one_line_with_the_closest_names(foreign, tmp_path, capsys):
     from workbench.cli.main import main
     from workbench.recipes.recipe import PreAnalysis
 
-    _, names, package = sd
+    _, names, package = foreign
     recipe = {names[0]: 4, "mid_block.attentions.0.proj_outx": 4}
     PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"typo": recipe}).save(tmp_path / "recipe.json")
     out = tmp_path / "out"

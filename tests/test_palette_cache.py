@@ -145,6 +145,8 @@ import torch
 from workbench.analysis.config import AnalysisConfig
 from workbench.analysis.run import run_analysis
 from workbench.models.tiny import tiny_sd_pipeline
+from workbench.palettes.cache import PaletteCache
+from workbench.sweep.executor import LocalExecutor
 
 torch.set_num_threads(1)
 pipe = tiny_sd_pipeline()
@@ -157,8 +159,9 @@ def kill_once_spilled(evaluation):
 
 
 config = AnalysisConfig(nbits=(2,), min_numel=30_000, prompts=("a red circle",), num_recipes=3)
-run_analysis(pipe, config, out_dir=sys.argv[1], progress=False, palette_memory=1, callback=kill_once_spilled,
-             background_fits=False)
+cache = PaletteCache(max_bytes=1, spill_dir=True)  # what run_analysis makes, with a budget that spills at once
+run_analysis(pipe, config, out_dir=sys.argv[1], progress=False, callback=kill_once_spilled, cache=cache,
+             executor=LocalExecutor(pipe.unet, cache, prefetch=0))
 """
 
 
