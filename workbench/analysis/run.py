@@ -228,9 +228,10 @@ def _measure(pipe, config: AnalysisConfig, candidates: Candidates, probed: Probe
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
     palettes = sweep_palettes(config.nbits, config.group_size)
     workers = fit_workers(unet.device)
-    background = executor is None and workers > 0
-    local = executor is None
-    executor = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0) if local else executor
+    background = executor is None and workers > 0  # background fits where this function makes the executor
+    if executor is None:
+        executor = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0)
+    local = isinstance(executor, LocalExecutor)  # measures in this process (a given one too)
     if config.data_aware and not local:
         raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
                                 "process (no --workers)")  # fmt: skip
