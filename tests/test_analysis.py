@@ -93,6 +93,7 @@ def _kill_when_stored(proc: subprocess.Popen, store_dir: Path, lines: int, timeo
     return _complete_lines(store) - 1  # the header is not an evaluation
 
 
+@pytest.mark.slow
 def test_killed_cli_analysis_resumes_to_the_same_json(pipe, tmp_path):
     with torch_threads(1):  # the uninterrupted run, in this process
         full = run_analysis(pipe, KILL_CONFIG, out_dir=tmp_path / "full", progress=False)

@@ -2,7 +2,8 @@
 
 One report run (module fixture) executes notebooks 01-05 in order into a temporary reports folder, as
 `make report` does; 04 and 05 read the analysis 03 wrote. The model is the tiny random-weight SD pipeline
-(`model="tiny-sd"`): the notebooks' code paths are the same as on the demo model, at a size CI can afford.
+(`model="tiny-sd"`): the notebooks' code paths are the same as on the demo model, at a size CI can afford. The
+report's tests are slow-marked (`make test-slow`, which CI runs); the progress and timeout tests are quick.
 """
 
 import json
@@ -53,6 +54,7 @@ def test_source_notebooks_follow_the_rules():
         assert all(p["help"] and p["inferred_type_name"] != "None" for p in params.values()), name
 
 
+@pytest.mark.slow  # the whole smoke report (~2.5 min): `make test-slow`, and CI
 def test_every_notebook_ran_without_error(report):
     assert [r.notebook for r in report.runs] == list(NOTEBOOKS)
     failed = {r.notebook: r.error for r in report.runs if not r.ok}
@@ -65,6 +67,7 @@ def test_every_notebook_ran_without_error(report):
         assert run.parameters["smoke"] is True and run.parameters["model"] == MODEL
 
 
+@pytest.mark.slow
 def test_index_and_parameters(report):
     index = (report.out_dir / "index.html").read_text()
     for name in NOTEBOOKS:
@@ -76,6 +79,7 @@ def test_index_and_parameters(report):
     assert set(record["notebooks"]) == set(NOTEBOOKS)
 
 
+@pytest.mark.slow
 def test_01_basics(report):
     out = report.out_dir
     for name in ("01_weight_histogram.png", "01_error_vs_bits.png", "01_bytes_vs_bits.png"):
@@ -92,6 +96,7 @@ def test_01_basics(report):
     assert aware.loc["wkmeans4", "weighted_error"] <= aware.loc["kmeans4", "weighted_error"] * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_02_uniform(report):
     out = report.out_dir
     _figure(out, "02_psnr_vs_bits.png")
@@ -105,6 +110,7 @@ def test_02_uniform(report):
     assert summary["latent_psnr_db"].iloc[1:].notna().all()
 
 
+@pytest.mark.slow
 def test_03_analysis(report):
     out = report.out_dir
     _figure(out, "03_psnr_vs_size.png")
@@ -120,6 +126,7 @@ def test_03_analysis(report):
     assert saved["recipes"] and (out / "analysis" / "preanalysis.json").is_file()
 
 
+@pytest.mark.slow
 def test_04_seed_matched(report):
     out = report.out_dir
     _figure(out, "04_seed_matched_grid.png")
@@ -130,6 +137,7 @@ def test_04_seed_matched(report):
     assert (cells.groupby("prompt")["seed"].nunique() == 1).all(), "a row must use one seed in every column"
 
 
+@pytest.mark.slow
 def test_05_coreml(report):
     out = report.out_dir
     _figure(out, "05_torch_vs_coreml.png")
