@@ -2,6 +2,7 @@
 exception is a bug and keeps its traceback (exit status 1)."""
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,20 @@ def test_analyze_refuses_refined_without_size_aware_and_data_aware_on_workers(ca
     code, err = run_cli(capsys, "analyze", "tiny-sd", "--out", str(tmp_path), "--strategies", "apple", "refined")
     assert code == 2 and "add 'size-aware'" in err
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_resolution_sets_the_square_size_the_analysis_measures_at(capsys, tmp_path):
+    from workbench.models.tiny import tiny_sd_pipeline
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    out = tmp_path / "out"
+    prompts = str(tmp_path / "prompts.txt")
+    argv = ["analyze", "tiny-sd", "--out", str(out), "--resolution", "48", "--nbits", "2", "--min-numel", "30000",
+            "--num-recipes", "1", "--strategies", "apple", "--prompts", prompts, "--quiet"]  # fmt: skip
+    assert run_cli(capsys, *argv)[0] == 0
+    run = json.loads((out / "run.json").read_text())
+    factor = tiny_sd_pipeline().vae_scale_factor
+    assert run["config"]["height"] == run["config"]["width"] == 48
+    assert run["identity"]["latent_shape"][-2:] == [48 // factor, 48 // factor]
+    status, err = run_cli(capsys, "analyze", "tiny-sd", "--out", str(tmp_path / "bad"), "--resolution", "50")
+    assert status == 2 and "resolution=50 must be a positive multiple of 8 pixels" in err

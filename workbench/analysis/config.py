@@ -41,7 +41,10 @@ class AnalysisConfig:
             need ~2048 (coremltools' default `weight_threshold`).
         prompts (`tuple[str, ...]`, defaults to `DEFAULT_PROMPTS`): the evaluation prompts (negative prompt "").
         seed (`int`, defaults to 0): the one generator state restored before every run.
-        height, width (`int`, *optional*): image size; None = the pipeline's default.
+        height, width (`int`, *optional*): image size in pixels, a multiple of 8; None = the pipeline's default
+            (`unet.config.sample_size` times the VAE's factor: 512 for SD-1.5, 768 for SD-2.1, 1024 for SDXL, 64
+            for the demo model). The reference analyses at 768; a small size makes a CPU analysis affordable, at
+            the cost of measuring the UNet at a resolution it is not used at.
         num_recipes (`int`, defaults to 7): K, recipes per strategy (the reference's thresholds count).
         strategies (`tuple[str, ...]`, defaults to ("apple", "size-aware", "refined")): recipe strategies to run:
             the reference's threshold rule, the size-aware knapsack, and the knapsack's recipes refined where layers
@@ -106,6 +109,11 @@ class AnalysisConfig:
         object.__setattr__(self, "nbits", nbits)
         if self.min_numel < 0:
             raise InvalidValueError(f"min_numel must be >= 0, got {self.min_numel}")
+        for name in ("height", "width"):
+            size = getattr(self, name)
+            if size is not None and (isinstance(size, bool) or size < 8 or size % 8):
+                raise InvalidValueError(f"{name}={size} must be a positive multiple of 8 pixels (or None: the "
+                                        "pipeline's own)")  # fmt: skip
         prompts = tuple(str(p) for p in self.prompts)
         if not prompts:
             raise InvalidValueError("prompts must hold at least one prompt")
@@ -202,7 +210,8 @@ class AnalysisConfig:
 def config_for_model(model, **options) -> AnalysisConfig:
     """An `AnalysisConfig` for `model` (a model spec as `load_pipeline` takes it) from options named as its fields.
 
-    Options that are None take their defaults, and two defaults depend on the model: `min_numel`
+    Options that are None take their defaults; `resolution` stands for square `height` and `width`. Two defaults
+    depend on the model: `min_numel`
     (`default_min_numel`: 2048 for the demo and tiny models, whose layers are small; the reference's 1e5 otherwise)
     and, for the demo model with `trajectory`, `trajectory_prompts`: captions of its own shapes world, which its
     adherence scorer reads.
@@ -212,6 +221,12 @@ def config_for_model(model, **options) -> AnalysisConfig:
         2048
     """
     options = {k: v for k, v in options.items() if v is not None}
+    resolution = options.pop("resolution", None)  # square images of this size (`--resolution`)
+    if resolution is not None:
+        if isinstance(resolution, bool) or resolution < 8 or resolution % 8:
+            raise InvalidValueError(f"resolution={resolution} must be a positive multiple of 8 pixels")
+        options.setdefault("height", resolution)
+        options.setdefault("width", resolution)
     options.setdefault("min_numel", default_min_numel(model))
     if options.get("trajectory") and is_demo_model(model) and "trajectory_prompts" not in options:
         count = len(options.get("prompts", DEFAULT_PROMPTS))

@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:  # the prompts file the user named: missing, unreadable or empty
         raise InvalidValueError(str(err)) from err
     names = {f.name for f in dataclasses.fields(AnalysisConfig)}  # the options are named as the config's fields
-    config = config_for_model(
-        args.model, **{**{k: v for k, v in vars(args).items() if k in names}, "prompts": prompts}
-    )
+    options = {k: v for k, v in vars(args).items() if k in names} | {"prompts": prompts}
+    config = config_for_model(args.model, **options, resolution=args.resolution)
     torch.set_num_threads(args.threads)  # the CLI process is ours: set once, here
     device = pick_device(args.device)
     dtype = model_dtype(device, args.dtype)
@@ -78,6 +77,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: 8 built-in prompts)")
     p.add_argument("--seed", type=int_in_range(0), default=0, help="generator seed (default 0)")
+    p.add_argument(
+        "--resolution",
+        type=int_in_range(8),
+        default=None,
+        metavar="PX",
+        help="square image size the analysis measures at, a multiple of 8 (default: the pipeline's own, e.g. 512 "
+        "for SD-1.5, 1024 for SDXL; the reference uses 768; smaller is faster on a CPU)",
+    )
     p.add_argument("--num-recipes", type=int_in_range(1), default=7, help="recipes per strategy (default 7)")
     _add_strategies(p)
     _add_execution(p)
