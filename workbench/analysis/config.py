@@ -42,7 +42,7 @@ class AnalysisConfig:
         prompts (`tuple[str, ...]`, defaults to `DEFAULT_PROMPTS`): the evaluation prompts (negative prompt "").
         seed (`int`, defaults to 0): the one generator state restored before every run.
         height, width (`int`, *optional*): image size in pixels, a multiple of 8; None = the pipeline's default
-            (`unet.config.sample_size` times the VAE's factor: 512 for SD-1.5, 768 for SD-2.1, 1024 for SDXL, 64
+            (`unet.config.sample_size` times the VAE's factor: 512 for SD-1.5 and SD-2.1-base, 1024 for SDXL, 64
             for the demo model). The reference analyses at 768; a small size makes a CPU analysis affordable, at
             the cost of measuring the UNet at a resolution it is not used at.
         num_recipes (`int`, defaults to 7): K, recipes per strategy (the reference's thresholds count).
