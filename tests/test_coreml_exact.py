@@ -262,3 +262,24 @@ def test_verify_package_reports_a_tampered_palette(saved, tmp_path):
     verification = _verify(copy, net, names)
     assert _exact(verification) == {"stem": True, "block.0": True, "head": False}
     assert not verification.all_bit_exact
+
+
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
+def test_the_export_hands_over_the_palettes_core_ml_would_fit(recipe_name, tmp_path):
+    """`compress_model` with the torch module (what an export does: every palette fitted once, by `fit_palette`,
+    and stored as fitted) writes exactly the package Core ML's own k-means and uniform fits write."""
+    from workbench.coreml.export import compress_model
+
+    recipe = RECIPES[recipe_name]
+    net = _small_net()
+    model = _convert(net, ct.target.iOS18 if any(cfg.needs_ios18 for cfg in recipe.values()) else ct.target.iOS17)
+    stored = {}
+    for mode, module in (("coreml", None), ("explicit", net)):
+        path = tmp_path / f"{mode}.mlpackage"
+        compress_model(model, recipe, prefix=None, names=coreml_weight_names(recipe), module=module).save(str(path))
+        stored[mode] = (package_weights(path), palettized_weight_names(path))
+    (theirs, their_names), (ours, our_names) = stored["coreml"], stored["explicit"]
+    assert our_names == their_names == set(coreml_weight_names(recipe).values())
+    assert theirs.keys() == ours.keys()
+    for name in theirs:
+        assert np.array_equal(theirs[name].view(np.uint16), ours[name].view(np.uint16)), name

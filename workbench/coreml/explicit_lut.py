@@ -1,9 +1,10 @@
 """Hand Core ML a palette we fitted: its LUT and indices, stored as they are.
 
 Core ML's `palettize_weights` fits k-means and uniform palettes itself (and `fit_palette` reproduces those bit for
-bit), but not data-aware ones. For those, `explicit_lut_config` gives coremltools an `OpPalettizerConfig` in
-`mode="custom"` whose `lut_function` returns our fitted LUT and indices, group by group: the package stores our
-LUT (all 2**nbits entries, so the width is the config's) and our indices, and its decompressed weight is
+bit, far faster), but not data-aware ones. An export hands it every palette fitted here: `explicit_lut_config`
+gives coremltools an `OpPalettizerConfig` in `mode="custom"` whose `lut_function` returns our fitted LUT and
+indices, group by group: the package stores our LUT (all 2**nbits entries, so the width is the config's) and our
+indices, and its decompressed weight is
 `fit_palette(...).dense()` exactly, as `verify_package` then checks on the saved package. (`mode="unique"` on the
 simulated weights would store the same dense weight, but picks the width from the number of distinct values,
 which can fall below the config's, e.g. to a 3-bit LUT iOS17 cannot store.)
@@ -80,14 +81,23 @@ def explicit_lut_config(weight: torch.Tensor, config: PaletteConfig, importance:
 
 
 def op_config(layer: str, config: PaletteConfig, module: nn.Module | None, importance):
-    """The `OpPalettizerConfig` of torch layer `layer` of `module`: Core ML's own fit for k-means and uniform
-    palettes (`PaletteConfig.to_coreml`); a data-aware one fitted here with `importance`
-    (`workbench.palettes.importance.Importance`) and stored as fitted (`explicit_lut_config`)."""
-    if not config.data_aware:
+    """The `OpPalettizerConfig` of torch layer `layer` of `module`.
+
+    With the torch module (an export), every palette is fitted here (`fit_palette`: the analysis' own fit, bit-exact
+    with Core ML's k-means and uniform fits and far faster) and stored as fitted (`explicit_lut_config`), so no
+    palette is fitted twice; a data-aware one with `importance` (`workbench.palettes.importance.Importance`).
+    Without it (a package converted elsewhere, whose weights need not be laid out as the torch layer's), Core ML
+    fits k-means and uniform palettes itself (`PaletteConfig.to_coreml`: the same LUTs).
+    """
+    if module is None:
+        if config.data_aware:
+            raise ValueError(f"the data-aware palette {config.key} of {layer!r} needs the torch module and importance")
         return config.to_coreml()
-    if module is None or importance is None:
-        raise ValueError(f"the data-aware palette {config.key} of {layer!r} needs the torch module and importance")
     weight = get_layer(module, layer).weight
+    if not config.data_aware:
+        return explicit_lut_config(weight, config)
+    if importance is None:
+        raise ValueError(f"the data-aware palette {config.key} of {layer!r} needs the torch module and importance")
     return explicit_lut_config(weight, config, importance.for_weight(layer, tuple(weight.shape)))
 
 

@@ -112,9 +112,9 @@ def compress_model(
     module under `prefix`) `coreml_weight_name(prefix + "." + L)`; for a package converted elsewhere, the mapping
     `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
     lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
-    identical weights) must share a config. Data-aware palettes (`"wkmeans"`) are fitted from `module`'s weights
-    with `importance` (`workbench.palettes.importance.Importance`) and stored as fitted
-    (`workbench.coreml.explicit_lut`); Core ML fits the others.
+    identical weights) must share a config. With `module`, every palette is fitted from its weights (data-aware
+    ones with `importance`, a `workbench.palettes.importance.Importance`) and stored as fitted
+    (`workbench.coreml.explicit_lut.op_config`); without it, Core ML fits k-means and uniform palettes itself.
 
     Returns:
         `coremltools.models.MLModel` (a new one; `model` is unchanged).
