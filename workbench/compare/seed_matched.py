@@ -20,9 +20,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from workbench.coreml import coreml_pipeline
+from workbench.demo.adherence import score_adherence
 from workbench.metrics import image_psnr, image_ssim
 from workbench.models.generation import generate_images
+from workbench.models.layers import compressible_layers
+from workbench.palettes.apply import palettized
+from workbench.palettes.size import size_report
 from workbench.recipes.recipe import Recipe
+from workbench.sweep.probe import OneStepProbe
 from workbench.viz.grids import image_grid
 
 REFERENCE_COLUMN = "float16"  # the unpalettized model's column, as the reference labels it
@@ -123,7 +129,6 @@ def _psnr_caption(value: float) -> str:
 
 def column_for(name: str, layers: Mapping[str, torch.nn.Module], recipe: Mapping) -> Column:
     """A `Column` sized with `workbench.palettes.size.size_report` over `layers` (e.g. `compressible_layers(unet)`)."""
-    from workbench.palettes.size import size_report
 
     report = size_report(layers, {k: v for k, v in recipe.items() if k in layers})
     return Column(name, report.bits_per_param, report.nbytes)
@@ -162,8 +167,6 @@ def seed_matched_images(
     Returns:
         `SeedMatchedImages`.
     """
-    from workbench.models.layers import compressible_layers
-    from workbench.palettes.apply import palettized
 
     if not prompts:
         raise ValueError("seed_matched_images needs at least one prompt")
@@ -201,8 +204,6 @@ def latent_psnr_one_step(
     Returns:
         recipe name -> mean PSNR in dB.
     """
-    from workbench.palettes.apply import palettized
-    from workbench.sweep.probe import OneStepProbe
 
     probe = OneStepProbe(pipe, prompts, seed)
     out = {}
@@ -219,7 +220,6 @@ def adherence_by_column(comparison: SeedMatchedImages) -> dict[str, dict[str, fl
         column name -> {"color": x, "shape": y, "position": z} fractions in [0, 1], from
         `workbench.demo.adherence.score_adherence`. Raises `ValueError` if a prompt is not a shapes caption.
     """
-    from workbench.demo.adherence import score_adherence
 
     out = {}
     for c, column in enumerate(comparison.columns):
@@ -264,9 +264,6 @@ def backend_comparison(
         `(SeedMatchedImages, label)`: the label says what produced the Core ML column.
     """
     import sys
-
-    from workbench.coreml import coreml_pipeline
-    from workbench.palettes.apply import palettized
 
     backend = backend or ("coreml" if sys.platform == "darwin" else "emulate")
     seeds = tuple(seed + i for i in range(len(prompts)))

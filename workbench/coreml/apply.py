@@ -39,7 +39,11 @@ from workbench.coreml.plan import palette_plan
 from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.verify import package_nbytes, package_weights, palettized_weight_names, verify_package
 from workbench.errors import InvalidValueError, UserError
+from workbench.models.layers import compressible_layers
+from workbench.models.loader import DEMO_MODEL, load_pipeline
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig
+from workbench.palettes.size import bits_per_param
+from workbench.recipes.recipe import load_recipe
 
 SPEC_TARGETS = {7: "iOS16", 8: "iOS17", 9: "iOS18"}  # Core ML specification version -> deployment target
 _SHOWN = 8  # names listed in an error before "and N more"
@@ -247,8 +251,6 @@ def _load_package(package: Path):
 
 
 def _bits_per_param(module: nn.Module, plan: Mapping[str, PaletteConfig], names: Mapping[str, str], min_numel: int):
-    from workbench.models.layers import compressible_layers
-    from workbench.palettes.size import bits_per_param
 
     numels = {n: m.weight.numel() for n, m in compressible_layers(module, min_numel=min_numel).items() if n in names}
     return bits_per_param(plan, numels) if numels else float(FLOAT_BITS)
@@ -355,8 +357,6 @@ def apply_model(
             (optional when the file holds one).
         model: hub id or pipeline folder the package was converted from; None for the demo model.
     """
-    from workbench.models.loader import DEMO_MODEL, load_pipeline
-    from workbench.recipes.recipe import load_recipe
 
     recipe = load_recipe(recipe_file, recipe_name)  # a bad file fails before the pipeline loads
     check_package(package)

@@ -44,7 +44,12 @@ from workbench.coreml.plan import ComponentPlan, plan_export
 from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.verify import package_nbytes, program_weight_names, verify_package
 from workbench.errors import InvalidValueError
+from workbench.models.layers import compressible_layers
+from workbench.models.loader import DEMO_MODEL, load_pipeline
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig
+from workbench.palettes.importance import Importance
+from workbench.palettes.size import bits_per_param
+from workbench.recipes.recipe import load_recipe
 from workbench.threads import sklearn_single_thread
 
 
@@ -185,8 +190,6 @@ def _compress_and_save(
     plan: ComponentPlan, conversion: Conversion, out: Path, *, min_numel: int, source: str, recipe_name: str
 ) -> Compression:
     """Palettize the planned weights by name, write the metadata and save `<out>/<package_name(component, layout)>`."""
-    from workbench.models.layers import compressible_layers
-    from workbench.palettes.size import bits_per_param
 
     start = time.perf_counter()
     in_package = program_weight_names(conversion.model)
@@ -319,8 +322,6 @@ def export_model(
             (optional when the file holds one).
         importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
     """
-    from workbench.models.loader import DEMO_MODEL, load_pipeline
-    from workbench.recipes.recipe import load_recipe
 
     config = ExportConfig() if config is None else config
     if recipe_name is not None and recipe_file is None:
@@ -331,8 +332,6 @@ def export_model(
         config = replace(config, recipe=load_recipe(recipe_file, recipe_name))
     importance = None
     if importance_file is not None:
-        from workbench.palettes.importance import Importance
-
         importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)

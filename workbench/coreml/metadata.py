@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from workbench import __version__
+
 
 def set_package_metadata(
     model, *, component: str, source: str, recipe_name: str, bits_per_param: float, n: int
 ) -> None:
     """Describe a palettized model: short description, author, and `user_defined_metadata` (source model,
     component, recipe, bits/param, number of palettized layers)."""
-    from workbench import __version__
 
     model.short_description = (
         f"{component} of {source or 'a diffusers pipeline'}, palettized by workbench "

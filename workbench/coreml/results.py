@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.coreml.verify import Verification
+from workbench.io import environment, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,6 @@ class ExportReport:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def to_dict(self) -> dict:
-        from workbench.io import environment
 
         d = asdict(self)
         for p, row in zip(self.packages, d["packages"]):
@@ -133,7 +133,6 @@ class ExportReport:
         return d
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        from workbench.io import write_json_atomic
 
         return write_json_atomic(path or Path(self.out_dir) / "verification.json", self.to_dict())
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from workbench.coreml.components import layer_weight_names, weight_layers
 from workbench.palettes.config import PaletteConfig
+from workbench.palettes.fit import fit_palette
 
 
 def load_program(package):
@@ -163,7 +164,6 @@ def _check_layer(
     importance=None,
 ) -> LayerCheck:
     """One planned layer: stored palettized, and equal to `fit_palette(weight, config).dense()` bit for bit."""
-    from workbench.palettes.fit import fit_palette
 
     torch_weight = weight.detach().cpu()
     weights = importance.for_weight(layer, tuple(weight.shape)) if config.data_aware else None

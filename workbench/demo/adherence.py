@@ -19,6 +19,7 @@ from workbench.demo.world import (
     ShapeAttributes,
     all_attributes,
 )
+from workbench.models.generation import generate_images
 
 # ---------------------------------------------------------------------------------------------- scorer
 
@@ -262,7 +263,6 @@ def generate_and_score(
     Returns:
         `AdherenceReport` with `images` set (N, H, W, 3) uint8.
     """
-    from workbench.models.generation import generate_images
 
     captions = [a.caption for a in attributes]
     images = generate_images(pipe, captions, seed=seed, batch_size=batch_size, **pipe_kwargs)

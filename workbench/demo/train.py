@@ -43,9 +43,11 @@ from pathlib import Path
 
 import torch
 
+from workbench.demo.card import document
 from workbench.demo.components import assemble_pipeline, build_components
 from workbench.demo.config import TrainConfig, TrainResult, _count
 from workbench.demo.stages import Log, train_unet, vae_stage
+from workbench.demo.world import make_dataset
 from workbench.errors import InvalidValueError
 from workbench.threads import torch_threads
 
@@ -82,15 +84,12 @@ def train(
     with torch_threads(config.threads):
         result = _train(config, out, ckpt, device, log)
     if card:
-        from workbench.demo.card import document
-
         document(out, log=log)
     return result
 
 
 def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: Log) -> TrainResult:
     """`train` without the card, under the thread count already set."""
-    from workbench.demo.world import make_dataset
 
     started = time.perf_counter()
     data = make_dataset(config.n_images, seed=config.seed, image_size=config.image_size)
@@ -149,8 +148,6 @@ def run(args: argparse.Namespace, config: TrainConfig | None = None) -> TrainRes
         print(line, flush=True)
 
     if args.card_only:
-        from workbench.demo.card import document
-
         document(args.out, log=log)
         return None
     config = TrainConfig.load(args.config, args.set) if config is None else config

@@ -27,6 +27,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from workbench.palettes.fit import Palette, fit_palette
+
 _HEADER = struct.Struct("<Q")
 
 
@@ -67,7 +69,6 @@ class FitProcess:
         Raises:
             FitProcessError: the process could not be started, died, or the fit raised there.
         """
-        from workbench.palettes.fit import Palette
 
         with self._lock:
             if self._failed is not None:
@@ -134,7 +135,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's; this process ends when its input closes
     stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything else printed goes to stderr, not into the replies
-    from workbench.palettes.fit import fit_palette
 
     while True:
         try:
