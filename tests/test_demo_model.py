@@ -1,4 +1,3 @@
-import argparse
 import json
 import re
 from dataclasses import replace
@@ -10,7 +9,7 @@ import torch
 from workbench.demo import card as model_card
 from workbench.demo.adherence import AdherenceReport, benchmark_attributes, generate_and_score, read_shape
 from workbench.demo.config import TrainConfig, TrainResult
-from workbench.demo.train import add_arguments, train
+from workbench.demo.train import train
 from workbench.demo.world import ShapeAttributes
 from workbench.errors import InvalidValueError
 from workbench.models.loader import DEMO_MODEL, load_pipeline
@@ -188,15 +187,6 @@ def test_card_quality_and_grid_sections_list_every_miss():
     grid = model_card._sample_grid_section(report)
     assert grid.endswith("|---|---|---|---|---|\n| 1 | a large blue square at the center | blue | circle | center |")
     assert model_card.adherence_grid(report, columns=2).size[0] >= 2 * 112
-
-
-def test_cli_train_options_match_the_module():
-    from workbench.cli.main import build_parser
-
-    module = {a.dest for a in add_arguments(argparse.ArgumentParser())._actions} - {"help"}
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    cli = {a.dest for a in sub.choices["train"]._actions} - {"help"}
-    assert cli == module
 
 
 def test_training_is_reproducible_and_writes_a_loadable_pipeline(tmp_path):

@@ -19,7 +19,6 @@ from workbench.demo.world import (
     ShapeAttributes,
     all_attributes,
 )
-from workbench.models.generation import generate_images
 
 # ---------------------------------------------------------------------------------------------- scorer
 
@@ -265,6 +264,8 @@ def generate_and_score(
     """
 
     captions = [a.caption for a in attributes]
+    from workbench.models.generation import generate_images  # torch: the scorer alone needs none (`workbench train`)
+
     images = generate_images(pipe, captions, seed=seed, batch_size=batch_size, **pipe_kwargs)
     report = score_adherence(images, attributes)
     return AdherenceReport(report.expected, report.readings, images)

@@ -255,3 +255,18 @@ class TrainResult:
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def add_arguments(parser, out_default: str | None = None):
+    """The training options, shared by `workbench train` and `python -m workbench.demo.train` (here, beside the
+    settings they fill, so that parsing them imports no torch). `out_default`: the pipeline folder to write; None
+    for the demo model's own folder."""
+    where = "the demo model's own folder" if out_default is None else out_default
+    parser.add_argument("--out", default=out_default, help=f"pipeline folder to write (default: {where})")
+    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (default: the defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints here (not in the repo)")
+    parser.add_argument("--device", default="cpu", help="training device (default cpu)")
+    parser.add_argument("--no-card", action="store_true", help="skip the benchmark and README.md after training")
+    parser.add_argument("--card-only", action="store_true", help="only re-measure --out and rewrite its README.md")
+    return parser

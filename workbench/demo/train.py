@@ -45,7 +45,7 @@ import torch
 
 from workbench.demo.card import document
 from workbench.demo.components import assemble_pipeline, build_components
-from workbench.demo.config import TrainConfig, TrainResult, _count
+from workbench.demo.config import TrainConfig, TrainResult, _count, add_arguments
 from workbench.demo.stages import Log, train_unet, vae_stage
 from workbench.demo.world import make_dataset
 from workbench.errors import InvalidValueError
@@ -126,18 +126,6 @@ def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: 
 # ------------------------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training options, shared by `python -m workbench.demo.train` and `workbench train`."""
-    parser.add_argument("--out", default="data/tiny-shapes", help="pipeline folder to write")
-    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (default: the defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    parser.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints here (not in the repo)")
-    parser.add_argument("--device", default="cpu", help="training device (default cpu)")
-    parser.add_argument("--no-card", action="store_true", help="skip the benchmark and README.md after training")
-    parser.add_argument("--card-only", action="store_true", help="only re-measure --out and rewrite its README.md")
-    return parser
-
-
 def run(args: argparse.Namespace, config: TrainConfig | None = None) -> TrainResult | None:
     """Train with the parsed `add_arguments` options (or, with --card-only, document `args.out`).
 
@@ -158,9 +146,8 @@ def run(args: argparse.Namespace, config: TrainConfig | None = None) -> TrainRes
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="python -m workbench.demo.train", description=__doc__.split("\n")[0])
-    )
+    parser = argparse.ArgumentParser(prog="python -m workbench.demo.train", description=__doc__.split("\n")[0])
+    add_arguments(parser, out_default="data/tiny-shapes")
     args = parser.parse_args(argv)
     try:
         config = None if args.card_only else TrainConfig.load(args.config, args.set)
