@@ -51,15 +51,14 @@ def test_bad_options_are_one_line_and_exit_2(capsys, argv, message):
     assert err.startswith(f"workbench {argv[0]}: error: ") and message in err, err
 
 
+def _python(cwd, *args: str) -> subprocess.CompletedProcess:
+    """This interpreter in a fresh process in `cwd`, with the checkout on its path and nothing else of ours."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
 def test_threads_0_in_a_real_process_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "analyze", "--out", str(tmp_path / "out"), "--threads", "0"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    proc = _python(tmp_path, "-m", "workbench.cli", "analyze", "--out", str(tmp_path / "out"), "--threads", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "workbench analyze: error: argument --threads: 0 is out of range; valid: an integer >= 1 "
@@ -154,14 +153,7 @@ def test_train_checks_its_options_before_importing_torch(tmp_path):
         "    print(err)\n"
         "print('torch' in sys.modules)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    proc = _python(tmp_path, "-c", code)
     assert proc.returncode == 0, proc.stderr
     refused = "--set unet_steps='x' is not of the field's type int; valid: an integer"
     assert proc.stdout.splitlines() == [refused, "False"]
@@ -187,14 +179,7 @@ def test_an_internal_error_in_a_real_process_prints_a_traceback_and_exits_1(tmp_
         "workbench.cli.layers.run = broken\n"
         "sys.exit(main(['layers']))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    proc = _python(tmp_path, "-c", code)
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
     assert f"{error}: " in proc.stderr and "error: internal bug" not in proc.stderr
