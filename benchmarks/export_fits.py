@@ -40,7 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from workbench.coreml.components import layer_weight_names
-    from workbench.coreml.export import compress_model, convert_component
+    from workbench.coreml.compress import compress_model
+    from workbench.coreml.export import convert_component
     from workbench.coreml.verify import package_weights
     from workbench.models.layers import compressible_layers
     from workbench.models.loader import default_min_numel, load_pipeline

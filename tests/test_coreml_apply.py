@@ -258,7 +258,7 @@ def test_apple_layout_fields():
 
 
 def test_compile_script_is_valid_sh(tmp_path):
-    script = write_compile_script(tmp_path, ["text_encoder", "text_encoder_2", "unet", "vae_decoder"])
+    script = write_compile_script(tmp_path, ["TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"])
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()

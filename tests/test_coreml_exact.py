@@ -268,7 +268,7 @@ def test_verify_package_reports_a_tampered_palette(saved, tmp_path):
 def test_the_export_hands_over_the_palettes_core_ml_would_fit(recipe_name, tmp_path):
     """`compress_model` with the torch module (what an export does: every palette fitted once, by `fit_palette`,
     and stored as fitted) writes exactly the package Core ML's own k-means and uniform fits write."""
-    from workbench.coreml.export import compress_model
+    from workbench.coreml.compress import compress_model
 
     recipe = RECIPES[recipe_name]
     net = _small_net()

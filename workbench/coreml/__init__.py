@@ -10,7 +10,8 @@
   torch modules before any conversion (a recipe naming unknown layers: `RecipeError` with the closest names).
 - `memory`: the memory an export needs, checked first (`check_export_memory`, `ExportMemoryError`).
 - `metadata`: what a package says about itself (`set_package_metadata`).
-- `export`: conversion (`convert_component`), compression by name (`compress_model`), `export_pipeline` /
+- `compress`: palettization of a converted model's weights by name (`compress_model`).
+- `export`: conversion (`convert_component`), `export_pipeline` /
   `export_component`, and `export_model` (the `workbench export` command).
 - `apply`: a recipe applied to a package converted elsewhere (`apply_recipe`, `workbench apply`), its weights
   matched to torch layers by exact float16 content (`match_weights`).
@@ -58,9 +59,9 @@ from workbench.coreml.components import (
     layer_weight_names,
     weight_layers,
 )
+from workbench.coreml.compress import compress_model
 from workbench.coreml.config import DEFAULT_MIN_NUMEL, ExportConfig, RecipeLike
 from workbench.coreml.export import (
-    compress_model,
     convert_component,
     export_component,
     export_model,

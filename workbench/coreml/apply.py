@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from workbench.coreml.components import weight_layers
+from workbench.coreml.compress import compress_model
 from workbench.coreml.config import DEFAULT_MIN_NUMEL, RecipeLike
-from workbench.coreml.export import compress_model
 from workbench.coreml.metadata import set_package_metadata
 from workbench.coreml.plan import palette_plan
 from workbench.coreml.results import ExportedPackage, ExportReport

@@ -49,6 +49,10 @@ class ExportConfig:
         layout (`str`, defaults to `"apple"`): the packages' inputs, outputs and names (`workbench.coreml.layout`).
         batch_size (`int`, *optional*): the traced inputs' batch (`workbench.coreml.components.example_inputs`).
         verify (`bool`, defaults to True): read the packages back and compare every weight with the simulation.
+        chunk_unet (`bool`, defaults to False): write the UNet as two packages of about equal size (`UnetChunk1`,
+            `UnetChunk2`, which Apple's Swift pipeline loads where one UNet package is too large for a phone).
+        piece_bytes (`int`, *optional*): the most float32 parameter bytes of the UNet converted at once
+            (`workbench.coreml.unet_export.DEFAULT_PIECE_BYTES`): export memory follows it.
 
     The deployment target is not a setting: each package gets the oldest that stores its palettes (iOS17, or
     iOS18 for grouped or 3-bit ones).
@@ -68,6 +72,8 @@ class ExportConfig:
     layout: str = DEFAULT_LAYOUT
     batch_size: int | None = None
     verify: bool = True
+    chunk_unet: bool = False
+    piece_bytes: int | None = None
 
     def __post_init__(self):
         components = tuple(check_component(c) for c in _strings(self.components, "components"))
@@ -90,6 +96,10 @@ class ExportConfig:
             raise InvalidValueError("a recipe applies to the UNet; add 'unet' to the components or use nbits")
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise InvalidValueError(f"min_numel must be an integer >= 0, got {self.min_numel!r}")
+        if self.piece_bytes is not None and (not isinstance(self.piece_bytes, int) or self.piece_bytes < 1):
+            raise InvalidValueError(f"piece_bytes must be a positive integer or None, got {self.piece_bytes!r}")
+        if self.chunk_unet and "unet" not in components:
+            raise InvalidValueError("chunk_unet chunks the UNet; add 'unet' to the components")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise InvalidValueError(f"batch_size must be an integer >= 1 or None, got {self.batch_size!r}")
 

@@ -25,23 +25,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from workbench.coreml.components import layer_weight_names
+from workbench.coreml.compress import compress_model
 from workbench.coreml.config import ExportConfig
-from workbench.coreml.explicit_lut import op_config
 from workbench.coreml.layout import (
     DEFAULT_LAYOUT,
     host_dtype,
     layout_inputs,
     layout_wrapper,
-    package_name,
+    package_stems,
     write_swift_files,
 )
 from workbench.coreml.memory import check_export_memory
 from workbench.coreml.metadata import set_package_metadata
 from workbench.coreml.plan import ComponentPlan, plan_export
 from workbench.coreml.results import ExportedPackage, ExportReport
+from workbench.coreml.unet_export import export_unet_pieces, float32_modules
 from workbench.coreml.verify import package_nbytes, program_weight_names, verify_package
 from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers
@@ -50,7 +50,6 @@ from workbench.palettes.config import FLOAT_BITS, PaletteConfig
 from workbench.palettes.importance import Importance
 from workbench.palettes.size import bits_per_param
 from workbench.recipes.recipe import load_recipe
-from workbench.threads import sklearn_single_thread
 
 
 @torch.no_grad()
@@ -102,152 +101,121 @@ def convert_component(
         )
 
 
-def compress_model(
-    model,
-    plan: Mapping[str, PaletteConfig],
-    *,
-    prefix: str | None = None,
-    names: Mapping[str, str] | None = None,
-    module: nn.Module | None = None,
-    importance=None,
-):
-    """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
-
-    Torch layer `L` is the Core ML constant `names[L]`: by default (a package we converted, whose wrapper holds the
-    module under `prefix`) `coreml_weight_name(prefix + "." + L)`; for a package converted elsewhere, the mapping
-    `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
-    lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
-    identical weights) must share a config. With `module`, every palette is fitted from its weights (data-aware
-    ones with `importance`, a `workbench.palettes.importance.Importance`) and stored as fitted
-    (`workbench.coreml.explicit_lut.op_config`); without it, Core ML fits k-means and uniform palettes itself.
-
-    Returns:
-        `coremltools.models.MLModel` (a new one; `model` is unchanged).
-    """
-    import warnings
-
-    import coremltools as ct
-
-    if not plan:
-        return model
-    names = layer_weight_names(plan, prefix) if names is None else names
-    available = program_weight_names(model)
-    missing = [layer for layer in plan if names[layer] not in available]
-    if missing:
-        raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
-    by_weight: dict[str, tuple[str, PaletteConfig]] = {}
-    for layer, cfg in plan.items():
-        if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
-            raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
-    config = ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={
-            weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()
-        }
-    )
-    with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
-        warnings.simplefilter("ignore")
-        return ct.optimize.coreml.palettize_weights(model, config)
-
-
 @dataclass(frozen=True)
-class Conversion:
-    """A component converted to float16 Core ML, not yet palettized: the model, its saved size, the time taken."""
+class Converted:
+    """One package converted and palettized, not yet saved.
 
-    model: object  # coremltools.models.MLModel
+    Attributes:
+        stem: the package's name without `.mlpackage` (`Unet`, `UnetChunk1`, `TextEncoder`...); model: the
+            `MLModel`; palette: the layers it holds palettized, and how; float16_nbytes: its size unpalettized;
+        seconds: trace + convert (+ palettize, for the UNet's pieces) time.
+    """
+
+    stem: str
+    model: object
+    palette: Mapping[str, PaletteConfig]
     float16_nbytes: int
     seconds: float
 
 
-@dataclass(frozen=True)
-class Compression:
-    """A palettized package saved to disk.
-
-    Attributes:
-        path: `<out>/<package_name(component, layout)>`; palette: the layers palettized (the plan, narrowed if
-            uniform); bits_per_param: over the candidate layers the package holds; seconds: palettize + save time.
-    """
-
-    path: Path
-    palette: Mapping[str, PaletteConfig]
-    bits_per_param: float
-    seconds: float
-
-
-def _convert(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Conversion:
-    """Trace + convert (timed), then save once unpalettized to a scratch folder to measure the float16 size."""
+def _convert_whole(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Converted:
+    """A text encoder or the VAE decoder in one conversion (cast to float32 while converting), measured once
+    unpalettized, then palettized (a uniform width narrowed to the weights the package holds)."""
     start = time.perf_counter()
-    model = convert_component(
-        pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target, layout=plan.layout
-    )
-    seconds = time.perf_counter() - start
+    with float32_modules(plan.module, [""]):
+        model = convert_component(
+            pipe, plan.component, batch_size=batch_size, deployment_target=plan.deployment_target, layout=plan.layout
+        )
     with tempfile.TemporaryDirectory(dir=out, prefix=".float16-") as tmp:
         model.save(str(Path(tmp) / "float16.mlpackage"))
         nbytes = package_nbytes(Path(tmp) / "float16.mlpackage")
-    return Conversion(model, nbytes, seconds)
+    held = program_weight_names(model)
+    names = layer_weight_names(plan.palette, plan.prefix)
+    palette = {n: cfg for n, cfg in plan.palette.items() if names[n] in held} if plan.uniform else dict(plan.palette)
+    compressed = compress_model(model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance)
+    return Converted(
+        package_stems(plan.component, plan.layout)[0], compressed, palette, nbytes, time.perf_counter() - start
+    )
 
 
-def _compress_and_save(
-    plan: ComponentPlan, conversion: Conversion, out: Path, *, min_numel: int, source: str, recipe_name: str
-) -> Compression:
-    """Palettize the planned weights by name, write the metadata and save `<out>/<package_name(component, layout)>`."""
-
+def _convert_unet(pipe, plan: ComponentPlan, config: ExportConfig) -> list[Converted]:
+    """The UNet a piece at a time (`workbench.coreml.unet_export`), into one package or two chunks."""
     start = time.perf_counter()
-    in_package = program_weight_names(conversion.model)
-    candidates = compressible_layers(plan.module, min_numel=min_numel)
+    stitched = export_unet_pieces(
+        pipe, plan, batch_size=config.batch_size, chunk=config.chunk_unet, piece_bytes=config.piece_bytes
+    )
+    covered = {layer for package in stitched for layer in package.palette}
+    if not plan.uniform and covered != set(plan.palette):
+        missing = sorted(set(plan.palette) - covered)
+        raise ValueError(f"the converted UNet has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
+    seconds = (time.perf_counter() - start) / len(stitched)
+    return [Converted(p.name, p.model, p.palette, p.float16_nbytes, seconds) for p in stitched]
+
+
+def _save(plan: ComponentPlan, converted: Converted, out: Path, config: ExportConfig, source: str):
+    """Write the metadata and save `<out>/<stem>.mlpackage`: (path, bits/param over the candidates it holds)."""
+    in_package = program_weight_names(converted.model)
+    candidates = compressible_layers(plan.module, min_numel=config.min_numel)
     names = layer_weight_names(candidates, plan.prefix)
     numels = {name: layer.weight.numel() for name, layer in candidates.items() if names[name] in in_package}
-    palette = {n: cfg for n, cfg in plan.palette.items() if n in numels} if plan.uniform else dict(plan.palette)
-    compressed = compress_model(
-        conversion.model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance
-    )
+    palette = {n: cfg for n, cfg in converted.palette.items() if n in numels}
     bpp = bits_per_param(palette, numels) if numels else float(FLOAT_BITS)
     set_package_metadata(
-        compressed,
+        converted.model,
         component=plan.component,
         source=source,
-        recipe_name=recipe_name,
+        recipe_name=config.recipe_label,
         bits_per_param=bpp,
-        n=len(palette),
+        n=len(converted.palette),
     )
-    path = out / package_name(plan.component, plan.layout)
+    path = out / f"{converted.stem}.mlpackage"
     if path.exists():
         shutil.rmtree(path)
-    compressed.save(str(path))
-    return Compression(path, palette, bpp, time.perf_counter() - start)
+    converted.model.save(str(path))
+    return path, bpp
 
 
 def export_component(
     pipe, plan: ComponentPlan, out: Path, config: ExportConfig, *, source: str = ""
-) -> ExportedPackage:
-    """Convert, palettize, save and (if `config.verify`) verify one planned component; see `export_pipeline`."""
-    conversion = _convert(pipe, plan, out, config.batch_size)
-    compression = _compress_and_save(
-        plan, conversion, out, min_numel=config.min_numel, source=source, recipe_name=config.recipe_label
-    )
-    start = time.perf_counter()
-    verification = None
-    if config.verify:
-        verification = verify_package(
-            compression.path,
-            plan.module,
-            compression.palette,
-            component=plan.component,
-            prefix=plan.prefix,
-            importance=plan.importance,
+) -> list[ExportedPackage]:
+    """Convert, palettize, save and (if `config.verify`) verify one planned component (the UNet piece by piece,
+    into one package or, with `config.chunk_unet`, two); see `export_pipeline`."""
+    if plan.component == "unet":
+        converted = _convert_unet(pipe, plan, config)
+    else:
+        converted = [_convert_whole(pipe, plan, out, config.batch_size)]
+    packages = []
+    for package in converted:
+        start = time.perf_counter()
+        path, bpp = _save(plan, package, out, config, source)
+        saved = time.perf_counter()
+        verification = None
+        if config.verify:
+            verification = verify_package(
+                path,
+                plan.module,
+                package.palette,
+                component=plan.component,
+                prefix=plan.prefix,
+                importance=plan.importance,
+            )
+        packages.append(
+            ExportedPackage(
+                component=plan.component,
+                path=str(path),
+                nbytes=package_nbytes(path),
+                float16_nbytes=package.float16_nbytes,
+                bits_per_param=bpp,
+                n_palettized=len(package.palette),
+                deployment_target=plan.deployment_target,
+                export_s=package.seconds,
+                compress_s=saved - start,
+                verify_s=time.perf_counter() - saved,
+                verification=verification,
+            )
         )
-    return ExportedPackage(
-        component=plan.component,
-        path=str(compression.path),
-        nbytes=package_nbytes(compression.path),
-        float16_nbytes=conversion.float16_nbytes,
-        bits_per_param=compression.bits_per_param,
-        n_palettized=len(compression.palette),
-        deployment_target=plan.deployment_target,
-        export_s=conversion.seconds,
-        compress_s=compression.seconds,
-        verify_s=time.perf_counter() - start,
-        verification=verification,
-    )
+        package = None  # noqa: PLW2901  (let the model go before the next package)
+    return packages
 
 
 @torch.no_grad()
@@ -292,9 +260,9 @@ def export_pipeline(
     check_export_memory(plans)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    packages = tuple(export_component(pipe, plan, out, config, source=source) for plan in plans)
+    packages = tuple(package for plan in plans for package in export_component(pipe, plan, out, config, source=source))
     if config.layout == "apple":
-        write_swift_files(pipe, out, [p.component for p in packages])
+        write_swift_files(pipe, out, [Path(p.path).name.removesuffix(".mlpackage") for p in packages])
     report = ExportReport(
         out_dir=str(out), source=source, recipe_name=config.recipe_label, packages=packages, settings=config.to_dict()
     )
@@ -333,6 +301,7 @@ def export_model(
     importance = None
     if importance_file is not None:
         importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
-    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    # float16 in memory: each module is cast to float32 only while it converts (exact both ways)
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float16)
     source = str(model) if model is not None else str(DEMO_MODEL)
     return export_pipeline(pipe, out_dir, config, source=source, importance=importance)

@@ -71,6 +71,17 @@ def package_name(component: str, layout: str) -> str:
     return f"{stem}.mlpackage"
 
 
+def package_stems(component: str, layout: str, chunk: bool = False) -> tuple[str, ...]:
+    """The package names without `.mlpackage`: one, or for a chunked UNet two (`UnetChunk1`, `UnetChunk2` as
+    Apple's Swift pipeline loads them; `unet_chunk1`, `unet_chunk2` in ours)."""
+    stem = package_name(component, layout).removesuffix(".mlpackage")
+    if not chunk:
+        return (stem,)
+    if component != "unet":
+        raise InvalidValueError(f"only the UNet is chunked, not the {component}")
+    return (f"{stem}Chunk1", f"{stem}Chunk2") if layout == "apple" else (f"{stem}_chunk1", f"{stem}_chunk2")
+
+
 class AppleUNet(UNetExport):
     """The UNet with Apple's inputs: `encoder_hidden_states` (B, C, 1, 77) channels-first, SDXL's `time_ids`
     before `text_embeds`. Holds the UNet as `self.unet`, so its weights have the workbench layout's names."""
@@ -179,10 +190,11 @@ echo "Swift resources in $out: {resources} vocab.json merges.txt"
 """
 
 
-def write_compile_script(out: str | os.PathLike, components: Iterable[str]) -> Path:
-    """Write `<out>/compile_for_swift.sh` (POSIX sh, executable): `xcrun coremlcompiler compile` of each component's
-    Apple-layout package into a resources folder, plus the tokenizer files."""
-    names = [APPLE_RESOURCE_NAMES[c] for c in components]
+def write_compile_script(out: str | os.PathLike, names: Iterable[str]) -> Path:
+    """Write `<out>/compile_for_swift.sh` (POSIX sh, executable): `xcrun coremlcompiler compile` of each named
+    Apple-layout package (`Unet`, `UnetChunk1`, `TextEncoder`...) into a resources folder, plus the tokenizer
+    files."""
+    names = list(names)
     resources = " ".join(f"{n}.mlmodelc" for n in names)
     path = Path(out) / COMPILE_SCRIPT
     path.write_text(_SCRIPT.format(script=COMPILE_SCRIPT, names=" ".join(names), resources=resources))
@@ -190,6 +202,6 @@ def write_compile_script(out: str | os.PathLike, components: Iterable[str]) -> P
     return path
 
 
-def write_swift_files(pipe, out: str | os.PathLike, components: Iterable[str]) -> list[Path]:
-    """Beside Apple-layout packages: the tokenizer files and `compile_for_swift.sh` for `components`."""
-    return [*write_tokenizer_files(pipe, out), write_compile_script(out, components)]
+def write_swift_files(pipe, out: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Beside Apple-layout packages: the tokenizer files and `compile_for_swift.sh` for the packages `names`."""
+    return [*write_tokenizer_files(pipe, out), write_compile_script(out, names)]

@@ -1,0 +1,65 @@
+"""Palettize the weights of a converted Core ML model by name, with the workbench's own palettes.
+
+`compress_model` maps torch layer names to the model's weight constants (by construction for a package we
+converted, by content for one converted elsewhere) and hands coremltools one `OpPalettizerConfig` per weight
+(`workbench.coreml.explicit_lut.op_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from workbench.coreml.components import layer_weight_names
+from workbench.coreml.explicit_lut import op_config
+from workbench.coreml.verify import program_weight_names
+from workbench.palettes.config import PaletteConfig
+from workbench.threads import sklearn_single_thread
+
+
+def compress_model(
+    model,
+    plan: Mapping[str, PaletteConfig],
+    *,
+    prefix: str | None = None,
+    names: Mapping[str, str] | None = None,
+    module: nn.Module | None = None,
+    importance=None,
+):
+    """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
+
+    Torch layer `L` is the Core ML constant `names[L]`: by default (a package we converted, whose wrapper holds the
+    module under `prefix`) `coreml_weight_name(prefix + "." + L)`; for a package converted elsewhere, the mapping
+    `workbench.coreml.apply.match_weights` found by content. Every planned weight must exist (else a `ValueError`
+    lists the missing ones), and no other weight is touched. Layers sharing one constant (a converter merged
+    identical weights) must share a config. With `module`, every palette is fitted from its weights (data-aware
+    ones with `importance`, a `workbench.palettes.importance.Importance`) and stored as fitted
+    (`workbench.coreml.explicit_lut.op_config`); without it, Core ML fits k-means and uniform palettes itself.
+
+    Returns:
+        `coremltools.models.MLModel` (a new one; `model` is unchanged).
+    """
+    import warnings
+
+    import coremltools as ct
+
+    if not plan:
+        return model
+    names = layer_weight_names(plan, prefix) if names is None else names
+    available = program_weight_names(model)
+    missing = [layer for layer in plan if names[layer] not in available]
+    if missing:
+        raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
+    by_weight: dict[str, tuple[str, PaletteConfig]] = {}
+    for layer, cfg in plan.items():
+        if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
+            raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
+    config = ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={
+            weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()
+        }
+    )
+    with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
+        warnings.simplefilter("ignore")
+        return ct.optimize.coreml.palettize_weights(model, config)
