@@ -44,6 +44,23 @@ def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def float_in_range(low: float) -> Callable[[str], float]:
+    """An argparse `type`: a number >= low; the error names the value and the valid range."""
+    valid = f"a number >= {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; valid: {valid}") from None
+        if not value >= low:  # NaN too
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; valid: {valid}")
+        return value
+
+    parse.__name__ = valid
+    return parse
+
+
 def palette_bits(text: str) -> int:
     """An argparse `type`: a supported palette width (`workbench.palettes.config.SUPPORTED_NBITS`)."""
     from workbench.palettes.config import SUPPORTED_NBITS

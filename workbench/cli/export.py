@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, add_layer_patterns, add_layout, int_in_range, palette_bits
+from workbench.cli.common import (
+    MODEL_HELP,
+    add_layer_patterns,
+    add_layout,
+    float_in_range,
+    int_in_range,
+    palette_bits,
+)
 from workbench.errors import InvalidValueError
 
 
@@ -28,6 +35,8 @@ def run(args: argparse.Namespace) -> None:
         layers=tuple(args.layers),
         exclude=tuple(args.exclude),
         layout=args.layout,
+        chunk_unet=args.chunk_unet,
+        piece_bytes=None if args.piece_gb is None else int(args.piece_gb * 1e9),
     )
     report = export_model(
         args.model,
@@ -59,6 +68,17 @@ def add_parser(sub) -> None:
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="--nbits layers: more weights (2048)")
     p.add_argument(
         "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"
+    )
+    p.add_argument(
+        "--chunk-unet",
+        action="store_true",
+        help="write the UNet as UnetChunk1 + UnetChunk2 (about equal halves), as Apple's Swift pipeline loads on iOS",
+    )
+    p.add_argument(
+        "--piece-gb",
+        type=float_in_range(0.01),
+        default=None,
+        help="the most float32 UNet weights converted at once, in GB (1.5): export memory follows it",
     )
     add_layer_patterns(p)
     add_layout(p)

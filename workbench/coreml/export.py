@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.coreml.chunks import UNITS_KEY
 from workbench.coreml.components import layer_weight_names
 from workbench.coreml.compress import compress_model
 from workbench.coreml.config import ExportConfig
@@ -108,7 +109,7 @@ class Converted:
     Attributes:
         stem: the package's name without `.mlpackage` (`Unet`, `UnetChunk1`, `TextEncoder`...); model: the
             `MLModel`; palette: the layers it holds palettized, and how; float16_nbytes: its size unpalettized;
-        seconds: trace + convert (+ palettize, for the UNet's pieces) time.
+        seconds: trace + convert (+ palettize, for the UNet's pieces) time; units: see `UNITS_KEY`.
     """
 
     stem: str
@@ -116,6 +117,7 @@ class Converted:
     palette: Mapping[str, PaletteConfig]
     float16_nbytes: int
     seconds: float
+    units: tuple[int, int] | None = None  # a UNet package: the units it holds (`workbench.coreml.chunks`)
 
 
 def _convert_whole(pipe, plan: ComponentPlan, out: Path, batch_size: int | None) -> Converted:
@@ -149,7 +151,7 @@ def _convert_unet(pipe, plan: ComponentPlan, config: ExportConfig) -> list[Conve
         missing = sorted(set(plan.palette) - covered)
         raise ValueError(f"the converted UNet has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
     seconds = (time.perf_counter() - start) / len(stitched)
-    return [Converted(p.name, p.model, p.palette, p.float16_nbytes, seconds) for p in stitched]
+    return [Converted(p.name, p.model, p.palette, p.float16_nbytes, seconds, p.units) for p in stitched]
 
 
 def _save(plan: ComponentPlan, converted: Converted, out: Path, config: ExportConfig, source: str):
@@ -168,6 +170,8 @@ def _save(plan: ComponentPlan, converted: Converted, out: Path, config: ExportCo
         bits_per_param=bpp,
         n=len(converted.palette),
     )
+    if converted.units is not None:
+        converted.model.user_defined_metadata[UNITS_KEY] = "-".join(map(str, converted.units))
     path = out / f"{converted.stem}.mlpackage"
     if path.exists():
         shutil.rmtree(path)

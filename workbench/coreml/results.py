@@ -101,14 +101,18 @@ class ExportReport:
         return all(p.verification is None or p.verification.all_bit_exact for p in self.packages)
 
     def package(self, component: str) -> ExportedPackage:
+        """The first package of `component` (a chunked UNet has two: see `packages`)."""
         for p in self.packages:
             if p.component == component:
                 return p
         raise KeyError(f"no {component!r} package; exported: {', '.join(p.component for p in self.packages)}")
 
-    def paths(self) -> dict[str, Path]:
-        """`{component: package path}`, what `coreml_pipeline` takes."""
-        return {p.component: Path(p.path) for p in self.packages}
+    def paths(self) -> dict[str, Path | tuple[Path, ...]]:
+        """`{component: package path}`, what `coreml_pipeline` takes; a chunked UNet's is a tuple of its chunks."""
+        grouped: dict[str, list[Path]] = {}
+        for p in self.packages:
+            grouped.setdefault(p.component, []).append(Path(p.path))
+        return {c: paths[0] if len(paths) == 1 else tuple(paths) for c, paths in grouped.items()}
 
     def to_frame(self):
         """One row per package (sizes, bits/param, timings, verification counts)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.coreml.chunks import ChunkedPredictor
 from workbench.coreml.components import (
     COMPONENTS,
     WRAPPERS,
@@ -34,8 +35,8 @@ from workbench.coreml.components import (
     weight_layers,
 )
 from workbench.coreml.export import ExportReport
-from workbench.coreml.layout import LAYOUTS, package_name
-from workbench.coreml.verify import package_weights, palettized_weight_names
+from workbench.coreml.layout import LAYOUTS, package_name, package_stems
+from workbench.coreml.verify import StoredWeights
 
 EMULATION_LABEL = "weight-exact emulation (not the Core ML runtime)"
 COREML_LABEL = "Core ML runtime (coremltools MLModel.predict)"
@@ -54,7 +55,7 @@ class CoreMLPipeline:
         pipe: the wrapped pipeline (modified in place until `restore()`; nothing is copied).
         backend: `"emulate"` or `"coreml"`.
         label: what produced the images; for `"emulate"`, `EMULATION_LABEL`. Show it next to every result.
-        packages: component -> package path.
+        packages: component -> package path (a chunked UNet: the tuple of its chunks).
         loaded: component -> torch layers whose weights were replaced by the package's (emulate).
     """
 
@@ -81,27 +82,49 @@ class CoreMLPipeline:
         self.restore()
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{c}: {Path(p).name}" for c, p in self.packages.items())
+        parts = ", ".join(
+            f"{c}: {' + '.join(p.name for p in _each(Path(x) if isinstance(x, str) else x))}"
+            for c, x in self.packages.items()
+        )
         return f"{type(self.pipe).__name__} [{self.label}] ({parts})"
 
 
-def _as_package_paths(packages) -> dict[str, Path]:
-    """`{component: package path}` from an `ExportReport`, a folder written by `export_pipeline`, or a mapping."""
+def _in_folder(folder: Path) -> dict[str, Path | tuple[Path, ...]]:
+    """The packages `export_pipeline` wrote into `folder`, in either layout; a chunked UNet as its two chunks."""
+    found: dict[str, Path | tuple[Path, ...]] = {}
+    for component in COMPONENTS:
+        for layout in LAYOUTS:
+            chunks = [folder / f"{stem}.mlpackage" for stem in package_stems("unet", layout, chunk=True)]
+            if component == "unet" and all(chunk.exists() for chunk in chunks):
+                found[component] = tuple(chunks)  # as the Swift pipeline: chunks before a whole package
+            elif (folder / package_name(component, layout)).exists():
+                found.setdefault(component, folder / package_name(component, layout))
+    if not found:
+        expected = ", ".join(package_name(c, layout) for c in COMPONENTS for layout in LAYOUTS)
+        raise FileNotFoundError(f"no package in {folder}; looked for: {expected} (or UnetChunk1/2)")
+    return found
+
+
+def _as_package_paths(packages) -> dict[str, Path | tuple[Path, ...]]:
+    """`{component: package path, or a chunked UNet's chunk paths}` from an `ExportReport`, a folder written by
+    `export_pipeline`, or a mapping."""
     if isinstance(packages, ExportReport):
         return packages.paths()
-    if isinstance(packages, (str, os.PathLike)):  # a folder written by export_pipeline, in either layout
-        folder = Path(packages)
-        names = {c: [package_name(c, layout) for layout in LAYOUTS] for c in COMPONENTS}
-        found = {c: folder / n for c, ns in names.items() for n in ns if (folder / n).exists()}
-        if not found:
-            expected = ", ".join(n for ns in names.values() for n in ns)
-            raise FileNotFoundError(f"no package in {folder}; looked for: {expected}")
-        return found
-    paths = {check_component(c): Path(p) for c, p in dict(packages).items()}
+    if isinstance(packages, (str, os.PathLike)):
+        return _in_folder(Path(packages))
+    paths = {
+        check_component(c): Path(p) if isinstance(p, (str, os.PathLike)) else tuple(Path(x) for x in p)
+        for c, p in dict(packages).items()
+    }
     for path in paths.values():
-        if not (path / "Manifest.json").exists():
-            raise FileNotFoundError(f"not an .mlpackage (no Manifest.json): {path}")
+        for package in _each(path):
+            if not (package / "Manifest.json").exists():
+                raise FileNotFoundError(f"not an .mlpackage (no Manifest.json): {package}")
     return paths
+
+
+def _each(paths: Path | tuple[Path, ...]) -> tuple[Path, ...]:
+    return paths if isinstance(paths, tuple) else (paths,)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,8 +136,8 @@ def _as_package_paths(packages) -> dict[str, Path]:
 def _load_weights_(result: CoreMLPipeline, component: str, package: Path, include_float16: bool) -> None:
     """Replace the component's layer weights by the package's (palettized ones; float16 ones too if asked)."""
     module = component_module(result.pipe, component)
-    stored = package_weights(package)
-    palettized = palettized_weight_names(package)
+    stored = StoredWeights(package)
+    palettized = stored.palettized
     layers = weight_layers(module)
     by_weight = {name: layer for layer, name in layer_weight_names(layers, WRAPPERS[component].prefix).items()}
     unmapped = sorted(palettized - set(by_weight))
@@ -128,7 +151,7 @@ def _load_weights_(result: CoreMLPipeline, component: str, package: Path, includ
     for weight_name, layer in wanted:
         if weight_name not in stored:
             continue
-        weight, value = layers[layer].weight, stored[weight_name]
+        weight, value = layers[layer].weight, stored.get(weight_name)
         if value.size != weight.numel():
             raise ValueError(
                 f"{package}: weight {weight_name} has {value.size} values, layer {layer} {weight.numel()}"
@@ -137,14 +160,15 @@ def _load_weights_(result: CoreMLPipeline, component: str, package: Path, includ
         weight.data = torch.from_numpy(value.reshape(tuple(weight.shape))).to(device=weight.device, dtype=weight.dtype)
         result._undo.append(lambda w=weight, d=original: setattr(w, "data", d))
         loaded.append(layer)
-    result.loaded[component] = loaded
+    result.loaded[component] = result.loaded.get(component, []) + loaded
 
 
 def _emulated_pipeline(pipe, paths: Mapping[str, Path], include_float16: bool) -> CoreMLPipeline:
     result = CoreMLPipeline(pipe, "emulate", EMULATION_LABEL, dict(paths))
     try:
         for component, path in paths.items():
-            _load_weights_(result, component, path, include_float16)
+            for package in _each(path):  # a chunked UNet: each chunk's weights
+                _load_weights_(result, component, package, include_float16)
     except BaseException:
         result.restore()  # a failure halfway leaves the pipeline as it was
         raise
@@ -321,8 +345,12 @@ def _coreml_runtime_pipeline(pipe, paths: Mapping[str, Path], compute_units: str
     import coremltools as ct
 
     units = getattr(ct.ComputeUnit, compute_units)
-    models = {c: _ShapeCheckedModel(ct.models.MLModel(str(p), compute_units=units), p) for c, p in paths.items()}
-    result = attach_predictors(pipe, {c: (m, m.batch) for c, m in models.items()})
+    predictors = {}
+    for component, path in paths.items():
+        models = [_ShapeCheckedModel(ct.models.MLModel(str(p), compute_units=units), p) for p in _each(path)]
+        chained = ChunkedPredictor(models, [m.shapes for m in models]) if len(models) > 1 else models[0]
+        predictors[component] = (chained, models[0].batch)
+    result = attach_predictors(pipe, predictors)
     result.packages.update(paths)
     return result
 
@@ -339,7 +367,8 @@ def coreml_pipeline(
 
     Args:
         pipe: the diffusers pipeline the packages were exported from (same architecture and weights).
-        packages: an `ExportReport`, the folder `export_pipeline` wrote, or `{component: package path}`.
+        packages: an `ExportReport`, the folder `export_pipeline` wrote, or `{component: package path}` (a
+            chunked UNet: the tuple of its chunks, run in sequence as Apple's Swift pipeline runs them).
         backend (`str`, defaults to `"emulate"`):
             - `"emulate"`: copy the package's decompressed palettized weights into the torch modules, by name, and
               run in torch. Labelled `EMULATION_LABEL`: the weights are Core ML's, bit for bit; the arithmetic is

@@ -55,6 +55,7 @@ class StitchedPackage:
     model: object  # coremltools.models.MLModel
     palette: Mapping[str, object]
     float16_nbytes: int
+    units: tuple[int, int]  # the UNet units it holds (`workbench.coreml.chunks.UNITS_KEY`)
 
 
 @contextlib.contextmanager
@@ -168,5 +169,6 @@ def export_unet_pieces(
         declared = {n: (shapes[n], np.float32) for n in order}  # the layout's inputs first, in its order
         program = stitch_programs((load_program(m) for m in models), declared, border.output_names, target)
         del models
-        packages.append(StitchedPackage(name, program_to_model(program, target), palette, nbytes))
+        model = program_to_model(program, target)
+        packages.append(StitchedPackage(name, model, palette, nbytes, (start, stop)))
     return packages

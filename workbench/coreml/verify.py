@@ -49,6 +49,25 @@ def _weight_ops(program):
                     yield op.name, op, False
 
 
+class StoredWeights:
+    """A package's weights by name, decompressed one at a time when asked for (`get`), so reading back a large
+    package holds its compressed program and one dense weight, not every weight dense at once."""
+
+    def __init__(self, package: str | os.PathLike):
+        self._ops = {name: (op, palettized) for name, op, palettized in _weight_ops(load_program(package))}
+        self.palettized = {name for name, (_, palettized) in self._ops.items() if palettized}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ops
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The weight decompressed exactly as Core ML does, or None if the package has none of that name."""
+        if name not in self._ops:
+            return None
+        op, palettized = self._ops[name]
+        return np.asarray(op.materialized_val_inference() if palettized else op.outputs[0].val)
+
+
 def package_weights(package: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every weight of a saved package, decompressed, keyed by its uncompressed constant's name.
 
@@ -204,8 +223,8 @@ def verify_package(
     Returns:
         `Verification`.
     """
-    stored = package_weights(package)
-    palettized = palettized_weight_names(package)
+    stored = StoredWeights(package)
+    palettized = stored.palettized
     layers = weight_layers(module)
     names = layer_weight_names(layers, prefix) if names is None else names
     checks = tuple(
@@ -213,7 +232,7 @@ def verify_package(
         for layer, cfg in plan.items()
     )
     float16 = [layer for layer in layers if layer not in plan and names.get(layer) in stored]
-    n_exact = sum(_bit_equal(layers[n].weight.detach().cpu().half().numpy(), stored[names[n]]) for n in float16)
+    n_exact = sum(_bit_equal(layers[n].weight.detach().cpu().half().numpy(), stored.get(names[n])) for n in float16)
     return Verification(
         component=component,
         package=str(package),
