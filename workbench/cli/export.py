@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, add_layer_patterns, add_layout, int_in_range, palette_bits
+from workbench.cli.common import (
+    MODEL_HELP,
+    add_layer_patterns,
+    add_layout,
+    add_model_options,
+    int_in_range,
+    model_spec,
+    palette_bits,
+)
 from workbench.errors import InvalidValueError
 
 
@@ -30,7 +38,7 @@ def run(args: argparse.Namespace) -> None:
         layout=args.layout,
     )
     report = export_model(
-        args.model,
+        model_spec(args.model, args),
         args.out,
         config,
         recipe_file=args.recipe,
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a pipeline to Core ML packages, palettize and verify them")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_model_options(p)
     p.add_argument("--out", required=True, help="folder for the .mlpackage files and verification.json")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--recipe", default=None, help="recipe JSON (ours or the reference's pre-analysis); UNet only")
