@@ -278,6 +278,20 @@ def _bits_per_param(module: nn.Module, plan: Mapping[str, PaletteConfig], names:
     return bits_per_param(plan, numels) if numels else float(FLOAT_BITS)
 
 
+def _checked_plan(module: nn.Module, recipe: RecipeLike, importance: Importance | None, component: str):
+    """`(plan, importances it needs or None)`, checked before the package is read.
+
+    Raises:
+        RecipeError: layers the module lacks. InvalidValueError: data-aware palettes without (matching)
+            importances (`check_importance`). ExportMemoryError: too little free memory (`check_export_memory`).
+    """
+    plan = palette_plan(module, recipe)
+    importance = check_importance(module, plan, importance)
+    needs = ComponentPlan(component, module, prefix="", palette=plan, uniform=False, deployment_target="")
+    check_export_memory([needs], action="applying the recipe to")
+    return plan, importance
+
+
 @torch.no_grad()
 def apply_recipe(
     package: str | os.PathLike,
@@ -294,11 +308,9 @@ def apply_recipe(
 
     Matches every package weight to its torch layer by content (`match_weights`), checks the recipe against both
     (`resolve_names`) and the package's deployment target (`check_deployment_target`), palettizes the planned
-    weights (`compress_model` with the torch module, as `export` does: every palette fitted from the torch layer's
-    weight, which the matched package weight holds bit for bit, and stored as fitted; data-aware ones with
-    `importance`), saves `<out_dir>/<package's file name>`, reads it back and compares every weight with the
-    simulation (`verify_package`), and writes `<out_dir>/verification.json`. The recipe, the importances and the
-    memory this needs (`check_export_memory`) are checked before the package is read.
+    weights (`compress_model` with the torch module, as `export` does: palettes fitted from the matched torch layers,
+    data-aware ones with `importance`), saves `<out_dir>/<package's file name>`, reads it back and compares every
+    weight with the simulation (`verify_package`), and writes `<out_dir>/verification.json`.
 
     Args:
         package (`str | os.PathLike`): a float16 `.mlpackage` of `module` (e.g. `Unet.mlpackage` from torch2coreml).
@@ -308,38 +320,29 @@ def apply_recipe(
         component (`str`, defaults to `"unet"`): recorded in the report and the package's metadata.
         source (`str`): the source model's name, for the metadata and messages.
         min_numel (`int`, defaults to 2048): layers counted in bits/param (strict `>`).
-        importance (`Importance`, *optional*): the analysis' importances, needed by data-aware palettes
-            (`"wkmeans4"`...).
+        importance (`Importance`, *optional*): the analysis' importances, for data-aware palettes (`"wkmeans4"`).
 
     Returns:
         `ExportReport` with one `ExportedPackage`: `float16_nbytes` is the input package's size, `export_s` the time
         to read and match it.
 
     Raises:
-        PackageMismatchError, DeploymentTargetError: see `resolve_names`, `check_deployment_target`.
-        InvalidValueError: `out_dir` ends in `.mlpackage` or would overwrite the input (`check_out_dir`);
-            data-aware palettes without (matching) importances (`check_importance`).
-        ExportMemoryError: this machine has too little free memory for it.
+        PackageMismatchError, DeploymentTargetError, ExportMemoryError, InvalidValueError: see `resolve_names`,
+            `check_deployment_target`, `_checked_plan` and `check_out_dir`.
     """
     package, out = Path(package), check_out_dir(out_dir, package)
     path = out / package.name
     start = time.perf_counter()
-    plan = palette_plan(module, recipe)
-    importance = check_importance(module, plan, importance)
-    needs = ComponentPlan(component, module, prefix="", palette=plan, uniform=False, deployment_target="")
-    check_export_memory([needs], action="applying the recipe to")
+    plan, importance = _checked_plan(module, recipe, importance, component)
     model = _load_package(package)
     target = check_deployment_target(model.get_spec().specificationVersion, plan, str(package))
-    stored = package_weights(package)
-    match = match_weights(module, stored, palettized_weight_names(package))
-    del stored
+    match = match_weights(module, package_weights(package), palettized_weight_names(package))
     names = resolve_names(match, plan, package=str(package), model=source or type(module).__name__)
     matched_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    compressed = compress_model(
-        model, plan, names={layer: names[layer] for layer in plan}, module=module, importance=importance
-    )
+    names_planned = {layer: names[layer] for layer in plan}
+    compressed = compress_model(model, plan, names=names_planned, module=module, importance=importance)
     label = getattr(recipe, "name", "custom recipe")
     bpp = _bits_per_param(module, plan, names, min_numel)
     set_package_metadata(
@@ -366,9 +369,8 @@ def apply_recipe(
         verify_s=time.perf_counter() - start,
         verification=verification,
     )
-    report = ExportReport(
-        str(out), source, label, (exported,), applied_to=str(package), notes=match_notes(match, plan)
-    )
+    notes = match_notes(match, plan)
+    report = ExportReport(str(out), source, label, (exported,), applied_to=str(package), notes=notes)
     report.save()
     return report
 
