@@ -90,8 +90,8 @@ def vae_state_dict(vae) -> dict[str, torch.Tensor]:
         new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
         new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
         new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", new)  # fmt: skip
+        up = lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}."  # noqa: E731
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.", up, new)
         new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
         if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", new):
             new = f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
@@ -145,5 +145,7 @@ def single_file_state_dict(pipe) -> dict[str, torch.Tensor]:
         prefixed["conditioner.embedders.0.transformer."] = clip_state_dict(pipe.text_encoder)
         prefixed["conditioner.embedders.1.model."] = open_clip_state_dict(pipe.text_encoder_2)
     return {
-        prefix + key: value.detach().contiguous().clone() for prefix, sd in prefixed.items() for key, value in sd.items()
+        prefix + key: value.detach().contiguous().clone()
+        for prefix, sd in prefixed.items()
+        for key, value in sd.items()
     }

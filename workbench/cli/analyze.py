@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, add_layer_patterns, add_model_options, int_in_range, model_spec, palette_bits
+from workbench.cli.common import (
+    MODEL_HELP,
+    add_layer_patterns,
+    add_model_options,
+    int_in_range,
+    model_spec,
+    palette_bits,
+)
 from workbench.errors import InvalidValueError
 from workbench.models.loader import DTYPES
 

@@ -34,8 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="the pipeline the package was converted from; " + MODEL_HELP)
     add_model_options(p)
     p.add_argument(
-        "--out", required=True, help="folder (not ending in .mlpackage) for the palettized package (same file name) "
-        "and its report"
+        "--out",
+        required=True,
+        help="folder (not ending in .mlpackage) for the palettized package (same file name) and its report",
     )
     p.add_argument(
         "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"

@@ -403,6 +403,4 @@ def apply_model(
     importance = None if importance_file is None else Importance.load(importance_file)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
-    return apply_recipe(
-        package, pipe.unet, recipe, out_dir, source=source, min_numel=min_numel, importance=importance
-    )
+    return apply_recipe(package, pipe.unet, recipe, out_dir, source=source, min_numel=min_numel, importance=importance)

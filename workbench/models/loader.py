@@ -19,7 +19,7 @@ Example:
     >>> pipe = load_pipeline("path/to/saved_pipeline")
     >>> pipe = load_pipeline()  # the demo model, DEMO_MODEL
     >>> pipe = load_pipeline("tiny-sdxl", progress=False)
-    >>> pipe = load_pipeline(SingleFile("sd_xl_base_1.0.safetensors", config="stabilityai/stable-diffusion-xl-base-1.0"))
+    >>> pipe = load_pipeline(SingleFile("sd_xl_base_1.0.safetensors", config="path/to/sdxl_pipeline"))
 """
 
 from __future__ import annotations
@@ -221,7 +221,9 @@ def _check_single_file(spec: SingleFile) -> Path:
     if not path.is_file():
         raise ModelNotAvailableError(f"no such checkpoint file: {spec.path!r} (looked for {path.absolute()})")
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise CheckpointError(f"{spec.path} is not a checkpoint file; valid suffixes: {', '.join(CHECKPOINT_SUFFIXES)}")
+        raise CheckpointError(
+            f"{spec.path} is not a checkpoint file; valid suffixes: {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
     if spec.config is not None:
         _resolve(spec.config, None)
     return path
@@ -297,10 +299,10 @@ def _inferred_config(path: Path, checkpoint) -> str:
         _resolve(config, None)
     except ModelNotAvailableError as err:
         raise ModelNotAvailableError(
-            f"the architecture of {path}, inferred from its keys, is {config}'s, which is not in the local Hugging Face "
-            f"cache (this workbench never downloads); pass --config a local pipeline folder or cached hub id of the "
-            f"same architecture, or fetch its configs on a connected machine (`huggingface-cli download {config} "
-            "--include '*.json' '*.txt'`)"
+            f"the architecture of {path}, inferred from its keys, is {config}'s, which is not in the local Hugging "
+            f"Face cache (this workbench never downloads); pass --config a local pipeline folder or cached hub id "
+            "of the same architecture, or fetch its configs on a connected machine (`huggingface-cli download "
+            f"{config} --include '*.json' '*.txt'`)"
         ) from err
     return config
 

@@ -256,7 +256,7 @@ def assemble_pipeline(path, checkpoint, folder: Path, config: str, *, dtype: tor
             continue
         try:
             module = _convert(checkpoint, name, entry, folder, dtype)
-        except (KeyError, ValueError, RuntimeError, IndexError) as err:  # diffusers' conversion: a missing key, a shape
+        except (KeyError, ValueError, RuntimeError, IndexError) as err:  # diffusers': a missing key, a shape
             raise _mismatch(path, config, name, f"does not load ({str(err).splitlines()[0][:200]})") from err
         _check_component(path, config, name, module, checkpoint)
         components[name] = module
