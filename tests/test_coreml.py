@@ -320,7 +320,7 @@ def test_an_export_that_would_run_out_of_memory_fails_first_with_the_need(tmp_pa
     check_export_memory(plans, available=10**12)  # plenty: no error
     with pytest.raises(
         ExportMemoryError,
-        match=r"exporting the unet needs about 0\.0 GB .* this machine has 0\.0 GB free. Run the export on a machine",
+        match=r"exporting the unet needs about 0\.0 GB .* this machine has 0\.0 GB free. Run it on a machine",
     ):
         check_export_memory(plans, available=1000)
     # from the command line: one line, exit 2, nothing converted

@@ -347,3 +347,67 @@ def test_cli_apply_of_a_recipe_naming_unknown_layers_is_one_line_with_the_closes
     ), err
     assert "'mid_block.attentions.0.proj_outx' (closest: mid_block.attentions.0.proj_out" in err
     assert not out.exists() or not any(out.iterdir())  # nothing palettized, nothing written
+
+
+def _data_aware_setup(pipe, names, tmp_path):
+    """A data-aware recipe over the package's layers (`wkmeans2` on a small layer, `wkmeans4` on a large one, a
+    plain width on a third) and the importances an analysis would have written for it."""
+    from workbench.palettes.importance import collect_importance
+    from workbench.recipes.recipe import Recipe
+    from workbench.sweep.probe import OneStepProbe
+
+    layers = weight_layers(pipe.unet)
+    small = next(n for n in names if layers[n].weight.numel() < 10_000)
+    large = next(n for n in names if layers[n].weight.numel() >= 10_000)
+    other = next(n for n in names if n not in (small, large))
+    bits = {small: "wkmeans2", large: "wkmeans4", other: 4}
+    importance = collect_importance(pipe.unet, {n: layers[n] for n in bits}, OneStepProbe(pipe, ["a red circle"]))
+    importance.save(tmp_path / "importance.npz")
+    Recipe("recipe_2.39_bit_refined", bits).save(tmp_path / "recipe.json")
+    return bits, importance
+
+
+def test_cli_apply_takes_the_importances_of_a_data_aware_recipe(foreign, tmp_path, capsys):
+    from workbench.cli.main import main
+    from workbench.coreml.verify import package_weights, palettized_weight_names
+
+    pipe, names, package = foreign
+    bits, importance = _data_aware_setup(pipe, names, tmp_path)
+    argv = ["apply", str(package), "--recipe", str(tmp_path / "recipe.json"), "--model", "tiny-sd"]
+    assert main([*argv, "--out", str(tmp_path / "none")]) == 2  # no importances: one line naming the option
+    err = capsys.readouterr().err
+    assert err.startswith("workbench apply: error:") and err.count("\n") == 1 and "--importance" in err, err
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out), "--importance", str(tmp_path / "importance.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert "ALL BIT-EXACT" in printed and f"{len(bits)}/{len(bits)} palettized" in printed, printed
+    # the stored palettes are the data-aware fits (verify_package proved it; here, one directly)
+    small = next(n for n, key in bits.items() if key == "wkmeans2")
+    weight = weight_layers(pipe.unet)[small].weight
+    config = PaletteConfig.from_key("wkmeans2")
+    expected = fit_palette(weight, config, importance=importance.for_weight(small, tuple(weight.shape))).dense()
+    name = f"w{names.index(small)}"
+    stored = {k: v for k, v in package_weights(out / "Unet.mlpackage").items() if name in k}
+    assert len(palettized_weight_names(out / "Unet.mlpackage")) == len(bits)
+    assert any(np.array_equal(canonical_weight(v), canonical_weight(expected)) for v in stored.values()), stored.keys()
+
+
+def test_cli_apply_refuses_an_out_that_names_a_package_and_checks_memory_first(foreign, tmp_path, capsys, monkeypatch):
+    import psutil
+
+    from workbench.cli.main import main
+    from workbench.recipes.recipe import PreAnalysis
+
+    pipe, names, package = foreign
+    PreAnalysis(model_version="tiny-sd", baselines={}, recipes={"r": {names[0]: 4}}).save(tmp_path / "recipe.json")
+    argv = ["apply", str(package), "--recipe", str(tmp_path / "recipe.json"), "--model", "tiny-sd"]
+    assert main([*argv, "--out", str(tmp_path / "x.mlpackage")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'x.mlpackage'} names a package" in err, err
+    assert f"e.g. --out {tmp_path / 'x'}" in err and not (tmp_path / "x.mlpackage").exists()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 1000})())
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "applying the recipe to the unet needs about" in err, err
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, add_layer_patterns, int_in_range, palette_bits
+from workbench.cli.common import (
+    MODEL_HELP,
+    add_layer_patterns,
+    add_model_options,
+    int_in_range,
+    model_spec,
+    palette_bits,
+)
 from workbench.errors import InvalidValueError
 from workbench.models.loader import DTYPES
 
@@ -41,6 +48,7 @@ def run(args: argparse.Namespace) -> None:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     except (OSError, ValueError) as err:  # the prompts file the user named: missing, unreadable or empty
         raise InvalidValueError(str(err)) from err
+    args.model = model_spec(args.model, args)  # a single-file checkpoint with its --config / --allow-pickle
     names = {f.name for f in dataclasses.fields(AnalysisConfig)}  # the options are named as the config's fields
     options = {k: v for k, v in vars(args).items() if k in names} | {"prompts": prompts}
     config = config_for_model(args.model, **options, resolution=args.resolution)
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="mixed-bit pre-analysis: PSNR sweeps, recipes (reference + size-aware), plot")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_model_options(p)
     p.add_argument("--out", required=True, help="output folder (JSON, CSV, PNG, run.json, resumable store)")
     p.add_argument("--nbits", type=palette_bits, nargs="+", default=[1, 2, 4, 6, 8], help="widths (default 1 2 4 6 8)")
     p.add_argument(

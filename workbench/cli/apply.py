@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, int_in_range
+from workbench.cli.common import MODEL_HELP, add_model_options, int_in_range, model_spec
 
 
 def run(args: argparse.Namespace) -> None:
@@ -16,8 +16,9 @@ def run(args: argparse.Namespace) -> None:
         args.out,
         recipe_file=args.recipe,
         recipe_name=args.recipe_name,
-        model=args.model,
+        model=model_spec(args.model, args),
         min_numel=args.min_numel,
+        importance_file=args.importance,
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -31,6 +32,14 @@ def add_parser(sub) -> None:
     p.add_argument("--recipe", required=True, help="recipe JSON (ours or the reference's pre-analysis)")
     p.add_argument("--recipe-name", default=None, help="which recipe of --recipe (default: the file's only one)")
     p.add_argument("--model", default=None, help="the pipeline the package was converted from; " + MODEL_HELP)
-    p.add_argument("--out", required=True, help="folder for the palettized package (same file name) and its report")
+    add_model_options(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder (not ending in .mlpackage) for the palettized package (same file name) and its report",
+    )
+    p.add_argument(
+        "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"
+    )
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="layers counted in bits/param (2048)")
     p.set_defaults(func=run)

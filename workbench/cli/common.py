@@ -109,4 +109,46 @@ def add_layout(p) -> None:
     )
 
 
-MODEL_HELP = "hub id (local cache only), pipeline folder, or tiny-sd / tiny-sdxl (default: the demo model)"
+MODEL_HELP = (
+    "hub id (local cache only), pipeline folder, single-file .safetensors/.ckpt checkpoint, or tiny-sd / tiny-sdxl "
+    "(default: the demo model)"
+)
+
+
+def add_model_options(p) -> None:
+    """--config / --allow-pickle: how to load a single-file checkpoint given as the model (`model_spec`)."""
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FOLDER_OR_HUB_ID",
+        help="single-file checkpoint: the architecture, a pipeline folder or cached hub id of the same model "
+        "(default: inferred from the checkpoint's keys, then looked up in the local Hugging Face cache)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="single-file .ckpt: unpickle a file that holds more than tensors (runs code the file names; only for "
+        "a file you trust)",
+    )
+
+
+def model_spec(model, args):
+    """The model spec the loader takes for the command's `model` text: a `SingleFile` (with --config and
+    --allow-pickle) when it names a file, else the text as it is.
+
+    Raises:
+        InvalidValueError: --config or --allow-pickle for a model that is not a file.
+    """
+    from workbench.models.loader import as_single_file
+    from workbench.models.single_file import SingleFile
+
+    single = as_single_file(model)
+    if single is None:
+        if args.config is not None or args.allow_pickle:
+            option = "--config" if args.config is not None else "--allow-pickle"
+            raise InvalidValueError(
+                f"{option} is for a single-file checkpoint (.safetensors, .ckpt), and the model {model!r} is not a "
+                "file; drop it, or pass the checkpoint's path as the model"
+            )
+        return model
+    return SingleFile(single.path, config=args.config, allow_pickle=args.allow_pickle)

@@ -12,8 +12,10 @@ from workbench.cli.common import (
     MODEL_HELP,
     add_layer_patterns,
     add_layout,
+    add_model_options,
     float_in_range,
     int_in_range,
+    model_spec,
     palette_bits,
 )
 from workbench.errors import InvalidValueError
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
         piece_bytes=None if args.piece_gb is None else int(args.piece_gb * 1e9),
     )
     report = export_model(
-        args.model,
+        model_spec(args.model, args),
         args.out,
         config,
         recipe_file=args.recipe,
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a pipeline to Core ML packages, palettize and verify them")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_model_options(p)
     p.add_argument("--out", required=True, help="folder for the .mlpackage files and verification.json")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--recipe", default=None, help="recipe JSON (ours or the reference's pre-analysis); UNet only")

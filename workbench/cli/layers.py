@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import MODEL_HELP, candidate_layers, int_in_range
+from workbench.cli.common import MODEL_HELP, add_model_options, candidate_layers, int_in_range, model_spec
 
 
 def run(args: argparse.Namespace) -> None:
@@ -12,9 +12,10 @@ def run(args: argparse.Namespace) -> None:
 
     from workbench.models.loader import default_min_numel, load_pipeline
 
-    pipe = load_pipeline(args.model, device="cpu", progress=False)
-    min_numel = default_min_numel(args.model) if args.min_numel is None else args.min_numel
-    layers = candidate_layers(pipe, min_numel, args.model)
+    model = model_spec(args.model, args)
+    pipe = load_pipeline(model, device="cpu", progress=False)
+    min_numel = default_min_numel(model) if args.min_numel is None else args.min_numel
+    layers = candidate_layers(pipe, min_numel, model)
     rows = [
         {"layer": n, "type": type(m).__name__, "shape": tuple(m.weight.shape), "numel": m.weight.numel()}
         for n, m in layers.items()
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("layers", help="list the compressible layers of a pipeline's UNet")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_model_options(p)
     p.add_argument(
         "--min-numel",
         type=int_in_range(0),

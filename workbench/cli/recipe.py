@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.cli.common import int_in_range
+from workbench.cli.common import add_model_options, int_in_range, model_spec
 
 
 def run(args: argparse.Namespace) -> None:
@@ -14,12 +14,12 @@ def run(args: argparse.Namespace) -> None:
 
     analysis = PreAnalysis.load(args.file)
     names = [args.name] if args.name else list(analysis.recipes)
-    numels = None
-    if args.model is not None:
+    numels, model = None, model_spec(args.model, args)
+    if model is not None:
         from workbench.models.layers import compressible_layers
         from workbench.models.loader import load_pipeline
 
-        layers = compressible_layers(load_pipeline(args.model, device="cpu").unet, min_numel=args.min_numel)
+        layers = compressible_layers(load_pipeline(model, device="cpu").unet, min_numel=args.min_numel)
         numels = {name: layer.weight.numel() for name, layer in layers.items()}
     print(f"{args.file}: model_version={analysis.model_version!r}, {len(analysis.recipes)} recipes")
     for name in names:
@@ -41,5 +41,6 @@ def add_parser(sub) -> None:
     p.add_argument("file", help="pre-analysis or recipe JSON")
     p.add_argument("--name", default=None, help="one recipe of the file (default: all)")
     p.add_argument("--model", default=None, help="validate layer names against this pipeline's UNet")
+    add_model_options(p)
     p.add_argument("--min-numel", type=int_in_range(0), default=0, help="layers counted in bits/param (default: all)")
     p.set_defaults(func=run)

@@ -34,14 +34,17 @@ from torch import nn
 from workbench.coreml.components import weight_layers
 from workbench.coreml.compress import compress_model
 from workbench.coreml.config import DEFAULT_MIN_NUMEL, RecipeLike
+from workbench.coreml.explicit_lut import check_importance
+from workbench.coreml.memory import check_export_memory
 from workbench.coreml.metadata import set_package_metadata
-from workbench.coreml.plan import palette_plan
+from workbench.coreml.plan import ComponentPlan, palette_plan
 from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.verify import package_nbytes, package_weights, palettized_weight_names, verify_package
 from workbench.errors import InvalidValueError, UserError
 from workbench.models.layers import compressible_layers
-from workbench.models.loader import DEMO_MODEL, load_pipeline
+from workbench.models.loader import DEMO_MODEL, ModelSpec, load_pipeline
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig
+from workbench.palettes.importance import Importance
 from workbench.palettes.size import bits_per_param
 from workbench.recipes.recipe import load_recipe
 
@@ -243,6 +246,25 @@ def check_package(package: str | os.PathLike) -> Path:
     return package
 
 
+def check_out_dir(out_dir: str | os.PathLike, package: str | os.PathLike) -> Path:
+    """`out_dir` as a path, if it can be the folder that receives `<package's file name>` and its report.
+
+    Raises:
+        InvalidValueError: `out_dir` ends in `.mlpackage` (it would be a folder of that name holding the package),
+            or the output package would overwrite the input.
+    """
+    out, package = Path(out_dir), Path(package)
+    if out.suffix.lower() == ".mlpackage":
+        raise InvalidValueError(
+            f"--out {out} names a package, but --out is the folder that receives {package.name} (the input's file "
+            f"name, which Apple's Swift pipeline loads) and verification.json; pass a folder, e.g. --out "
+            f"{out.with_suffix('')}"
+        )
+    if (out / package.name).resolve() == package.resolve():
+        raise InvalidValueError(f"--out {out} would overwrite the input package {package}; choose another folder")
+    return out
+
+
 def _load_package(package: Path):
     import coremltools as ct
 
@@ -256,6 +278,20 @@ def _bits_per_param(module: nn.Module, plan: Mapping[str, PaletteConfig], names:
     return bits_per_param(plan, numels) if numels else float(FLOAT_BITS)
 
 
+def _checked_plan(module: nn.Module, recipe: RecipeLike, importance: Importance | None, component: str):
+    """`(plan, importances it needs or None)`, checked before the package is read.
+
+    Raises:
+        RecipeError: layers the module lacks. InvalidValueError: data-aware palettes without (matching)
+            importances (`check_importance`). ExportMemoryError: too little free memory (`check_export_memory`).
+    """
+    plan = palette_plan(module, recipe)
+    importance = check_importance(module, plan, importance)
+    needs = ComponentPlan(component, module, prefix="", palette=plan, uniform=False, deployment_target="")
+    check_export_memory([needs], action="applying the recipe to")
+    return plan, importance
+
+
 @torch.no_grad()
 def apply_recipe(
     package: str | os.PathLike,
@@ -266,13 +302,15 @@ def apply_recipe(
     component: str = "unet",
     source: str = "",
     min_numel: int = DEFAULT_MIN_NUMEL,
+    importance: Importance | None = None,
 ) -> ExportReport:
     """Palettize an existing float16 Core ML package with a recipe, and prove the result bit-exact.
 
     Matches every package weight to its torch layer by content (`match_weights`), checks the recipe against both
     (`resolve_names`) and the package's deployment target (`check_deployment_target`), palettizes the planned
-    weights (`compress_model`, as `export` does), saves `<out_dir>/<package's file name>`, reads it back and compares
-    every weight with the simulation (`verify_package`), and writes `<out_dir>/verification.json`.
+    weights (`compress_model` with the torch module, as `export` does: palettes fitted from the matched torch layers,
+    data-aware ones with `importance`), saves `<out_dir>/<package's file name>`, reads it back and compares every
+    weight with the simulation (`verify_package`), and writes `<out_dir>/verification.json`.
 
     Args:
         package (`str | os.PathLike`): a float16 `.mlpackage` of `module` (e.g. `Unet.mlpackage` from torch2coreml).
@@ -282,30 +320,29 @@ def apply_recipe(
         component (`str`, defaults to `"unet"`): recorded in the report and the package's metadata.
         source (`str`): the source model's name, for the metadata and messages.
         min_numel (`int`, defaults to 2048): layers counted in bits/param (strict `>`).
+        importance (`Importance`, *optional*): the analysis' importances, for data-aware palettes (`"wkmeans4"`).
 
     Returns:
         `ExportReport` with one `ExportedPackage`: `float16_nbytes` is the input package's size, `export_s` the time
         to read and match it.
 
     Raises:
-        PackageMismatchError, DeploymentTargetError: see `resolve_names`, `check_deployment_target`.
+        PackageMismatchError, DeploymentTargetError, ExportMemoryError, InvalidValueError: see `resolve_names`,
+            `check_deployment_target`, `_checked_plan` and `check_out_dir`.
     """
-    package, out = Path(package), Path(out_dir)
+    package, out = Path(package), check_out_dir(out_dir, package)
     path = out / package.name
-    if path.resolve() == package.resolve():
-        raise InvalidValueError(f"--out {out} would overwrite the input package {package}; choose another folder")
     start = time.perf_counter()
+    plan, importance = _checked_plan(module, recipe, importance, component)
     model = _load_package(package)
-    plan = palette_plan(module, recipe)
     target = check_deployment_target(model.get_spec().specificationVersion, plan, str(package))
-    stored = package_weights(package)
-    match = match_weights(module, stored, palettized_weight_names(package))
-    del stored
+    match = match_weights(module, package_weights(package), palettized_weight_names(package))
     names = resolve_names(match, plan, package=str(package), model=source or type(module).__name__)
     matched_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    compressed = compress_model(model, plan, names={layer: names[layer] for layer in plan})
+    names_planned = {layer: names[layer] for layer in plan}
+    compressed = compress_model(model, plan, names=names_planned, module=module, importance=importance)
     label = getattr(recipe, "name", "custom recipe")
     bpp = _bits_per_param(module, plan, names, min_numel)
     set_package_metadata(
@@ -318,7 +355,7 @@ def apply_recipe(
     compress_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    verification = verify_package(path, module, plan, component=component, names=names)
+    verification = verify_package(path, module, plan, component=component, names=names, importance=importance)
     exported = ExportedPackage(
         component=component,
         path=str(path),
@@ -332,9 +369,8 @@ def apply_recipe(
         verify_s=time.perf_counter() - start,
         verification=verification,
     )
-    report = ExportReport(
-        str(out), source, label, (exported,), applied_to=str(package), notes=match_notes(match, plan)
-    )
+    notes = match_notes(match, plan)
+    report = ExportReport(str(out), source, label, (exported,), applied_to=str(package), notes=notes)
     report.save()
     return report
 
@@ -345,8 +381,9 @@ def apply_model(
     *,
     recipe_file: str | os.PathLike,
     recipe_name: str | None = None,
-    model: str | os.PathLike | None = None,
+    model: ModelSpec = None,
     min_numel: int = DEFAULT_MIN_NUMEL,
+    importance_file: str | os.PathLike | None = None,
 ) -> ExportReport:
     """`workbench apply`: load the recipe and the pipeline (CPU, float32), then `apply_recipe` to its UNet.
 
@@ -355,11 +392,15 @@ def apply_model(
         out_dir, min_numel: see `apply_recipe`.
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
-        model: hub id or pipeline folder the package was converted from; None for the demo model.
+        model: the model spec the package was converted from (hub id, pipeline folder, single-file checkpoint...,
+            `workbench.models.loader.load_pipeline`); None for the demo model.
+        importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
     """
 
     recipe = load_recipe(recipe_file, recipe_name)  # a bad file fails before the pipeline loads
     check_package(package)
+    check_out_dir(out_dir, package)
+    importance = None if importance_file is None else Importance.load(importance_file)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
-    return apply_recipe(package, pipe.unet, recipe, out_dir, source=source, min_numel=min_numel)
+    return apply_recipe(package, pipe.unet, recipe, out_dir, source=source, min_numel=min_numel, importance=importance)

@@ -23,8 +23,12 @@ def export_memory_need(plans: Sequence[ComponentPlan]) -> int:
     return int(EXPORT_MEMORY_PER_WEIGHT_BYTE * weights)
 
 
-def check_export_memory(plans: Sequence[ComponentPlan], available: int | None = None) -> None:
-    """Fail early, with the measured need and the way out, where the export would run out of memory.
+def check_export_memory(
+    plans: Sequence[ComponentPlan], available: int | None = None, *, action: str = "exporting"
+) -> None:
+    """Fail early, with the measured need and the way out, where the export (or `workbench apply`, `action`
+    "applying the recipe to") would run out of memory: both hold the component's Core ML program, its palettized
+    copy and the verification's read-back beside the loaded pipeline.
 
     Raises:
         ExportMemoryError: `export_memory_need(plans)` exceeds the memory available (`psutil`), or `available`.
@@ -40,8 +44,8 @@ def check_export_memory(plans: Sequence[ComponentPlan], available: int | None = 
     if need > available:
         largest = max(plans, key=lambda plan: sum(p.numel() for p in plan.module.parameters()))
         raise ExportMemoryError(
-            f"exporting the {largest.component} needs about {need / 1e9:.1f} GB of free memory beyond the loaded "
+            f"{action} the {largest.component} needs about {need / 1e9:.1f} GB of free memory beyond the loaded "
             f"model ({EXPORT_MEMORY_PER_WEIGHT_BYTE:g} bytes per byte of its float32 weights, measured on SD-1.5); "
-            f"this machine has {available / 1e9:.1f} GB free. Run the export on a machine with more memory (the "
+            f"this machine has {available / 1e9:.1f} GB free. Run it on a machine with more memory (the "
             "recipe file carries over), or close what else is using memory."
         )

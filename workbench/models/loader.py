@@ -6,7 +6,9 @@ A model is named by a *model spec*, the same everywhere (CLI, notebooks, report,
   becomes `None` in `model_from_text`, nowhere else);
 - `"tiny-sd"` / `"tiny-sdxl"` (`BUILTIN_MODELS`): the random-weight test pipelines of `workbench.models.tiny`;
 - a folder holding a pipeline saved with `save_pretrained` (a `model_index.json`);
-- a hub id, resolved in the local Hugging Face cache only.
+- a hub id, resolved in the local Hugging Face cache only;
+- a single-file checkpoint (`.safetensors`, `.ckpt`; `workbench.models.single_file`): its path, or a `SingleFile`
+  that also names the architecture (`config`: a pipeline folder or cached hub id) or allows pickle.
 
 Nothing here touches the network (`local_files_only=True`). Fetch a model once on a connected machine, e.g.
 `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`, and point `HF_HOME` at that cache.
@@ -17,6 +19,7 @@ Example:
     >>> pipe = load_pipeline("path/to/saved_pipeline")
     >>> pipe = load_pipeline()  # the demo model, DEMO_MODEL
     >>> pipe = load_pipeline("tiny-sdxl", progress=False)
+    >>> pipe = load_pipeline(SingleFile("sd_xl_base_1.0.safetensors", config="path/to/sdxl_pipeline"))
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from workbench.errors import InvalidValueError, UserError
+from workbench.models.single_file import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointError,
+    SingleFile,
+    assemble_pipeline,
+    inferred_config,
+    read_checkpoint,
+)
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from workbench.resources import demo_model_dir
 
@@ -43,7 +54,7 @@ DEMO_MODEL = demo_model_dir()
 
 BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl")  # random-weight test pipelines from workbench.models.tiny
 
-ModelSpec = str | os.PathLike | None
+ModelSpec = str | os.PathLike | SingleFile | None
 
 # "name" or "owner/name" of letters, digits, "-", "_" and "." (huggingface_hub's rule, less its finer points)
 _HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
@@ -163,13 +174,12 @@ def _resolve(model: str | os.PathLike | None, variant: str | None) -> tuple[str,
         if not (path / "model_index.json").is_file():
             raise ModelNotAvailableError(
                 f"{str(path)!r} is a folder but not a diffusers pipeline: it has no model_index.json. Pass a folder "
-                "written by `pipe.save_pretrained(path)`; single-file .safetensors/.ckpt files are not supported."
+                "written by `pipe.save_pretrained(path)`, or a single-file .safetensors/.ckpt checkpoint."
             )
         return str(path), path
     if path.exists():
         raise ModelNotAvailableError(
-            f"{str(path)!r} is a file; pass a diffusers pipeline folder (with a model_index.json) or a hub id. "
-            "Single-file .safetensors/.ckpt checkpoints are not supported."
+            f"{str(path)!r} is a file; pass a diffusers pipeline folder (with a model_index.json) or a hub id"
         )
     if _looks_like_path(model):
         raise ModelNotAvailableError(f"no such file or folder: {str(model)!r} (looked for {path.absolute()})")
@@ -182,15 +192,41 @@ def _resolve(model: str | os.PathLike | None, variant: str | None) -> tuple[str,
     return str(model), Path(folder)
 
 
+def as_single_file(model: ModelSpec) -> SingleFile | None:
+    """`model` as a `SingleFile` spec if it names a file (a path, or a `SingleFile` already), else None."""
+    if isinstance(model, SingleFile):
+        return model
+    if model is None or (isinstance(model, str) and (not model or model in BUILTIN_MODELS)):
+        return None
+    return SingleFile(str(model)) if Path(model).expanduser().is_file() else None
+
+
 def check_model(model: ModelSpec, variant: str | None = None) -> None:
     """Fail early, without loading anything, when `model` cannot be loaded (demo model not built, no such folder,
-    hub id not cached).
+    hub id not cached, a single file that is missing, not a checkpoint's type, or whose `config` is not local).
 
     Raises:
-        ModelNotAvailableError: as `load_pipeline` would.
+        ModelNotAvailableError: as `load_pipeline` would. CheckpointError: a file of another type.
     """
-    if not (isinstance(model, str) and model in BUILTIN_MODELS):
+    single = as_single_file(model)
+    if single is not None:
+        _check_single_file(single)
+    elif not (isinstance(model, str) and model in BUILTIN_MODELS):
         _resolve(model, variant)
+
+
+def _check_single_file(spec: SingleFile) -> Path:
+    """The checkpoint's path, if it is a file with a checkpoint's suffix and its `config` (if any) is local."""
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        raise ModelNotAvailableError(f"no such checkpoint file: {spec.path!r} (looked for {path.absolute()})")
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(
+            f"{spec.path} is not a checkpoint file; valid suffixes: {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    if spec.config is not None:
+        _resolve(spec.config, None)
+    return path
 
 
 def load_pipeline(
@@ -201,8 +237,8 @@ def load_pipeline(
     variant: str | None = None,
     progress: bool = True,
 ) -> DiffusionPipeline:
-    """Load a text-to-image diffusers pipeline: the demo model, a built-in test pipeline, a local folder or a hub
-    id in the local Hugging Face cache.
+    """Load a text-to-image diffusers pipeline: the demo model, a built-in test pipeline, a local folder, a hub
+    id in the local Hugging Face cache, or a single-file checkpoint (`.safetensors`, `.ckpt`).
 
     The pipeline class (SD 1.x/2.x `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, ...) comes from the
     model's model_index.json. Nothing is downloaded (`local_files_only=True`).
@@ -210,7 +246,9 @@ def load_pipeline(
     Args:
         model (str | os.PathLike | None, defaults to None): None for `DEMO_MODEL`; "tiny-sd" or "tiny-sdxl" for
             the random-weight test pipelines (`workbench.models.tiny`, seed 0); a pipeline folder; or a hub id such
-            as "runwayml/stable-diffusion-v1-5" or "stabilityai/stable-diffusion-xl-base-1.0".
+            as "runwayml/stable-diffusion-v1-5" or "stabilityai/stable-diffusion-xl-base-1.0"; or a single-file
+            checkpoint: its path (the architecture inferred from its keys), or a `SingleFile` naming the
+            architecture (`config`) or allowing pickle (`workbench.models.single_file`).
         device (str | torch.device | None, defaults to None): where to put it; None picks the best available
             (`pick_device`: cuda > mps > cpu).
         dtype (torch.dtype, defaults to torch.float32): the weights' dtype.
@@ -224,11 +262,16 @@ def load_pipeline(
     Raises:
         ModelNotAvailableError: the path does not exist or is not a pipeline folder, the hub id is not cached, or
             the demo model is not built.
+        CheckpointError: a file that is not an SD checkpoint, a `.ckpt` needing pickle without `allow_pickle`, or
+            a checkpoint whose architecture is not `config`'s (or cannot be inferred).
         InvalidValueError: `device` is not available, or `model` is "" (use None).
     """
     target = pick_device(device)
+    single = as_single_file(model)
     if isinstance(model, str) and model in BUILTIN_MODELS:
         pipe = (tiny_sd_pipeline if model == "tiny-sd" else tiny_sdxl_pipeline)(seed=0)
+    elif single is not None:
+        pipe = _from_single_file(single, dtype)
     else:
         pipe = _from_pretrained(model, dtype, variant)
     if pipe.dtype != dtype:  # older diffusers ignore `dtype` (they want `torch_dtype`); the test pipelines too
@@ -247,3 +290,27 @@ def _from_pretrained(model: ModelSpec, dtype: torch.dtype, variant: str | None) 
         # the checker is a second, 1.2 GB model that blanks flagged images; it would distort every comparison
         extra = {"safety_checker": None, "requires_safety_checker": False}
     return DiffusionPipeline.from_pretrained(name, dtype=dtype, variant=variant, local_files_only=True, **extra)
+
+
+def _inferred_config(path: Path, checkpoint) -> str:
+    """The hub id of the architecture diffusers infers from the checkpoint's keys, if it is in the local cache."""
+    config = inferred_config(path, checkpoint)
+    try:
+        _resolve(config, None)
+    except ModelNotAvailableError as err:
+        raise ModelNotAvailableError(
+            f"the architecture of {path}, inferred from its keys, is {config}'s, which is not in the local Hugging "
+            f"Face cache (this workbench never downloads); pass --config a local pipeline folder or cached hub id "
+            "of the same architecture, or fetch its configs on a connected machine (`huggingface-cli download "
+            f"{config} --include '*.json' '*.txt'`)"
+        ) from err
+    return config
+
+
+def _from_single_file(spec: SingleFile, dtype: torch.dtype) -> DiffusionPipeline:
+    """A single-file checkpoint with the architecture of `spec.config` (or the one inferred from its keys)."""
+    path = _check_single_file(spec)
+    checkpoint = read_checkpoint(path, spec.allow_pickle)
+    config = spec.config if spec.config is not None else _inferred_config(path, checkpoint)
+    _, folder = _resolve(config, None)
+    return assemble_pipeline(path, checkpoint, folder, str(config), dtype=dtype)
