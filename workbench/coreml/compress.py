@@ -13,9 +13,30 @@ from torch import nn
 
 from workbench.coreml.components import layer_weight_names
 from workbench.coreml.explicit_lut import op_config
-from workbench.coreml.verify import program_weight_names
+from workbench.coreml.verify import program_weight_names, weight_names
 from workbench.palettes.config import PaletteConfig
 from workbench.threads import sklearn_single_thread
+
+
+def _optimization_config(
+    plan: Mapping[str, PaletteConfig], names: Mapping[str, str], available: set[str], module, importance
+):
+    """One `OpPalettizerConfig` per planned weight (`op_config`), checked: every weight exists, and layers sharing
+    one constant share a config."""
+    import coremltools as ct
+
+    missing = [layer for layer in plan if names[layer] not in available]
+    if missing:
+        raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
+    by_weight: dict[str, tuple[str, PaletteConfig]] = {}
+    for layer, cfg in plan.items():
+        if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
+            raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
+    return ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={
+            weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()
+        }
+    )
 
 
 def compress_model(
@@ -47,19 +68,27 @@ def compress_model(
     if not plan:
         return model
     names = layer_weight_names(plan, prefix) if names is None else names
-    available = program_weight_names(model)
-    missing = [layer for layer in plan if names[layer] not in available]
-    if missing:
-        raise ValueError(f"the package has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
-    by_weight: dict[str, tuple[str, PaletteConfig]] = {}
-    for layer, cfg in plan.items():
-        if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
-            raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
-    config = ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={
-            weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()
-        }
-    )
+    config = _optimization_config(plan, names, program_weight_names(model), module, importance)
     with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
         return ct.optimize.coreml.palettize_weights(model, config)
+
+
+def compress_program(program, plan: Mapping[str, PaletteConfig], *, prefix: str, module: nn.Module, importance=None):
+    """`compress_model` on a MIL program (`ct.convert(..., convert_to="milinternal")`), in place: coremltools'
+    palettization pass with the same configs, without serializing the float16 program and reading it back."""
+    import warnings
+
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    if not plan:
+        return program
+    names = layer_weight_names(plan, prefix)
+    config = _optimization_config(plan, names, weight_names(program), module, importance)
+    palettizer = PASS_REGISTRY["compression::palettize_weights"]
+    palettizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+    with warnings.catch_warnings(), sklearn_single_thread():
+        warnings.simplefilter("ignore")
+        palettizer.apply(program)
+    return program

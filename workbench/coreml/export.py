@@ -45,11 +45,11 @@ from workbench.coreml.results import ExportedPackage, ExportReport
 from workbench.coreml.unet_export import export_unet_pieces, float32_modules
 from workbench.coreml.verify import package_nbytes, program_weight_names, verify_package
 from workbench.errors import InvalidValueError
-from workbench.models.layers import compressible_layers
+from workbench.models.layers import compressible_layers, get_layer
 from workbench.models.loader import DEMO_MODEL, load_pipeline
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig
 from workbench.palettes.importance import Importance
-from workbench.palettes.size import bits_per_param
+from workbench.palettes.size import bits_per_param, layer_nbytes
 from workbench.recipes.recipe import load_recipe
 
 
@@ -115,7 +115,7 @@ class Converted:
     stem: str
     model: object
     palette: Mapping[str, PaletteConfig]
-    float16_nbytes: int
+    float16_nbytes: int | None  # None: computed from the saved package (`float16_equivalent_nbytes`)
     seconds: float
     units: tuple[int, int] | None = None  # a UNet package: the units it holds (`workbench.coreml.chunks`)
 
@@ -151,7 +151,17 @@ def _convert_unet(pipe, plan: ComponentPlan, config: ExportConfig) -> list[Conve
         missing = sorted(set(plan.palette) - covered)
         raise ValueError(f"the converted UNet has no weight for {len(missing)} recipe layers: {', '.join(missing)}")
     seconds = (time.perf_counter() - start) / len(stitched)
-    return [Converted(p.name, p.model, p.palette, p.float16_nbytes, seconds, p.units) for p in stitched]
+    return [Converted(p.name, p.model, p.palette, None, seconds, p.units) for p in stitched]
+
+
+def float16_equivalent_nbytes(nbytes: int, palette: Mapping[str, PaletteConfig], module) -> int:
+    """The size of a saved package of `nbytes` with its palettized weights stored float16 instead: each palettized
+    layer's packed indices and LUTs (`layer_nbytes`) give way to 2 bytes per weight (a UNet stitched from pieces is
+    never saved unpalettized, so its float16 size is this, not a second save)."""
+    for layer, cfg in palette.items():
+        weight = get_layer(module, layer).weight
+        nbytes += 2 * weight.numel() - layer_nbytes(weight.numel(), weight.shape[0], cfg)
+    return nbytes
 
 
 def _save(plan: ComponentPlan, converted: Converted, out: Path, config: ExportConfig, source: str):
@@ -193,6 +203,9 @@ def export_component(
         start = time.perf_counter()
         path, bpp = _save(plan, package, out, config, source)
         saved = time.perf_counter()
+        float16 = package.float16_nbytes
+        if float16 is None:
+            float16 = float16_equivalent_nbytes(package_nbytes(path), package.palette, plan.module)
         verification = None
         if config.verify:
             verification = verify_package(
@@ -208,7 +221,7 @@ def export_component(
                 component=plan.component,
                 path=str(path),
                 nbytes=package_nbytes(path),
-                float16_nbytes=package.float16_nbytes,
+                float16_nbytes=float16,
                 bits_per_param=bpp,
                 n_palettized=len(package.palette),
                 deployment_target=plan.deployment_target,

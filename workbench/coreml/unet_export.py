@@ -6,10 +6,10 @@ weights, 27 GB for SDXL. Here the UNet is cut into pieces of at most `piece_byte
 (`workbench.coreml.unet_split`), and for each piece in turn:
 
 1. its modules are cast to float32 (a float16 pipeline stays float16 otherwise: exactly the values Core ML stores),
-2. it is traced with zero inputs of the shapes the previous pieces output (read from the traced graph, so the
-   UNet never runs twice), converted to a float16 ML program and palettized with the workbench's own palettes
-   (`compress_model`),
-3. its modules go back to their dtype and only the palettized piece is kept (its weights in a temporary folder).
+2. it is traced with zero inputs of the shapes the previous pieces output (propagated with fake tensors, so the
+   UNet never runs twice), converted to a float16 MIL program and palettized in place with the workbench's own
+   palettes (`compress_program`: nothing is serialized and read back),
+3. its modules go back to their dtype and only the palettized program is kept.
 
 Then the pieces are stitched into `Unet.mlpackage`, or with `chunk=True` into `UnetChunk1.mlpackage` and
 `UnetChunk2.mlpackage` of about equal weight bytes, in the layout Apple's Swift pipeline loads: chunk 1 takes the
@@ -25,19 +25,18 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from workbench.coreml.components import layer_weight_names
-from workbench.coreml.compress import compress_model
+from workbench.coreml.compress import compress_program
 from workbench.coreml.layout import layout_inputs, package_stems
 from workbench.coreml.plan import ComponentPlan
 from workbench.coreml.stitch import program_to_model, stitch_programs
 from workbench.coreml.unet_split import UNetPiece, check_splittable, halves, pieces_by_size, unet_units
-from workbench.coreml.verify import load_program, program_weight_names
+from workbench.coreml.verify import weight_names
 
 # The largest piece converted at once, in float32 parameter bytes: memory follows it, not the UNet (a single
 # unit above it, e.g. one of SDXL's 10-layer transformers at 1.38 GB, stands alone).
@@ -48,13 +47,11 @@ CHUNK_NAMES = ("UnetChunk1", "UnetChunk2")
 @dataclass(frozen=True)
 class StitchedPackage:
     """One package stitched from converted pieces: its name (`Unet`, `UnetChunk1`...), the MLModel, the palette
-    of the layers it holds, and the bytes of its pieces as float16 packages (weights and specs) before
-    palettization."""
+    of the layers it holds, and the UNet units it holds."""
 
     name: str
     model: object  # coremltools.models.MLModel
     palette: Mapping[str, object]
-    float16_nbytes: int
     units: tuple[int, int]  # the UNet units it holds (`workbench.coreml.chunks.UNITS_KEY`)
 
 
@@ -81,9 +78,18 @@ def _output_shapes(piece: UNetPiece, examples: Sequence[torch.Tensor]) -> list[t
         return [tuple(out.shape) for out in piece(*(mode.from_tensor(x) for x in examples))]
 
 
+def _sanitize_names(program) -> None:
+    """coremltools' own renaming of variables and operations to valid identifiers, which the ML program backend
+    runs when it serializes; run here so that the weights carry their package names before palettization."""
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    PASS_REGISTRY["mil_backend::sanitize_name_strings"](program)
+
+
 @torch.no_grad()
 def _convert_piece(piece: UNetPiece, shapes: dict, plan: ComponentPlan):
-    """Trace (zero inputs of `shapes`), convert to float16 and palettize one piece; record its output shapes."""
+    """Trace (zero inputs of `shapes`), convert to a float16 MIL program and palettize it in place; record the
+    piece's output shapes. Returns (program, the palette of the layers it holds)."""
     import coremltools as ct
 
     names = piece.input_names
@@ -92,46 +98,41 @@ def _convert_piece(piece: UNetPiece, shapes: dict, plan: ComponentPlan):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coremltools: "torch 2.13 has not been tested"; trace warnings
         traced = torch.jit.trace(piece, examples, check_trace=False)
-        model = ct.convert(
+        program = ct.convert(
             traced,
-            inputs=[
-                ct.TensorType(name=n, shape=x.shape, dtype=np.float32) for n, x in zip(piece.input_names, examples)
-            ],
+            inputs=[ct.TensorType(name=n, shape=x.shape, dtype=np.float32) for n, x in zip(names, examples)],
             outputs=[ct.TensorType(name=name, dtype=np.float32) for name in piece.output_names],
-            convert_to="mlprogram",
+            convert_to="milinternal",
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, plan.deployment_target),
         )
     del traced
-    held = program_weight_names(model)
+    _sanitize_names(program)  # as the backend would: `a.b.weight_to_fp16` -> `a_b_weight_to_fp16`
+    held = weight_names(program)
     weights = layer_weight_names(plan.palette, plan.prefix)
     palette = {layer: cfg for layer, cfg in plan.palette.items() if weights[layer] in held}
-    # the piece's float16 package: its weights file and its spec, as `save` would write them
-    weights = sum(f.stat().st_size for f in Path(model.weights_dir).rglob("*") if f.is_file())
-    nbytes = weights + len(model.get_spec().SerializeToString())
-    compressed = compress_model(model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance)
-    return compressed, palette, nbytes
+    compress_program(program, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance)
+    return program, palette
 
 
 def _convert_pieces(unet: nn.Module, units, span: tuple[int, int], shapes: dict, plan: ComponentPlan, budget: int):
-    """Convert and palettize `units[span[0]:span[1]]` piece by piece: (palettized models, palette, float16 bytes)."""
+    """Convert and palettize `units[span[0]:span[1]]` piece by piece: (palettized programs, their palette)."""
     start, stop = span
-    models, palette, nbytes = [], {}, 0
+    models, palette = [], {}
     ranges = [(start + a, start + b) for a, b in pieces_by_size(units[start:stop], unet, budget)]
     for k, (a, b) in enumerate(ranges, 1):
         began = time.perf_counter()
         piece = UNetPiece(unet, units, a, b, plan.layout).eval()
         paths = [path for unit in piece.units for path in unit.module_paths(unet)]
         with float32_modules(unet, paths):
-            model, held, size = _convert_piece(piece, shapes, plan)
+            model, held = _convert_piece(piece, shapes, plan)
         models.append(model)
         palette.update(held)
-        nbytes += size
         gb = sum(unit.nbytes(unet) for unit in piece.units) / 1e9
         print(
             f"  piece {k}/{len(ranges)}: units {a}-{b - 1}, {gb:.2f} GB float32, {time.perf_counter() - began:.0f} s"
         )
-    return models, palette, nbytes
+    return models, palette
 
 
 def export_unet_pieces(
@@ -161,14 +162,12 @@ def export_unet_pieces(
     names = package_stems("unet", plan.layout, chunk)
     packages = []
     for name, start, stop in zip(names, cuts, cuts[1:]):
-        models, palette, nbytes = _convert_pieces(
-            unet, units, (start, stop), shapes, plan, piece_bytes or DEFAULT_PIECE_BYTES
-        )
+        models, palette = _convert_pieces(unet, units, (start, stop), shapes, plan, piece_bytes or DEFAULT_PIECE_BYTES)
         border = UNetPiece(unet, units, start, stop, plan.layout)  # the package's inputs and outputs
         order = [n for n in inputs if n in border.input_names] + [n for n in border.input_names if n not in inputs]
         declared = {n: (shapes[n], np.float32) for n in order}  # the layout's inputs first, in its order
-        program = stitch_programs((load_program(m) for m in models), declared, border.output_names, target)
+        program = stitch_programs(models, declared, border.output_names, target)
         del models
         model = program_to_model(program, target)
-        packages.append(StitchedPackage(name, model, palette, nbytes, (start, stop)))
+        packages.append(StitchedPackage(name, model, palette, (start, stop)))
     return packages

@@ -85,9 +85,14 @@ def palettized_weight_names(package: str | os.PathLike) -> set[str]:
     return {name for name, _, palettized in _weight_ops(load_program(package)) if palettized}
 
 
+def weight_names(program) -> set[str]:
+    """Names of the weights (float16 constants of >= 2 dimensions, or palettized) of a MIL program."""
+    return {name for name, _, _ in _weight_ops(program)}
+
+
 def program_weight_names(model_or_package) -> set[str]:
     """Names of the weights (float16 constants of >= 2 dimensions, or palettized) of an MLModel or a package."""
-    return {name for name, _, _ in _weight_ops(load_program(model_or_package))}
+    return weight_names(load_program(model_or_package))
 
 
 def package_nbytes(package: str | os.PathLike) -> int:
