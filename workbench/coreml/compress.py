@@ -7,12 +7,14 @@ converted, by content for one converted elsewhere) and hands coremltools one `Op
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from torch import nn
 
 from workbench.coreml.components import layer_weight_names
-from workbench.coreml.explicit_lut import op_config
+from workbench.coreml.explicit_lut import ExplicitLut, op_config
 from workbench.coreml.verify import program_weight_names, weight_names
 from workbench.palettes.config import PaletteConfig
 from workbench.threads import sklearn_single_thread
@@ -32,11 +34,23 @@ def _optimization_config(
     for layer, cfg in plan.items():
         if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
             raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
-    return ct.optimize.coreml.OptimizationConfig(
-        op_name_configs={
-            weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()
-        }
-    )
+    configs = {weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()}
+    _prefit(configs.values())
+    return ct.optimize.coreml.OptimizationConfig(op_name_configs=configs)
+
+
+def _prefit(configs) -> None:
+    """Fit our palettes on every core before coremltools asks for them one by one (the k-means kernels release
+    the GIL; each fit is the same with or without threads)."""
+    luts = [c.lut_function for c in configs if isinstance(getattr(c, "lut_function", None), ExplicitLut)]
+    if len(luts) > 1:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(_fit_one_thread, luts))
+
+
+def _fit_one_thread(lut: ExplicitLut) -> None:
+    with sklearn_single_thread():  # per calling thread: set in the worker itself
+        lut.fit()
 
 
 def compress_model(

@@ -44,11 +44,16 @@ class ExplicitLut:
         self._source: np.ndarray | None = None
         self._next = 0
 
-    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit(self) -> None:
+        """Fit the palette now (e.g. in a worker thread: the k-means kernels release the GIL), not at the first
+        call."""
         if self._palette is None:
             self._palette = fit_palette(self.weight, self.config, importance=self.importance)
             self._source = self.weight.detach().to("cpu", torch.float16).numpy()
             self._next = 0
+
+    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.fit()
         palette, group = self._palette, self._next
         rows = palette.indices.shape[0] // palette.lut.shape[0]
         expected = self._source[group * rows : (group + 1) * rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 from workbench.coreml.components import layer_weight_names, weight_layers
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import fit_palette
+from workbench.threads import sklearn_single_thread
 
 
 def load_program(package):
@@ -232,10 +234,16 @@ def verify_package(
     palettized = stored.palettized
     layers = weight_layers(module)
     names = layer_weight_names(layers, prefix) if names is None else names
-    checks = tuple(
-        _check_layer(component, layer, layers[layer].weight, cfg, names[layer], stored, palettized, importance)
-        for layer, cfg in plan.items()
-    )
+
+    def check(item) -> LayerCheck:
+        layer, cfg = item
+        with sklearn_single_thread():  # per calling thread: set in the worker itself
+            return _check_layer(
+                component, layer, layers[layer].weight, cfg, names[layer], stored, palettized, importance
+            )
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # the k-means kernels release the GIL
+        checks = tuple(pool.map(check, plan.items()))
     float16 = [layer for layer in layers if layer not in plan and names.get(layer) in stored]
     n_exact = sum(_bit_equal(layers[n].weight.detach().cpu().half().numpy(), stored.get(names[n])) for n in float16)
     return Verification(
