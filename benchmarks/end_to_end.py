@@ -53,8 +53,13 @@ def timed(command: list[str], log: Path) -> tuple[float, float]:
     return seconds, peak
 
 
+FOLDERS: dict[str, Path] = {}  # arch -> an existing full-size folder (--sd15 / --sdxl)
+
+
 def full_size(arch: str, work: Path) -> Path:
-    """The random-weight full-size pipeline folder, built once."""
+    """The random-weight full-size pipeline folder, built once (or the one given on the command line)."""
+    if arch in FOLDERS:
+        return FOLDERS[arch]
     folder = work / f"{arch}-random"
     if not (folder / "model_index.json").exists():
         from workbench.models.architectures import save_pipeline
@@ -204,7 +209,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="bench-end-to-end", help="folder for the models, packages and logs")
     parser.add_argument("--parts", nargs="+", choices=("chain", "sd15", "sdxl"), default=["chain", "sd15", "sdxl"])
+    parser.add_argument("--sd15", type=Path, help="an existing full-size SD-1.5 folder (save_pipeline('sd15', ...))")
+    parser.add_argument("--sdxl", type=Path, help="an existing full-size SDXL folder")
     args = parser.parse_args()
+    FOLDERS.update({arch: path for arch, path in (("sd15", args.sd15), ("sdxl-base", args.sdxl)) if path})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {}

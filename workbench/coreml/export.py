@@ -42,7 +42,7 @@ from workbench.coreml.memory import check_export_memory
 from workbench.coreml.metadata import set_package_metadata
 from workbench.coreml.plan import ComponentPlan, plan_export
 from workbench.coreml.results import ExportedPackage, ExportReport
-from workbench.coreml.unet_export import export_unet_pieces, float32_modules
+from workbench.coreml.unet_export import DEFAULT_PIECE_BYTES, export_unet_pieces, float32_modules
 from workbench.coreml.verify import package_nbytes, program_weight_names, verify_package
 from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers, get_layer
@@ -199,9 +199,11 @@ def export_component(
     else:
         converted = [_convert_whole(pipe, plan, out, config.batch_size)]
     packages = []
-    for package in converted:
+    while converted:  # each model is let go once saved, before the next is read back
+        package = converted.pop(0)
         start = time.perf_counter()
         path, bpp = _save(plan, package, out, config, source)
+        package = replace(package, model=None)  # saved: the read-back holds the package's program, not this one
         saved = time.perf_counter()
         float16 = package.float16_nbytes
         if float16 is None:
@@ -231,7 +233,6 @@ def export_component(
                 verification=verification,
             )
         )
-        package = None  # noqa: PLW2901  (let the model go before the next package)
     return packages
 
 
@@ -274,7 +275,7 @@ def export_pipeline(
     """
     config = ExportConfig() if config is None else config
     plans = plan_export(pipe, config, importance)
-    check_export_memory(plans)
+    check_export_memory(plans, piece_bytes=config.piece_bytes or DEFAULT_PIECE_BYTES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     packages = tuple(package for plan in plans for package in export_component(pipe, plan, out, config, source=source))
