@@ -36,7 +36,9 @@ from workbench.palettes.importance import Importance, collect_importance, palett
 from workbench.palettes.size import bits_per_param
 from workbench.recipes.allocation import Measurements, layer_prompt_distortions
 from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
-from workbench.recipes.refine import OptionSpace, Pricing, Refinement, RefineSettings, refine_recipe
+from workbench.palettes.stash import WeightStash
+from workbench.recipes.pricing import Pricing
+from workbench.recipes.refine import OptionSpace, Refinement, RefineSettings, refine_recipe
 from workbench.sweep.executor import EvalTask, Executor
 from workbench.sweep.store import EvaluationRunner
 
@@ -91,16 +93,15 @@ def _start(target: float, measured: Sequence[RecipeResult]) -> RecipeResult:
 @dataclass(frozen=True)
 class _Search:
     """What every refined recipe of an analysis is searched with: the probe, the option spaces (widths; and with
-    data-aware palettes, `aware`), the importances, the settings, and how candidates are measured."""
+    data-aware palettes, `aware`), the pricing (shared by the searches: none of it depends on the recipe), the
+    settings, and how candidates are measured."""
 
     probe: object
     numels: Mapping[str, int]
     widths: OptionSpace
     aware: OptionSpace | None
-    cache: PaletteCache
-    importance: Importance
+    pricing: Pricing
     settings: RefineSettings
-    approximate: bool
     runner: EvaluationRunner
     executor: Executor
 
@@ -120,9 +121,8 @@ class _Search:
 
     def refine(self, name: str, start, space: OptionSpace, target: float, start_psnr) -> Refinement:
         total = sum(self.numels.values())
-        pricing = Pricing(self.cache, self.importance, self.approximate)  # fresh per search, as memory allows
         return refine_recipe(self.probe, start, space, target * total + 1e-6 * total, self.measure(name),
-                             pricing=pricing, settings=self.settings, start_psnr=start_psnr)  # fmt: skip
+                             pricing=self.pricing, settings=self.settings, start_psnr=start_psnr)  # fmt: skip
 
 
 def _refine_one(search: _Search, recipe: RecipeResult, measured: Sequence[RecipeResult]) -> RefinedRecipe:
@@ -154,12 +154,14 @@ def refine_recipes(
     executor: Executor,
     cache: PaletteCache,
     config: AnalysisConfig,
+    stash: WeightStash | None = None,
 ) -> tuple[list[RecipeResult], RefinementReport, Importance]:
     """Refine every size-aware recipe (`refine_recipe`) as `config` says (`refine_rounds`, `refine_ks`,
     `data_aware`, `approximate_pricing`); return the refined recipes (measured end to end, strategy "refined"), per
     refined recipe its start, its steps and every attempt (`RefinementReport`, for `run.json`), and the
     importances (input channels' second moments, collected with one probe run; data-aware palettes are fitted with
-    them, so an export needs them: `Importance.save`).
+    them, so an export needs them: `Importance.save`). `stash`: where originals wait while a round's recipe is in
+    force for its gradient (the executor's, so each original is written to disk once); None = one per round.
 
     Raises:
         ValueError: `data_aware` with a `cache` that holds other importances.
@@ -176,8 +178,8 @@ def refine_recipes(
         aware = OptionSpace(aware_options, palette_distortions(unet, aware_options, distortion, cache, importance))
     settings = RefineSettings(rounds=config.refine_rounds, ks=config.refine_ks)
     widths = OptionSpace(width_options(numels, measurements.widths), distortion)
-    search = _Search(probe, numels, widths, aware, cache, importance, settings, config.approximate_pricing, runner,
-                     executor)  # fmt: skip
+    pricing = Pricing(cache, importance, config.approximate_pricing, stash)
+    search = _Search(probe, numels, widths, aware, pricing, settings, runner, executor)
     refined, reports = [], []
     for recipe in sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector):
         report = _refine_one(search, recipe, [*recipes, *refined])
