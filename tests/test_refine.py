@@ -24,8 +24,11 @@ from workbench.recipes.allocation import allocate, allocate_options
 from workbench.recipes.pricing import Pricing
 from workbench.recipes.refine import (
     Change,
+    OptionSpace,
+    RefineSettings,
     exchange_steps,
     prompt_weights,
+    refine_recipe,
     weighted_distortion,
     weighted_distortions,
 )
@@ -145,6 +148,39 @@ def test_refined_needs_size_aware():
         AnalysisConfig(strategies=("apple", "refined"))
     with pytest.raises(InvalidValueError, match="refine_rounds"):
         AnalysisConfig(refine_rounds=0)
+    with pytest.raises(InvalidValueError, match="refine_min_gain"):
+        AnalysisConfig(refine_min_gain=-0.1)
+    with pytest.raises(InvalidValueError, match="refine_evaluations"):
+        AnalysisConfig(refine_evaluations=0)
+
+
+def test_a_search_stops_at_its_evaluations_and_after_a_small_gain(pipe):
+    """`RefineSettings.max_evaluations` caps the candidates a search measures (a round that would pass it is not
+    started), and a round that gains less than `min_gain` dB is its last; with neither, it runs every round."""
+    names = list(compressible_layers(pipe.unet, 2048))[:8]
+    numels = {n: get_layer(pipe.unet, n).weight.numel() for n in names}
+    options = {n: {b: b * numels[n] for b in (2, 4, 8, 16)} for n in names}
+    distortion = {n: dict.fromkeys((2, 4, 8, 16), 0.0) for n in names}  # each change priced by its gradient alone
+    start = dict.fromkeys(names, 2)  # room to upgrade a layer or two in every round
+    budget = sum(options[n][4] for n in names)
+
+    def measure(candidates, round_):  # every candidate is 0.05 dB better than the round before
+        return [(30.0 + 0.05 * round_, 30.0 + 0.05 * round_) for _ in candidates]
+
+    def search(**settings):
+        with torch_threads(1):
+            probe = OneStepProbe(pipe, PROMPTS, seed=0)
+            return refine_recipe(probe, start, OptionSpace(options, distortion), budget, measure,
+                                 pricing=Pricing(PaletteCache()), start_psnr=(30.0, 30.0),
+                                 settings=RefineSettings(rounds=3, ks=(1, 2), **settings))  # fmt: skip
+
+    free = search()
+    assert free.rounds >= 2 and free.psnr == pytest.approx(30.0 + 0.05 * free.rounds)
+    assert search(min_gain=0.1).rounds == 1  # 0.05 dB gained: the first round is the last
+    assert search(min_gain=0.04).rounds == free.rounds
+    cap = len([s for s in free.steps if s.round == 1]) + 1  # room for round 1, not for round 2's two candidates
+    capped = search(max_evaluations=cap)
+    assert capped.rounds == 1 and len(capped.steps) <= cap
 
 
 def test_data_aware_refinement_saves_its_importance_and_is_rejected_on_workers(pipe, tmp_path):

@@ -131,11 +131,15 @@ class RefineSettings:
         rounds: linearisations at most (one backward pass each); it stops early when a round finds nothing better.
         ks: layer changes per measured candidate (one measured recipe each).
         batch_chunk: UNet batch rows per backward pass (bounds activation memory); None = the whole batch.
+        min_gain: dB of mean PSNR a round must gain for another round to follow (0: any gain).
+        max_evaluations: candidates measured at most (a round that would pass it is not started); None = no cap.
     """
 
     rounds: int = DEFAULT_ROUNDS
     ks: tuple[int, ...] = DEFAULT_KS
     batch_chunk: int | None = None
+    min_gain: float = 0.0
+    max_evaluations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -329,8 +333,12 @@ def refine_recipe(
     first = start_psnr if start_psnr is not None else measure([dict(recipe)], 0)[0]
     result = Refinement(dict(recipe), _mean(first), _mean(first), tuple(first))
     for r in range(1, settings.rounds + 1):
-        result.rounds = r
+        if settings.max_evaluations is not None and len(result.steps) + len(settings.ks) > settings.max_evaluations:
+            break
+        result.rounds, before = r, result.psnr
         if not _refine_round(probe, result, space, budget, measure, pricing, settings):
+            break
+        if result.psnr - before < settings.min_gain:
             break
     return result
 
