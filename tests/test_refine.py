@@ -19,12 +19,16 @@ from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import PaletteConfig, as_config
 from workbench.palettes.fit import fit_palette
 from workbench.palettes.importance import IMPORTANCE_FILE, Importance
+from workbench.recipes import pricing as pricing_module
 from workbench.recipes.allocation import allocate, allocate_options
+from workbench.recipes.pricing import Pricing
 from workbench.recipes.refine import (
     Change,
-    PricedWeights,
+    OptionSpace,
+    RefineSettings,
     exchange_steps,
     prompt_weights,
+    refine_recipe,
     weighted_distortion,
     weighted_distortions,
 )
@@ -144,6 +148,39 @@ def test_refined_needs_size_aware():
         AnalysisConfig(strategies=("apple", "refined"))
     with pytest.raises(InvalidValueError, match="refine_rounds"):
         AnalysisConfig(refine_rounds=0)
+    with pytest.raises(InvalidValueError, match="refine_min_gain"):
+        AnalysisConfig(refine_min_gain=-0.1)
+    with pytest.raises(InvalidValueError, match="refine_evaluations"):
+        AnalysisConfig(refine_evaluations=0)
+
+
+def test_a_search_stops_at_its_evaluations_and_after_a_small_gain(pipe):
+    """`RefineSettings.max_evaluations` caps the candidates a search measures (a round that would pass it is not
+    started), and a round that gains less than `min_gain` dB is its last; with neither, it runs every round."""
+    names = list(compressible_layers(pipe.unet, 2048))[:8]
+    numels = {n: get_layer(pipe.unet, n).weight.numel() for n in names}
+    options = {n: {b: b * numels[n] for b in (2, 4, 8, 16)} for n in names}
+    distortion = {n: dict.fromkeys((2, 4, 8, 16), 0.0) for n in names}  # each change priced by its gradient alone
+    start = dict.fromkeys(names, 2)  # room to upgrade a layer or two in every round
+    budget = sum(options[n][4] for n in names)
+
+    def measure(candidates, round_):  # every candidate is 0.05 dB better than the round before
+        return [(30.0 + 0.05 * round_, 30.0 + 0.05 * round_) for _ in candidates]
+
+    def search(**settings):
+        with torch_threads(1):
+            probe = OneStepProbe(pipe, PROMPTS, seed=0)
+            return refine_recipe(probe, start, OptionSpace(options, distortion), budget, measure,
+                                 pricing=Pricing(PaletteCache()), start_psnr=(30.0, 30.0),
+                                 settings=RefineSettings(rounds=3, ks=(1, 2), **settings))  # fmt: skip
+
+    free = search()
+    assert free.rounds >= 2 and free.psnr == pytest.approx(30.0 + 0.05 * free.rounds)
+    assert search(min_gain=0.1).rounds == 1  # 0.05 dB gained: the first round is the last
+    assert search(min_gain=0.04).rounds == free.rounds
+    cap = len([s for s in free.steps if s.round == 1]) + 1  # room for round 1, not for round 2's two candidates
+    capped = search(max_evaluations=cap)
+    assert capped.rounds == 1 and len(capped.steps) <= cap
 
 
 def test_data_aware_refinement_saves_its_importance_and_is_rejected_on_workers(pipe, tmp_path):
@@ -170,16 +207,71 @@ def test_data_aware_refinement_saves_its_importance_and_is_rejected_on_workers(p
         run_analysis(pipe, config, executor=object())
 
 
-def test_priced_weights_are_the_palettes_and_held_within_their_budget():
-    weight = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
-    cache = PaletteCache()
-    exact = cache.get("w", weight, PaletteConfig(nbits=4)).float()
-    approximate = cache.get("w", weight, PaletteConfig(nbits=4), approximate=True).float()
-    held = PricedWeights(max_bytes=weight.numel() * 4)  # room for one
-    assert torch.equal(held.get("w", 4, weight, cache, approximate=False), exact)
-    two = cache.get("w", weight, PaletteConfig(2), approximate=True).float()
-    assert torch.equal(held.get("w", 2, weight, cache, approximate=True), two)
-    assert list(held.held) == [("w", 4)] and held.nbytes == weight.numel() * 4
-    assert held.get("w", 4, weight, cache, approximate=False) is held.held["w", 4]
-    assert torch.equal(PricedWeights(max_bytes=0).get("w", 4, weight, cache, approximate=True), approximate)
-    assert torch.equal(held.get("w", 16, weight, cache, approximate=True), weight)  # float16: the weight itself
+@pytest.mark.parametrize("options", [(2, 4, 16), ("kmeans2", "kmeans3_g4", "wkmeans4", 16)])
+def test_binned_pricing_equals_the_dense_sums(options):
+    """The bins' sums (`workbench.recipes.pricing`) are the dense sums over every weight: <g, Q>, the importance-
+    weighted distance between two options and to the float32 original, for exact, approximate, grouped and
+    data-aware palettes; and the gradient's bin sums are taken chunk by chunk."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 700, generator=gen) * 0.05
+    grad = torch.randn(16, 700, generator=gen, dtype=torch.float32)
+    importance = Importance({"w": np.random.default_rng(0).random(700)})
+    pricing = Pricing(PaletteCache(importance=importance), importance, approximate=True)
+    bins = pricing.layer_bins("w", weight, options)
+    sums, dot = bins.gradient_sums(weight, grad)
+    imp = torch.from_numpy(importance.for_weight("w", weight.shape).copy()).double()
+
+    def dense(option, exact):
+        config = as_config(option)
+        if config is None:
+            return weight.double()
+        approximate = not exact and config.mode == "kmeans"
+        return torch.from_numpy(pricing.cache.palette("w", weight, config, approximate).dense()).double()
+
+    assert dot == pytest.approx(float((grad.double() * weight.double()).sum()), rel=1e-9)
+    for option in options:
+        for exact in (True, False):
+            q, values = dense(option, exact), pricing.option_values("w", option, weight, exact)
+            inner = dot if values is None else float(sums @ values)
+            assert inner == pytest.approx(float((grad.double() * q).sum()), rel=1e-6, abs=1e-9)
+            to_original = float((imp * (q - weight.double()).square()).sum())
+            assert bins.error(values, None) == pytest.approx(to_original, rel=1e-6, abs=1e-12)
+            other = pricing.option_values("w", options[0], weight, True)
+            between = float((imp * (q - dense(options[0], True)).square()).sum())
+            assert bins.error(values, other) == pytest.approx(between, rel=1e-6, abs=1e-12)
+    with monkeypatch_chunk(5000):  # chunks that split the weight (and its segments)
+        chunked = pricing_module.LayerBins.of(weight, importance.for_weight("w", weight.shape), bins.segment)
+        assert np.array_equal(chunked.keys, bins.keys) and np.allclose(chunked.imp_w, bins.imp_w)
+        assert np.allclose(chunked.gradient_sums(weight, grad)[0], sums)
+
+
+class monkeypatch_chunk:
+    """Set `workbench.recipes.pricing.CHUNK` for a `with` block."""
+
+    def __init__(self, chunk: int):
+        self.chunk, self.saved = chunk, pricing_module.CHUNK
+
+    def __enter__(self):
+        pricing_module.CHUNK = self.chunk
+
+    def __exit__(self, *exc):
+        pricing_module.CHUNK = self.saved
+
+
+def test_consumed_gradient_is_the_gradient(pipe):
+    """`distortion_gradient(consume=...)` hands over the same gradients, whole or summed over chunks, and leaves
+    no `.grad` behind."""
+    with torch_threads(1):
+        probe = OneStepProbe(pipe, PROMPTS, seed=0)
+        names = list(compressible_layers(pipe.unet, 2048))[:6]
+        params = [get_layer(pipe.unet, n).weight for n in names]
+        d, grads = probe.distortion_gradient(params)
+        for chunk in (None, 1):
+            got: dict[int, torch.Tensor] = {}
+
+            def consume(i, g):
+                got[i] = got[i] + g if i in got else g.clone()
+
+            assert probe.distortion_gradient(params, batch_chunk=chunk, consume=consume) == pytest.approx(d)
+            assert all(torch.allclose(got[i], g, rtol=1e-4, atol=1e-10) for i, g in enumerate(grads) if g.any())
+            assert all(p.grad is None for p in params)

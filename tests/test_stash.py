@@ -61,6 +61,27 @@ def test_restore_on_error_and_a_split_budget(net):
     assert all(torch.equal(p, values[n]) for n, p in net.named_parameters())
 
 
+def test_an_original_is_written_once_and_read_back_without_a_restore(net):
+    """A stash that outlives its `with` blocks writes each original once: a second block on unchanged weights
+    writes nothing, and `original` reads a replaced weight's values back without restoring it."""
+    values = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with WeightStash(memory_bytes=0) as stash:
+        for repeat in range(3):
+            with palettized(net, RECIPE, stash=stash):
+                assert torch.equal(stash.original("2", net[2].weight), values["2.weight"])
+                assert not torch.equal(net[2].weight, values["2.weight"])
+            assert all(torch.equal(p, values[n]) for n, p in net.named_parameters())
+        written = sum(net.get_submodule(n).weight.numel() * 4 for n in RECIPE)
+        assert stash.on_disk_bytes == written and stash.reused == 2 * len(RECIPE)
+        with torch.no_grad():
+            net[0].weight.mul_(2.0)  # changed through autograd: its version moves, so it is written again
+        with palettized(net, RECIPE, stash=stash):
+            pass
+        assert stash.on_disk_bytes == written + net[0].weight.numel() * 4
+        assert torch.equal(net[0].weight, values["0.weight"] * 2.0)
+    assert torch.equal(stash.original("0", net[0].weight), net[0].weight)  # not replaced: the weight itself
+
+
 def _gated_background_fits(monkeypatch, cache, hold: str):
     """Make `cache`'s background fits of layer `hold` wait for the returned `release` event (after `started` is
     set), and record the values every background fit read: {layer: [weight as read, ...]}."""

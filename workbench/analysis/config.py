@@ -73,6 +73,11 @@ class AnalysisConfig:
         refine_rounds (`int`, defaults to 4): the "refined" strategy's linearisations per recipe at most (each one
             backward pass and up to 4 measured candidates, 2 in a fast analysis; it stops early when a round finds
             nothing better).
+        refine_min_gain (`float`, defaults to 0.1): dB of mean PSNR a refinement round must gain for another to
+            follow (0: go on while anything is gained).
+        refine_evaluations (`int`, *optional*): candidates the whole refinement measures at most, shared evenly by
+            the recipes it refines and their starts (a round that would pass a search's share is not started);
+            None = no cap beyond `refine_rounds`.
         data_aware (`bool`, defaults to False): the refined recipes may give a layer its width's data-aware palette
             (`wkmeans<b>`, the same bytes, iOS17); the importances they are fitted with are saved beside the
             results as `importance.npz`, which `workbench export --importance` needs. One process only (no Ray).
@@ -97,6 +102,8 @@ class AnalysisConfig:
     sweep: str = "exhaustive"
     fast: FastSettings = FastSettings()
     refine_rounds: int = 4
+    refine_min_gain: float = 0.1
+    refine_evaluations: int | None = None
     data_aware: bool = False
 
     def __post_init__(self):
@@ -150,6 +157,10 @@ class AnalysisConfig:
             raise InvalidValueError("data_aware palettes are chosen by the 'refined' strategy: add it to strategies")
         if self.refine_rounds < 1:
             raise InvalidValueError(f"refine_rounds must be >= 1, got {self.refine_rounds}")
+        if not self.refine_min_gain >= 0:
+            raise InvalidValueError(f"refine_min_gain must be >= 0 dB, got {self.refine_min_gain}")
+        if self.refine_evaluations is not None and self.refine_evaluations < 1:
+            raise InvalidValueError(f"refine_evaluations must be >= 1 or None, got {self.refine_evaluations}")
 
     def _check_sweep(self) -> None:
         if self.sweep not in SWEEPS:
@@ -176,9 +187,9 @@ class AnalysisConfig:
 
     def to_dict(self) -> dict:
         """The fields as JSON values (the store key hashes them). The fast sweep's settings are written flat, as
-        `fast_reference_bits`, `fast_calibration` and `fast_checks`, and only for a fast sweep; `refine_rounds` only
-        with the refined strategy and `data_aware` only when set: settings that decide nothing are left out, so
-        stores written before they existed keep their keys."""
+        `fast_reference_bits`, `fast_calibration` and `fast_checks`, and only for a fast sweep; `refine_rounds` and
+        `refine_min_gain` only with the refined strategy, `refine_evaluations` only with it and a cap, and
+        `data_aware` only when set: settings that decide nothing are left out."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fast"}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
         if self.sweep == "exhaustive":
@@ -188,7 +199,9 @@ class AnalysisConfig:
             flat = {f"fast_{k}": v for k, v in self.fast.to_dict().items() if k in FLAT_FAST_KEYS}
             d = {**dict(list(d.items())[:at]), **flat, **dict(list(d.items())[at:])}
         if "refined" not in self.strategies:
-            del d["refine_rounds"]
+            del d["refine_rounds"], d["refine_min_gain"], d["refine_evaluations"]
+        elif d["refine_evaluations"] is None:
+            del d["refine_evaluations"]
         if not self.data_aware:
             del d["data_aware"]
         return d

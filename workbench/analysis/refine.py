@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,9 +34,11 @@ from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig, as_config
 from workbench.palettes.importance import Importance, collect_importance, palette_error
 from workbench.palettes.size import bits_per_param
+from workbench.palettes.stash import WeightStash
 from workbench.recipes.allocation import Measurements, layer_prompt_distortions
+from workbench.recipes.pricing import Pricing
 from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
-from workbench.recipes.refine import OptionSpace, Pricing, Refinement, RefineSettings, refine_recipe
+from workbench.recipes.refine import OptionSpace, Refinement, RefineSettings, refine_recipe
 from workbench.sweep.executor import EvalTask, Executor
 from workbench.sweep.store import EvaluationRunner
 
@@ -91,16 +93,15 @@ def _start(target: float, measured: Sequence[RecipeResult]) -> RecipeResult:
 @dataclass(frozen=True)
 class _Search:
     """What every refined recipe of an analysis is searched with: the probe, the option spaces (widths; and with
-    data-aware palettes, `aware`), the importances, the settings, and how candidates are measured."""
+    data-aware palettes, `aware`), the pricing (shared by the searches: none of it depends on the recipe), the
+    settings, and how candidates are measured."""
 
     probe: object
     numels: Mapping[str, int]
     widths: OptionSpace
     aware: OptionSpace | None
-    cache: PaletteCache
-    importance: Importance
+    pricing: Pricing
     settings: RefineSettings
-    approximate: bool
     runner: EvaluationRunner
     executor: Executor
 
@@ -118,29 +119,36 @@ class _Search:
 
         return measure
 
-    def refine(self, name: str, start, space: OptionSpace, target: float, start_psnr) -> Refinement:
+    def refine(self, name: str, start, space: OptionSpace, target: float, start_psnr, share) -> Refinement:
+        """One search from `start` within `target` bits/param, measuring `share` candidates at most."""
         total = sum(self.numels.values())
-        pricing = Pricing(self.cache, self.importance, self.approximate)  # fresh per search, as memory allows
+        settings = replace(self.settings, max_evaluations=share)
         return refine_recipe(self.probe, start, space, target * total + 1e-6 * total, self.measure(name),
-                             pricing=pricing, settings=self.settings, start_psnr=start_psnr)  # fmt: skip
+                             pricing=self.pricing, settings=settings, start_psnr=start_psnr)  # fmt: skip
 
 
-def _refine_one(search: _Search, recipe: RecipeResult, measured: Sequence[RecipeResult]) -> RefinedRecipe:
+def _refine_one(
+    search: _Search, recipe: RecipeResult, measured: Sequence[RecipeResult], share: int | None = None
+) -> RefinedRecipe:
     """Refine one size-aware recipe from itself and, if another measured recipe within its size is better, from
-    that too; keep the better; then, with data-aware palettes, refine the kept one again with them."""
+    that too; keep the better; then, with data-aware palettes, refine the kept one again with them. `share`:
+    candidates its searches measure at most, split evenly between them."""
     name, target = recipe_name(recipe.selector, "refined"), recipe.selector
     # the search in widths starts from recipes of widths only: an earlier target's refined recipe may hold
     # data-aware palettes, which are not options there
     best = _start(target, [r for r in measured if all(isinstance(v, int) for v in r.bits.values())])
+    starts = [recipe] if best is recipe else [recipe, best]
+    if share is not None:
+        share = share // (len(starts) + (search.aware is not None))
     found, origin, attempts = None, None, []
-    for start in [recipe] if best is recipe else [recipe, best]:
+    for start in starts:
         bits = {n: start.bits.get(n, FLOAT_BITS) for n in search.numels}
-        attempt = search.refine(name, bits, search.widths, target, start.psnr)
+        attempt = search.refine(name, bits, search.widths, target, start.psnr, share)
         attempts.append(Attempt(start.name, start.psnr_mean, attempt.psnr, attempt.rounds))
         if found is None or attempt.psnr > found.psnr:
             found, origin = attempt, start
     if search.aware is not None:
-        aware = search.refine(name, found.recipe, search.aware, target, found.prompt_psnr)
+        aware = search.refine(name, found.recipe, search.aware, target, found.prompt_psnr, share)
         attempts.append(Attempt(f"{name} (widths only)", found.psnr, aware.psnr, aware.rounds, data_aware=True))
         found = aware if aware.psnr > found.psnr else found
     return RefinedRecipe(name, origin.name, found, tuple(attempts))
@@ -154,12 +162,15 @@ def refine_recipes(
     executor: Executor,
     cache: PaletteCache,
     config: AnalysisConfig,
+    stash: WeightStash | None = None,
 ) -> tuple[list[RecipeResult], RefinementReport, Importance]:
     """Refine every size-aware recipe (`refine_recipe`) as `config` says (`refine_rounds`, `refine_ks`,
-    `data_aware`, `approximate_pricing`); return the refined recipes (measured end to end, strategy "refined"), per
-    refined recipe its start, its steps and every attempt (`RefinementReport`, for `run.json`), and the
-    importances (input channels' second moments, collected with one probe run; data-aware palettes are fitted with
-    them, so an export needs them: `Importance.save`).
+    `refine_min_gain`, `refine_evaluations` shared evenly by the recipes, `data_aware`, `approximate_pricing`);
+    return the refined recipes (measured end to end, strategy "refined"), per refined recipe its start, its steps
+    and every attempt (`RefinementReport`, for `run.json`), and the importances (input channels' second moments,
+    collected with one probe run; data-aware palettes are fitted with them, so an export needs them:
+    `Importance.save`). `stash`: where originals wait while a round's recipe is in
+    force for its gradient (the executor's, so each original is written to disk once); None = one per round.
 
     Raises:
         ValueError: `data_aware` with a `cache` that holds other importances.
@@ -174,13 +185,15 @@ def refine_recipes(
         cache.importance = importance  # data-aware palettes are keyed by its digest; plain ones do not change
         aware_options = width_options(numels, measurements.widths, data_aware=True)
         aware = OptionSpace(aware_options, palette_distortions(unet, aware_options, distortion, cache, importance))
-    settings = RefineSettings(rounds=config.refine_rounds, ks=config.refine_ks)
+    settings = RefineSettings(rounds=config.refine_rounds, ks=config.refine_ks, min_gain=config.refine_min_gain)
     widths = OptionSpace(width_options(numels, measurements.widths), distortion)
-    search = _Search(probe, numels, widths, aware, cache, importance, settings, config.approximate_pricing, runner,
-                     executor)  # fmt: skip
+    pricing = Pricing(cache, importance, config.approximate_pricing, stash)
+    search = _Search(probe, numels, widths, aware, pricing, settings, runner, executor)
     refined, reports = [], []
-    for recipe in sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector):
-        report = _refine_one(search, recipe, [*recipes, *refined])
+    targets = sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector)
+    share = None if config.refine_evaluations is None else config.refine_evaluations // max(len(targets), 1)
+    for recipe in targets:
+        report = _refine_one(search, recipe, [*recipes, *refined], share)
         found, name = report.refinement, report.name
         bpp = bits_per_param(found.recipe, numels)
         runner.plan(1)  # measured end to end already (a candidate, or the start): recorded, not measured again

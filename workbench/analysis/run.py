@@ -59,6 +59,7 @@ from workbench.errors import InvalidValueError
 from workbench.palettes.cache import DEFAULT_PALETTE_MEMORY, PaletteCache
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.importance import IMPORTANCE_FILE
+from workbench.palettes.stash import WeightStash
 from workbench.sweep.executor import Executor, LocalExecutor
 from workbench.sweep.phases import (
     Baselines,
@@ -202,7 +203,10 @@ def run_analysis(
         probed = probe_pipeline(pipe, config, out_dir, resume=resume, progress=progress, callback=callback)
         stack.callback(cache.close)  # stops background fits, deletes a private spill folder; held palettes stay
         stack.callback(probed.runner.close)
-        phases = _measure(pipe, config, candidates, probed, cache, executor)
+        # one stash for the whole analysis: each original over its memory budget is written to disk once, not once
+        # per recipe put in force (`WeightStash`)
+        stash = stack.enter_context(WeightStash())
+        phases = _measure(pipe, config, candidates, probed, cache, executor, stash)
     return _finish(pipe, config, candidates, probed, phases, cache, start, out_dir)
 
 
@@ -222,15 +226,16 @@ class _Phases:
     trajectory: list = field(default_factory=list)
 
 
-def _measure(pipe, config: AnalysisConfig, candidates: Candidates, probed: ProbedPipeline, cache, executor) -> _Phases:
-    """Phases 2-9: baselines, sweeps, recipes, refinement, trajectories."""
+def _measure(pipe, config: AnalysisConfig, candidates: Candidates, probed: ProbedPipeline, cache, executor,
+             stash: WeightStash) -> _Phases:  # fmt: skip
+    """Phases 2-9: baselines, sweeps, recipes, refinement, trajectories; originals wait in `stash`."""
     unet, runner = pipe.unet, probed.runner
     runner.plan(sweep_evaluations(config, len(candidates.layers)))
     palettes = sweep_palettes(config.nbits, config.group_size)
     workers = fit_workers(unet.device)
     background = executor is None and workers > 0  # background fits where this function makes the executor
     if executor is None:
-        executor = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0)
+        executor = LocalExecutor(unet, cache, prefetch=max(1, workers) if background else 0, stash=stash)
     local = isinstance(executor, LocalExecutor)  # measures in this process (a given one too)
     if config.data_aware and not local:
         raise InvalidValueError("data_aware refinement fits palettes with this process' importances: run it in one "
@@ -246,7 +251,7 @@ def _measure(pipe, config: AnalysisConfig, candidates: Candidates, probed: Probe
     if "refined" in config.strategies:
         measurements = sweep_measurements(candidates, isolated, curves, baselines)
         refined, phases.refinement, phases.importance = refine_recipes(probed.probe, measurements, recipes, runner,
-                                                                       executor, cache, config)  # fmt: skip
+                                                                       executor, cache, config, stash)  # fmt: skip
         phases.recipes = [*recipes, *refined]
     if config.trajectory:
         phases.trajectory = recipe_trajectories(pipe, config, phases.recipes, runner, cache)

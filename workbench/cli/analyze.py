@@ -124,6 +124,20 @@ def _add_strategies(p: argparse.ArgumentParser) -> None:
         "--refine-rounds", type=int_in_range(1), default=4, help="refined: linearisations per recipe (default 4)"
     )
     p.add_argument(
+        "--refine-min-gain",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="refined: dB a round must gain for another to follow (default 0.1; 0: while anything is gained)",
+    )
+    p.add_argument(
+        "--refine-evaluations",
+        type=int_in_range(1),
+        default=None,
+        metavar="N",
+        help="refined: candidates measured at most in all, shared evenly by the recipes (default: no cap)",
+    )
+    p.add_argument(
         "--data-aware",
         action="store_true",
         help="refined recipes may give a layer its width's data-aware palette (same size, iOS17); writes "

@@ -47,8 +47,9 @@ import torch
 
 from workbench.models.layers import get_layer
 from workbench.palettes.apply import palettized
-from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import as_config
+from workbench.palettes.stash import WeightStash
+from workbench.recipes.pricing import Pricing
 
 DEFAULT_KS = (1, 2, 4, 8)  # layer changes per candidate, one measured recipe each
 DEFAULT_ROUNDS = 4
@@ -106,63 +107,6 @@ class Refinement:
         }
 
 
-def _weight(name: str, option, original: torch.Tensor, cache: PaletteCache) -> torch.Tensor:
-    config = as_config(option)
-    return original if config is None else cache.get(name, original, config)
-
-
-def _priced(name: str, option, original: torch.Tensor, cache: PaletteCache, approximate: bool) -> torch.Tensor:
-    """An option's weight as a change is priced (float32): with `approximate`, a plain k-means palette's
-    approximate one (`PaletteCache.palette(approximate=True)`), else the exact one."""
-    config = as_config(option)
-    if approximate and config is not None and config.mode == "kmeans":
-        return cache.get(name, original, config, approximate=True).float()
-    return _weight(name, option, original, cache).float()
-
-
-@dataclass
-class PricedWeights:
-    """The dense weights options are priced with, kept across a refinement's rounds (they do not depend on the
-    recipe) within `max_bytes`; beyond it, expanded from their palettes each time they are asked for."""
-
-    max_bytes: int = 256 << 20
-    held: dict = field(default_factory=dict)
-    nbytes: int = 0
-
-    def get(self, name: str, option, original: torch.Tensor, cache: PaletteCache, approximate: bool) -> torch.Tensor:
-        weight = self.held.get((name, option))
-        if weight is None:
-            weight = _priced(name, option, original, cache, approximate)
-            size = weight.numel() * weight.element_size()
-            if self.nbytes + size <= self.max_bytes:
-                self.held[name, option] = weight
-                self.nbytes += size
-        return weight
-
-
-@dataclass
-class Pricing:
-    """How layer changes are priced (`layer_changes`), and what pricing keeps across a refinement's rounds.
-
-    Attributes:
-        cache (`PaletteCache`): the palettes (data-aware ones with its importance).
-        importance (`workbench.palettes.importance.Importance`, *optional*): weights of the weight error; None = 1.
-        approximate (`bool`, defaults to False): price the other options' plain k-means palettes with their
-            approximate ones (`PaletteCache.palette(approximate=True)`): no exact fit of every width (a fast
-            analysis). The current option's weight is always the exact one the gradient was taken at; candidates
-            are measured with exact palettes, always.
-        errors (`dict`): (layer, option) -> the option's importance-weighted weight error, filled on first use
-            (it does not depend on the recipe).
-        priced (`PricedWeights`): the options' dense weights.
-    """
-
-    cache: PaletteCache
-    importance: object = None
-    approximate: bool = False
-    errors: dict = field(default_factory=dict)
-    priced: PricedWeights = field(default_factory=PricedWeights)
-
-
 @dataclass(frozen=True)
 class OptionSpace:
     """What a refinement chooses from.
@@ -187,11 +131,27 @@ class RefineSettings:
         rounds: linearisations at most (one backward pass each); it stops early when a round finds nothing better.
         ks: layer changes per measured candidate (one measured recipe each).
         batch_chunk: UNet batch rows per backward pass (bounds activation memory); None = the whole batch.
+        min_gain: dB of mean PSNR a round must gain for another round to follow (0: any gain).
+        max_evaluations: candidates measured at most (a round that would pass it is not started); None = no cap.
     """
 
     rounds: int = DEFAULT_ROUNDS
     ks: tuple[int, ...] = DEFAULT_KS
     batch_chunk: int | None = None
+    min_gain: float = 0.0
+    max_evaluations: int | None = None
+
+
+@dataclass(frozen=True)
+class GradientSums:
+    """A layer's gradient as pricing needs it: its sum over each bin of the original weight (`LayerBins`) and its
+    inner product with the original weight."""
+
+    bins: np.ndarray
+    dot: float
+
+    def __add__(self, other: GradientSums) -> GradientSums:
+        return GradientSums(self.bins + other.bins, self.dot + other.dot)
 
 
 @torch.no_grad()
@@ -200,45 +160,44 @@ def layer_changes(
     recipe: Mapping[str, Hashable],
     options: Mapping[str, Mapping[Hashable, float]],
     distortion: Mapping[str, Mapping[Hashable, float]],
-    gradients: Mapping[str, torch.Tensor],
+    gradients: Mapping[str, GradientSums],
     current: float,
     pricing: Pricing,
 ) -> dict[str, list[Change]]:
-    """Every other option of every layer as a `Change` from `recipe` (the aligned model's terms).
+    """Every other option of every layer as a `Change` from `recipe` (the aligned model's terms), priced over the
+    layer's bins (`workbench.recipes.pricing`).
 
     Args:
         unet: the UNet, with its original weights in place.
         recipe: layer -> current option.
         options: layer -> option -> bytes stored.
         distortion: layer -> option -> isolated distortion (the allocation's model; 0 for float16).
-        gradients: layer -> dD/dW at `recipe`.
+        gradients: layer -> dD/dW at `recipe`, as bin sums (`GradientSums`).
         current: D at `recipe`.
         pricing (`Pricing`): the palettes, importances, and what is kept across calls.
     """
-    cache, importance, errors = pricing.cache, pricing.importance, pricing.errors
     norm = math.sqrt(max(current, 1e-300))
     out: dict[str, list[Change]] = {}
     for name, opts in options.items():
-        original = get_layer(unet, name).weight
-        w = original.detach().float()
-        imp = 1.0
-        if importance is not None and name in importance:
-            imp = torch.tensor(importance.for_weight(name, tuple(w.shape)), dtype=torch.float32, device=w.device)
+        weight = get_layer(unet, name).weight
+        bins = pricing.layer_bins(name, weight, opts)
+        grad = gradients[name]
+
+        def inner(q):  # <g, Q>
+            return grad.dot if q is None else float(grad.bins @ q)
+
         a = recipe.get(name)
-        qa = _weight(name, a, original, cache).float()
-        grad = gradients[name].to(w.device, torch.float32)
+        qa = pricing.option_values(name, a, weight, exact=True)
         changes = []
         for c in opts:
             if c == a:
                 continue
-            qc = pricing.priced.get(name, c, original, cache, pricing.approximate)
-            delta = qc - qa
-            lin = float((grad * delta).sum())
-            end = c if as_config(c) is not None else a  # the palettized end of the change
-            if (name, end) not in errors:
-                errors[name, end] = float((imp * ((qc if end == c else qa) - w).square()).sum())
-            kappa = distortion[name][end] / errors[name, end] if errors[name, end] > 0 else 0.0
-            norm2 = max(kappa * float((imp * delta.square()).sum()), lin * lin / (4 * max(current, 1e-300)))
+            qc = pricing.option_values(name, c, weight, exact=False)
+            lin = inner(qc) - inner(qa)
+            end, q_end = (c, qc) if as_config(c) is not None else (a, qa)  # the palettized end of the change
+            error = bins.error(q_end, None)
+            kappa = distortion[name][end] / error if error > 0 else 0.0
+            norm2 = max(kappa * bins.error(qc, qa), lin * lin / (4 * max(current, 1e-300)))
             alpha = lin / (2 * norm)
             changes.append(Change(name, c, opts[c] - opts[a], alpha, max(norm2 - alpha * alpha, 0.0)))
         out[name] = changes
@@ -374,10 +333,40 @@ def refine_recipe(
     first = start_psnr if start_psnr is not None else measure([dict(recipe)], 0)[0]
     result = Refinement(dict(recipe), _mean(first), _mean(first), tuple(first))
     for r in range(1, settings.rounds + 1):
-        result.rounds = r
+        if settings.max_evaluations is not None and len(result.steps) + len(settings.ks) > settings.max_evaluations:
+            break
+        result.rounds, before = r, result.psnr
         if not _refine_round(probe, result, space, budget, measure, pricing, settings):
             break
+        if result.psnr - before < settings.min_gain:
+            break
     return result
+
+
+def _gradient_sums(probe, recipe, names, space: OptionSpace, pricing: Pricing, settings, weights=None):
+    """D at `recipe` and each layer's `GradientSums`, taken as each weight's gradient comes out of the backward pass
+    (`distortion_gradient(consume=...)`), so the gradients of all the weights are never held at once; the originals
+    they are binned by are read from the stash the recipe's palettes wait in."""
+    unet = probe.pipe.unet
+    stash = WeightStash() if pricing.stash is None else pricing.stash
+    sums: dict[str, GradientSums] = {}
+    try:
+        with palettized(unet, recipe, pricing.cache, stash=stash):
+            params = [get_layer(unet, n).weight for n in names]
+
+            def consume(i: int, grad: torch.Tensor) -> None:
+                name = names[i]
+                original = stash.original(name, params[i])
+                bins = pricing.layer_bins(name, original, space.options[name])
+                part = GradientSums(*bins.gradient_sums(original, grad))
+                sums[name] = part if name not in sums else sums[name] + part
+
+            current = probe.distortion_gradient(params, batch_chunk=settings.batch_chunk, weights=weights,
+                                                consume=consume)  # fmt: skip
+    finally:
+        if pricing.stash is None:
+            stash.close()
+    return current, sums
 
 
 def _mean(psnr: Sequence[float]) -> float:
@@ -389,11 +378,9 @@ def _refine_round(probe, result: Refinement, space, budget, measure, pricing: Pr
     best if it beats the recipe. Returns whether it moved."""
     unet, best, names = probe.pipe.unet, result.recipe, list(space.options)
     weights = prompt_weights(result.prompt_psnr)
-    with palettized(unet, best, pricing.cache):
-        params = [get_layer(unet, n).weight for n in names]
-        current, grads = probe.distortion_gradient(params, batch_chunk=settings.batch_chunk, weights=weights)
+    current, grads = _gradient_sums(probe, best, names, space, pricing, settings, weights)
     table = weighted_distortions(space.distortion, weights)
-    changes = layer_changes(unet, best, space.options, table, dict(zip(names, grads)), current, pricing)
+    changes = layer_changes(unet, best, space.options, table, grads, current, pricing)
     spent = sum(space.options[n][best[n]] for n in names)
     ks = settings.ks
     candidates, predicted = _candidates(best, exchange_steps(changes, spent, budget, current, max(ks)), ks)

@@ -131,16 +131,19 @@ class UNetState:
     Args:
         unet (`torch.nn.Module`): the model, palettized in place.
         cache (`PaletteCache`, *optional*): fitted palettes to reuse.
+        stash (`WeightStash`, *optional*): where originals wait, owned by the caller (an analysis shares one, so
+            each original is written to disk once: see `WeightStash`); None = one of its own, closed by `reset`.
 
     Attributes:
         recipe: the recipe in force.
         replaced (`dict`): layer -> the entry whose weight is in place, in replacement order.
     """
 
-    def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None):
+    def __init__(self, unet: torch.nn.Module, cache: PaletteCache | None = None, stash: WeightStash | None = None):
         self.unet, self.cache = unet, cache
         self.recipe: Mapping = {}
-        self._stash: WeightStash | None = None
+        self._own_stash = stash is None
+        self._stash: WeightStash | None = stash
         self.replaced: dict[str, Any] = {}
 
     def reach(self, recipe: Mapping) -> None:
@@ -174,9 +177,10 @@ class UNetState:
             for name in reversed(list(self.replaced)):
                 self._restore(name)
         finally:
-            if self._stash is not None:
+            if self._stash is not None and self._own_stash:
                 self._stash.close()
-            self._stash, self.replaced, self.recipe = None, {}, {}
+                self._stash = None
+            self.replaced, self.recipe = {}, {}
 
 
 class LocalExecutor:
@@ -210,8 +214,9 @@ class LocalExecutor:
         keep_state: bool = False,
         prefetch: int = 0,
         replay: bool = True,
+        stash: WeightStash | None = None,
     ):
-        self.state = UNetState(unet, cache)
+        self.state = UNetState(unet, cache, stash)
         self.keep_state = keep_state
         self.prefetch = prefetch
         self.replay = replay

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -176,8 +176,12 @@ class OneStepProbe:
         return tuple(cut(a) for a in self._unet_args), {k: cut(v) for k, v in self._unet_kwargs.items()}
 
     def distortion_gradient(
-        self, params: Sequence[torch.Tensor], batch_chunk: int | None = None, weights: Sequence[float] | None = None
-    ) -> tuple[float, list[torch.Tensor]]:
+        self,
+        params: Sequence[torch.Tensor],
+        batch_chunk: int | None = None,
+        weights: Sequence[float] | None = None,
+        consume: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> tuple[float, list[torch.Tensor]] | float:
         """The latent distortion with the UNet's current weights and its gradient with respect to `params`.
 
         The distortion is the one the allocation predicts, `D = mean_prompts mse_p / peak_p**2` (`peak_p` the
@@ -192,19 +196,25 @@ class OneStepProbe:
             batch_chunk (`int`, *optional*): UNet batch rows per backward pass; None = the whole batch at once.
             weights (`Sequence[float]`, *optional*): one per prompt: `D = mean_p weights_p mse_p / peak_p**2`
                 (`workbench.recipes.refine.prompt_weights`); None = 1 each.
+            consume (`Callable[[int, torch.Tensor], None]`, *optional*): called with `(i, gradient)` as the gradient
+                of `params[i]` comes out of the backward pass (once per chunk with `batch_chunk`: the gradient is
+                the sum of what it receives; never for a parameter D does not depend on), and dropped after it, so
+                the gradients of all `params` are never held at once.
 
         Returns:
-            `tuple[float, list[torch.Tensor]]`: D, and dD/dp for each of `params` (float32, on their device).
+            `tuple[float, list[torch.Tensor]]`: D, and dD/dp for each of `params` (float32, on their device); with
+            `consume`, D only.
         """
-        unet = self.pipe.unet
         start = time.perf_counter()
         flags = [p.requires_grad for p in params]
         try:
             for p in params:
                 p.requires_grad_(True)
-            if batch_chunk is None or batch_chunk >= self.unet_batch:
+            if consume is not None:
+                distortion, grads = self._consumed_gradient(params, batch_chunk, weights, consume), None
+            elif batch_chunk is None or batch_chunk >= self.unet_batch:
                 with torch.enable_grad():
-                    distortion = self._distortion(unet(*self._unet_args, **self._unet_kwargs)[0], weights)
+                    distortion = self._distortion(self.pipe.unet(*self._unet_args, **self._unet_kwargs)[0], weights)
                     parts = torch.autograd.grad(distortion, params, allow_unused=True)
                 self.forward_calls += 1
                 zero = torch.zeros_like
@@ -217,7 +227,42 @@ class OneStepProbe:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.forward_seconds += time.perf_counter() - start
-        return float(distortion.detach()), grads
+        return float(distortion.detach()) if consume is not None else (float(distortion.detach()), grads)
+
+    def _consumed_gradient(self, params, batch_chunk, weights, consume) -> torch.Tensor:
+        """D, its gradient handed to `consume` parameter by parameter (post-accumulate hooks on a backward pass
+        into `params` only), chunk by chunk with `batch_chunk`."""
+        saved = [p.grad for p in params]
+
+        def take(i: int, p: torch.Tensor) -> None:
+            consume(i, p.grad.float())
+            p.grad = None
+
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: take(i, p)) for i, p in enumerate(params)]
+        try:
+            for p in params:
+                p.grad = None
+            unet = self.pipe.unet
+            if batch_chunk is None or batch_chunk >= self.unet_batch:
+                with torch.enable_grad():
+                    distortion = self._distortion(unet(*self._unet_args, **self._unet_kwargs)[0], weights)
+                    torch.autograd.backward(distortion, inputs=list(params))
+                self.forward_calls += 1
+                return distortion
+            distortion, upstream = self._output_gradient(weights)
+            for first in range(0, self.unet_batch, batch_chunk):
+                rows = slice(first, min(first + batch_chunk, self.unet_batch))
+                args, kwargs = self._unet_inputs(rows)
+                with torch.enable_grad():
+                    chunk = unet(*args, **kwargs)[0]
+                    torch.autograd.backward(chunk, upstream[rows].to(chunk.dtype), inputs=list(params))
+                self.forward_calls += 1
+            return distortion
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for p, grad in zip(params, saved):
+                p.grad = grad
 
     def _distortion(self, noise: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
         """D of the latents the UNet output `noise` steps to (differentiable; peaks held constant), each prompt
@@ -233,15 +278,20 @@ class OneStepProbe:
             d = d * torch.as_tensor(weights, dtype=d.dtype, device=d.device)
         return d.mean()
 
-    def _chunked_gradient(self, params, batch_chunk: int, weights=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        unet = self.pipe.unet
+    def _output_gradient(self, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """D and its gradient with respect to the UNet's output (one forward without autograd)."""
         with torch.no_grad():
-            noise = unet(*self._unet_args, **self._unet_kwargs)[0]
+            noise = self.pipe.unet(*self._unet_args, **self._unet_kwargs)[0]
         self.forward_calls += 1
         with torch.enable_grad():
             noise = noise.detach().float().requires_grad_(True)
             distortion = self._distortion(noise, weights)
             (upstream,) = torch.autograd.grad(distortion, noise)
+        return distortion, upstream
+
+    def _chunked_gradient(self, params, batch_chunk: int, weights=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        unet = self.pipe.unet
+        distortion, upstream = self._output_gradient(weights)
         grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for first in range(0, self.unet_batch, batch_chunk):
             rows = slice(first, min(first + batch_chunk, self.unet_batch))
