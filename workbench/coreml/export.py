@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -288,6 +289,19 @@ def export_pipeline(
     return report
 
 
+@contextlib.contextmanager
+def _diffusers_errors_only():
+    """diffusers' log at error level for the block (its float16-on-CPU warnings do not apply to an export)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def export_model(
     model: str | os.PathLike | None,
     out_dir: str | os.PathLike,
@@ -319,7 +333,9 @@ def export_model(
     importance = None
     if importance_file is not None:
         importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
-    # float16 in memory: each module is cast to float32 only while it converts (exact both ways)
-    pipe = load_pipeline(model, device="cpu", dtype=torch.float16)
+    # float16 in memory: each module is cast to float32 only while it converts (exact both ways). diffusers warns
+    # that a float16 pipeline cannot run on a CPU: this one is never run, only converted
+    with _diffusers_errors_only():
+        pipe = load_pipeline(model, device="cpu", dtype=torch.float16)
     source = str(model) if model is not None else str(DEMO_MODEL)
     return export_pipeline(pipe, out_dir, config, source=source, importance=importance)
