@@ -8,6 +8,7 @@ from workbench.cli.common import (
     MODEL_HELP,
     add_layer_patterns,
     add_model_options,
+    float_in_range,
     int_in_range,
     model_spec,
     palette_bits,
@@ -125,7 +126,7 @@ def _add_strategies(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--refine-min-gain",
-        type=float,
+        type=float_in_range(0),
         default=None,
         metavar="DB",
         help="refined: dB a round must gain for another to follow (default 0.1; 0: while anything is gained)",
