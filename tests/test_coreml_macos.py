@@ -121,3 +121,24 @@ def test_apple_layout_packages_compile_and_predict_like_torch(builder, tmp_path)
         for name, want in zip(wrapper.output_names, expected):
             assert got[name].shape == tuple(want.shape), (component, name)
             assert psnr_db(want.numpy(), got[name]) >= 35.0, (component, name)
+
+
+def test_chunked_unet_predicts_like_the_unchunked_package(pipe, tmp_path):
+    """UnetChunk1 then UnetChunk2, fed as Apple's Swift pipeline feeds them, against one Unet package."""
+    whole = export_pipeline(pipe, tmp_path / "whole", ExportConfig(nbits=6))
+    chunked = export_pipeline(pipe, tmp_path / "chunks", ExportConfig(nbits=6, chunk_unet=True))
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "sample": np.asarray(torch.randn(2, 4, 32, 32, generator=g)),
+        "timestep": np.array([10.0, 700.0], np.float32),
+        "encoder_hidden_states": np.asarray(torch.randn(2, 32, 1, 77, generator=g)),
+    }
+    expected = ct.models.MLModel(whole.package("unet").path).predict(inputs)["noise_pred"]
+    outputs: dict = {}
+    for path in chunked.paths()["unet"]:
+        model = ct.models.MLModel(str(path))
+        names = [i.name for i in model.get_spec().description.input]
+        available = {**inputs, **outputs}
+        outputs = model.predict({n: available[n] for n in names})
+    assert set(outputs) == {"noise_pred"}
+    assert psnr_db(expected, outputs["noise_pred"]) >= 40.0  # the same program, run as two (float16 borders)
