@@ -123,7 +123,8 @@ def _analyze(model, out, *extra):
     return {name: (out / name).read_text() for name in ("preanalysis.json", "recipes.csv")}, evaluations
 
 
-@pytest.mark.parametrize("name", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])  # ~45 s each
+@pytest.mark.slow  # ~45 s each; the round trip above proves the load bit-identical in the quick suite
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
 def test_analyze_of_the_single_file_gives_the_folders_results(saved, tmp_path, name, capsys):
     folder, file = saved[name]
     files, evaluations = _analyze(str(folder), tmp_path / "folder")
