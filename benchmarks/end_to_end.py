@@ -18,7 +18,8 @@ are measured. Parts:
 
     .venv/bin/python benchmarks/end_to_end.py [--work DIR] [--parts chain sd15 sdxl]
 
-The last line, for scripts (a part not run prints NA):
+Each part's figures are kept in `<work>/results.json`, so parts can run apart (one at a time, each wanting the cores
+to itself); the last line, for scripts, holds every part measured in that folder (a part never run prints NA):
 
     sd15_chain_min=A sd15_analysis_peak_over_weights_gb=G sd15_export_min=B sd15_export_peak_gb=C
     sdxl_export_min=D sdxl_export_peak_gb=E fullsize_overhead=F chunks_equal=True exact=True
@@ -215,10 +216,14 @@ def main() -> None:
     FOLDERS.update({arch: path for arch, path in (("sd15", args.sd15), ("sdxl-base", args.sdxl)) if path})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
+    saved = work / "results.json"  # parts measured by earlier runs in this folder are kept, each under its name
+    by_part = json.loads(saved.read_text()) if saved.exists() else {}
     for part in args.parts:
-        {"chain": chain, "sd15": sd15, "sdxl": sdxl}[part](work, results)
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        by_part[part] = {}
+        {"chain": chain, "sd15": sd15, "sdxl": sdxl}[part](work, by_part[part])
+        saved.write_text(json.dumps(by_part, indent=2, default=str))
+    results = {k: v for part in by_part.values() for k, v in part.items() if k != "exact"}
+    results["exact"] = [flag for part in by_part.values() for flag in part.get("exact", [])]
     keys = (
         "sd15_chain_min",
         "sd15_analysis_peak_over_weights_gb",
