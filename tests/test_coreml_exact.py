@@ -283,3 +283,20 @@ def test_the_export_hands_over_the_palettes_core_ml_would_fit(recipe_name, tmp_p
     assert theirs.keys() == ours.keys()
     for name in theirs:
         assert np.array_equal(theirs[name].view(np.uint16), ours[name].view(np.uint16)), name
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
+def test_unpack_indices_equals_coremltools(nbits):
+    """The verifier's unpacking of stored indices is coremltools' own, for every width and for lengths that end
+    mid-byte and mid-triple."""
+    from coremltools.optimize._utils import pack_elements_into_bits, restore_elements_from_packed_bits
+
+    from workbench.coreml.verify import unpack_indices
+
+    rng = np.random.default_rng(nbits)
+    for count in (1, 7, 8, 9, 24, 1001, 4096 + 5):
+        indices = rng.integers(0, 1 << nbits, count, dtype=np.uint8)
+        packed = pack_elements_into_bits(indices, nbits)
+        ours = unpack_indices(packed, nbits, count)
+        assert np.array_equal(ours, restore_elements_from_packed_bits(packed, nbits, count))
+        assert np.array_equal(ours, indices)

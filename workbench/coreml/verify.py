@@ -51,6 +51,37 @@ def _weight_ops(program):
                     yield op.name, op, False
 
 
+def unpack_indices(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
+    """The first `count` `nbits`-bit indices packed least significant bit first into the bytes `packed` (how
+    `constexpr_lut_to_dense` stores them: coremltools' `restore_elements_from_packed_bits`, which expands every bit
+    to a byte first; equal to it for every width, `tests/test_coreml_verify.py`). Every width here divides 24, so
+    each 3 bytes hold a whole number of indices: read as one little-endian integer, they are shifted out in turn."""
+    if 24 % nbits:
+        raise ValueError(f"nbits must divide 24 (1, 2, 3, 4, 6 or 8), got {nbits}")
+    packed = np.ascontiguousarray(packed).view(np.uint8).reshape(-1)
+    if nbits == 8:
+        return packed[:count].copy()
+    triples = np.zeros((-(-packed.size // 3), 3), dtype=np.uint32)
+    triples.reshape(-1)[: packed.size] = packed
+    words = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+    per_word = 24 // nbits
+    out = np.empty((words.size, per_word), dtype=np.uint8)
+    for k in range(per_word):
+        out[:, k] = (words >> (k * nbits)) & ((1 << nbits) - 1)
+    return out.reshape(-1)[:count]
+
+
+def _decompress(op) -> np.ndarray:
+    """A `constexpr_lut_to_dense` op's weight as Core ML computes it: the per-tensor (iOS16/17) op from its packed
+    indices (`unpack_indices`); any other form (iOS18's grouped LUTs) by coremltools' own decompression."""
+    lut, indices, shape = (getattr(op, n, None) for n in ("lut", "indices", "shape"))
+    if shape is None or lut is None or lut.val is None or np.ndim(lut.val) != 1 or indices.val.dtype != np.uint8:
+        return np.asarray(op.materialized_val_inference())
+    lut, shape = lut.val, tuple(int(d) for d in shape.val)
+    nbits = int(lut.size).bit_length() - 1
+    return lut[unpack_indices(indices.val, nbits, math.prod(shape))].reshape(shape)
+
+
 class StoredWeights:
     """A package's weights by name, decompressed one at a time when asked for (`get`), so reading back a large
     package holds its compressed program and one dense weight, not every weight dense at once."""
@@ -67,7 +98,7 @@ class StoredWeights:
         if name not in self._ops:
             return None
         op, palettized = self._ops[name]
-        return np.asarray(op.materialized_val_inference() if palettized else op.outputs[0].val)
+        return _decompress(op) if palettized else np.asarray(op.outputs[0].val)
 
 
 def package_weights(package: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -77,7 +108,7 @@ def package_weights(package: str | os.PathLike) -> dict[str, np.ndarray]:
     their LUT and indices exactly as Core ML does; float constants are returned as stored.
     """
     return {
-        name: np.asarray(op.materialized_val_inference() if palettized else op.outputs[0].val)
+        name: _decompress(op) if palettized else np.asarray(op.outputs[0].val)
         for name, op, palettized in _weight_ops(load_program(package))
     }
 
@@ -103,9 +134,11 @@ def package_nbytes(package: str | os.PathLike) -> int:
 
 
 def weight_psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """PSNR of a weight against its float original: `20*log10(max|reference| / rmse)` in float64 (inf if equal)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    rmse = float(np.sqrt(np.mean((ref - np.asarray(test, dtype=np.float64)) ** 2)))
+    """PSNR of a weight against its float original: `20*log10(max|reference| / rmse)`, the squared error summed in
+    float64 (inf if equal)."""
+    ref = np.asarray(reference, dtype=np.float32).reshape(-1)
+    diff = (ref - np.asarray(test, dtype=np.float32).reshape(-1)).astype(np.float64)  # exact for float16 values
+    rmse = math.sqrt(float(diff @ diff) / max(diff.size, 1))
     peak = float(np.abs(ref).max())
     return math.inf if rmse == 0 else 20.0 * math.log10(peak / rmse) if peak > 0 else -math.inf
 
