@@ -211,7 +211,7 @@ def test_data_aware_refinement_saves_its_importance_and_is_rejected_on_workers(p
 def test_binned_pricing_equals_the_dense_sums(options):
     """The bins' sums (`workbench.recipes.pricing`) are the dense sums over every weight: <g, Q>, the importance-
     weighted distance between two options and to the float32 original, for exact, approximate, grouped and
-    data-aware palettes; and the gradient's bin sums are taken chunk by chunk."""
+    data-aware palettes; and the numba kernels equal the numpy fallback."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 700, generator=gen) * 0.05
     grad = torch.randn(16, 700, generator=gen, dtype=torch.float32)
@@ -239,23 +239,34 @@ def test_binned_pricing_equals_the_dense_sums(options):
             other = pricing.option_values("w", options[0], weight, True)
             between = float((imp * (q - dense(options[0], True)).square()).sum())
             assert bins.error(values, other) == pytest.approx(between, rel=1e-6, abs=1e-12)
-    with monkeypatch_chunk(5000):  # chunks that split the weight (and its segments)
-        chunked = pricing_module.LayerBins.of(weight, importance.for_weight("w", weight.shape), bins.segment)
-        assert np.array_equal(chunked.keys, bins.keys) and np.allclose(chunked.imp_w, bins.imp_w)
-        assert np.allclose(chunked.gradient_sums(weight, grad)[0], sums)
+    # the numba kernels and the numpy fallback give the same bins and sums (the fallback runs without numba)
+    w, bits = pricing_module._flat(weight)
+    imp_flat = importance.for_weight("w", weight.shape)
+    kernels = pricing_module._kernels()
+    assert kernels is not None  # numba is a dependency: the kernels are what runs
+    for segment in {bins.segment, weight.numel()}:
+        fast = kernels.bin_stats(bits, w, np.ascontiguousarray(imp_flat, dtype=np.float64).reshape(-1), segment)
+        with no_kernels():
+            slow = pricing_module._bin_stats(bits, w, imp_flat, segment)
+            slow_grad = pricing_module._bin_gradient(bits, w, grad.reshape(-1).numpy(), segment)
+        assert np.array_equal(fast[2], slow[2])
+        for a, b in zip(fast[:2], slow[:2]):
+            assert np.allclose(a, b, rtol=1e-12, atol=1e-15)
+        assert fast[3] == pytest.approx(slow[3], rel=1e-12)
+        fast_grad = kernels.bin_gradient(bits, w, grad.reshape(-1).numpy(), segment)
+        assert np.allclose(fast_grad[0], slow_grad[0], rtol=1e-12, atol=1e-15)
+        assert fast_grad[1] == pytest.approx(slow_grad[1], rel=1e-12)
 
 
-class monkeypatch_chunk:
-    """Set `workbench.recipes.pricing.CHUNK` for a `with` block."""
-
-    def __init__(self, chunk: int):
-        self.chunk, self.saved = chunk, pricing_module.CHUNK
+class no_kernels:
+    """`workbench.recipes.pricing` without its numba kernels (as where numba is missing), for a `with` block."""
 
     def __enter__(self):
-        pricing_module.CHUNK = self.chunk
+        self.saved = pricing_module._kernels
+        pricing_module._kernels = lambda: None
 
     def __exit__(self, *exc):
-        pricing_module.CHUNK = self.saved
+        pricing_module._kernels = self.saved
 
 
 def test_consumed_gradient_is_the_gradient(pipe):

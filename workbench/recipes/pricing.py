@@ -18,9 +18,11 @@ operations as the layer has bins, not weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -29,7 +31,6 @@ from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import as_config
 from workbench.palettes.stash import WeightStash
 
-CHUNK = 1 << 22  # weights per pass when binning (bounds the transient int64 / float64 copies)
 FLOAT16_PATTERNS = 1 << 16
 
 
@@ -45,14 +46,51 @@ def segment_of(shape: tuple[int, ...], options) -> int:
     return segment
 
 
-def _keys(flat: torch.Tensor, start: int, segment: int, numel: int) -> torch.Tensor:
-    """The bins of `flat` (a weight's `numel` float weights from flat position `start` on): segment * 65536 +
-    float16 bits."""
-    bits = flat.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-    if segment >= numel:
-        return bits
-    position = torch.arange(start, start + flat.numel(), dtype=torch.int64)
-    return torch.div(position, segment, rounding_mode="floor") * FLOAT16_PATTERNS + bits
+@functools.cache
+def _kernels() -> ModuleType | None:
+    """`workbench.recipes._bins_numba` (compiled on first use), or None when numba is missing."""
+    try:
+        import workbench.recipes._bins_numba as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def _flat(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """A weight's float32 values and their float16 bit patterns (uint16), flat."""
+    w = weight.detach().reshape(-1).to("cpu", torch.float32)
+    return w.numpy(), w.to(torch.float16).view(torch.int16).numpy().view(np.uint16)  # torch's cast: vectorised
+
+
+def _keys(bits: np.ndarray, segment: int) -> np.ndarray:
+    """Each weight's bin, `segment index * 65536 + bits` (int64: only without numba)."""
+    return np.arange(bits.size, dtype=np.int64) // segment * FLOAT16_PATTERNS + bits
+
+
+def _bin_stats(bits: np.ndarray, w: np.ndarray, imp: np.ndarray | None, segment: int):
+    """`(h, h1, first, h2)`: per bin the sums of the importance and of `imp * w`, and the first flat position;
+    and `sum imp w^2`."""
+    imp = np.ascontiguousarray(imp).reshape(-1) if imp is not None else np.empty(0, dtype=np.float32)
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.bin_stats(bits, w, imp, segment)
+    keys, size = _keys(bits, segment), bits.size // segment * FLOAT16_PATTERNS
+    m = imp.astype(np.float64) if imp.size else np.ones(bits.size)
+    wd = w.astype(np.float64)
+    first = np.full(size, bits.size, dtype=np.int64)
+    occupied, at = np.unique(keys, return_index=True)
+    first[occupied] = at
+    h2 = float(np.dot(m * wd, wd))
+    return np.bincount(keys, m, size), np.bincount(keys, m * wd, size), first, h2
+
+
+def _bin_gradient(bits: np.ndarray, w: np.ndarray, g: np.ndarray, segment: int) -> tuple[np.ndarray, float]:
+    """Per bin the gradient's sum, and `<g, w>`, in float64."""
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.bin_gradient(bits, w, g, segment)
+    gd = g.astype(np.float64)
+    return np.bincount(_keys(bits, segment), gd, bits.size // segment * FLOAT16_PATTERNS), float(gd @ w)
 
 
 @dataclass
@@ -76,37 +114,17 @@ class LayerBins:
 
     @classmethod
     def of(cls, weight: torch.Tensor, importance: np.ndarray | None, segment: int) -> LayerBins:
-        flat = weight.detach().reshape(-1).to("cpu", torch.float32)
-        size = flat.numel() // segment * FLOAT16_PATTERNS
-        imp_flat = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance).reshape(-1))
-        h, h1 = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
-        first = torch.full((size,), flat.numel(), dtype=torch.int64)
-        h2 = 0.0
-        for start in range(0, flat.numel(), CHUNK):
-            part = flat[start : start + CHUNK]
-            keys = _keys(part, start, segment, flat.numel())
-            imp = torch.ones(len(part), dtype=torch.float64) if imp_flat is None else imp_flat[start : start + CHUNK]
-            imp = imp.to(torch.float64)
-            w = part.to(torch.float64)
-            h.index_add_(0, keys, imp)
-            h1.index_add_(0, keys, imp * w)
-            h2 += float((imp * w * w).sum())
-            first.scatter_reduce_(0, keys, torch.arange(start, start + len(part)), "amin")
-        occupied = torch.nonzero(first < flat.numel()).reshape(-1)
-        return cls(segment, occupied.numpy(), first[occupied].numpy(), h[occupied].numpy(), h1[occupied].numpy(), h2)
+        w, bits = _flat(weight)
+        h, h1, first, h2 = _bin_stats(bits, w, importance, segment)
+        occupied = np.flatnonzero(first < bits.size)
+        return cls(segment, occupied, first[occupied], h[occupied], h1[occupied], float(h2))
 
     def gradient_sums(self, original: torch.Tensor, grad: torch.Tensor) -> tuple[np.ndarray, float]:
         """`(G, <g, W>)`: the gradient's sum over each bin of the original weight, and its inner product with it."""
-        flat = original.detach().reshape(-1).to("cpu", torch.float32)
-        g = grad.detach().reshape(-1).to("cpu", torch.float64)
-        size = flat.numel() // self.segment * FLOAT16_PATTERNS
-        sums = torch.zeros(size, dtype=torch.float64)
-        dot = 0.0
-        for start in range(0, flat.numel(), CHUNK):
-            part, gpart = flat[start : start + CHUNK], g[start : start + CHUNK]
-            sums.index_add_(0, _keys(part, start, self.segment, flat.numel()), gpart)
-            dot += float((gpart * part.to(torch.float64)).sum())
-        return sums[torch.from_numpy(self.keys)].numpy(), dot
+        w, bits = _flat(original)
+        g = grad.detach().reshape(-1).to("cpu", torch.float32).numpy()
+        sums, dot = _bin_gradient(bits, w, g, self.segment)
+        return sums[self.keys], float(dot)
 
     def values(self, palette) -> np.ndarray:
         """`q(k)` of a `workbench.palettes.fit.Palette` of this weight, per bin (float64)."""
