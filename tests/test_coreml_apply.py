@@ -2,6 +2,7 @@
 
 import subprocess
 import warnings
+from pathlib import Path
 
 import coremltools as ct
 import numpy as np
@@ -135,6 +136,30 @@ def test_recipe_applies_bit_exactly_to_a_package_with_foreign_names_and_1x1_line
     # a palettized package is named as such, not taken for another model's
     with pytest.raises(PackageMismatchError, match="is palettized already"):
         apply_recipe(applied.path, pipe.unet, bits, tmp_path / "again")
+
+
+@pytest.mark.slow
+def test_applied_package_chunked_for_ios_keeps_every_weight(pipe, tmp_path):
+    """`apply --chunk-unet` on a float16 UNet package: two chunks the Swift pipeline can wire, every planned layer
+    verified bit-exact in the chunk that holds it; the whole package is not kept; chunks in the wrong order are
+    refused."""
+    from workbench.coreml.chunks import check_chunk_interfaces
+    from workbench.coreml.config import ExportConfig
+    from workbench.coreml.export import export_pipeline
+
+    package = Path(export_pipeline(pipe, tmp_path / "f16", ExportConfig()).package("unet").path)
+    bits = mixed_bits(pipe.unet, subset(pipe.unet))
+    report = apply_recipe(package, pipe.unet, bits, tmp_path / "out", source="tiny-sd", chunk=True)
+    paths = [Path(p.path) for p in report.packages]
+    assert [p.name for p in paths] == ["UnetChunk1.mlpackage", "UnetChunk2.mlpackage"]
+    assert not (tmp_path / "out" / "Unet.mlpackage").exists() and report.all_bit_exact
+    planned = {n for n, b in bits.items() if b != 16}
+    checked = [c.layer for p in report.packages for c in p.verification.layers]
+    assert sorted(checked) == sorted(planned)  # each planned layer verified once, in the chunk that holds it
+    assert all(p.verification.float16_layers > 0 for p in report.packages)
+    check_chunk_interfaces(package, paths)
+    with pytest.raises(ValueError, match="reads"):
+        check_chunk_interfaces(package, paths[::-1])
 
 
 def test_package_of_another_model_fails_naming_what_did_not_match(foreign, tmp_path):

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> None:
         model=model_spec(args.model, args),
         min_numel=args.min_numel,
         importance_file=args.importance,
+        chunk=args.chunk_unet,
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -40,6 +41,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"
+    )
+    p.add_argument(
+        "--chunk-unet",
+        action="store_true",
+        help="write UnetChunk1 + UnetChunk2 for iOS (split by coremltools' bisect_model, as Apple's chunk_mlprogram)",
     )
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="layers counted in bits/param (2048)")
     p.set_defaults(func=run)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from workbench.coreml.chunks import bisect_package
 from workbench.coreml.components import weight_layers
 from workbench.coreml.compress import compress_model
 from workbench.coreml.config import DEFAULT_MIN_NUMEL, RecipeLike
@@ -39,7 +40,14 @@ from workbench.coreml.memory import check_export_memory
 from workbench.coreml.metadata import set_package_metadata
 from workbench.coreml.plan import ComponentPlan, palette_plan
 from workbench.coreml.results import ExportedPackage, ExportReport
-from workbench.coreml.verify import package_nbytes, package_weights, palettized_weight_names, verify_package
+from workbench.coreml.unet_export import CHUNK_NAMES
+from workbench.coreml.verify import (
+    StoredWeights,
+    package_nbytes,
+    package_weights,
+    palettized_weight_names,
+    verify_package,
+)
 from workbench.errors import InvalidValueError, UserError
 from workbench.models.layers import compressible_layers
 from workbench.models.loader import DEMO_MODEL, ModelSpec, load_pipeline
@@ -293,6 +301,28 @@ def _checked_plan(module: nn.Module, recipe: RecipeLike, importance: Importance 
 
 
 @torch.no_grad()
+def _chunked(path: Path) -> tuple[list[Path], float]:
+    """The applied package split into `UnetChunk1` + `UnetChunk2` beside it (`bisect_package`), then removed; and
+    the seconds it took."""
+    start = time.perf_counter()
+    chunks = bisect_package(path, CHUNK_NAMES)
+    shutil.rmtree(path)
+    return chunks, time.perf_counter() - start
+
+
+def _verified(path: Path, module: nn.Module, plan, names, importance, fields: dict) -> ExportedPackage:
+    """One saved package read back and compared with the simulation (`verify_package`) for the planned layers it
+    holds; `fields`: the rest of its `ExportedPackage`."""
+    start = time.perf_counter()
+    held = StoredWeights(path)
+    mine = {layer: cfg for layer, cfg in plan.items() if names[layer] in held}
+    del held
+    component = fields["component"]
+    verification = verify_package(path, module, mine, component=component, names=names, importance=importance)
+    return ExportedPackage(path=str(path), nbytes=package_nbytes(path), n_palettized=len(mine), **fields,
+                           verify_s=time.perf_counter() - start, verification=verification)  # fmt: skip
+
+
 def apply_recipe(
     package: str | os.PathLike,
     module: nn.Module,
@@ -303,6 +333,7 @@ def apply_recipe(
     source: str = "",
     min_numel: int = DEFAULT_MIN_NUMEL,
     importance: Importance | None = None,
+    chunk: bool = False,
 ) -> ExportReport:
     """Palettize an existing float16 Core ML package with a recipe, and prove the result bit-exact.
 
@@ -321,10 +352,12 @@ def apply_recipe(
         source (`str`): the source model's name, for the metadata and messages.
         min_numel (`int`, defaults to 2048): layers counted in bits/param (strict `>`).
         importance (`Importance`, *optional*): the analysis' importances, for data-aware palettes (`"wkmeans4"`).
+        chunk (`bool`, defaults to False): split the palettized package into `UnetChunk1` + `UnetChunk2` for iOS
+            (`workbench.coreml.chunks.bisect_package`), each verified, instead of keeping it whole.
 
     Returns:
-        `ExportReport` with one `ExportedPackage`: `float16_nbytes` is the input package's size, `export_s` the time
-        to read and match it.
+        `ExportReport` with one `ExportedPackage` (two with `chunk`): `float16_nbytes` is the input package's size,
+        `export_s` the time to read and match it.
 
     Raises:
         PackageMismatchError, DeploymentTargetError, ExportMemoryError, InvalidValueError: see `resolve_names`,
@@ -354,23 +387,12 @@ def apply_recipe(
     compressed.save(str(path))
     compress_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    verification = verify_package(path, module, plan, component=component, names=names, importance=importance)
-    exported = ExportedPackage(
-        component=component,
-        path=str(path),
-        nbytes=package_nbytes(path),
-        float16_nbytes=package_nbytes(package),
-        bits_per_param=bpp,
-        n_palettized=len(plan),
-        deployment_target=target,
-        export_s=matched_s,
-        compress_s=compress_s,
-        verify_s=time.perf_counter() - start,
-        verification=verification,
-    )
+    paths, chunk_s = _chunked(path) if chunk else ([path], 0.0)
+    fields = {"component": component, "float16_nbytes": package_nbytes(package), "bits_per_param": bpp,
+                  "deployment_target": target, "export_s": matched_s, "compress_s": compress_s + chunk_s}  # fmt: skip
+    packages = tuple(_verified(p, module, plan, names, importance, fields) for p in paths)
     notes = match_notes(match, plan)
-    report = ExportReport(str(out), source, label, (exported,), applied_to=str(package), notes=notes)
+    report = ExportReport(str(out), source, label, packages, applied_to=str(package), notes=notes)
     report.save()
     return report
 
@@ -384,6 +406,7 @@ def apply_model(
     model: ModelSpec = None,
     min_numel: int = DEFAULT_MIN_NUMEL,
     importance_file: str | os.PathLike | None = None,
+    chunk: bool = False,
 ) -> ExportReport:
     """`workbench apply`: load the recipe and the pipeline (CPU, float32), then `apply_recipe` to its UNet.
 
@@ -395,6 +418,7 @@ def apply_model(
         model: the model spec the package was converted from (hub id, pipeline folder, single-file checkpoint...,
             `workbench.models.loader.load_pipeline`); None for the demo model.
         importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
+        chunk: write `UnetChunk1` + `UnetChunk2` instead of one package (see `apply_recipe`).
     """
 
     recipe = load_recipe(recipe_file, recipe_name)  # a bad file fails before the pipeline loads
@@ -403,4 +427,6 @@ def apply_model(
     importance = None if importance_file is None else Importance.load(importance_file)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     source = str(model) if model is not None else str(DEMO_MODEL)
-    return apply_recipe(package, pipe.unet, recipe, out_dir, source=source, min_numel=min_numel, importance=importance)
+    return apply_recipe(
+        package, pipe.unet, recipe, out_dir, source=source, min_numel=min_numel, importance=importance, chunk=chunk
+    )

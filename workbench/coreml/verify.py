@@ -93,6 +93,11 @@ class StoredWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._ops
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every weight's name, in program order."""
+        return tuple(self._ops)
+
     def get(self, name: str) -> np.ndarray | None:
         """The weight decompressed exactly as Core ML does, or None if the package has none of that name."""
         if name not in self._ops:
