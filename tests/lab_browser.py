@@ -149,12 +149,17 @@ _RAN_JS = """() => {
 }"""
 
 
-def open_notebook(page, lab: Lab, name: str, *, timeout_s: float = 90) -> None:
-    """Open `name` in JupyterLab and wait until its kernel (our spec, by its display name) is idle."""
+def open_notebook(page, lab: Lab, name: str) -> None:
+    """Point `page` at `name` in JupyterLab (returns once the page has loaded; see `wait_for_kernel`)."""
     page.goto(lab.notebook_url(name))
+
+
+def wait_for_kernel(page, *, timeout_s: float = 90) -> str:
+    """Wait until the open notebook's cells are shown and its kernel is idle; the kernel's name in the toolbar."""
     page.wait_for_selector(".jp-CodeCell", timeout=timeout_s * 1000)
-    idle = page.locator(".jp-StatusBar-Widget", has_text=f"{KERNEL_DISPLAY_NAME} | Idle").first
+    idle = page.locator(".jp-StatusBar-Widget", has_text=" | Idle").first
     idle.wait_for(timeout=timeout_s * 1000)
+    return page.locator(".jp-KernelName").first.inner_text()
 
 
 def run_all_cells(page) -> None:
@@ -170,18 +175,14 @@ def wait_until_ran(page, *, timeout_s: float) -> list[str]:
 
 
 def save_notebook(page, path: Path, *, timeout_s: float = 30):
-    """Save with the keyboard (Ctrl+S) and read the saved notebook back once it holds outputs (nbformat node)."""
+    """Save with the keyboard (Ctrl+S), wait until the tab is no longer marked modified, read the file back."""
     import nbformat
 
     page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})  # focus the notebook, not an output
     page.keyboard.press("Control+s")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        book = nbformat.read(path, as_version=4)
-        if all(c.execution_count for c in book.cells if c.cell_type == "code"):
-            return book
-        time.sleep(0.25)
-    raise AssertionError(f"{path.name}: not saved with every cell's outputs within {timeout_s:.0f} s")
+    modified = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-current.jp-mod-dirty")
+    modified.wait_for(state="detached", timeout=timeout_s * 1000)
+    return nbformat.read(path, as_version=4)
 
 
 def error_outputs(book) -> list[str]:

@@ -28,6 +28,7 @@ from lab_browser import (
     rendered_errors,
     run_all_cells,
     save_notebook,
+    wait_for_kernel,
     wait_for_new_view,
     wait_until_ran,
 )
@@ -86,14 +87,13 @@ def screenshot_on_failure(page, shots: Path, name: str, lab=None):
 @pytest.fixture(scope="module")
 def ran(lab, browser, shots):
     """Both notebooks opened in their own tab, Run All Cells in each, waited for; name -> (page, saved notebook)."""
-    pages = {}
-    for name in PARAMETERS:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pages = {name: browser.new_page(viewport={"width": 1400, "height": 1000}) for name in PARAMETERS}
+    for name, page in pages.items():  # both load and start their kernels at once
+        open_notebook(page, lab, f"{name}.ipynb")
+    for name, page in pages.items():
         with screenshot_on_failure(page, shots, f"{name}-open", lab):
-            open_notebook(page, lab, f"{name}.ipynb")
-            assert page.locator(".jp-KernelName").first.inner_text() == KERNEL_DISPLAY_NAME
+            assert wait_for_kernel(page) == KERNEL_DISPLAY_NAME, "the notebook did not get the test's kernel spec"
             run_all_cells(page)
-        pages[name] = page
     start, result = time.perf_counter(), {}
     for name, page in pages.items():
         with screenshot_on_failure(page, shots, f"{name}-run", lab):
@@ -108,11 +108,11 @@ def ran(lab, browser, shots):
 
 def _check_ran_without_error(ran, name):
     page, prompts, book = ran[name]
-    code = [c for c in book.cells if c.cell_type == "code"]
-    assert prompts == [f"[{i}]:" for i in range(1, len(code) + 1)], f"{name}: not every cell ran once: {prompts}"
-    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not error_outputs(book), f"{name}: error outputs: {error_outputs(book)}"
     assert not rendered_errors(page), f"{name}: the page shows errors: {rendered_errors(page)}"
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert prompts == [f"[{i}]:" for i in range(1, len(code) + 1)], f"{name}: not every cell ran once: {prompts}"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "the saved notebook differs"
     return page
 
 
