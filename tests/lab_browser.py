@@ -47,9 +47,13 @@ def _jupyter_env(home: Path) -> dict[str, str]:
     install(kernel_name="python3", display_name=KERNEL_DISPLAY_NAME, prefix=str(home / "prefix"))
     config = home / "config"
     config.mkdir(parents=True, exist_ok=True)
-    # no announcements, update checks or extension manager (they would reach the internet); otherwise a default lab
+    # no announcements, update checks or extension manager (they would reach the internet), no language servers;
+    # otherwise a default lab
     never = {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"}
-    server_config = {"LabApp": never | {"extension_manager": "readonly"}}
+    server_config = {
+        "LabApp": never | {"extension_manager": "readonly"},
+        "ServerApp": {"jpserver_extensions": {"jupyter_lsp": False}},  # it runs `npm`, which logs to ~/.npm
+    }
     (config / "jupyter_server_config.json").write_text(json.dumps(server_config))
     notification = home / "lab-settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True, exist_ok=True)
