@@ -1,10 +1,10 @@
-"""A JupyterLab server for the browser test, isolated from the user's Jupyter setup, and the Chromium to drive it.
+"""A JupyterLab server for the browser test, isolated from the user's Jupyter setup, and helpers to drive its page.
 
 `jupyterlab_server(root, home)` starts `jupyter lab` on a free loopback port with token auth, serving `root`. Every
-Jupyter folder (config, data, runtime, lab settings and workspaces) is under `home`, a temporary folder, and the
-kernel spec `python3` there runs this interpreter (ipykernel's spec, installed with `ipykernel.kernelspec.install`
-into `home`), so the notebooks run in the project's Python whatever kernels the user has, and nothing is left
-behind. The kernel imports the `workbench` the tests import (its folder goes first on `PYTHONPATH`).
+Jupyter folder (config, data, runtime, lab settings and workspaces) is under `home`, a temporary folder, and so is
+the kernel spec `python3`: ipykernel's own, written there, which runs this interpreter. So the notebooks run in the
+project's Python whatever kernels the user has, and nothing is left behind. The kernel imports the `workbench` the
+tests import (its folder goes first on `PYTHONPATH`). The page helpers take a Playwright `Page`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import workbench
@@ -42,9 +42,11 @@ def _free_port() -> int:
 
 def _jupyter_env(home: Path) -> dict[str, str]:
     """The server's environment: Jupyter's folders in `home`, our kernel spec first, this checkout's workbench."""
-    from ipykernel.kernelspec import install
+    from ipykernel.kernelspec import write_kernel_spec
 
-    install(kernel_name="python3", display_name=KERNEL_DISPLAY_NAME, prefix=str(home / "prefix"))
+    kernels = home / "share" / "jupyter" / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    write_kernel_spec(kernels / "python3", overrides={"display_name": KERNEL_DISPLAY_NAME})  # runs sys.executable
     config = home / "config"
     config.mkdir(parents=True, exist_ok=True)
     # no announcements, update checks or extension manager (they would reach the internet), no language servers;
@@ -64,7 +66,7 @@ def _jupyter_env(home: Path) -> dict[str, str]:
         JUPYTER_CONFIG_DIR=str(config),
         JUPYTER_DATA_DIR=str(home / "data"),
         JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-        JUPYTER_PATH=str(home / "prefix" / "share" / "jupyter"),
+        JUPYTER_PATH=str(home / "share" / "jupyter"),
         JUPYTERLAB_SETTINGS_DIR=str(home / "lab-settings"),
         JUPYTERLAB_WORKSPACES_DIR=str(home / "lab-workspaces"),
         IPYTHONDIR=str(home / "ipython"),
@@ -216,7 +218,7 @@ class ExplorerView:
     """What an explorer widget shows: its bold text line and its figure's `src` (a PNG as a data URL)."""
 
     text: str
-    image_src: str
+    image_src: str = field(repr=False)  # tens of kB of base64: kept out of assertion messages
 
 
 def explorer_view(widget) -> ExplorerView:
@@ -226,12 +228,15 @@ def explorer_view(widget) -> ExplorerView:
     return ExplorerView(widget.locator(".widget-html").first.inner_text(), image.get_attribute("src") or "")
 
 
-def wait_for_new_view(widget, before: ExplorerView, *, timeout_s: float) -> ExplorerView:
-    """Poll until the explorer shows another text and another figure than `before`; the last view seen if not."""
+def wait_for_new_view(widget, before: ExplorerView, *, what: str, timeout_s: float) -> ExplorerView:
+    """Poll until the explorer shows another text and another figure than `before`; AssertionError, saying what did
+    not change, if it does not within `timeout_s`. `what` names the input, for the message."""
     deadline, view = time.monotonic() + timeout_s, before
     while time.monotonic() < deadline:
         view = explorer_view(widget)
         if view.text != before.text and view.image_src != before.image_src:
             return view
         time.sleep(0.25)
-    return view
+    stale = [f"text still {view.text!r}"] if view.text == before.text else []
+    stale += ["figure unchanged"] if view.image_src == before.image_src else []
+    raise AssertionError(f"the explorer did not follow {what} within {timeout_s:.0f} s: {'; '.join(stale)}")

@@ -126,7 +126,7 @@ def test_basics_notebook_and_palette_explorer(ran, shots):
         handle = explorer.locator(".widget-slider .noUi-handle").first
         handle.click()  # focus the bit-width slider's handle; a click on the handle itself leaves the value
         page.keyboard.press("ArrowRight")  # 3 -> 4 bits, the next of SUPPORTED_NBITS
-        after = wait_for_new_view(explorer, before, timeout_s=SLIDER_TIMEOUT_S)
+        after = wait_for_new_view(explorer, before, what="ArrowRight on its bits slider", timeout_s=SLIDER_TIMEOUT_S)
         assert re.search(r": 4-bit per_tensor \(1 LUT of 16\)", after.text), f"text after ArrowRight: {after.text!r}"
         assert after.image_src.startswith("data:image/png;base64,"), after.image_src[:60]
         assert after.image_src != before.image_src, "the palette explorer's figure did not change with its slider"
@@ -153,7 +153,7 @@ def test_analysis_notebook_and_recipe_explorer(ran, shots):
         page.mouse.down()
         page.mouse.move(track["x"] - 20, box["y"] + box["height"] / 2, steps=10)
         page.mouse.up()
-        after = wait_for_new_view(explorer, before, timeout_s=SLIDER_TIMEOUT_S)
+        after = wait_for_new_view(explorer, before, what="a drag of its size slider", timeout_s=SLIDER_TIMEOUT_S)
         name_before, name_after = before.text.split(":")[0], after.text.split(":")[0]
         assert name_after != name_before, f"the recipe explorer still shows {name_before} after the drag"
         assert _bits_per_param(after.text) < _bits_per_param(before.text), (before.text, after.text)
