@@ -108,8 +108,9 @@ def ran(lab, browser, shots):
 
 def _check_ran_without_error(ran, name):
     page, prompts, book = ran[name]
-    assert not error_outputs(book), f"{name}: error outputs: {error_outputs(book)}"
-    assert not rendered_errors(page), f"{name}: the page shows errors: {rendered_errors(page)}"
+    errors, shown = error_outputs(book), rendered_errors(page)
+    assert not errors, f"{name}: error outputs: {errors}"
+    assert not shown, f"{name}: the page shows errors: {shown}"
     code = [c for c in book.cells if c.cell_type == "code"]
     assert prompts == [f"[{i}]:" for i in range(1, len(code) + 1)], f"{name}: not every cell ran once: {prompts}"
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "the saved notebook differs"
