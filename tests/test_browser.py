@@ -44,7 +44,7 @@ BASICS, ANALYSIS = "01_palettization_basics", "03_mixed_bit_analysis"
 # model's 4 largest layers only (min_numel 100000 instead of smoke's 20000: a 10 s analysis instead of 60 s, still
 # with recipes of every strategy at two sizes for the explorer to choose between)
 PARAMETERS = {BASICS: {"smoke": True, "threads": 1}, ANALYSIS: {"smoke": True, "threads": 1, "min_numel": 100000}}
-RUN_TIMEOUT_S = 300  # per notebook, both running at once; measured: see docs/benchmarks.md
+RUN_TIMEOUT_S = 300  # per notebook, both at once (76-83 s on a 2-core machine at load 20: docs/benchmarks.md)
 SLIDER_TIMEOUT_S = 60
 
 
