@@ -41,7 +41,7 @@ if chromium_executable() is None:
 
 BASICS, ANALYSIS = "01_palettization_basics", "03_mixed_bit_analysis"
 # smoke=True as CI's report; one torch thread each (the two kernels run side by side); notebook 03 on the demo
-# model's 4 largest layers only (min_numel 100000 instead of smoke's 20000: a 10 s analysis instead of 60 s, still
+# model's 4 largest layers only (min_numel 100000 instead of smoke's 20000: a 9 s analysis instead of 67 s, still
 # with recipes of every strategy at two sizes for the explorer to choose between)
 PARAMETERS = {BASICS: {"smoke": True, "threads": 1}, ANALYSIS: {"smoke": True, "threads": 1, "min_numel": 100000}}
 RUN_TIMEOUT_S = 300  # per notebook, both at once (76-83 s on a 2-core machine at load 20: docs/benchmarks.md)
@@ -49,9 +49,14 @@ SLIDER_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def out_dir(tmp_path_factory):
+    """The notebooks' `out_dir` parameter: the report folder they write their figures to."""
+    return tmp_path_factory.mktemp("report")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, out_dir):
     root = tmp_path_factory.mktemp("notebooks")
-    out_dir = tmp_path_factory.mktemp("report")
     for name, params in PARAMETERS.items():
         injected = parameterize_notebook(name, root / f"{name}.ipynb", params | {"out_dir": str(out_dir)})
         assert injected == params | {"out_dir": str(out_dir)}, f"{name} does not declare {set(params) - set(injected)}"
@@ -106,7 +111,8 @@ def ran(lab, browser, shots):
         page.close()
 
 
-def _check_ran_without_error(ran, name):
+def _check_ran_without_error(ran, name, figure: Path):
+    """No error output, every cell run once in order, and `figure` written (the injected `out_dir` was used)."""
     page, prompts, book = ran[name]
     errors, shown = error_outputs(book), rendered_errors(page)
     assert not errors, f"{name}: error outputs: {errors}"
@@ -114,11 +120,12 @@ def _check_ran_without_error(ran, name):
     code = [c for c in book.cells if c.cell_type == "code"]
     assert prompts == [f"[{i}]:" for i in range(1, len(code) + 1)], f"{name}: not every cell ran once: {prompts}"
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "the saved notebook differs"
+    assert figure.is_file() and figure.stat().st_size > 10_000, f"{name} did not write {figure}"
     return page
 
 
-def test_basics_notebook_and_palette_explorer(ran, shots):
-    page = _check_ran_without_error(ran, BASICS)
+def test_basics_notebook_and_palette_explorer(ran, shots, out_dir):
+    page = _check_ran_without_error(ran, BASICS, out_dir / "figures" / "01_weight_histogram.png")
     with screenshot_on_failure(page, shots, f"{BASICS}-explorer"):
         explorer = page.locator(".jp-CodeCell").last.locator(".widget-vbox").first
         explorer.scroll_into_view_if_needed()
@@ -140,8 +147,8 @@ def _bits_per_param(text: str) -> float:
     return float(match.group(2))
 
 
-def test_analysis_notebook_and_recipe_explorer(ran, shots):
-    page = _check_ran_without_error(ran, ANALYSIS)
+def test_analysis_notebook_and_recipe_explorer(ran, shots, out_dir):
+    page = _check_ran_without_error(ran, ANALYSIS, out_dir / "figures" / "03_psnr_vs_size.png")
     with screenshot_on_failure(page, shots, f"{ANALYSIS}-explorer"):
         explorer = page.locator(".jp-CodeCell").last.locator(".widget-vbox").first
         explorer.scroll_into_view_if_needed()
