@@ -25,8 +25,9 @@ report: install
 readme-figures: report
 	$(BIN)/python -c "from workbench.report import readme_figures; print(*readme_figures('reports/$(RUN)', 'docs'))"
 
+# -rs: say why a test was skipped (tests/test_browser.py without a Chromium, the GPU tests without a GPU)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 # The long tests (a wheel installed into a fresh venv, conversions, notebooks): minutes. CI runs both.
 test-slow: install

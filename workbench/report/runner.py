@@ -70,6 +70,32 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
     return pm.inspect_notebook(str(path))
 
 
+def _source(name: str) -> Path:
+    source = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not source.is_file():
+        raise FileNotFoundError(f"notebook not found: {source}")
+    return source
+
+
+def declared_parameters(source: str | os.PathLike, parameters: dict) -> dict:
+    """Those of `parameters` that the notebook at `source` declares (papermill would warn about the others)."""
+    declared = notebook_parameters(source)
+    return {k: v for k, v in parameters.items() if k in declared}
+
+
+def parameterize_notebook(name: str, dest: str | os.PathLike, parameters: dict) -> dict:
+    """Write `NOTEBOOK_DIR/<name>.ipynb` to `dest` with `parameters` injected as a report injects them (papermill's
+    `injected-parameters` cell after the `parameters` cell), without running it: a report's notebook to open in
+    JupyterLab. Returns the parameters injected (those the notebook declares)."""
+    import papermill as pm
+
+    source = _source(name)
+    params = declared_parameters(source, parameters)
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(source), str(dest), parameters=params, kernel_name=KERNEL_NAME, prepare_only=True)
+    return params
+
+
 def execute_notebook(
     name: str,
     out_dir: Path,
@@ -89,11 +115,8 @@ def execute_notebook(
     """
     import papermill as pm
 
-    source = NOTEBOOK_DIR / f"{name}.ipynb"
-    if not source.is_file():
-        raise FileNotFoundError(f"notebook not found: {source}")
-    declared = notebook_parameters(source)
-    params = {k: v for k, v in parameters.items() if k in declared}
+    source = _source(name)
+    params = declared_parameters(source, parameters)
     executed = out_dir / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     start, error = time.perf_counter(), ""
