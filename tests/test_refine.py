@@ -143,6 +143,37 @@ def test_refined_recipes_are_measured_no_larger_and_no_worse_than_any_start(pipe
     assert "refinement" in (tmp_path / "run.json").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", ["in memory", "on disk"])
+def test_refinement_sharing_the_executors_state_is_the_same_search(pipe, tmp_path, monkeypatch, memory):
+    """The refinement keeps each measured candidate in force (a round changes only the layers that differ): the
+    same candidates, PSNRs and refined recipes as putting every recipe in force afresh, with the stash keeping
+    originals in memory or on disk (where a palettized parameter keeps the original's storage); the UNet comes back
+    bitwise."""
+    from workbench.analysis import refine as analysis_refine
+    from workbench.palettes import stash as stash_module
+    from workbench.sweep.store import weights_fingerprint
+
+    config = AnalysisConfig(nbits=(2, 4, 8), min_numel=30_000, prompts=PROMPTS, height=32, width=32, num_recipes=3,
+                            size_aware_targets=(3.0,))  # fmt: skip
+    if memory == "on disk":
+        monkeypatch.setattr(stash_module, "STASH_MEMORY_BYTES", 0)
+    before = weights_fingerprint(pipe.unet)
+
+    def refine(out, shared: bool):
+        with monkeypatch.context() as m:
+            if not shared:  # no local executor seen: every gradient puts its recipe in force and takes it out
+                m.setattr(analysis_refine, "LocalExecutor", type("NotLocal", (), {}))
+            with torch_threads(1):
+                return run_analysis(pipe, config, out_dir=out, progress=False)
+
+    fresh, shared = refine(tmp_path / "fresh", False), refine(tmp_path / "shared", True)
+    assert weights_fingerprint(pipe.unet) == before
+    pick = lambda result: [(r.name, dict(r.bits), r.psnr) for r in result.recipes if r.strategy == "refined"]  # noqa: E731
+    assert pick(shared) == pick(fresh) and pick(fresh)
+    assert shared.refinement.to_dict() == fresh.refinement.to_dict()
+
+
 def test_refined_needs_size_aware():
     with pytest.raises(InvalidValueError, match="size-aware"):
         AnalysisConfig(strategies=("apple", "refined"))

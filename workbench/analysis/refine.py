@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -39,7 +40,7 @@ from workbench.recipes.allocation import Measurements, layer_prompt_distortions
 from workbench.recipes.pricing import Pricing
 from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
 from workbench.recipes.refine import OptionSpace, Refinement, RefineSettings, refine_recipe
-from workbench.sweep.executor import EvalTask, Executor
+from workbench.sweep.executor import EvalTask, Executor, LocalExecutor
 from workbench.sweep.store import EvaluationRunner
 
 
@@ -187,8 +188,31 @@ def refine_recipes(
         aware = OptionSpace(aware_options, palette_distortions(unet, aware_options, distortion, cache, importance))
     settings = RefineSettings(rounds=config.refine_rounds, ks=config.refine_ks, min_gain=config.refine_min_gain)
     widths = OptionSpace(width_options(numels, measurements.widths), distortion)
-    pricing = Pricing(cache, importance, config.approximate_pricing, stash)
+    shared = isinstance(executor, LocalExecutor) and stash is not None and executor.state.stash is stash
+    pricing = Pricing(cache, importance, config.approximate_pricing, stash, executor.state if shared else None)
     search = _Search(probe, numels, widths, aware, pricing, settings, runner, executor)
+    with _recipe_kept(executor if shared else None):
+        refined, reports = _refine_all(search, recipes, config, numels, runner)
+    return refined, RefinementReport(tuple(reports)), importance
+
+
+@contextlib.contextmanager
+def _recipe_kept(executor: LocalExecutor | None):
+    """With a local executor whose state the pricing shares, leave each measured candidate in force (a round's
+    gradient and candidates then change only the layers that differ); restore the UNet at the end."""
+    if executor is None:
+        yield
+        return
+    kept, executor.keep_state = executor.keep_state, True
+    try:
+        yield
+    finally:
+        executor.keep_state = kept
+        executor.state.reset()
+
+
+def _refine_all(search: _Search, recipes, config: AnalysisConfig, numels, runner):
+    """Refine every size-aware recipe, smallest first: (refined recipes, reports)."""
     refined, reports = [], []
     targets = sorted((r for r in recipes if r.strategy == "size-aware"), key=lambda r: r.selector)
     share = None if config.refine_evaluations is None else config.refine_evaluations // max(len(targets), 1)
@@ -203,4 +227,4 @@ def refine_recipes(
         planned = PlannedRecipe(Recipe(name, found.recipe), "refined", recipe.selector, bpp)
         refined.append(RecipeResult(planned, evaluation.psnr))
         reports.append(report)
-    return refined, RefinementReport(tuple(reports)), importance
+    return refined, reports

@@ -137,6 +137,13 @@ class PaletteCache:
             self._store(key, identity, palette)
         return palette
 
+    def held(
+        self, name: str, weight: torch.Tensor, config: PaletteConfig, approximate: bool = False
+    ) -> Palette | None:
+        """The palette `palette` would return without fitting (held, or read back from the spill), else None: for a
+        caller whose `weight` carries the original's identity but not (now) its values, which a fit would read."""
+        return self._lookup(self._key(name, config, approximate), self._identity(weight))
+
     def _lookup(self, key, identity) -> Palette | None:
         """A held or spilled palette for `key` fitted to the weight `identity`, else None."""
         with self._lock:

@@ -30,6 +30,7 @@ import torch
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import as_config
 from workbench.palettes.stash import WeightStash
+from workbench.sweep.executor import UNetState
 
 FLOAT16_PATTERNS = 1 << 16
 
@@ -157,6 +158,11 @@ class Pricing:
             candidates are measured with exact palettes, always.
         stash (`WeightStash`, *optional*): where originals wait while a round's recipe is in force for its
             gradient (shared with the analysis' executor, so each is written to disk once); None = a stash per round.
+        state (`workbench.sweep.executor.UNetState`, *optional*): the recipe in force on the UNet, shared with the
+            executor that measures the candidates (its stash must be `stash`): a round's gradient then puts its
+            recipe in force by changing only the layers that differ from the last candidate measured, and leaves it
+            there for the candidates, which differ from it in a few layers. None = the recipe put in force and
+            taken out again for each gradient.
         bins (`dict`): layer -> `LayerBins`, filled on first use.
         values (`dict`): (layer, option, approximate) -> `q(k)` per bin, float16 (the LUTs' own values), filled on
             first use.
@@ -166,6 +172,7 @@ class Pricing:
     importance: object = None
     approximate: bool = False
     stash: WeightStash | None = None
+    state: UNetState | None = None
     bins: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
 
@@ -180,16 +187,24 @@ class Pricing:
             bins = self.bins[name] = LayerBins.of(original, imp, segment)
         return bins
 
+    def original(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`name`'s original values: `weight` itself, or with a `state` in force its original from the stash."""
+        return weight if self.state is None else self.stash.original(name, weight)
+
     def option_values(self, name: str, option: Hashable, weight: torch.Tensor, exact: bool) -> np.ndarray | None:
-        """`q(k)` of `option` per bin of `name` (None for float16: the original itself), `weight` the original in
-        place; a plain k-means option's approximate palette unless `exact` or the pricing is not approximate."""
+        """`q(k)` of `option` per bin of `name` (None for float16: the original itself), `weight` its parameter; a
+        plain k-means option's approximate palette unless `exact` or the pricing is not approximate. With a `state`
+        in force the parameter may hold palettized values: a palette held for its identity is used (the parameter
+        keeps the original's storage on the stash's disk path), else one of the original from the stash."""
         config = as_config(option)
         if config is None:
             return None
         approximate = self.approximate and not exact and config.mode == "kmeans"
         q = self.values.get((name, option, approximate))
         if q is None:
-            palette = self.cache.palette(name, weight, config, approximate=approximate)
+            palette = self.cache.held(name, weight, config, approximate) if self.state is not None else None
+            if palette is None:
+                palette = self.cache.palette(name, self.original(name, weight), config, approximate=approximate)
             q = self.values[name, option, approximate] = self.bins[name].values(palette).astype(np.float16)
         return q.astype(np.float64)
 

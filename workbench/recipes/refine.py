@@ -49,7 +49,7 @@ from workbench.models.layers import get_layer
 from workbench.palettes.apply import palettized
 from workbench.palettes.config import as_config
 from workbench.palettes.stash import WeightStash
-from workbench.recipes.pricing import Pricing
+from workbench.recipes.pricing import Pricing, segment_of
 
 DEFAULT_KS = (1, 2, 4, 8)  # layer changes per candidate, one measured recipe each
 DEFAULT_ROUNDS = 4
@@ -168,7 +168,7 @@ def layer_changes(
     layer's bins (`workbench.recipes.pricing`).
 
     Args:
-        unet: the UNet, with its original weights in place.
+        unet: the UNet, with its original weights in place, or with `pricing.state`'s recipe in force.
         recipe: layer -> current option.
         options: layer -> option -> bytes stored.
         distortion: layer -> option -> isolated distortion (the allocation's model; 0 for float16).
@@ -180,7 +180,9 @@ def layer_changes(
     out: dict[str, list[Change]] = {}
     for name, opts in options.items():
         weight = get_layer(unet, name).weight
-        bins = pricing.layer_bins(name, weight, opts)
+        held = pricing.bins.get(name)
+        fresh = held is None or held.segment != segment_of(tuple(weight.shape), opts)  # computed from the original
+        bins = pricing.layer_bins(name, pricing.original(name, weight) if fresh else weight, opts)
         grad = gradients[name]
 
         def inner(q):  # <g, Q>
@@ -346,26 +348,34 @@ def refine_recipe(
 def _gradient_sums(probe, recipe, names, space: OptionSpace, pricing: Pricing, settings, weights=None):
     """D at `recipe` and each layer's `GradientSums`, taken as each weight's gradient comes out of the backward pass
     (`distortion_gradient(consume=...)`), so the gradients of all the weights are never held at once; the originals
-    they are binned by are read from the stash the recipe's palettes wait in."""
+    they are binned by are read from the stash the recipe's palettes wait in. With `pricing.state` the recipe is
+    put in force there and left in force (see `Pricing`); else for the pass only."""
     unet = probe.pipe.unet
+    if pricing.state is not None:
+        pricing.state.reach(recipe)
+        return _binned_gradient(probe, unet, names, space, pricing, pricing.stash, settings, weights)
     stash = WeightStash() if pricing.stash is None else pricing.stash
-    sums: dict[str, GradientSums] = {}
     try:
         with palettized(unet, recipe, pricing.cache, stash=stash):
-            params = [get_layer(unet, n).weight for n in names]
-
-            def consume(i: int, grad: torch.Tensor) -> None:
-                name = names[i]
-                original = stash.original(name, params[i])
-                bins = pricing.layer_bins(name, original, space.options[name])
-                part = GradientSums(*bins.gradient_sums(original, grad))
-                sums[name] = part if name not in sums else sums[name] + part
-
-            current = probe.distortion_gradient(params, batch_chunk=settings.batch_chunk, weights=weights,
-                                                consume=consume)  # fmt: skip
+            return _binned_gradient(probe, unet, names, space, pricing, stash, settings, weights)
     finally:
         if pricing.stash is None:
             stash.close()
+
+
+def _binned_gradient(probe, unet, names, space: OptionSpace, pricing: Pricing, stash, settings, weights):
+    """`_gradient_sums` with the recipe in force and its originals in `stash`."""
+    params = [get_layer(unet, n).weight for n in names]
+    sums: dict[str, GradientSums] = {}
+
+    def consume(i: int, grad: torch.Tensor) -> None:
+        name = names[i]
+        original = stash.original(name, params[i])
+        bins = pricing.layer_bins(name, original, space.options[name])
+        part = GradientSums(*bins.gradient_sums(original, grad))
+        sums[name] = part if name not in sums else sums[name] + part
+
+    current = probe.distortion_gradient(params, batch_chunk=settings.batch_chunk, weights=weights, consume=consume)
     return current, sums
 
 

@@ -167,6 +167,11 @@ class UNetState:
             del new  # on the disk path its values now live in the weight's storage
         self.recipe = recipe
 
+    @property
+    def stash(self) -> WeightStash | None:
+        """Where the originals of the replaced weights wait."""
+        return self._stash
+
     def _restore(self, name: str) -> None:
         self._stash.restore(name, get_layer(self.unet, name).weight)
         del self.replaced[name]
