@@ -11,6 +11,7 @@ from pathlib import Path
 
 from workbench.io import write_json_atomic, write_text_atomic
 from workbench.models.loader import load_pipeline, model_dtype, model_from_text, pick_device
+from workbench.report.tables import labelled
 
 # ---------------------------------------------------------------------------------------------- in notebooks
 
@@ -162,7 +163,8 @@ class Artifacts:
         self._record("figure", path, caption)
 
     def table(self, frame, name: str, caption: str, *, show: bool = True) -> None:
-        """Save a DataFrame as `tables/NN_name.csv` and show it under its caption."""
+        """Save a DataFrame as `tables/NN_name.csv` and show it under its caption, its columns labelled
+        (`workbench.report.tables.labelled`: "bits/param", "size (MB)", ...; the CSV keeps the keys)."""
         path = None
         if self.enabled:
             path = self._path("tables", name, ".csv")
@@ -170,7 +172,7 @@ class Artifacts:
             write_text_atomic(path, frame.to_csv(index=False))
         _caption("Table", caption)
         if show:
-            _display(frame)
+            _display(labelled(frame))
         self._record("table", path, caption)
 
     def json(self, data, name: str, caption: str) -> None:
