@@ -87,9 +87,7 @@ def main() -> None:
     for phase, (first, peak) in sorted(sampler.phases.items(), key=lambda item: -item[1][1])[:12]:
         print(f"{phase:48s} peak {peak:6.0f} MB  (+{peak - first:5.0f} MB over its start {first:.0f} MB)")
     peak_phase, (_, peak) = max(sampler.phases.items(), key=lambda item: item[1][1])
-    print(
-        f"imports_mb={last:.0f} loaded_mb={loaded:.0f} peak_mb={peak:.0f} peak_phase={peak_phase} wall_s={wall:.0f}"
-    )
+    print(f"imports_mb={last:.0f} loaded_mb={loaded:.0f} peak_mb={peak:.0f} peak_phase={peak_phase} wall_s={wall:.0f}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ from ldm_layout import single_file_state_dict
 from safetensors.torch import save_file
 
 from workbench.cli.main import main
+from workbench.errors import InvalidValueError
 from workbench.models.loader import ModelNotAvailableError, load_pipeline
 from workbench.models.single_file import CheckpointError, SingleFile
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.report.notebook import open_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -179,3 +181,8 @@ def test_report_refuses_checkpoint_options_without_a_checkpoint(argv, message, t
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_notebook_names_its_own_parameter_when_refusing_a_config():
+    with pytest.raises(InvalidValueError, match="model_config is for a single-file checkpoint"):
+        open_model("tiny-sd", config="some/folder")
