@@ -40,6 +40,13 @@ COLUMN_LABELS = {
     "color_adherence": "colour adherence",
     "shape_adherence": "shape adherence",
     "position_adherence": "position adherence",
+    "reference": "reference rule's recipe",
+    "reference_bpp": "its bits/param",
+    "reference_psnr": "its one-step PSNR (dB)",
+    "ours": "ours at equal or smaller size",
+    "ours_bpp": "our bits/param",
+    "ours_psnr": "our one-step PSNR (dB)",
+    "gain_db": "gain (dB)",
 }
 
 
