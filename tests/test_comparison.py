@@ -14,6 +14,7 @@ from workbench.models.generation import Sampling, generate_images
 from workbench.models.layers import compressible_layers
 from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
+from workbench.palettes.size import recipe_size
 from workbench.report.tables import recipe_summary
 from workbench.viz.grids import image_grid
 
@@ -83,9 +84,11 @@ def test_image_grid_validates_shapes():
         image_grid([])
 
 
-def test_column_caption_names_bits_and_megabytes():
-    assert Column("4-bit", 4.0, 710_000).caption == "4.00 bits/param\n0.71 MB"
-    assert Column("float16", 16.0, 12_345_678).caption == "16.00 bits/param\n12.3 MB"
+def test_column_caption_is_the_size_label():
+    four = recipe_size({"a": 4, "b": 4}, {"a": 1_000_000, "b": 420_000})
+    assert Column("4-bit", four).caption == "4.00 bits/param\n0.71 MB\n25.0 % of float16"
+    float16 = recipe_size({}, {"a": 6_172_839})
+    assert Column("float16", float16).caption == "16.00 bits/param\n12.3 MB\n100.0 % of float16"
 
 
 def test_grid_cells_hold_the_images_upscaled():

@@ -80,11 +80,37 @@ def test_recipe_explorer_picks_largest_fitting_recipe():
     assert explorer.state.name == "r4"
     assert explorer.state.bits_per_param == pytest.approx((800 + 1200 + 2400) / 1000)
     assert explorer.state.bits_per_block == {"down_blocks.0": pytest.approx(5.0), "mid_block": 4.0}
-    assert explorer.state.metrics == {"psnr": 30.5} and "psnr = 30.50" in explorer.text.value
+    assert explorer.state.metrics == {"psnr": 30.5} and "<td>psnr</td><td>30.50</td>" in explorer.text.value
     explorer.target.value = 2.0
     assert explorer.state.name == "r2" and explorer.state.nbytes == (25 + 8) + (75 + 8) + (150 + 8)
     explorer.target.value = 4.4
     assert calls == ["r8", "r4", "r2"], "a preview is made once per recipe"
+
+
+def test_recipe_explorer_offers_every_strategy_and_labels_one_size():
+    numels = {"down_blocks.0.a": 100, "down_blocks.0.b": 300, "mid_block.c": 600}
+    recipes = {
+        "recipe_4.00_bit_mixedpalette": dict.fromkeys(numels, 4),
+        "recipe_3.60_bit_sizeaware": {"down_blocks.0.a": 6, "down_blocks.0.b": 6, "mid_block.c": 2},
+        "recipe_3.20_bit_refined": {"down_blocks.0.a": 8, "down_blocks.0.b": 4, "mid_block.c": 2},
+    }
+    metrics = {name: {"bits_per_param": 99.0, "size_mb": 99.0, "image_psnr_db": 40.0} for name in recipes}
+    explorer = RecipeExplorer(recipes, numels, metrics=metrics)
+    values = [value for _, value in explorer.strategy.options]
+    assert values == ["apple", "size-aware", "refined", "all"]
+    assert explorer.strategy.value == "refined" and explorer.state.name == "recipe_3.20_bit_refined"
+    for strategy, name in (("apple", "recipe_4.00_bit_mixedpalette"), ("size-aware", "recipe_3.60_bit_sizeaware")):
+        explorer.strategy.value = strategy
+        assert explorer.state.name == name and explorer.state.strategy == strategy
+    explorer.strategy.value = "all"
+    explorer.target.value = 3.4
+    assert explorer.state.name == "recipe_3.20_bit_refined"
+    # one size in the view: the name's, the computed one's, in one human label; the table's size keys are not repeated
+    size = explorer.state.size
+    assert size.bits_per_param == pytest.approx(3.2) and size.label() in explorer.text.value
+    assert size.label().startswith("3.20 bits/param · ") and "% of float16" in size.label()
+    assert explorer.state.metrics == {"image_psnr_db": 40.0}
+    assert "image PSNR (dB)" in explorer.text.value and "99" not in explorer.text.value
 
 
 def test_blocks():

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from workbench.analysis.config import AnalysisConfig
+from workbench.analysis.refine import search_name
 from workbench.analysis.run import run_analysis
+from workbench.compare.seed_matched import column_for
 from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers, get_layer
 from workbench.palettes.apply import palettized
@@ -19,9 +21,11 @@ from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import PaletteConfig, as_config
 from workbench.palettes.fit import fit_palette
 from workbench.palettes.importance import IMPORTANCE_FILE, Importance
+from workbench.palettes.size import format_bits, recipe_size
 from workbench.recipes import pricing as pricing_module
 from workbench.recipes.allocation import allocate, allocate_options
 from workbench.recipes.pricing import Pricing
+from workbench.recipes.recipe import PreAnalysis, Recipe
 from workbench.recipes.refine import (
     Change,
     OptionSpace,
@@ -32,6 +36,8 @@ from workbench.recipes.refine import (
     weighted_distortion,
     weighted_distortions,
 )
+from workbench.report.tables import recipe_table
+from workbench.report.widgets import RecipeExplorer
 from workbench.sweep.probe import OneStepProbe
 from workbench.threads import torch_threads
 
@@ -122,11 +128,18 @@ def test_prompt_weights_linearise_the_mean_relative_change_the_candidates_are_ju
     assert table == pytest.approx({2: 0.5, 4: float(np.mean(w * [1.0, 3.0])), 6: 0.0})  # clipped at 0
 
 
-def test_refined_recipes_are_measured_no_larger_and_no_worse_than_any_start(pipe, tmp_path):
+@pytest.fixture(scope="module")
+def refined_analysis(pipe, tmp_path_factory):
+    """`(result, out_dir)` of a small analysis with every strategy (one per module: two tests read it)."""
+    out = tmp_path_factory.mktemp("refined")
     config = AnalysisConfig(nbits=(2, 4, 8), min_numel=30_000, prompts=PROMPTS, height=32, width=32, num_recipes=3,
                             size_aware_targets=(3.0,))  # fmt: skip
     with torch_threads(1):
-        result = run_analysis(pipe, config, out_dir=tmp_path, progress=False)
+        return run_analysis(pipe, config, out_dir=out, progress=False), out
+
+
+def test_refined_recipes_are_measured_no_larger_and_no_worse_than_any_start(refined_analysis):
+    result, tmp_path = refined_analysis
     refined = [r for r in result.recipes if r.strategy == "refined"]
     assert refined and len(refined) == len([r for r in result.recipes if r.strategy == "size-aware"])
     stored = {e.id: e for e in result.evaluations}
@@ -172,6 +185,39 @@ def test_refinement_sharing_the_executors_state_is_the_same_search(pipe, tmp_pat
     pick = lambda result: [(r.name, dict(r.bits), r.psnr) for r in result.recipes if r.strategy == "refined"]  # noqa: E731
     assert pick(shared) == pick(fresh) and pick(fresh)
     assert shared.refinement.to_dict() == fresh.refinement.to_dict()
+
+
+def test_every_view_shows_the_one_size_a_recipe_is_named_after(pipe, refined_analysis):
+    """One size definition: each recipe's name, table row, grid column and explorer label say its bits/param
+    (`Recipe.bits_per_param` over the candidate layers); a refined recipe's old name (its target's) still loads."""
+    result, out = refined_analysis
+    table = recipe_table(result).set_index("name")
+    layers = compressible_layers(pipe.unet, min_numel=30_000)
+    assert set(layers) == set(result.layers)
+    explorer = RecipeExplorer(
+        result.preanalysis.recipes, result.layers, strategies={r.name: r.strategy for r in result.recipes}
+    )
+    for r in result.recipes:
+        bpp = Recipe(r.name, r.bits).bits_per_param(result.layers)
+        assert bpp == r.bits_per_param
+        digits = r.name.split("_")[1]
+        assert digits == f"{bpp:.{len(digits.split('.')[1])}f}", f"{r.name} is not named after its size {bpp}"
+        assert table.loc[r.name, "bits_per_param"] == round(bpp, 3)
+        column = column_for(r.name, layers, r.bits)
+        assert column.size == recipe_size(r.bits, result.layers, {n: m.weight.shape[0] for n, m in layers.items()})
+        assert column.caption.split("\n")[0] == format_bits(bpp)
+        if len(digits.split(".")[1]) == 2:  # a name with the usual 2 decimals says what every label says
+            assert format_bits(bpp) == f"{digits} bits/param"
+        explorer.strategy.value, explorer.target.value = r.strategy, bpp
+        assert explorer.state.bits_per_param == bpp
+        assert explorer.state.size.label() in explorer.text.value
+        assert explorer.state.size.label().startswith(format_bits(explorer.state.bits_per_param))
+    saved = PreAnalysis.load(out / "preanalysis.json")
+    refined = [r for r in result.recipes if r.strategy == "refined"]
+    for r in refined:
+        assert saved.recipe(search_name(r.selector)).bits == saved.recipe(r.name).bits  # the old name loads it
+    renamed = {search_name(r.selector): r.name for r in refined if search_name(r.selector) != r.name}
+    assert saved.renamed == renamed
 
 
 def test_refined_needs_size_aware():

@@ -12,9 +12,11 @@ from ldm_layout import single_file_state_dict
 from safetensors.torch import save_file
 
 from workbench.cli.main import main
+from workbench.errors import InvalidValueError
 from workbench.models.loader import ModelNotAvailableError, load_pipeline
 from workbench.models.single_file import CheckpointError, SingleFile
 from workbench.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from workbench.report.notebook import open_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -149,3 +151,38 @@ def test_export_of_the_single_file_gives_the_folders_packages(saved, tmp_path, n
     assert weights["file"].keys() == weights["folder"].keys()
     for key, value in weights["folder"].items():
         assert value.tobytes() == weights["file"][key].tobytes(), key
+
+
+@pytest.mark.slow  # one smoke notebook through papermill (~1 min on a shared 2-core machine)
+def test_report_takes_a_single_file_with_its_config(saved, tmp_path, monkeypatch, capsys, offline):
+    """`workbench report --model FILE --config FOLDER`: the notebooks load the checkpoint with its architecture (the
+    empty HF cache proves nothing was inferred), given as absolute paths since they run in the report folder."""
+    folder, file = saved["sd"]
+    monkeypatch.chdir(file.parent)  # relative paths, as a user types them
+    argv = ["report", "--model", file.name, "--config", str(folder.relative_to(file.parent)), "--smoke",
+            "--notebooks", "1", "--out-root", str(tmp_path), "--run", "file", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "file" / "parameters.json").read_text())
+    parameters = record["notebooks"]["01_palettization_basics"]["parameters"]
+    assert parameters["model"] == str(file.resolve()) and parameters["model_config"] == str(folder.resolve())
+    assert parameters["allow_pickle"] is False and record["notebooks"]["01_palettization_basics"]["ok"]
+    assert list((tmp_path / "file" / "figures").glob("01_*.png"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "tiny-sd", "--config", "x"], "--config is for a single-file checkpoint"),
+        (["--allow-pickle"], "--allow-pickle is for a single-file checkpoint"),
+    ],
+)
+def test_report_refuses_checkpoint_options_without_a_checkpoint(argv, message, tmp_path, capsys):
+    assert main(["report", *argv, "--out-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_notebook_names_its_own_parameter_when_refusing_a_config():
+    with pytest.raises(InvalidValueError, match="model_config is for a single-file checkpoint"):
+        open_model("tiny-sd", config="some/folder")

@@ -21,7 +21,7 @@ from workbench.recipes.allocation import (
     threshold_within,
     unique_recipes,
 )
-from workbench.recipes.recipe import PlannedRecipe, PreAnalysis
+from workbench.recipes.recipe import RENAMED_KEY, PlannedRecipe, PreAnalysis
 from workbench.sweep.executor import EvalTask, Executor
 from workbench.sweep.phases import (
     Baselines,
@@ -138,8 +138,10 @@ def build_preanalysis(
     curves: CumulativeCurves,
     baselines: Baselines,
     recipes: Sequence[RecipeResult],
+    renamed: Mapping[str, str] | None = None,
 ) -> PreAnalysis:
-    """The reference's JSON content: single_layer, cumulative (per-tensor curves), baselines, recipes."""
+    """The reference's JSON content: single_layer, cumulative (per-tensor curves), baselines, recipes; and, if
+    `renamed` (old recipe name -> new), our `renamed` key (`PreAnalysis.renamed`)."""
     return PreAnalysis(
         model_version=version,
         single_layer={str(b): {n: list(v) for n, v in d.items()} for b, d in isolated.psnr.items()},
@@ -149,5 +151,6 @@ def build_preanalysis(
         },
         baselines={**baselines.psnr_means(), **{r.name: r.psnr_mean for r in recipes}},
         recipes={r.name: dict(r.bits) for r in recipes},
+        extra={RENAMED_KEY: dict(renamed)} if renamed else {},
         _order=("model_version", "single_layer", "cumulative", "baselines", "recipes"),
     )

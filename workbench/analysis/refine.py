@@ -38,7 +38,7 @@ from workbench.palettes.size import bits_per_param
 from workbench.palettes.stash import WeightStash
 from workbench.recipes.allocation import Measurements, layer_prompt_distortions
 from workbench.recipes.pricing import Pricing
-from workbench.recipes.recipe import PlannedRecipe, Recipe, recipe_name
+from workbench.recipes.recipe import PlannedRecipe, Recipe, free_recipe_name, recipe_name
 from workbench.recipes.refine import OptionSpace, Refinement, RefineSettings, refine_recipe
 from workbench.sweep.executor import EvalTask, Executor, LocalExecutor
 from workbench.sweep.store import EvaluationRunner
@@ -128,13 +128,32 @@ class _Search:
                              pricing=self.pricing, settings=settings, start_psnr=start_psnr)  # fmt: skip
 
 
+def search_name(target: float) -> str:
+    """The key a refinement within `target` bits/param measures its candidates under (`refine/<key>/...` in the
+    store, so a resumed analysis finds them): the refined recipe's name before refined recipes were named after
+    their own size; `build_preanalysis` keeps it as the recipe's old name."""
+    return recipe_name(target, "refined")
+
+
+def old_names(recipes: Sequence[RecipeResult]) -> dict[str, str]:
+    """Old name -> name of each refined recipe whose name was once its target's (`search_name`) and now differs;
+    what `PreAnalysis.renamed` resolves, so `--recipe-name recipe_4.67_bit_refined` still finds the recipe."""
+    names = {r.name for r in recipes}
+    out = {}
+    for r in recipes:
+        old = search_name(r.selector)
+        if r.strategy == "refined" and old != r.name and old not in names:
+            out[old] = r.name
+    return out
+
+
 def _refine_one(
     search: _Search, recipe: RecipeResult, measured: Sequence[RecipeResult], share: int | None = None
 ) -> RefinedRecipe:
     """Refine one size-aware recipe from itself and, if another measured recipe within its size is better, from
     that too; keep the better; then, with data-aware palettes, refine the kept one again with them. `share`:
     candidates its searches measure at most, split evenly between them."""
-    name, target = recipe_name(recipe.selector, "refined"), recipe.selector
+    name, target = search_name(recipe.selector), recipe.selector
     # the search in widths starts from recipes of widths only: an earlier target's refined recipe may hold
     # data-aware palettes, which are not options there
     best = _start(target, [r for r in measured if all(isinstance(v, int) for v in r.bits.values())])
@@ -218,8 +237,11 @@ def _refine_all(search: _Search, recipes, config: AnalysisConfig, numels, runner
     share = None if config.refine_evaluations is None else config.refine_evaluations // max(len(targets), 1)
     for recipe in targets:
         report = _refine_one(search, recipe, [*recipes, *refined], share)
-        found, name = report.refinement, report.name
+        found = report.refinement
         bpp = bits_per_param(found.recipe, numels)
+        # named after its own size, not the target it was refined within (`search_name`, its evaluations' key)
+        name = free_recipe_name(bpp, "refined", {r.name for r in refined})
+        report = replace(report, name=name)
         runner.plan(1)  # measured end to end already (a candidate, or the start): recorded, not measured again
         evaluation = runner.alias(f"recipe/{name}/{recipe_hash(found.recipe)}", "recipe", found.prompt_psnr,
                                   config="refined", recipe=name, bits_per_param=bpp,

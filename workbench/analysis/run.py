@@ -52,7 +52,7 @@ from workbench.analysis.plan import (
     plan_recipes,
     sweep_measurements,
 )
-from workbench.analysis.refine import refine_recipes
+from workbench.analysis.refine import old_names, refine_recipes
 from workbench.analysis.result import AnalysisResult, RefinementReport, Timing
 from workbench.analysis.trajectory import recipe_trajectories
 from workbench.errors import InvalidValueError
@@ -261,7 +261,7 @@ def _measure(pipe, config: AnalysisConfig, candidates: Candidates, probed: Probe
 def _finish(pipe, config, candidates, probed: ProbedPipeline, phases: _Phases, cache, start, out_dir):
     """The `AnalysisResult` of the phases, saved to `out_dir` (with the importances of a data-aware analysis)."""
     preanalysis = build_preanalysis(model_version(pipe), phases.isolated, phases.curves, phases.baselines,
-                                    phases.recipes)  # fmt: skip
+                                    phases.recipes, old_names(phases.recipes))  # fmt: skip
     execution = phases.executor.summary()
     timing = Timing.of(start, probed.probe, probed.runner, cache, None if phases.local else execution)
     evaluations = list(probed.runner.evaluations)

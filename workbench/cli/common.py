@@ -134,21 +134,11 @@ def add_model_options(p) -> None:
 
 def model_spec(model, args):
     """The model spec the loader takes for the command's `model` text: a `SingleFile` (with --config and
-    --allow-pickle) when it names a file, else the text as it is.
+    --allow-pickle) when it names a file, else the text as it is (`workbench.models.loader.checkpoint_spec`).
 
     Raises:
         InvalidValueError: --config or --allow-pickle for a model that is not a file.
     """
-    from workbench.models.loader import as_single_file
-    from workbench.models.single_file import SingleFile
+    from workbench.models.loader import checkpoint_spec
 
-    single = as_single_file(model)
-    if single is None:
-        if args.config is not None or args.allow_pickle:
-            option = "--config" if args.config is not None else "--allow-pickle"
-            raise InvalidValueError(
-                f"{option} is for a single-file checkpoint (.safetensors, .ckpt), and the model {model!r} is not a "
-                "file; drop it, or pass the checkpoint's path as the model"
-            )
-        return model
-    return SingleFile(single.path, config=args.config, allow_pickle=args.allow_pickle)
+    return checkpoint_spec(model, args.config, args.allow_pickle, options=("--config", "--allow-pickle"))

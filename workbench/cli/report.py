@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli.common import int_in_range
+from workbench.cli.common import MODEL_HELP, add_model_options, int_in_range, model_spec
 
 
 def run(args: argparse.Namespace) -> None:
     from workbench.report.config import ReportConfig, select_notebooks
     from workbench.report.runner import run_report
 
+    model_spec(args.model or None, args)  # --config / --allow-pickle only with a checkpoint file, said as options
     config = ReportConfig(
         run=args.run,
         model=args.model,
+        model_config=args.config or "",
+        allow_pickle=args.allow_pickle,
         smoke=args.smoke,
         notebooks=select_notebooks(args.notebooks),
         out_root=args.out_root,
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="execute the notebooks with papermill into reports/RUN/ (HTML, figures, tables)")
     p.add_argument("--run", default="demo", help="run name: the folder under --out-root (default demo)")
-    p.add_argument("--model", default="", help='as MODEL of the other commands (default "": the demo model)')
+    p.add_argument("--model", default="", help=f"as MODEL of the other commands: {MODEL_HELP}")
+    add_model_options(p)
     p.add_argument("--smoke", action="store_true", help="shrink every notebook (few prompts and steps), as CI does")
     p.add_argument("--notebooks", default="", help="comma-separated notebook names or numbers (default: all)")
     p.add_argument("--out-root", default="reports", help="parent folder of the run folder (default reports)")

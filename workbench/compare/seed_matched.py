@@ -26,7 +26,7 @@ from workbench.metrics import image_psnr, image_ssim
 from workbench.models.generation import generate_images
 from workbench.models.layers import compressible_layers
 from workbench.palettes.apply import palettized
-from workbench.palettes.size import size_report
+from workbench.palettes.size import SizeReport, size_report
 from workbench.recipes.recipe import Recipe
 from workbench.sweep.probe import OneStepProbe
 from workbench.viz.grids import image_grid
@@ -40,24 +40,26 @@ class Column:
 
     Attributes:
         name: the column's title, e.g. `"4-bit"` or `"recipe_4.50_bit_mixedpalette"`.
-        bits_per_param: sum(bits * numel) / sum(numel) over the sized layers (16 for the float model).
-        nbytes: stored bytes of the sized layers (packed indices + LUTs, float16 for the rest).
+        size: the recipe's size over the sized layers (`workbench.palettes.size.SizeReport`; 16 bits/param for the
+            float model), the one size every view shows.
     """
 
     name: str
-    bits_per_param: float
-    nbytes: int
+    size: SizeReport
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.size.bits_per_param
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the sized layers (packed indices + LUTs, float16 for the rest)."""
+        return self.size.nbytes
 
     @property
     def caption(self) -> str:
-        """`"4.00 bits/param\n0.71 MB"`: the lines under the column's title."""
-        return f"{self.bits_per_param:.2f} bits/param\n{format_megabytes(self.nbytes)}"
-
-
-def format_megabytes(nbytes: int) -> str:
-    """Bytes as MB (10**6 bytes) with 2 significant decimals below 10 MB."""
-    mb = nbytes / 1e6
-    return f"{mb:.2f} MB" if mb < 10 else f"{mb:.1f} MB"
+        """The lines under the column's title: `SizeReport.label`, one part a line."""
+        return self.size.label("\n")
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class SeedMatchedImages:
     steps: int
 
     def to_frame(self):
-        """One row per cell: prompt, seed, column, bits/param, size (MB), image PSNR (dB), SSIM."""
+        """One row per cell: prompt, seed, column, bits/param, size (MB), % of float16, image PSNR (dB), SSIM."""
         import pandas as pd
 
         rows = []
@@ -94,8 +96,7 @@ class SeedMatchedImages:
                         "prompt": prompt,
                         "seed": self.seeds[r],
                         "column": column.name,
-                        "bits_per_param": round(column.bits_per_param, 3),
-                        "size_mb": round(column.nbytes / 1e6, 4),
+                        **column.size.columns(),
                         "image_psnr_db": self.psnr[r][c],
                         "ssim": self.ssim[r][c],
                     }
@@ -110,13 +111,16 @@ class SeedMatchedImages:
             out[column.name] = float(np.mean(values)) if values else math.inf
         return out
 
-    def render(self, *, cell_size: int = 128, title: str | None = None):
-        """The comparison as one captioned PIL image (see `image_grid`)."""
+    def render(self, *, cell_size: int = 128, title: str | None = None, subtitles: Mapping[str, str] | None = None):
+        """The comparison as one captioned PIL image (see `image_grid`): each column headed by its name, its
+        subtitle (`subtitles`: column name -> a line, e.g. the recipe's strategy) and its size (`Column.caption`)."""
         captions = [[_psnr_caption(value) if c else "reference" for c, value in enumerate(row)] for row in self.psnr]
+        subtitles = subtitles or {}
+        headers = ["\n".join(filter(None, (c.name, subtitles.get(c.name), c.caption))) for c in self.columns]
         return image_grid(
             self.images,
             row_labels=[f"{p}\n(seed {s})" for p, s in zip(self.prompts, self.seeds)],
-            column_labels=[f"{col.name}\n{col.caption}" for col in self.columns],
+            column_labels=headers,
             cell_captions=captions,
             cell_size=cell_size,
             title=title,
@@ -130,8 +134,7 @@ def _psnr_caption(value: float) -> str:
 def column_for(name: str, layers: Mapping[str, torch.nn.Module], recipe: Mapping) -> Column:
     """A `Column` sized with `workbench.palettes.size.size_report` over `layers` (e.g. `compressible_layers(unet)`)."""
 
-    report = size_report(layers, {k: v for k, v in recipe.items() if k in layers})
-    return Column(name, report.bits_per_param, report.nbytes)
+    return Column(name, size_report(layers, {k: v for k, v in recipe.items() if k in layers}))
 
 
 @torch.no_grad()
@@ -278,7 +281,7 @@ def backend_comparison(
         label = core.label
         per_column.append(generate_images(core.pipe, prompts, seed=seed, steps=steps, **kwargs))
     title = "Core ML package (emulated on Linux)" if backend == "emulate" else "Core ML package (Core ML runtime)"
-    columns.append(Column(title, columns[1].bits_per_param, columns[1].nbytes))
+    columns.append(Column(title, columns[1].size))
     images = tuple(tuple(column[r] for column in per_column) for r in range(len(prompts)))
     psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)
     ssim = tuple(tuple(image_ssim(row[0], image) for image in row) for row in images)

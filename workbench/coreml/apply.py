@@ -329,7 +329,6 @@ def apply_recipe(
     recipe: RecipeLike,
     out_dir: str | os.PathLike,
     *,
-    component: str = "unet",
     source: str = "",
     min_numel: int = DEFAULT_MIN_NUMEL,
     importance: Importance | None = None,
@@ -348,7 +347,6 @@ def apply_recipe(
         module (`nn.Module`): the torch component it was converted from (e.g. `pipe.unet`).
         recipe (`Recipe` or `Mapping[str, int | PaletteConfig]`): layer -> bits or `PaletteConfig` (16 = float16).
         out_dir (`str | os.PathLike`): where the palettized package and `verification.json` go (created).
-        component (`str`, defaults to `"unet"`): recorded in the report and the package's metadata.
         source (`str`): the source model's name, for the metadata and messages.
         min_numel (`int`, defaults to 2048): layers counted in bits/param (strict `>`).
         importance (`Importance`, *optional*): the analysis' importances, for data-aware palettes (`"wkmeans4"`).
@@ -363,6 +361,7 @@ def apply_recipe(
         PackageMismatchError, DeploymentTargetError, ExportMemoryError, InvalidValueError: see `resolve_names`,
             `check_deployment_target`, `_checked_plan` and `check_out_dir`.
     """
+    component = "unet"  # what `workbench apply` palettizes (recorded in the report and the package's metadata)
     package, out = Path(package), check_out_dir(out_dir, package)
     path = out / package.name
     start = time.perf_counter()

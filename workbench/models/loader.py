@@ -201,6 +201,31 @@ def as_single_file(model: ModelSpec) -> SingleFile | None:
     return SingleFile(str(model)) if Path(model).expanduser().is_file() else None
 
 
+def checkpoint_spec(
+    model: ModelSpec, config: str | None = None, allow_pickle: bool = False, *, options=("config", "allow_pickle")
+) -> ModelSpec:
+    """`model` with a single-file checkpoint's options: a `SingleFile` (with `config`, the architecture, and
+    `allow_pickle`) when `model` names a file, else `model` as it is.
+
+    Args:
+        options: how the caller names `config` and `allow_pickle` (e.g. `("--config", "--allow-pickle")`), for
+            the error message.
+
+    Raises:
+        InvalidValueError: `config` or `allow_pickle` for a model that is not a file.
+    """
+    single = as_single_file(model)
+    if single is None:
+        if config or allow_pickle:
+            option = options[0] if config else options[1]
+            raise InvalidValueError(
+                f"{option} is for a single-file checkpoint (.safetensors, .ckpt), and the model {str(model)!r} is "
+                "not a file; drop it, or pass the checkpoint's path as the model"
+            )
+        return model
+    return SingleFile(single.path, config=config or single.config, allow_pickle=allow_pickle or single.allow_pickle)
+
+
 def check_model(model: ModelSpec, variant: str | None = None) -> None:
     """Fail early, without loading anything, when `model` cannot be loaded (demo model not built, no such folder,
     hub id not cached, a single file that is missing, not a checkpoint's type, or whose `config` is not local).

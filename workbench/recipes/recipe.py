@@ -33,15 +33,27 @@ from workbench.palettes.size import bits_per_param
 RECIPE_NBITS = (1, 2, 3, 4, 6, 8, 16)
 RecipeEntry = int | str  # a bit width (16 = float16) or a palette config key
 _KEYS = ("model_version", "single_layer", "cumulative", "baselines", "recipes")
+RENAMED_KEY = "renamed"  # our addition to the format: {old recipe name: its name now}; the reference ignores it
 
 
 class RecipeError(UserError, ValueError):
     """A recipe or pre-analysis file that cannot be used; the message says why and what is valid."""
 
 
-def recipe_name(bits_per_param: float, suffix: str = "mixedpalette") -> str:
-    """The reference's naming: `recipe_4.50_bit_mixedpalette`."""
-    return f"recipe_{bits_per_param:.2f}_bit_{suffix}"
+def recipe_name(bits_per_param: float, suffix: str = "mixedpalette", decimals: int = 2) -> str:
+    """The reference's naming: `recipe_4.50_bit_mixedpalette`. `bits_per_param` is the recipe's own size
+    (`Recipe.bits_per_param` over the candidate layers), never a target it was made for, so the name and every
+    label of the recipe (`workbench.palettes.size.SizeReport.label`) say the same size."""
+    return f"recipe_{bits_per_param:.{decimals}f}_bit_{suffix}"
+
+
+def free_recipe_name(bits_per_param: float, suffix: str, taken) -> str:
+    """`recipe_name` with as many decimals (2 to 8) as it takes not to be one of `taken`; then a counter."""
+    for decimals in range(2, 9):
+        name = recipe_name(bits_per_param, suffix, decimals)
+        if name not in taken:
+            return name
+    return f"{name}_{len(taken)}"
 
 
 def _entry(value) -> RecipeEntry | None:
@@ -223,12 +235,20 @@ class PreAnalysis:
 
         return write_json_atomic(path, self.to_dict())
 
+    @property
+    def renamed(self) -> dict[str, str]:
+        """Old recipe name -> its name in this file (`extra["renamed"]`): refined recipes were once named after
+        the size they were refined within, now after their own size; `recipe` resolves an old name."""
+        renamed = self.extra.get(RENAMED_KEY, {})
+        return dict(renamed) if isinstance(renamed, Mapping) else {}
+
     def recipe(self, name: str | None = None) -> Recipe:
-        """The recipe called `name`; with `name=None`, the only recipe in the file."""
+        """The recipe called `name` (or once called: `renamed`); with `name=None`, the only recipe in the file."""
         if name is None:
             if len(self.recipes) != 1:
                 raise RecipeError(f"the file has {len(self.recipes)} recipes; pick one of: {', '.join(self.recipes)}")
             name = next(iter(self.recipes))
+        name = self.renamed.get(name, name) if name not in self.recipes else name
         if name not in self.recipes:
             hint = ", ".join(closest_names(name, self.recipes, 3) or list(self.recipes)[:5])
             raise RecipeError(f"no recipe {name!r}; available: {hint}")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from workbench.errors import InvalidValueError
+from workbench.models.loader import checkpoint_spec, model_from_text
 
 NOTEBOOKS: tuple[str, ...] = (
     "01_palettization_basics",
@@ -26,7 +27,11 @@ class ReportConfig:
 
     Args:
         run (`str`, defaults to `"demo"`): the folder name under `out_root`.
-        model (`str`, defaults to `""`): the notebooks' `model` parameter (`""` = demo model).
+        model (`str`, defaults to `""`): the notebooks' `model` parameter (`""` = demo model; a single-file
+            `.safetensors` / `.ckpt` checkpoint too).
+        model_config (`str`, defaults to `""`): a single-file checkpoint's architecture, a pipeline folder or cached
+            hub id (`workbench.models.single_file.SingleFile.config`); `""`: inferred from the checkpoint's keys.
+        allow_pickle (`bool`, defaults to False): unpickle a `.ckpt` that holds more than tensors.
         smoke (`bool`, defaults to False): shrink every notebook (CI): few prompts, few steps.
         notebooks (`tuple[str, ...]`): which notebooks, in order (default: all five).
         out_root (`str`, defaults to `"reports"`): parent folder of the run folder.
@@ -37,6 +42,8 @@ class ReportConfig:
 
     run: str = "demo"
     model: str = ""
+    model_config: str = ""
+    allow_pickle: bool = False
     smoke: bool = False
     notebooks: tuple[str, ...] = NOTEBOOKS
     out_root: str = "reports"
@@ -52,6 +59,22 @@ class ReportConfig:
         object.__setattr__(self, "notebooks", tuple(self.notebooks))
         if self.threads < 1:
             raise InvalidValueError(f"threads must be >= 1, got {self.threads}")
+        checkpoint_spec(model_from_text(self.model), self.model_config, self.allow_pickle)  # options need a file
+
+    @property
+    def model_spec(self):
+        """The model as the loader takes it: a `SingleFile` with `model_config` and `allow_pickle` for a checkpoint
+        file, else the `model` text's spec (`workbench.models.loader.checkpoint_spec`)."""
+        return checkpoint_spec(model_from_text(self.model), self.model_config, self.allow_pickle)
+
+    def notebook_parameters(self) -> dict:
+        """The model parameters every notebook gets: `model` (a local path made absolute: the notebooks run in the
+        report folder), `model_config` (likewise) and `allow_pickle`."""
+        return {
+            "model": _absolute_if_local(self.model),
+            "model_config": _absolute_if_local(self.model_config),
+            "allow_pickle": self.allow_pickle,
+        }
 
     @property
     def out_dir(self) -> Path:
@@ -63,6 +86,11 @@ class ReportConfig:
     @classmethod
     def from_dict(cls, d) -> ReportConfig:
         return cls(**{**d, "notebooks": tuple(d.get("notebooks", NOTEBOOKS))})
+
+
+def _absolute_if_local(text: str) -> str:
+    """`text` as an absolute path if it names an existing file or folder, else as it is (a hub id, "tiny-sd")."""
+    return str(Path(text).expanduser().resolve()) if text and Path(text).expanduser().exists() else text
 
 
 def select_notebooks(spec: str) -> tuple[str, ...]:

@@ -10,20 +10,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.io import write_json_atomic, write_text_atomic
-from workbench.models.loader import load_pipeline, model_dtype, model_from_text, pick_device
+from workbench.models.loader import checkpoint_spec, load_pipeline, model_dtype, model_from_text, pick_device
+from workbench.report.tables import labelled
 
 # ---------------------------------------------------------------------------------------------- in notebooks
 
 
-def open_model(model: str = "", *, device: str | None = None, dtype: str = "auto", threads: int | None = None):
+def open_model(
+    model: str = "",
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    threads: int | None = None,
+    config: str = "",
+    allow_pickle: bool = False,
+):
     """The pipeline a notebook's `model` parameter names, on `device`, without per-step progress bars.
 
     A notebook convenience over `workbench.models.loader.load_pipeline`: the parameter is text, so `""` stands for the
     demo model (`workbench.models.loader.model_from_text`); anything else is a model spec as the loader takes it
-    ("tiny-sd", "tiny-sdxl", a pipeline folder, a cached hub id).
+    ("tiny-sd", "tiny-sdxl", a pipeline folder, a cached hub id, a single-file `.safetensors` / `.ckpt` checkpoint).
 
     Args:
         model (`str`, defaults to `""`): the notebook's `model` parameter.
+        config (`str`, defaults to `""`): a single-file checkpoint's architecture (the notebook's `model_config`):
+            a pipeline folder or cached hub id; `""`: inferred from the checkpoint's keys.
+        allow_pickle (`bool`, defaults to False): unpickle a `.ckpt` that holds more than tensors.
         device (`str`, *optional*): where to run; None picks the best available (cuda > mps > cpu).
         dtype (`str`, defaults to "auto"): float16 on cuda/mps, float32 on cpu (`workbench.models.loader.model_dtype`).
         threads (`int`, *optional*): cap torch's CPU threads (the process-wide setting; notebooks set it once).
@@ -36,7 +48,8 @@ def open_model(model: str = "", *, device: str | None = None, dtype: str = "auto
     if threads is not None:
         torch.set_num_threads(threads)
     target = pick_device(device)
-    return load_pipeline(model_from_text(model), device=target, dtype=model_dtype(target, dtype), progress=False)
+    spec = checkpoint_spec(model_from_text(model), config, allow_pickle, options=("model_config", "allow_pickle"))
+    return load_pipeline(spec, device=target, dtype=model_dtype(target, dtype), progress=False)
 
 
 def quiet_logs() -> None:
@@ -162,7 +175,8 @@ class Artifacts:
         self._record("figure", path, caption)
 
     def table(self, frame, name: str, caption: str, *, show: bool = True) -> None:
-        """Save a DataFrame as `tables/NN_name.csv` and show it under its caption."""
+        """Save a DataFrame as `tables/NN_name.csv` and show it under its caption, its columns labelled
+        (`workbench.report.tables.labelled`: "bits/param", "size (MB)", ...; the CSV keeps the keys)."""
         path = None
         if self.enabled:
             path = self._path("tables", name, ".csv")
@@ -170,7 +184,7 @@ class Artifacts:
             write_text_atomic(path, frame.to_csv(index=False))
         _caption("Table", caption)
         if show:
-            _display(frame)
+            _display(labelled(frame))
         self._record("table", path, caption)
 
     def json(self, data, name: str, caption: str) -> None:

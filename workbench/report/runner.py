@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from workbench.io import environment, write_json_atomic, write_text_atomic
-from workbench.models.loader import check_model, model_from_text
+from workbench.models.loader import check_model
 from workbench.report.config import NotebookRun, ReportConfig, ReportResult
 from workbench.report.index import write_index
 from workbench.report.progress import ProgressLog, execution_kwargs
@@ -171,13 +171,13 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = _console, prog
     """
     import shutil
 
-    check_model(model_from_text(config.model))
+    check_model(config.model_spec)
     out_dir = config.out_dir
     for sub in ("notebooks", "html", "figures", "tables", "recipes", "artifacts"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = {
-        "model": config.model,
+        **config.notebook_parameters(),
         "smoke": config.smoke,
         "out_dir": str(out_dir.resolve()),
         "explorer": False,  # widgets need a live kernel; the HTML would show their text repr

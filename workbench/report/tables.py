@@ -8,21 +8,51 @@ Example:
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from workbench.compare.seed_matched import adherence_by_column
+from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import as_config
-from workbench.palettes.size import bits_per_param, recipe_nbytes
-from workbench.recipes.recipe import PreAnalysis
+from workbench.palettes.importance import IMPORTANCE_FILE, Importance
+from workbench.palettes.size import SIZE_COLUMNS, bits_per_param, recipe_size
+from workbench.recipes.recipe import STRATEGIES, PreAnalysis
 
 if TYPE_CHECKING:
     from workbench.compare.seed_matched import SeedMatchedImages
 
 
 STRATEGY_BY_SUFFIX = {"mixedpalette": "apple", "sizeaware": "size-aware", "refined": "refined"}
+# Every table column a reader meets, as a label with its unit (the CSV files keep the keys).
+COLUMN_LABELS = {
+    "name": "recipe",
+    "strategy": "strategy",
+    "target": "Core ML target",
+    **SIZE_COLUMNS,
+    "psnr_one_step_db": "one-step latent PSNR (dB)",
+    "latent_psnr_db": "one-step latent PSNR (dB)",
+    "image_psnr_db": "image PSNR (dB)",
+    "ssim": "SSIM",
+    "color_adherence": "colour adherence",
+    "shape_adherence": "shape adherence",
+    "position_adherence": "position adherence",
+    "reference": "reference rule's recipe",
+    "reference_bpp": "its bits/param",
+    "reference_psnr": "its one-step PSNR (dB)",
+    "ours": "ours at equal or smaller size",
+    "ours_bpp": "our bits/param",
+    "ours_psnr": "our one-step PSNR (dB)",
+    "gain_db": "gain (dB)",
+}
+
+
+def labelled(frame):
+    """`frame` with its known columns renamed to `COLUMN_LABELS` (for display; CSVs keep the keys)."""
+    return frame.rename(columns=COLUMN_LABELS)
 
 
 def strategy_of(recipe_name: str) -> str:
@@ -44,26 +74,23 @@ def recipe_table(result):
     import pandas as pd
 
     numels = result.layers
-    float16 = 2 * sum(numels.values())
     trajectories = {t.recipe: t for t in getattr(result, "trajectory", [])}
     rows = []
     if "float" in trajectories:
-        rows.append(_row("float16", "float", {}, numels, float16, None, trajectories["float"]))
+        rows.append(_row("float16", "float", {}, numels, None, trajectories["float"]))
     for r in sorted(result.recipes, key=lambda r: (r.strategy, -r.bits_per_param)):
-        rows.append(_row(r.name, r.strategy, r.bits, numels, float16, r.psnr_mean, trajectories.get(r.name)))
+        rows.append(_row(r.name, r.strategy, r.bits, numels, r.psnr_mean, trajectories.get(r.name)))
     return pd.DataFrame(rows)
 
 
-def _row(name, strategy, bits, numels, float16, one_step, trajectory) -> dict:
-    nbytes = recipe_nbytes(bits, numels)
+def _row(name, strategy, bits, numels, one_step, trajectory) -> dict:
+    size = recipe_size(bits, numels)
     configs = [c for c in map(as_config, bits.values()) if c is not None]
     row = {
         "name": name,
         "strategy": strategy,
         "target": "iOS18" if any(c.needs_ios18 for c in configs) else "iOS17",
-        "bits_per_param": round(bits_per_param(bits, numels), 3),
-        "size_mb": round(nbytes / 1e6, 4),
-        "pct_of_float16": round(100.0 * nbytes / float16, 1),
+        **size.columns(),
         "psnr_one_step_db": None if one_step is None else round(one_step, 2),
     }
     if trajectory is not None:
@@ -81,30 +108,45 @@ def pick_recipes(
     numels: Mapping[str, int],
     targets: Sequence[float],
     strategies: Sequence[str] | None = None,
+    strategy_of_name: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """For each strategy and each target bits/param, the recipe whose bits/param is closest (each kept once).
+    """For each target bits/param, the recipe of each strategy at that size, side by side (each kept once).
+
+    The first strategy present (in `STRATEGIES` order: Apple's rule first) picks the recipe closest to each target;
+    every other strategy then the recipe closest in size to that one, so each size's columns compare strategies at
+    (nearly) the same bits/param.
 
     Args:
         recipes: name -> {layer: bits} (e.g. `PreAnalysis.recipes`).
         numels: layer -> weight count, what bits/param is measured over.
         targets: bits/param to look near, e.g. `[3.5, 4.5, 6.5]` (the seed post's 3.41 / 4.50 / 6.55).
-        strategies: keep only these (`strategy_of` each name); None = all.
+        strategies: keep only these; None = all.
+        strategy_of_name: recipe name -> strategy (e.g. from `recipes.csv`); default `strategy_of` each name.
 
     Returns:
-        name -> bits, ordered by strategy then descending bits/param (the grid's column order).
+        name -> bits, by descending size, and within a size in `STRATEGIES` order (the grid's column order).
     """
+    known = dict(strategy_of_name or {})
     by_strategy: dict[str, list[str]] = {}
     for name in recipes:
-        strategy = strategy_of(name)
+        strategy = known.get(name) or strategy_of(name)
         if strategies is None or strategy in strategies:
             by_strategy.setdefault(strategy, []).append(name)
     if not by_strategy:
         raise ValueError(f"no recipe of strategies {list(strategies or [])}; recipes: {', '.join(recipes)}")
-    chosen: list[str] = []
+    order = [s for s in STRATEGIES if s in by_strategy] + [s for s in by_strategy if s not in STRATEGIES]
     bpp = {name: bits_per_param(bits, numels) for name, bits in recipes.items()}
-    for strategy, names in by_strategy.items():
-        picked = {min(names, key=lambda n, t=t: abs(bpp[n] - t)) for t in targets}
-        chosen += sorted(picked, key=lambda n: -bpp[n])
+
+    def closest(strategy: str, size: float) -> str:
+        return min(by_strategy[strategy], key=lambda n: (abs(bpp[n] - size), -bpp[n]))
+
+    anchors = sorted({closest(order[0], t) for t in targets}, key=lambda n: -bpp[n])
+    chosen: list[str] = []
+    for anchor in anchors:
+        for strategy in order:
+            name = anchor if strategy == order[0] else closest(strategy, bpp[anchor])
+            if name not in chosen:
+                chosen.append(name)
     return {name: dict(recipes[name]) for name in chosen}
 
 
@@ -118,7 +160,6 @@ def load_analysis_outputs(analysis_dir):
         FileNotFoundError: no `preanalysis.json` there; the message says how to make one.
     """
     import json
-    from pathlib import Path
 
     folder = Path(analysis_dir)
     if not (folder / "preanalysis.json").is_file():
@@ -131,27 +172,48 @@ def load_analysis_outputs(analysis_dir):
     return PreAnalysis.load(folder / "preanalysis.json"), config
 
 
+def analysis_strategies(analysis_dir, names) -> dict[str, str]:
+    """Recipe name -> strategy for each of `names`: as the analysis in `analysis_dir` recorded it (`recipes.csv`),
+    else read off the name's suffix (`strategy_of`)."""
+    path = Path(analysis_dir) / "recipes.csv"
+    recorded = {}
+    if path.is_file():
+        with path.open(newline="") as f:
+            recorded = {row["name"]: row["strategy"] for row in csv.DictReader(f) if row.get("strategy")}
+    return {name: recorded.get(name) or strategy_of(name) for name in names}
+
+
+def analysis_palette_cache(analysis_dir):
+    """A `PaletteCache` for the recipes of the analysis in `analysis_dir`: with its importances
+    (`importance.npz`, written by a data-aware analysis) when it has them, so its data-aware palettes fit."""
+    path = Path(analysis_dir) / IMPORTANCE_FILE
+    return PaletteCache(importance=Importance.load(path) if path.is_file() else None)
+
+
 def recipe_summary(
-    comparison: SeedMatchedImages, *, latent_psnr: Mapping[str, float] | None = None, adherence: bool = False
+    comparison: SeedMatchedImages,
+    *,
+    latent_psnr: Mapping[str, float] | None = None,
+    adherence: bool = False,
+    strategies: Mapping[str, str] | None = None,
 ):
-    """One row per column: name, bits/param, size (MB), % of float16, latent PSNR (one step), image PSNR, SSIM,
-    and (with `adherence=True`, demo-model prompts only) colour/shape/position adherence.
+    """One row per column: name, (with `strategies`, column name -> strategy) strategy, bits/param, size (MB),
+    % of float16, latent PSNR (one step), image PSNR, SSIM, and (with `adherence=True`, demo-model prompts only)
+    colour/shape/position adherence.
 
     Image PSNR and SSIM are means over the prompts against the reference column (float model, same seeds).
     The reference column's own PSNR is left empty rather than infinite.
     """
     import pandas as pd
 
-    float16 = comparison.columns[0].nbytes
     scores = adherence_by_column(comparison) if adherence else {}
     rows = []
     for c, column in enumerate(comparison.columns):
         psnrs = [row[c] for row in comparison.psnr]
         row = {
             "name": column.name,
-            "bits_per_param": round(column.bits_per_param, 3),
-            "size_mb": round(column.nbytes / 1e6, 4),
-            "pct_of_float16": round(100.0 * column.nbytes / float16, 1),
+            **({} if strategies is None else {"strategy": strategies.get(column.name, "float")}),
+            **column.size.columns(),
             "latent_psnr_db": None if latent_psnr is None else latent_psnr.get(column.name),
             "image_psnr_db": None if c == 0 else round(float(np.mean(psnrs)), 2),
             "ssim": round(float(np.mean([row[c] for row in comparison.ssim])), 4),

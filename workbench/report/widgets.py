@@ -3,8 +3,8 @@
 - `palette_error_table` / `PaletteState`: what palettizing one weight at each bit width does to it
   (weight SNR, stored bytes); the teaching notebook and the palette explorer both use them.
 - `PaletteExplorer`: pick a layer, slide the bit width, toggle grouped palettes; histogram, LUT and error update.
-- `RecipeExplorer`: slide a target bits/param; see the chosen recipe's bits per UNet block, its measured
-  numbers and a preview image.
+- `RecipeExplorer`: pick a strategy, slide a target bits/param; see the chosen recipe's size (one label:
+  `SizeReport.label`), bits per UNet block, its measured numbers and a preview image.
 
 Each explorer keeps its update logic in `update()` and its result in `.state`, so a test sets widget values
 and checks `.state` without a browser. ipywidgets and matplotlib are imported lazily.
@@ -24,9 +24,10 @@ from workbench.models.generation import generate_images
 from workbench.palettes.apply import palettized
 from workbench.palettes.config import SUPPORTED_NBITS, PaletteConfig, as_config
 from workbench.palettes.fit import Palette, fit_palette
-from workbench.palettes.size import layer_nbytes
-from workbench.recipes.recipe import Recipe
-from workbench.viz.plots import plot_weight_histogram
+from workbench.palettes.size import SIZE_COLUMNS, SizeReport, recipe_size
+from workbench.recipes.recipe import STRATEGIES, Recipe
+from workbench.report.tables import COLUMN_LABELS, strategy_of
+from workbench.viz.plots import STRATEGY_LABELS, plot_weight_histogram
 
 
 def _as_float16(weight) -> np.ndarray:
@@ -232,17 +233,26 @@ class RecipeState:
 
     Attributes:
         name: recipe name.
-        bits_per_param: over the explorer's layers.
-        nbytes: stored bytes of those layers.
+        strategy: the strategy that made it ("apple", "size-aware", "refined", ...).
+        size: its size over the explorer's layers (`workbench.palettes.size.SizeReport`: bits/param, stored bytes,
+            % of float16), the one size the explorer shows.
         bits_per_block: UNet block (e.g. `down_blocks.1`) -> mean bits/param of its layers (weighted by numel).
-        metrics: measured numbers of this recipe (whatever the explorer was given, e.g. PSNR in dB).
+        metrics: measured numbers of this recipe (whatever the explorer was given, e.g. PSNR in dB), sizes left out.
     """
 
     name: str
-    bits_per_param: float
-    nbytes: int
+    strategy: str
+    size: SizeReport
     bits_per_block: dict[str, float]
     metrics: dict[str, float]
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.size.bits_per_param
+
+    @property
+    def nbytes(self) -> int:
+        return self.size.nbytes
 
 
 def block_of(layer: str) -> str:
@@ -257,25 +267,35 @@ def bits_per_block(recipe: Mapping[str, int], numels: Mapping[str, int]) -> dict
     """Block -> `sum(bits * numel) / sum(numel)` over the block's layers in `numels` (absent layers: 16)."""
     totals: dict[str, list[float]] = {}
     for layer, numel in numels.items():
+        config = as_config(recipe.get(layer))
         acc = totals.setdefault(block_of(layer), [0.0, 0.0])
-        acc[0] += recipe.get(layer, 16) * numel
+        acc[0] += (16 if config is None else config.nbits) * numel
         acc[1] += numel
     return {block: bits / n for block, (bits, n) in totals.items()}
 
 
+ALL_STRATEGIES = "all"
+
+
 class RecipeExplorer:
-    """Slide a target size; see the largest recipe that fits, its bits per UNet block, its numbers and an image.
+    """Pick a strategy and slide a target size; see the largest recipe that fits, its size, its bits per UNet block,
+    its numbers and an image.
 
     Args:
         recipes (`Mapping[str, Mapping[str, int]]`): recipe name -> {layer: bits} (e.g. `PreAnalysis.recipes`).
         numels (`Mapping[str, int]`): layer -> weight count, the layers sizes are measured over.
-        metrics (`Mapping[str, Mapping[str, float]]`, *optional*): recipe name -> measured numbers to show.
+        metrics (`Mapping[str, Mapping[str, float]]`, *optional*): recipe name -> measured numbers to show (keys as
+            `workbench.report.tables.recipe_table`'s columns are shown with their labels; size columns are left out,
+            the explorer shows the size it computes).
         preview (`Callable[[str, Mapping[str, int]], image]`, *optional*): makes a preview image for a recipe
             (called once per recipe, then cached), e.g. a seed-matched generation.
+        strategies (`Mapping[str, str]`, *optional*): recipe name -> strategy; default `strategy_of` each name.
+        out_channels (`Mapping[str, int]`, *optional*): layer -> output channels, for grouped palettes' sizes.
 
     Attributes:
-        target: the FloatSlider (bits/param); `state` is the recipe with the largest bits/param <= target (the
-            smallest recipe if none fits).
+        strategy: the ToggleButtons (every strategy of the recipes, and "all"; "refined" first shown when there is
+            one, the workbench's recommendation); target: the FloatSlider (bits/param); `state` is the strategy's
+            recipe with the largest bits/param <= target (its smallest recipe if none fits).
         state (`RecipeState`), updates (`int`), previews (`dict[str, image]`).
     """
 
@@ -286,6 +306,8 @@ class RecipeExplorer:
         *,
         metrics: Mapping[str, Mapping[str, float]] | None = None,
         preview: Callable | None = None,
+        strategies: Mapping[str, str] | None = None,
+        out_channels: Mapping[str, int] | None = None,
     ):
         import ipywidgets as w
 
@@ -293,39 +315,50 @@ class RecipeExplorer:
             raise ValueError("RecipeExplorer needs at least one recipe")
         self._numels = dict(numels)
         self._recipes = {name: Recipe(name, bits) for name, bits in recipes.items()}
-        self._bpp = {name: r.bits_per_param(self._numels) for name, r in self._recipes.items()}
-        self._metrics = {k: dict(v) for k, v in (metrics or {}).items()}
+        self._sizes = {name: recipe_size(r.bits, self._numels, out_channels) for name, r in self._recipes.items()}
+        self._bpp = {name: size.bits_per_param for name, size in self._sizes.items()}
+        self._strategy = {name: (strategies or {}).get(name) or strategy_of(name) for name in self._recipes}
+        self._metrics = {
+            k: {m: v for m, v in dict(v).items() if m not in _NOT_METRICS} for k, v in (metrics or {}).items()
+        }
         self._preview = preview
         self.previews: dict = {}
+        present = sorted(set(self._strategy.values()), key=_strategy_order)
+        options = [(STRATEGY_LABELS.get(s, s), s) for s in present] + [("all strategies", ALL_STRATEGIES)]
+        self.strategy = w.ToggleButtons(
+            options=options, value="refined" if "refined" in present else ALL_STRATEGIES, description="strategy"
+        )
         lo, hi = min(self._bpp.values()), max(self._bpp.values())
         self.target = w.FloatSlider(
             value=hi, min=lo, max=max(hi, lo + 0.01), step=0.01, description="bits/param ≤", readout_format=".2f"
         )
         self.text = w.HTML()
         self.output = w.Output()
-        self.widget = w.VBox([self.target, self.text, self.output])
+        self.widget = w.VBox([self.strategy, self.target, self.text, self.output])
         self.updates = 0
         self.state: RecipeState | None = None
-        self.target.observe(lambda _change: self.update(), names="value")
+        for control in (self.strategy, self.target):
+            control.observe(lambda _change: self.update(), names="value")
         self.update()
 
-    def pick(self, target: float) -> str:
-        """The recipe with the largest bits/param <= `target`; the smallest recipe if none is that small."""
-        fitting = [name for name, bpp in self._bpp.items() if bpp <= target + 1e-9]
+    def pick(self, target: float, strategy: str = ALL_STRATEGIES) -> str:
+        """The recipe of `strategy` ("all": any) with the largest bits/param <= `target`; its smallest if none is
+        that small."""
+        names = [n for n in self._bpp if strategy == ALL_STRATEGIES or self._strategy[n] == strategy]
+        fitting = [name for name in names if self._bpp[name] <= target + 1e-9]
         if not fitting:
-            return min(self._bpp, key=self._bpp.get)
+            return min(names, key=self._bpp.get)
         return max(fitting, key=self._bpp.get)
 
     def update(self) -> RecipeState:
-        """Recompute `state` for the slider's target and redraw."""
+        """Recompute `state` for the strategy and the slider's target, and redraw."""
 
-        name = self.pick(self.target.value)
+        name = self.pick(self.target.value, self.strategy.value)
         recipe = self._recipes[name].bits
-        nbytes = sum(layer_nbytes(n, 1, as_config(recipe.get(layer, 16))) for layer, n in self._numels.items())
         self.state = RecipeState(
             name=name,
-            bits_per_param=self._bpp[name],
-            nbytes=nbytes,
+            strategy=self._strategy[name],
+            size=self._sizes[name],
             bits_per_block=bits_per_block(recipe, self._numels),
             metrics=self._metrics.get(name, {}),
         )
@@ -338,11 +371,13 @@ class RecipeExplorer:
 
     def _html(self) -> str:
         s = self.state
-        numbers = ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}" for k, v in s.metrics.items())
+        numbers = "".join(
+            f"<tr><td>{COLUMN_LABELS.get(k, k)}</td><td>{_number(v)}</td></tr>" for k, v in s.metrics.items()
+        )
         blocks = "".join(f"<tr><td>{b}</td><td>{bits:.2f}</td></tr>" for b, bits in s.bits_per_block.items())
         return (
-            f"<b>{s.name}</b>: {s.bits_per_param:.2f} bits/param, {s.nbytes / 1e6:.3f} MB"
-            f"{'; ' + numbers if numbers else ''}"
+            f"<b>{s.name}</b> ({STRATEGY_LABELS.get(s.strategy, s.strategy)}): {s.size.label()}"
+            f"{'<table>' + numbers + '</table>' if numbers else ''}"
             f"<table><tr><th>UNet block</th><th>bits/param</th></tr>{blocks}</table>"
         )
 
@@ -354,6 +389,18 @@ class RecipeExplorer:
         self.output.clear_output(wait=True)
         with self.output:
             display(self.previews[self.state.name])
+
+
+# What a recipe table row holds beside its measured numbers: shown in the explorer's headline, not as metrics.
+_NOT_METRICS = {"name", "strategy", *SIZE_COLUMNS}
+
+
+def _strategy_order(strategy: str) -> tuple[int, str]:
+    return (STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES), strategy)
+
+
+def _number(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def _in_notebook() -> bool:

@@ -18,6 +18,12 @@ PALETTE_COLOR = "#d62728"
 GROUPED_COLOR = "#1f77b4"
 
 
+# The x-axis of every plot against recipe size (`workbench.palettes.size`: bits/param is the size, LUTs not counted).
+BITS_AXIS = "bits/param (compressible UNet layers)"
+# Each recipe strategy as figures, the grid and the recipe explorer name it.
+STRATEGY_LABELS = {"apple": "reference rule (Apple)", "size-aware": "size-aware (ours)", "refined": "refined (ours)"}
+
+
 def _new_axes(ax, figsize):
     import matplotlib.pyplot as plt
 
@@ -207,7 +213,7 @@ def plot_quality_vs_bits(table, *, x: str = "bits_per_param", columns=None, ax=N
     for i, (column, label) in enumerate(columns.items()):
         if column in table:
             ax.plot(table[x], table[column], marker="o", label=label, color=_color(i))
-    ax.set_xlabel("bits per parameter (UNet weights)")
+    ax.set_xlabel(BITS_AXIS)
     ax.set_ylabel("PSNR vs float model (dB)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -235,14 +241,14 @@ def plot_recipe_metric(table, metric: str = "image_psnr_db", *, ylabel: str | No
         "ssim": "SSIM vs float model (1 = identical)",
     }
     fig, ax = _new_axes(ax, (6.5, 3.8))
-    names = {"apple": "reference rule (Apple)", "size-aware": "size-aware (ours)", "refined": "refined (ours)"}
+    names = STRATEGY_LABELS
     rows = table[table["strategy"] != "float"].dropna(subset=[metric]) if metric in table else table.iloc[:0]
     for i, (strategy, group) in enumerate(rows.groupby("strategy", sort=True)):
         group = group.sort_values("bits_per_param")
         ax.plot(
             group["bits_per_param"], group[metric], marker="o", color=_color(i), label=names.get(strategy, strategy)
         )
-    ax.set_xlabel("bits per parameter (compressible UNet layers)")
+    ax.set_xlabel(BITS_AXIS)
     ax.set_ylabel(ylabel or labels.get(metric, metric))
     ax.grid(alpha=0.3)
     if len(rows):
