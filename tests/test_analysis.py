@@ -319,6 +319,7 @@ def test_background_fits_give_the_same_analysis_on_the_demo_model():
     assert [e.psnr for e in runs[0].evaluations] == [e.psnr for e in runs[1].evaluations]
 
 
+@pytest.mark.slow
 def test_a_tight_palette_budget_gives_the_same_analysis_and_holds_the_budget(pipe, tmp_path):
     from workbench.palettes.cache import PaletteCache
 

@@ -236,6 +236,7 @@ def test_recipe_naming_weights_the_package_lacks_lists_them(sd_export):
         compress_model(model, plan, prefix="unet")
 
 
+@pytest.mark.slow  # grouped and 3-bit palettes stay in `make test` through apply (test_coreml_apply.py)
 def test_tiny_sdxl_unet_exports_and_compresses_with_grouped_and_3bit_palettes(tmp_path):
     pipe = tiny_sdxl_pipeline()
     layers = compressible_layers(pipe.unet, MIN_NUMEL)

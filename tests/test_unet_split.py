@@ -103,9 +103,10 @@ def test_stitched_package_equals_one_converted_whole(sdxl, tmp_path):
 
 @pytest.mark.parametrize(
     ("which", "piece_bytes"),
-    [("sd", None), pytest.param("sdxl", MANY_PIECES, marks=pytest.mark.slow)],  # one piece per chunk; many
+    [pytest.param("sd", None, marks=pytest.mark.slow), pytest.param("sdxl", MANY_PIECES, marks=pytest.mark.slow)],
 )
 def test_chunked_unet_runs_in_sequence_to_the_unchunked_output(which, piece_bytes, request, tmp_path):
+    # sd: one piece per chunk; sdxl: many. Both slow (an export each): `make test` keeps the torch-level split tests
     pipe = request.getfixturevalue(which)
     report = export_pipeline(pipe, tmp_path, ExportConfig(nbits=4, chunk_unet=True, piece_bytes=piece_bytes))
     chunks = report.paths()["unet"]
