@@ -56,7 +56,7 @@ def qat_recipe(unet: nn.Module, config: QatConfig) -> Recipe:
         layers = compressible_layers(unet, min_numel=config.min_numel)
         if not layers:
             raise InvalidValueError(f"the UNet has no Linear/Conv2d layer over min_numel={config.min_numel} weights")
-        return Recipe(f"uniform_{bits}_bit", {name: bits for name in layers})
+        return Recipe(f"uniform_{bits}_bit", dict.fromkeys(layers, bits))
     recipe = load_recipe(config.palettize, config.recipe_name or None)
     names = [name for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     recipe.validate(names)
