@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from workbench.cli.main import main as cli_main
 from workbench.demo.config import TrainConfig
 from workbench.errors import InvalidValueError
 from workbench.models.tiny import tiny_sd_pipeline
+from workbench.palettes.given import GivenPalettes
+from workbench.recipes.recipe import load_recipe
 from workbench.tune.qat import check_exact, train_palettized
 from workbench.tune.qat_config import QatConfig
 
@@ -38,7 +41,13 @@ def test_trained_weights_are_exactly_their_palettes(tmp_path):
     assert all(np.isfinite(result.losses)) and len(result.losses) == 3
     written = json.loads((tmp_path / "qat" / "qat.json").read_text())
     assert written["exact"] is True and written["qat"]["palettize"] == "2"
-    assert (tmp_path / "qat" / "recipe.json").is_file()
+    given = GivenPalettes.load(tmp_path / "qat" / "palettes.npz")
+    assert sorted(given) == sorted(result.palettes)
+    reloaded = load_recipe(tmp_path / "qat" / "recipe.json")
+    assert {n: c.key for n, c in given.configs.items()} == {n: c.key for n, c in reloaded.configs.items()}
+    saved = load_file(tmp_path / "qat" / "unet" / "diffusion_pytorch_model.safetensors")
+    for name in given:
+        assert np.array_equal(saved[f"{name}.weight"].numpy(), given.dense(name).astype(np.float32)), name
 
 
 def test_fine_tuning_moves_the_palettes_away_from_the_post_training_ones():

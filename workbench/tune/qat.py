@@ -10,7 +10,9 @@ Nothing of size weights x clusters is ever held: the memory over plain training 
 
 The first palettes are the post-training ones (`fit_palette` on the float weights), so step 0 is plain k-means
 palettization; the model written at the end holds `LUT[indices]` exactly, so `workbench export` with the same recipe
-re-fits the same palettes (a weight of at most 2**nbits distinct values is its own k-means optimum).
+re-fits the same palettes (a weight of at most 2**nbits distinct values is its own k-means optimum), and
+`palettes.npz` beside it (`workbench.palettes.given.GivenPalettes`) hands them to `workbench export --palettes` as
+they are.
 
 Example:
     >>> result = train_palettized(pipe, TrainConfig.from_dict(training_json["config"]), QatConfig("2"), "out/")
@@ -38,9 +40,11 @@ from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers
 from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import Palette, fit_palette
+from workbench.palettes.given import GivenPalettes
 from workbench.recipes.recipe import Recipe, load_recipe
 from workbench.tune.qat_config import QatConfig
 
+PALETTES_FILE = "palettes.npz"  # beside the fine-tuned pipeline
 QAT_STAGE = 4  # `step_generator`'s stage number of fine-tuning draws (the demo's training uses 1-3)
 
 
@@ -292,7 +296,8 @@ def train_palettized(
     log: Log = print,
 ) -> QatResult:
     """Fine-tune `pipe.unet` (in place) with the demo's data and loss while its weights are palettized, then write
-    the pipeline folder (`out`, unless None) with `recipe.json` and `qat.json` beside it.
+    the pipeline folder (`out`, unless None) with `recipe.json`, `palettes.npz` (`GivenPalettes`) and `qat.json`
+    beside it.
 
     Args:
         pipe: an SD pipeline whose VAE makes `train_config`'s latents (the demo model, a tiny test pipeline).
@@ -330,9 +335,11 @@ def train_palettized(
 
 
 def _write(pipe, result: QatResult, config: QatConfig, train_config: TrainConfig) -> None:
-    """The pipeline folder, its recipe and the run's record."""
+    """The pipeline folder, its recipe, its palettes (`GivenPalettes`, what `workbench export --palettes` stores as
+    given) and the run's record."""
     out = result.out
     pipe.save_pretrained(out, safe_serialization=True)
     result.recipe.save(out / "recipe.json")
+    GivenPalettes(result.palettes).save(out / PALETTES_FILE)
     record = {"qat": config.to_dict(), "train_config": train_config.to_dict(), **result.to_dict()}
     (out / "qat.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
