@@ -46,13 +46,14 @@ import numpy as np
 STEPS = 100  # optimizer steps of every training run (ours and DKM alike), batch BATCH
 BATCH = 32
 EVAL_IMAGES = 64
-SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3}
+LR, DISTILL = 3e-4, 1.0
+SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3, "lr": LR, "distill": DISTILL}
 MIXED_TARGET = 2.5
 
 
 def _settings(smoke: bool) -> dict:
     full = {"steps": STEPS, "batch": BATCH, "n_images": None, "eval_images": EVAL_IMAGES, "sample_steps": None}
-    return SMOKE if smoke else full
+    return dict(SMOKE) if smoke else dict(full, lr=LR, distill=DISTILL)
 
 
 def _peak_gb() -> float:
@@ -90,9 +91,10 @@ def _child(args: argparse.Namespace) -> None:
         return
     saved = torch.load(args.latents, weights_only=False)
     stage1 = VaeStage([], saved["scaling_factor"], saved["latents"], saved["seconds"])
-    config = QatConfig(args.recipe, steps=args.steps, batch=args.batch)
+    config = QatConfig(args.recipe, steps=args.steps, batch=args.batch, lr=args.lr, distill=args.distill)
     before = _peak_gb()
-    record = {"method": args.child, "steps": args.steps, "batch": args.batch, "rss_before_gb": before}
+    record = {"method": args.child, "qat": config.to_dict(), "steps": args.steps, "batch": args.batch}
+    record["rss_before_gb"] = before
     if args.child == "qat":
         from workbench.tune.qat import train_palettized
 
@@ -110,7 +112,7 @@ def _child(args: argparse.Namespace) -> None:
 def _spawn(child: str, model_dir: Path, out: Path, settings: dict, recipe: Path | None = None) -> None:
     command = [sys.executable, __file__, "--child", child, "--model", str(model_dir), "--out", str(out)]
     command += ["--latents", str(out.parent.parent / "latents.pt"), "--steps", str(settings["steps"])]
-    command += ["--batch", str(settings["batch"])]
+    command += ["--batch", str(settings["batch"]), "--lr", str(settings["lr"]), "--distill", str(settings["distill"])]
     if settings["n_images"] is not None:
         command += ["--n-images", str(settings["n_images"])]
     if recipe is not None:
@@ -231,8 +233,8 @@ def _recipe_file(recipe: dict, name: str, work: Path) -> Path:
     return Recipe(f"{name}_recipe", {layer: config.key for layer, config in recipe.items()}).save(work / "recipe.json")
 
 
-def _run(method: str, model_dir, recipe: dict, name: str, work, smoke: bool) -> dict:
-    model_dir, work, settings = Path(model_dir), Path(work), _settings(smoke)
+def _run(method: str, model_dir, recipe: dict, name: str, work, settings: dict) -> dict:
+    model_dir, work = Path(model_dir), Path(work)
     out = work / f"{method}_{name}"
     latents = _latents(model_dir, work.parent, settings)
     assert latents.exists()
@@ -257,13 +259,13 @@ def _run(method: str, model_dir, recipe: dict, name: str, work, smoke: bool) -> 
 def run_qat(model_dir, recipe: dict, name: str, work, smoke: bool = False) -> dict:
     """Ours at `recipe` (layer -> `PaletteConfig`): trained in a process of its own under `work`, then measured
     against the float model. `name` ("2b", "3b", "2p5") names its folder. Keys: see the module docstring."""
-    return _run("qat", model_dir, recipe, name, work, smoke)
+    return _run("qat", model_dir, recipe, name, work, _settings(smoke))
 
 
 def run_dkm(model_dir, recipe: dict, name: str, work, smoke: bool = False) -> dict:
     """coremltools' `DKMPalettizer` at `recipe`, the same training as `run_qat`; `exact` is False (its palettes are
     not exported here), `max_distinct` the most distinct values of any palettized weight."""
-    return _run("dkm", model_dir, recipe, name, work, smoke)
+    return _run("dkm", model_dir, recipe, name, work, _settings(smoke))
 
 
 # ------------------------------------------------------------------------------------------ run alone
@@ -317,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="2b,3b,2p5", help="comma-separated, of 2b, 3b, 2p5")
     for option in ("--child", "--out", "--latents", "--recipe"):
         parser.add_argument(option, default=None, help=argparse.SUPPRESS)
-    for option in ("--steps", "--batch", "--n-images"):
-        parser.add_argument(option, type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--methods", default="qat,dkm", help="comma-separated, of qat, dkm")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps of every run ({STEPS})")
+    parser.add_argument("--batch", type=int, default=None, help=f"images per step ({BATCH})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({LR})")
+    parser.add_argument("--distill", type=float, default=None, help=f"weight of the float teacher ({DISTILL})")
+    parser.add_argument("--eval-images", type=int, default=None, help=f"images per measurement ({EVAL_IMAGES})")
+    parser.add_argument("--n-images", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from workbench.models.loader import DEMO_MODEL
     from workbench.palettes.config import PaletteConfig
@@ -330,14 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model_dir, work = Path(args.model), Path(args.work)
     started, settings, numels = time.perf_counter(), _settings(args.smoke), _candidates(model_dir)
+    given = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "distill": args.distill}
+    settings.update({k: v for k, v in dict(given, eval_images=args.eval_images).items() if v is not None})
+    nan = dict.fromkeys(("image_psnr_db", "one_step_psnr_db", "adherence", "train_seconds", "peak_gb"), math.nan)
     figures = {}
     for name in args.sizes.split(","):
         bits = {"2b": 2, "3b": 3}.get(name)
         recipe = dict.fromkeys(numels, PaletteConfig(bits)) if bits else _mixed_recipe(model_dir, work, args.smoke)
         bpp = bits_per_param(recipe, numels)
         post = measure(model_dir, settings, recipe=recipe)
-        ours = run_qat(model_dir, recipe, name, work / "runs", args.smoke)
-        dkm = run_dkm(model_dir, recipe, name, work / "runs", args.smoke)
+        ours = _run("qat", model_dir, recipe, name, work / "runs", settings) if "qat" in args.methods else nan
+        dkm = _run("dkm", model_dir, recipe, name, work / "runs", settings) if "dkm" in args.methods else nan
         figures[name] = (post, ours, dkm)
         print(_line(name, bpp, post, ours, dkm), flush=True)
     post, ours, dkm = figures.get("2b", next(iter(figures.values())))
@@ -346,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         f"qat_gain_2b_db={ours['image_psnr_db'] - post['image_psnr_db']:.2f} "
         f"qat_image_psnr_2b_db={ours['image_psnr_db']:.2f} qat_adherence_2b={ours['adherence']:.3f} "
         f"dkm_image_psnr_2b_db={dkm['image_psnr_db']:.2f} dkm_peak_gb={dkm['peak_gb']:.2f} "
-        f"ours_peak_gb={ours['peak_gb']:.2f} exact={all(f[1]['exact'] for f in figures.values())}"
+        f"ours_peak_gb={ours['peak_gb']:.2f} exact={all(f[1].get('exact', False) for f in figures.values())}"
     )
     return 0
 
