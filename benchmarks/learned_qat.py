@@ -111,7 +111,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def _spawn(child: str, model_dir: Path, out: Path, settings: dict, recipe: Path | None = None) -> None:
     command = [sys.executable, __file__, "--child", child, "--model", str(model_dir), "--out", str(out)]
-    command += ["--latents", str(out.parent.parent / "latents.pt"), "--steps", str(settings["steps"])]
+    command += ["--latents", str(out.parent / "latents.pt"), "--steps", str(settings["steps"])]
     command += ["--batch", str(settings["batch"]), "--lr", str(settings["lr"]), "--distill", str(settings["distill"])]
     if settings["n_images"] is not None:
         command += ["--n-images", str(settings["n_images"])]
@@ -209,6 +209,21 @@ def measure(model_dir: Path, settings: dict, *, state: dict | None = None, recip
     }
 
 
+def _cached(path: Path, compute) -> dict:
+    """The figures in `path` if a run wrote them, else `compute()`'s, written there (the benchmark resumes)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    figures = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+    return figures
+
+
+def _tag(settings: dict) -> str:
+    """What a measurement depends on beside the model: images and sampling steps."""
+    return f"{settings['eval_images']}img_{settings['sample_steps'] or 'default'}steps"
+
+
 def _unet_state(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -236,12 +251,18 @@ def _recipe_file(recipe: dict, name: str, work: Path) -> Path:
 def _run(method: str, model_dir, recipe: dict, name: str, work, settings: dict) -> dict:
     model_dir, work = Path(model_dir), Path(work)
     out = work / f"{method}_{name}"
-    latents = _latents(model_dir, work.parent, settings)
-    assert latents.exists()
+    _latents(model_dir, work, settings)
     if not (out / "result.json").exists():
         _spawn(method, model_dir, out, settings, _recipe_file(recipe, name, work))
     record = json.loads((out / "result.json").read_text())
-    figures = measure(model_dir, settings, state=_unet_state(out))
+
+    def compute() -> dict:
+        figures = measure(model_dir, settings, state=_unet_state(out))
+        if method == "qat":
+            figures["exact"] = record["exact_weights"] and _export_exact(out, work)
+        return figures
+
+    figures = _cached(out / f"figures_{_tag(settings)}.json", compute)
     figures.update(
         seconds=record["seconds"]["total"],
         train_seconds=record["seconds"]["train"],
@@ -250,7 +271,7 @@ def _run(method: str, model_dir, recipe: dict, name: str, work, settings: dict) 
         batch=record["batch"],
     )
     if method == "qat":
-        figures.update(palettes=str(out / "palettes.npz"), exact=record["exact_weights"] and _export_exact(out, work))
+        figures.update(palettes=str(out / "palettes.npz"))
     else:
         figures.update(exact=False, max_distinct=record["max_distinct"])
     return figures
@@ -345,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         bits = {"2b": 2, "3b": 3}.get(name)
         recipe = dict.fromkeys(numels, PaletteConfig(bits)) if bits else _mixed_recipe(model_dir, work, args.smoke)
         bpp = bits_per_param(recipe, numels)
-        post = measure(model_dir, settings, recipe=recipe)
+        post = _cached(
+            work / f"post_{name}_{_tag(settings)}.json", lambda: measure(model_dir, settings, recipe=recipe)
+        )
         ours = _run("qat", model_dir, recipe, name, work / "runs", settings) if "qat" in args.methods else nan
         dkm = _run("dkm", model_dir, recipe, name, work / "runs", settings) if "dkm" in args.methods else nan
         figures[name] = (post, ours, dkm)

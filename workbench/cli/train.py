@@ -19,9 +19,11 @@ _QAT_OPTIONS = ("recipe_name", "steps", "batch", "lr", "recluster_every", "disti
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.palettize is not None:
+    # a namespace of the demo's own options alone (`add_arguments`) trains the demo model
+    if getattr(args, "palettize", None) is not None:
         return _run_palettized(args)
-    given = [f"--{name.replace('_', '-')}" for name in (*_QAT_OPTIONS, "model") if getattr(args, name) is not None]
+    options = (*_QAT_OPTIONS, "model")
+    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name, None) is not None]
     if given:
         raise UsageError(f"{', '.join(given)} only apply with --palettize", "workbench train")
     # the config file and `--set` overrides are read (strictly: `TrainConfig.with_overrides`) and checked before the
