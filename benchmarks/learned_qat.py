@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-STEPS = 100  # optimizer steps of every training run (ours and DKM alike), batch BATCH
+STEPS = 40  # optimizer steps of every training run (ours and DKM alike), batch BATCH
 BATCH = 32
-EVAL_IMAGES = 64
+EVAL_IMAGES = 32
 LR, DISTILL = 3e-4, 1.0
 SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3, "lr": LR, "distill": DISTILL}
 MIXED_TARGET = 2.5
@@ -92,7 +92,7 @@ def _child(args: argparse.Namespace) -> None:
     saved = torch.load(args.latents, weights_only=False)
     stage1 = VaeStage([], saved["scaling_factor"], saved["latents"], saved["seconds"])
     config = QatConfig(args.recipe, steps=args.steps, batch=args.batch, lr=args.lr, distill=args.distill)
-    before = _peak_gb()
+    before, cpu = _peak_gb(), time.process_time()
     record = {"method": args.child, "qat": config.to_dict(), "steps": args.steps, "batch": args.batch}
     record["rss_before_gb"] = before
     if args.child == "qat":
@@ -106,10 +106,11 @@ def _child(args: argparse.Namespace) -> None:
         record.update(train_dkm(pipe, train_config, config, stage1=stage1, log=lambda line: None))
         pipe.save_pretrained(out, safe_serialization=True)
     record["peak_gb"] = _peak_gb()
+    record["cpu_seconds"] = time.process_time() - cpu  # CPU time: wall time on a shared CPU says little
     (out / "result.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def _spawn(child: str, model_dir: Path, out: Path, settings: dict, recipe: Path | None = None) -> None:
+def _spawn(child: str, model_dir: Path, out: Path, settings: dict, recipe: Path | None = None) -> subprocess.Popen:
     command = [sys.executable, __file__, "--child", child, "--model", str(model_dir), "--out", str(out)]
     command += ["--latents", str(out.parent / "latents.pt"), "--steps", str(settings["steps"])]
     command += ["--batch", str(settings["batch"]), "--lr", str(settings["lr"]), "--distill", str(settings["distill"])]
@@ -117,7 +118,7 @@ def _spawn(child: str, model_dir: Path, out: Path, settings: dict, recipe: Path 
         command += ["--n-images", str(settings["n_images"])]
     if recipe is not None:
         command += ["--recipe", str(recipe)]
-    subprocess.run(command, check=True)
+    return subprocess.Popen(command)
 
 
 def _latents(model_dir: Path, root: Path, settings: dict) -> Path:
@@ -248,12 +249,22 @@ def _recipe_file(recipe: dict, name: str, work: Path) -> Path:
     return Recipe(f"{name}_recipe", {layer: config.key for layer, config in recipe.items()}).save(work / "recipe.json")
 
 
-def _run(method: str, model_dir, recipe: dict, name: str, work, settings: dict) -> dict:
-    model_dir, work = Path(model_dir), Path(work)
+def _start(method: str, model_dir: Path, recipe: dict, name: str, work: Path, settings: dict):
+    """The training process of a run (None if an earlier one finished it)."""
     out = work / f"{method}_{name}"
     _latents(model_dir, work, settings)
-    if not (out / "result.json").exists():
-        _spawn(method, model_dir, out, settings, _recipe_file(recipe, name, work))
+    if (out / "result.json").exists():
+        return None
+    return _spawn(method, model_dir, out, settings, _recipe_file(recipe, name, work))
+
+
+def _run(method: str, model_dir, recipe: dict, name: str, work, settings: dict, process=False) -> dict:
+    """Train (unless `process`, the training already started, is given: then wait for it) and measure."""
+    model_dir, work = Path(model_dir), Path(work)
+    out = work / f"{method}_{name}"
+    process = _start(method, model_dir, recipe, name, work, settings) if process is False else process
+    if process is not None and process.wait() != 0:
+        raise RuntimeError(f"the {method} {name} training process failed (exit {process.returncode})")
     record = json.loads((out / "result.json").read_text())
 
     def compute() -> dict:
@@ -266,6 +277,7 @@ def _run(method: str, model_dir, recipe: dict, name: str, work, settings: dict) 
     figures.update(
         seconds=record["seconds"]["total"],
         train_seconds=record["seconds"]["train"],
+        cpu_seconds=record["cpu_seconds"],
         peak_gb=record["peak_gb"],
         steps=record["steps"],
         batch=record["batch"],
