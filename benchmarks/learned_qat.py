@@ -378,11 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         bits = {"2b": 2, "3b": 3}.get(name)
         recipe = dict.fromkeys(numels, PaletteConfig(bits)) if bits else _mixed_recipe(model_dir, work, args.smoke)
         bpp = bits_per_param(recipe, numels)
-        post = _cached(
-            work / f"post_{name}_{_tag(settings)}.json", lambda: measure(model_dir, settings, recipe=recipe)
-        )
-        ours = _run("qat", model_dir, recipe, name, work / "runs", settings) if "qat" in args.methods else nan
-        dkm = _run("dkm", model_dir, recipe, name, work / "runs", settings) if "dkm" in args.methods else nan
+        methods = [m for m in ("qat", "dkm") if m in args.methods.split(",")]
+        # the trainings run in processes of their own (their peak RSS apart) while this one measures the float model
+        started_runs = {m: _start(m, model_dir, recipe, name, work / "runs", settings) for m in methods}
+        post_file = work / f"post_{name}_{_tag(settings)}.json"
+        post = _cached(post_file, lambda: measure(model_dir, settings, recipe=recipe))
+        runs = {m: _run(m, model_dir, recipe, name, work / "runs", settings, p) for m, p in started_runs.items()}
+        ours, dkm = runs.get("qat", nan), runs.get("dkm", nan)
         figures[name] = (post, ours, dkm)
         print(_line(name, bpp, post, ours, dkm), flush=True)
     post, ours, dkm = figures.get("2b", next(iter(figures.values())))
