@@ -126,3 +126,12 @@ def test_the_command_line_rejects_bad_input_in_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and "palette width" in err
     assert cli_main(["train", "--steps", "10", "--out", str(tmp_path / "x")]) == 2
     assert "--palettize" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dkm_trains_the_same_recipe_to_at_most_2_to_the_nbits_values():
+    from workbench.tune.dkm import train_dkm
+
+    pipe = tiny_sd_pipeline()
+    record = train_dkm(pipe, DATA, QatConfig("2", steps=2, batch=2, min_numel=10_000), log=lambda line: None)
+    assert record["max_distinct"] <= 4 and len(record["losses"]) == 2 and all(np.isfinite(record["losses"]))
