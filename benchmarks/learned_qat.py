@@ -246,7 +246,9 @@ def _recipe_file(recipe: dict, name: str, work: Path) -> Path:
     from workbench.recipes.recipe import Recipe
 
     work.mkdir(parents=True, exist_ok=True)
-    return Recipe(f"{name}_recipe", {layer: config.key for layer, config in recipe.items()}).save(work / "recipe.json")
+    return Recipe(f"{name}_recipe", {layer: config.key for layer, config in recipe.items()}).save(
+        work / f"recipe_{name}.json"
+    )
 
 
 def _start(method: str, model_dir: Path, recipe: dict, name: str, work: Path, settings: dict):
