@@ -82,7 +82,9 @@ def add_parser(sub) -> None:
     q.add_argument("--steps", type=int_in_range(1), default=None, help="optimizer steps (200)")
     q.add_argument("--batch", type=int_in_range(1), default=None, help="images per step (64)")
     q.add_argument("--lr", type=float_in_range(1e-12), default=None, help="peak learning rate (1e-4)")
-    q.add_argument("--recluster-every", type=int_in_range(0), default=None, help="steps between k-means re-fits (50)")
+    q.add_argument(
+        "--recluster-every", type=int_in_range(0), default=None, help="steps between k-means re-fits (0: never)"
+    )
     q.add_argument("--distill", type=float_in_range(0.0), default=None, help="weight of the float teacher (1.0)")
     q.add_argument("--min-numel", type=int_in_range(0), default=None, help="a width: layers over this (2048)")
     q.add_argument("--seed", type=int_in_range(0), default=None, help="seeds the batches (0)")

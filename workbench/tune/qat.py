@@ -4,8 +4,9 @@ The design (argued in docs/training_time.md): every palettized layer keeps a flo
 (`workbench.palettes.fit.Palette`'s LUT and indices). The forward pass uses `LUT[indices]`, exactly the weight the
 Core ML package will hold; the backward pass hands the gradient of that weight to the master unchanged (a
 straight-through estimator). After every optimizer step each LUT entry becomes the float16-rounded mean of the masters
-assigned to it (the k-means centroid step, O(weights)); every `recluster_every` steps every palette is re-fitted from
-scratch by the exact k-means Core ML itself runs (`fit_palette` on the float16 masters), so weights may change cluster.
+assigned to it (the k-means centroid step, O(weights)). The assignment is the post-training k-means' and stays, unless
+`recluster_every` asks for re-fits from scratch by the exact k-means Core ML itself runs (`fit_palette` on the float16
+masters; off by default: on the demo model they raised the loss, docs/training_time.md).
 Nothing of size weights x clusters is ever held: the memory over plain training is one index per weight.
 
 The first palettes are the post-training ones (`fit_palette` on the float weights), so step 0 is plain k-means

@@ -24,9 +24,12 @@ class QatConfig:
         steps (`int`, defaults to 200): optimizer steps (AdamW, 5% warmup then cosine decay, as the demo's training).
         batch (`int`, defaults to 64): training images per step (the demo's `unet_batch`).
         lr (`float`, defaults to 1e-4): peak learning rate of the float masters.
-        recluster_every (`int`, defaults to 50): steps between exact k-means re-fits of every palette on the float
-            masters (`workbench.palettes.fit.fit_palette`); 0 keeps the first assignment for the whole run. Between
-            re-fits every LUT entry is the mean of the masters assigned to it.
+        recluster_every (`int`, defaults to 0): steps between exact k-means re-fits of every palette on the float
+            masters (`workbench.palettes.fit.fit_palette`); 0 keeps the first assignment (the post-training k-means')
+            for the whole run, and every LUT entry is the mean of the masters assigned to it after every step. On the
+            demo model a re-fit raised the loss threefold (docs/training_time.md): Adam moves every master by about
+            the learning rate whatever its layer's scale, and a re-fit from scratch sees that drift where the
+            centroid (a mean) averages it out.
         distill (`float`, defaults to 1.0): weight of the float UNet's prediction as a second target beside the
             data's (the loss is `data + distill * teacher`, both weighted per timestep as the demo's loss); 0 trains
             on the data alone.
@@ -40,7 +43,7 @@ class QatConfig:
     steps: int = 200
     batch: int = 64
     lr: float = 1e-4
-    recluster_every: int = 50
+    recluster_every: int = 0
     distill: float = 1.0
     min_numel: int = 2048
     seed: int = 0
