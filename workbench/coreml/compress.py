@@ -21,7 +21,7 @@ from workbench.threads import sklearn_single_thread
 
 
 def _optimization_config(
-    plan: Mapping[str, PaletteConfig], names: Mapping[str, str], available: set[str], module, importance
+    plan: Mapping[str, PaletteConfig], names: Mapping[str, str], available: set[str], module, importance, given
 ):
     """One `OpPalettizerConfig` per planned weight (`op_config`), checked: every weight exists, and layers sharing
     one constant share a config."""
@@ -34,7 +34,7 @@ def _optimization_config(
     for layer, cfg in plan.items():
         if by_weight.setdefault(names[layer], (layer, cfg))[1] != cfg:
             raise ValueError(f"layers sharing weight {names[layer]!r} have different palettes ({cfg.key} for {layer})")
-    configs = {weight: op_config(layer, cfg, module, importance) for weight, (layer, cfg) in by_weight.items()}
+    configs = {weight: op_config(layer, cfg, module, importance, given) for weight, (layer, cfg) in by_weight.items()}
     _prefit(configs.values())
     return ct.optimize.coreml.OptimizationConfig(op_name_configs=configs)
 
@@ -61,6 +61,7 @@ def compress_model(
     names: Mapping[str, str] | None = None,
     module: nn.Module | None = None,
     importance=None,
+    given=None,
 ):
     """Palettize the weights of a converted model named by `plan`, one `OpPalettizerConfig` per weight.
 
@@ -71,6 +72,7 @@ def compress_model(
     identical weights) must share a config. With `module`, every palette is fitted from its weights (data-aware
     ones with `importance`, a `workbench.palettes.importance.Importance`) and stored as fitted
     (`workbench.coreml.explicit_lut.op_config`); without it, Core ML fits k-means and uniform palettes itself.
+    The layers of `given` (`workbench.palettes.given.GivenPalettes`, with `module`) store their given palettes.
 
     Returns:
         `coremltools.models.MLModel` (a new one; `model` is unchanged).
@@ -82,13 +84,15 @@ def compress_model(
     if not plan:
         return model
     names = layer_weight_names(plan, prefix) if names is None else names
-    config = _optimization_config(plan, names, program_weight_names(model), module, importance)
+    config = _optimization_config(plan, names, program_weight_names(model), module, importance, given)
     with warnings.catch_warnings(), sklearn_single_thread():  # as `fit_palette` runs it: the same LUTs
         warnings.simplefilter("ignore")
         return ct.optimize.coreml.palettize_weights(model, config)
 
 
-def compress_program(program, plan: Mapping[str, PaletteConfig], *, prefix: str, module: nn.Module, importance=None):
+def compress_program(
+    program, plan: Mapping[str, PaletteConfig], *, prefix: str, module: nn.Module, importance=None, given=None
+):
     """`compress_model` on a MIL program (`ct.convert(..., convert_to="milinternal")`), in place: coremltools'
     palettization pass with the same configs, without serializing the float16 program and reading it back."""
     import warnings
@@ -99,7 +103,7 @@ def compress_program(program, plan: Mapping[str, PaletteConfig], *, prefix: str,
     if not plan:
         return program
     names = layer_weight_names(plan, prefix)
-    config = _optimization_config(plan, names, weight_names(program), module, importance)
+    config = _optimization_config(plan, names, weight_names(program), module, importance, given)
     palettizer = PASS_REGISTRY["compression::palettize_weights"]
     palettizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
     with warnings.catch_warnings(), sklearn_single_thread():

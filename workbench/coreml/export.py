@@ -49,9 +49,10 @@ from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers, get_layer
 from workbench.models.loader import DEMO_MODEL, load_pipeline
 from workbench.palettes.config import FLOAT_BITS, PaletteConfig
+from workbench.palettes.given import GivenPalettes
 from workbench.palettes.importance import Importance
 from workbench.palettes.size import bits_per_param, layer_nbytes
-from workbench.recipes.recipe import load_recipe
+from workbench.recipes.recipe import Recipe, load_recipe
 
 
 @torch.no_grad()
@@ -135,7 +136,9 @@ def _convert_whole(pipe, plan: ComponentPlan, out: Path, batch_size: int | None)
     held = program_weight_names(model)
     names = layer_weight_names(plan.palette, plan.prefix)
     palette = {n: cfg for n, cfg in plan.palette.items() if names[n] in held} if plan.uniform else dict(plan.palette)
-    compressed = compress_model(model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance)
+    compressed = compress_model(
+        model, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance, given=plan.given
+    )
     return Converted(
         package_stems(plan.component, plan.layout)[0], compressed, palette, nbytes, time.perf_counter() - start
     )
@@ -218,6 +221,7 @@ def export_component(
                 component=plan.component,
                 prefix=plan.prefix,
                 importance=plan.importance,
+                given=plan.given,
             )
         packages.append(
             ExportedPackage(
@@ -245,6 +249,7 @@ def export_pipeline(
     *,
     source: str = "",
     importance=None,
+    given=None,
 ) -> ExportReport:
     """Export pipeline components to Core ML packages, palettized by a recipe or a uniform width, and verify them.
 
@@ -265,6 +270,9 @@ def export_pipeline(
         importance (`workbench.palettes.importance.Importance`, *optional*): the analysis' importances, needed by a
             recipe with data-aware palettes (`"wkmeans4"`...), which are re-fitted with them exactly as the analysis
             did.
+        given (`workbench.palettes.given.GivenPalettes`, *optional*): UNet palettes stored as given (learned LUTs);
+            the recipe must plan each of their layers with its own config (`config.recipe` = their recipe), and the
+            read-back proves the package holds exactly their LUTs and indices.
 
     Returns:
         `ExportReport`.
@@ -275,7 +283,7 @@ def export_pipeline(
         >>> print(report.summary())  # sizes, bits/param, bit-exact per package
     """
     config = ExportConfig() if config is None else config
-    plans = plan_export(pipe, config, importance)
+    plans = plan_export(pipe, config, importance, given)
     check_export_memory(plans, piece_bytes=config.piece_bytes or DEFAULT_PIECE_BYTES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +318,7 @@ def export_model(
     recipe_file: str | os.PathLike | None = None,
     recipe_name: str | None = None,
     importance_file: str | os.PathLike | None = None,
+    palettes_file: str | os.PathLike | None = None,
 ) -> ExportReport:
     """`workbench export`: load a pipeline (CPU, float32), export and verify it (see `export_pipeline`).
 
@@ -321,15 +330,20 @@ def export_model(
         recipe_file / recipe_name: a recipe JSON (ours or the reference's pre-analysis) and the recipe in it
             (optional when the file holds one).
         importance_file: the analysis' `importance.npz`, for recipes with data-aware palettes.
+        palettes_file: given palettes (`GivenPalettes.save`, e.g. `workbench tune`'s), stored as given; without a
+            recipe or nbits, their own recipe is exported.
     """
 
     config = ExportConfig() if config is None else config
+    given = None if palettes_file is None else GivenPalettes.load(palettes_file)
     if recipe_name is not None and recipe_file is None:
         raise InvalidValueError("--recipe-name needs --recipe FILE")
     if recipe_file is not None and (config.nbits is not None or config.recipe is not None):
         raise InvalidValueError("pass a recipe or nbits, not both")
     if recipe_file is not None:
         config = replace(config, recipe=load_recipe(recipe_file, recipe_name))
+    elif given is not None and config.nbits is None and config.recipe is None:
+        config = replace(config, recipe=Recipe(f"given_{given.digest}", {n: c.key for n, c in given.configs.items()}))
     importance = None
     if importance_file is not None:
         importance = Importance.load(importance_file)  # a missing file fails before the pipeline loads
@@ -338,4 +352,4 @@ def export_model(
     with _diffusers_errors_only():
         pipe = load_pipeline(model, device="cpu", dtype=torch.float16)
     source = str(model) if model is not None else str(DEMO_MODEL)
-    return export_pipeline(pipe, out_dir, config, source=source, importance=importance)
+    return export_pipeline(pipe, out_dir, config, source=source, importance=importance, given=given)

@@ -16,7 +16,7 @@ from workbench.coreml.components import WRAPPERS, component_module, weight_layer
 from workbench.coreml.config import DEFAULT_MIN_NUMEL, ExportConfig, RecipeLike
 from workbench.coreml.explicit_lut import check_importance
 from workbench.coreml.layout import DEFAULT_LAYOUT
-from workbench.models.layers import closest_names, compressible_layers, select_layers
+from workbench.models.layers import closest_names, compressible_layers, get_layer, select_layers
 from workbench.palettes.config import PaletteConfig, as_config
 from workbench.recipes.recipe import Recipe, RecipeError
 
@@ -88,6 +88,7 @@ class ComponentPlan:
         deployment_target: `"iOS18"` when a palette is grouped or 3-bit, else `"iOS17"`.
         layout: `"apple"` or `"workbench"` (`workbench.coreml.layout`): inputs, outputs and the package's name.
         importance: `workbench.palettes.importance.Importance` for the data-aware palettes (None when there are none).
+        given: `workbench.palettes.given.GivenPalettes` stored as given (learned LUTs), or None.
     """
 
     component: str
@@ -98,14 +99,17 @@ class ComponentPlan:
     deployment_target: str
     layout: str = DEFAULT_LAYOUT
     importance: object = None
+    given: object = None
 
 
-def plan_export(pipe, config: ExportConfig, importance=None) -> list[ComponentPlan]:
+def plan_export(pipe, config: ExportConfig, importance=None, given=None) -> list[ComponentPlan]:
     """One `ComponentPlan` per component of `config`; a recipe naming unknown layers, a layer pattern matching
     none, a missing component or missing importances fail here, before any conversion (the rest of `config` was
     checked when it was made). `config.layers` / `config.exclude` (globs, `workbench.models.layers.select_layers`)
     narrow the UNet's palettized layers; the others stay float16. `importance`
-    (`workbench.palettes.importance.Importance`) is needed by data-aware palettes."""
+    (`workbench.palettes.importance.Importance`) is needed by data-aware palettes. `given`
+    (`workbench.palettes.given.GivenPalettes`, UNet layers) must be planned with their own configs, and are stored
+    as given."""
     plans = []
     for component in config.components:
         module = component_module(pipe, component)
@@ -115,7 +119,14 @@ def plan_export(pipe, config: ExportConfig, importance=None) -> list[ComponentPl
             chosen = select_layers(dict.fromkeys(palette), config.layers, config.exclude)
             palette = {name: palette[name] for name in chosen}
         target = "iOS18" if any(cfg.needs_ios18 for cfg in palette.values()) else "iOS17"
-        needed = check_importance(module, palette, importance)
+        own = given if component == "unet" else None
+        if own is not None:
+            own.check_plan(palette)
+            for name, cfg in palette.items():
+                if name in own:
+                    own.palette(name, tuple(get_layer(module, name).weight.shape), cfg)
+        needed = check_importance(module, palette, importance, own)
         prefix, uniform = WRAPPERS[component].prefix, config.nbits is not None
-        plans.append(ComponentPlan(component, module, prefix, palette, uniform, target, config.layout, needed))
+        plan = ComponentPlan(component, module, prefix, palette, uniform, target, config.layout, needed, own)
+        plans.append(plan)
     return plans

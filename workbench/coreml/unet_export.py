@@ -111,7 +111,9 @@ def _convert_piece(piece: UNetPiece, shapes: dict, plan: ComponentPlan):
     held = weight_names(program)
     weights = layer_weight_names(plan.palette, plan.prefix)
     palette = {layer: cfg for layer, cfg in plan.palette.items() if weights[layer] in held}
-    compress_program(program, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance)
+    compress_program(
+        program, palette, prefix=plan.prefix, module=plan.module, importance=plan.importance, given=plan.given
+    )
     return program, palette
 
 

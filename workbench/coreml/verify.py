@@ -217,21 +217,22 @@ class Verification:
         return d
 
 
+def expected_weight(layer: str, weight: nn.Parameter, config: PaletteConfig, importance=None, given=None):
+    """What the package must hold for a planned layer: its given palette's `dense()` when `given`
+    (`GivenPalettes`) holds it, else `fit_palette(weight, config).dense()` (data-aware: with `importance`)."""
+    if given is not None and layer in given:
+        return given.palette(layer, tuple(weight.shape), config).dense()
+    weights = importance.for_weight(layer, tuple(weight.shape)) if config.data_aware else None
+    return fit_palette(weight.detach().cpu(), config, importance=weights).dense()
+
+
 def _check_layer(
-    component: str,
-    layer: str,
-    weight: nn.Parameter,
-    config: PaletteConfig,
-    weight_name: str,
-    stored,
-    palettized,
-    importance=None,
+    component: str, layer: str, weight: nn.Parameter, config: PaletteConfig, weight_name: str, stored, expected
 ) -> LayerCheck:
-    """One planned layer: stored palettized, and equal to `fit_palette(weight, config).dense()` bit for bit."""
+    """One planned layer: stored palettized, and equal to `expected` (`expected_weight`) bit for bit."""
 
     torch_weight = weight.detach().cpu()
-    weights = importance.for_weight(layer, tuple(weight.shape)) if config.data_aware else None
-    expected = fit_palette(torch_weight, config, importance=weights).dense()
+    palettized = stored.palettized
     got = stored.get(weight_name)
     exact = weight_name in palettized and _bit_equal(expected, got)
     psnr = weight_psnr(torch_weight.float().numpy(), got.reshape(expected.shape)) if got is not None else -math.inf
@@ -247,12 +248,13 @@ def verify_package(
     prefix: str | None = None,
     names: Mapping[str, str] | None = None,
     importance=None,
+    given=None,
 ) -> Verification:
     """Read a saved package back, decompress every palettized weight, compare with the simulation.
 
-    Each planned layer's stored weight must equal `fit_palette(torch weight, config).dense()` bit for bit
-    (uint16 views, never float16 sorting); every other Linear/Conv2d layer in the package must equal the torch
-    weight cast to float16.
+    Each planned layer's stored weight must equal `fit_palette(torch weight, config).dense()` (a layer of `given`:
+    its given palette's `dense()`) bit for bit (uint16 views, never float16 sorting); every other Linear/Conv2d layer
+    in the package must equal the torch weight cast to float16.
 
     Args:
         package (`str | os.PathLike`): the saved `.mlpackage`.
@@ -264,6 +266,7 @@ def verify_package(
         names (`Mapping[str, str]`, *optional*): instead of `prefix`, torch layer -> Core ML weight name for the
             layers the package holds (`workbench.coreml.apply.match_weights`, for a package converted elsewhere).
         importance (`workbench.palettes.importance.Importance`, *optional*): for data-aware palettes in the plan.
+        given (`workbench.palettes.given.GivenPalettes`, *optional*): palettes the package must hold as given.
 
     Returns:
         `Verification`.
@@ -276,9 +279,9 @@ def verify_package(
     def check(item) -> LayerCheck:
         layer, cfg = item
         with sklearn_single_thread():  # per calling thread: set in the worker itself
-            return _check_layer(
-                component, layer, layers[layer].weight, cfg, names[layer], stored, palettized, importance
-            )
+            weight = layers[layer].weight
+            expected = expected_weight(layer, weight, cfg, importance, given)
+            return _check_layer(component, layer, weight, cfg, names[layer], stored, expected)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # the k-means kernels release the GIL
         checks = tuple(pool.map(check, plan.items()))

@@ -1,6 +1,6 @@
 """The two training stages of the demo model: the VAE alone, then the UNet and text encoder jointly.
 
-Every random draw comes from a generator seeded by (seed, stage, step) (`_generator`), so a stage is
+Every random draw comes from a generator seeded by (seed, stage, step) (`step_generator`), so a stage is
 reproducible on one device and resumes from a checkpoint exactly where it left off. The run around the
 stages, and why the recipe is what it is: `workbench.demo.train`.
 """
@@ -28,12 +28,12 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-def _generator(seed: int, stage: int, step: int) -> torch.Generator:
+def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     """A CPU generator for one step of one stage: the run's randomness never depends on what ran before."""
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
 
 
-def _lr_factor(step: int, total: int) -> float:
+def lr_factor(step: int, total: int) -> float:
     """Linear warmup over the first 5% of steps, then cosine decay to 0."""
     warmup = max(1, total // 20)
     if step < warmup:
@@ -41,12 +41,12 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def _recent_loss(losses: list[float]) -> float:
+def recent_loss(losses: list[float]) -> float:
     """Mean of the last 50 losses, as logged."""
     return sum(losses[-50:]) / len(losses[-50:])
 
@@ -77,8 +77,8 @@ def train_vae(vae, images: torch.Tensor, config: TrainConfig, log: Log, device="
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     losses, start = [], time.perf_counter()
     for step in range(config.vae_steps):
-        g = _generator(config.seed, 1, step)
-        _set_lr(optimizer, config.vae_lr * _lr_factor(step, config.vae_steps))
+        g = step_generator(config.seed, 1, step)
+        set_lr(optimizer, config.vae_lr * lr_factor(step, config.vae_steps))
         x = to_model_input(images[torch.randint(len(images), (config.vae_batch,), generator=g)], device)
         loss = _vae_loss(vae, x, background, config, g, device)
         optimizer.zero_grad(set_to_none=True)
@@ -87,7 +87,7 @@ def train_vae(vae, images: torch.Tensor, config: TrainConfig, log: Log, device="
         losses.append(loss.item())
         if step % 50 == 0 or step == config.vae_steps - 1:
             elapsed = time.perf_counter() - start
-            log(f"vae step {step:5d}/{config.vae_steps} loss {_recent_loss(losses):.4f} {elapsed:7.1f}s")
+            log(f"vae step {step:5d}/{config.vae_steps} loss {recent_loss(losses):.4f} {elapsed:7.1f}s")
     return losses
 
 
@@ -127,7 +127,7 @@ class VaeStage:
 def _scaling_factor(latents: tuple[torch.Tensor, torch.Tensor], seed: int) -> float:
     """1 / std of one latent sample per image: like SD's 0.18215, unit variance for the diffusion model's inputs."""
     mean, std = latents
-    sample = mean + std * torch.randn(mean.shape, generator=_generator(seed, 3, 0))
+    sample = mean + std * torch.randn(mean.shape, generator=step_generator(seed, 3, 0))
     return float(1.0 / sample.std())
 
 
@@ -140,6 +140,14 @@ def _train_vae_stage(vae, images: torch.Tensor, config: TrainConfig, log: Log, d
     latents = encode_dataset(vae, images, device=device)
     seconds = {"vae": trained - t0, "encode": time.perf_counter() - trained}
     return VaeStage(losses, _scaling_factor(latents, config.seed), latents, seconds)
+
+
+def encoded_stage(vae, images: torch.Tensor, device="cpu") -> VaeStage:
+    """Stage 1 of a model already trained: its VAE's latents of `images` and its own scaling factor (no training;
+    for fine-tuning its UNet on the data it was trained on, `workbench.tune`)."""
+    t0 = time.perf_counter()
+    latents = encode_dataset(vae, images, device=device)
+    return VaeStage([], float(vae.config.scaling_factor), latents, {"encode": time.perf_counter() - t0})
 
 
 _STAGE1_FIELDS = ("seed", "n_images", "image_size", "vae_channels", "vae_steps", "vae_batch", "vae_lr", "kl_weight")
@@ -259,7 +267,7 @@ def _loss_weights(noise_scheduler, config: TrainConfig, device) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Batch:
+class Batch:
     """One training batch: scaled latents z (B, 4, h, w), noise like z, timesteps t (B,), token ids (B, L)."""
 
     z: torch.Tensor
@@ -268,36 +276,60 @@ class _Batch:
     ids: torch.Tensor
 
 
-def _draw_batch(
-    g: torch.Generator,
-    stage1: VaeStage,
-    ids: torch.Tensor,
-    empty: torch.Tensor,
-    num_timesteps: int,
-    config: TrainConfig,
-    device,
-) -> _Batch:
-    """Images, a latent sample of each, noise, timesteps and caption dropout, drawn from `g` in this order.
+class UnetObjective:
+    """Stage 2's data and loss, for the demo's training and for fine-tuning its UNet (`workbench.tune`).
 
-    `ids` are the token ids of every caption, `empty` those of "" (what a dropped caption becomes).
+    `batch(g)` draws images, a latent sample of each, noise, timesteps and caption dropout from `g` in this order;
+    `loss(unet, text_encoder, batch)` is `train_unet`'s weighted MSE (its docstring).
+
+    Args:
+        stage1 (`VaeStage`): the latents and scaling factor.
+        tokenizer: the demo's tokenizer; captions are tokenized once, as the pipeline does.
+        captions (`list[str]`): one per image of the dataset.
+        config (`TrainConfig`): `unet_batch`, `caption_dropout`, `prediction_type`, `zero_terminal_snr`,
+            `snr_gamma`.
+        device (`str`, defaults to "cpu"): where batches and the loss live.
     """
-    latent_mean, latent_std = stage1.latents
-    idx = torch.randint(len(ids), (config.unet_batch,), generator=g)
-    z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)) * stage1.scaling_factor
-    noise = torch.randn(z.shape, generator=g)
-    t = torch.randint(0, num_timesteps, (config.unet_batch,), generator=g)
-    drop = torch.rand(config.unet_batch, generator=g) < config.caption_dropout
-    batch_ids = torch.where(drop[:, None], empty, ids[idx])
-    return _Batch(z.to(device), noise.to(device), t.to(device), batch_ids.to(device))
 
+    def __init__(self, stage1: VaeStage, tokenizer, captions: list[str], config: TrainConfig, device="cpu") -> None:
+        self.stage1, self.config, self.device = stage1, config, device
+        self.noise_scheduler, _ = build_schedulers(config.prediction_type, config.zero_terminal_snr)
+        self.weights = _loss_weights(self.noise_scheduler, config, device)
+        self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.ids, self.empty = _tokenize(tokenizer, captions), _tokenize(tokenizer, [""])
 
-def _unet_loss(training: _UnetTraining, noise_scheduler, weights: torch.Tensor, batch: _Batch, prediction_type):
-    """Weighted MSE between the UNet's prediction on the noised latents and its target (epsilon or v)."""
-    z, noise, t = batch.z, batch.noise, batch.t
-    text = training.text_encoder(batch.ids)[0]
-    pred = training.unet(noise_scheduler.add_noise(z, noise, t), t, text).sample
-    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(z, noise, t)
-    return (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+    def batch(self, g: torch.Generator) -> Batch:
+        """A batch of `config.unet_batch` drawn from `g` (a dropped caption becomes "")."""
+        config = self.config
+        latent_mean, latent_std = self.stage1.latents
+        idx = torch.randint(len(self.ids), (config.unet_batch,), generator=g)
+        sample = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)
+        z = sample * self.stage1.scaling_factor
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, self.num_timesteps, (config.unet_batch,), generator=g)
+        drop = torch.rand(config.unet_batch, generator=g) < config.caption_dropout
+        batch_ids = torch.where(drop[:, None], self.empty, self.ids[idx])
+        device = self.device
+        return Batch(z.to(device), noise.to(device), t.to(device), batch_ids.to(device))
+
+    def prediction(self, unet, text_encoder, batch: Batch) -> torch.Tensor:
+        """The UNet's prediction on the batch's noised latents, (B, 4, h, w)."""
+        text = text_encoder(batch.ids)[0]
+        return unet(self.noise_scheduler.add_noise(batch.z, batch.noise, batch.t), batch.t, text).sample
+
+    def weighted_error(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """mean_i w_{t_i} * mean((pred_i - target_i)^2): the loss' weighting of any per-sample squared error."""
+        return (self.weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        """epsilon, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z."""
+        if self.config.prediction_type == "epsilon":
+            return batch.noise
+        return self.noise_scheduler.get_velocity(batch.z, batch.noise, batch.t)
+
+    def loss(self, unet, text_encoder, batch: Batch) -> torch.Tensor:
+        """Weighted MSE between the UNet's prediction and its target (epsilon or v)."""
+        return self.weighted_error(self.prediction(unet, text_encoder, batch), self.target(batch), batch.t)
 
 
 def _resume_unet(checkpoint: Path | None, training: _UnetTraining, config: TrainConfig, device, log: Log):
@@ -338,24 +370,20 @@ def train_unet(
         checkpoint (`Path`, *optional*): resumed from if it exists (and was made with `config`), and written
             every `config.checkpoint_every` steps and at the end.
     """
-    noise_scheduler, _ = build_schedulers(config.prediction_type, config.zero_terminal_snr)
-    weights = _loss_weights(noise_scheduler, config, device)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    objective = UnetObjective(stage1, models.tokenizer, captions, config, device)
     training = _UnetTraining(models.unet, models.text_encoder, config, device)
-    ids, empty = _tokenize(models.tokenizer, captions), _tokenize(models.tokenizer, [""])
     first, losses = _resume_unet(checkpoint, training, config, device, log)
     start = time.perf_counter()
     for step in range(first, config.unet_steps):
-        g = _generator(config.seed, 2, step)
-        _set_lr(training.optimizer, config.unet_lr * _lr_factor(step, config.unet_steps))
-        batch = _draw_batch(g, stage1, ids, empty, num_timesteps, config, device)
-        loss = _unet_loss(training, noise_scheduler, weights, batch, config.prediction_type)
+        g = step_generator(config.seed, 2, step)
+        set_lr(training.optimizer, config.unet_lr * lr_factor(step, config.unet_steps))
+        loss = objective.loss(training.unet, training.text_encoder, objective.batch(g))
         training.step(loss, min(config.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         done = step + 1
         if step % 50 == 0 or done == config.unet_steps:
             rate = (time.perf_counter() - start) / (done - first)
-            log(f"unet step {step:5d}/{config.unet_steps} loss {_recent_loss(losses):.4f} {rate:.2f}s/step")
+            log(f"unet step {step:5d}/{config.unet_steps} loss {recent_loss(losses):.4f} {rate:.2f}s/step")
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.unet_steps):
             state = {"config": config.to_dict(), "step": done, "losses": losses, **training.state_dict()}
             with atomic_path(checkpoint) as tmp:

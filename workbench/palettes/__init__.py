@@ -5,6 +5,7 @@ from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import FLOAT_BITS, SUPPORTED_NBITS, PaletteConfig
 from workbench.palettes.fit import Palette, fit_palette
+from workbench.palettes.given import GivenPalettes
 from workbench.palettes.importance import Importance, collect_importance
 from workbench.palettes.size import bits_per_param, size_report
 
@@ -13,6 +14,7 @@ __all__ = [
     "collect_importance",
     "fit_palette",
     "FLOAT_BITS",
+    "GivenPalettes",
     "Importance",
     "Palette",
     "PaletteCache",

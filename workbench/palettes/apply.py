@@ -15,18 +15,23 @@ from workbench.palettes.config import (
     as_config,
 )
 from workbench.palettes.fit import linear_quantize_tensor, palettize_tensor
+from workbench.palettes.given import GivenPalettes
 from workbench.palettes.stash import WeightStash
 
 
 def replacement_weight(
-    name: str, layer: nn.Module, spec, cache: PaletteCache | None = None, importance=None
+    name: str, layer: nn.Module, spec, cache: PaletteCache | None = None, importance=None, given=None
 ) -> torch.Tensor | None:
-    """The weight `layer` (named `name`) takes under a recipe entry `spec` (`palettized`'s), or None (float16)."""
+    """The weight `layer` (named `name`) takes under a recipe entry `spec` (`palettized`'s), or None (float16).
+    A layer of `given` (`GivenPalettes`) takes its given palette, checked against `spec` and the weight's shape."""
     if spec == "linear8" or spec == "linear8_per_channel":
         return linear_quantize_tensor(layer.weight, per_channel=spec == "linear8_per_channel")
     config = as_config(spec)
     if config is None:
         return None
+    if given is not None and name in given:
+        dense = given.palette(name, tuple(layer.weight.shape), config).dense()
+        return torch.from_numpy(dense).to(device=layer.weight.device, dtype=layer.weight.dtype)
     if cache is not None:
         return cache.get(name, layer.weight, config)
     weights = importance.for_weight(name, tuple(layer.weight.shape)) if importance and config.data_aware else None
@@ -46,6 +51,7 @@ def palettized(
     cache: PaletteCache | None = None,
     stash: WeightStash | None = None,
     importance=None,
+    given: GivenPalettes | None = None,
 ) -> Iterator[nn.Module]:
     """Palettize `model`'s layers in place for the duration of a `with` block, then restore them exactly.
 
@@ -64,6 +70,9 @@ def palettized(
         stash (`WeightStash`, *optional*): where originals wait, shared by nested blocks (a cumulative curve);
             None = a stash of this block's own with the default memory budget.
         importance (`workbench.palettes.importance.Importance`, *optional*): for data-aware palettes without a cache.
+        given (`GivenPalettes`, *optional*): palettes used as given (learned ones) for the layers it holds, each
+            checked against its recipe entry; the recipe's other layers are fitted as usual. `given.configs` is
+            the recipe of the given palettes alone.
     """
     _check_importance(cache, importance)
     own = stash is None
@@ -72,7 +81,7 @@ def palettized(
     try:
         for name, spec in recipe.items():
             layer = get_layer(model, name)
-            new = replacement_weight(name, layer, spec, cache, importance)
+            new = replacement_weight(name, layer, spec, cache, importance, given)
             if new is not None:
                 stash.swap(name, layer.weight, new, cache)
                 replaced.append(name)

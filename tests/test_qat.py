@@ -1,0 +1,137 @@
+"""Training-time palettization (`workbench.tune.qat`): the trained weights are exactly their palettes, a run is
+deterministic for a seed, bad input is one line, and the demo's own training is unchanged by the shared loop."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.cli.main import main as cli_main
+from workbench.demo.config import TrainConfig
+from workbench.errors import InvalidValueError
+from workbench.models.tiny import tiny_sd_pipeline
+from workbench.palettes.given import GivenPalettes
+from workbench.recipes.recipe import load_recipe
+from workbench.tune.qat import check_exact, train_palettized
+from workbench.tune.qat_config import QatConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the demo's data and loss at a size the tiny pipeline's VAE (2 levels) and UNet (2 levels) take
+DATA = TrainConfig(n_images=8, image_size=32, vae_channels=(32, 64), unet_channels=(32, 64))
+
+
+# layers over 10,000 weights: every palette by the exact 1-D k-means (the small-tensor path is the demo's, measured)
+CONFIG = QatConfig("2", steps=3, batch=2, recluster_every=2, min_numel=10_000, seed=5)
+
+
+def _run(config: QatConfig, out=None):
+    pipe = tiny_sd_pipeline()
+    return pipe, train_palettized(pipe, DATA, config, out, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qat") / "qat"
+    pipe, result = _run(CONFIG, out)
+    return pipe, result, out
+
+
+def test_trained_weights_are_exactly_their_palettes(trained):
+    pipe, result, out = trained
+    assert result.exact and check_exact(pipe.unet, result.palettes)
+    assert len(result.palettes) >= 20
+    for name, palette in result.palettes.items():
+        weight = pipe.unet.get_submodule(name).weight.detach()
+        assert torch.equal(weight, torch.from_numpy(palette.dense().astype(np.float32)))
+        assert torch.unique(weight).numel() <= 4
+    assert all(np.isfinite(result.losses)) and len(result.losses) == 3
+    written = json.loads((out / "qat.json").read_text())
+    assert written["exact"] is True and written["qat"]["palettize"] == "2"
+    given = GivenPalettes.load(out / "palettes.npz")
+    assert sorted(given) == sorted(result.palettes)
+    reloaded = load_recipe(out / "recipe.json")
+    assert {n: c.key for n, c in given.configs.items()} == {n: c.key for n, c in reloaded.configs.items()}
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    for name in given:
+        assert np.array_equal(saved[f"{name}.weight"].numpy(), given.dense(name).astype(np.float32)), name
+
+
+def test_training_moves_the_palettes_away_from_the_post_training_ones(trained):
+    from workbench.palettes.fit import fit_palette
+
+    _, result, _ = trained
+    fresh = tiny_sd_pipeline()
+    changed = 0
+    for name, palette in result.palettes.items():
+        plain = fit_palette(fresh.unet.get_submodule(name).weight, palette.config)
+        changed += not np.array_equal(plain.lut, palette.lut)
+    assert changed >= len(result.palettes) // 2
+
+
+def test_a_run_is_deterministic_for_a_seed(trained):
+    pipe_a, a, _ = trained
+    pipe_b, b = _run(CONFIG)
+    assert a.losses == b.losses
+    for (name, pa), pb in zip(pipe_a.unet.state_dict().items(), pipe_b.unet.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_the_demo_training_is_bit_identical_to_before_the_shared_loop(tmp_path):
+    """The demo's training after `UnetObjective` was factored out of it: the same weights, byte for byte, as the
+    code before that change wrote on this machine (sha256 of the three safetensors files)."""
+    from workbench.demo.train import train
+
+    config = TrainConfig(
+        n_images=32, vae_steps=2, vae_batch=2, unet_steps=3, unet_batch=2, vae_channels=(8, 8, 8), text_layers=1,
+        checkpoint_every=2,
+    )  # fmt: skip
+    result = train(config, tmp_path / "demo", card=False, log=lambda line: None)
+    digest = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        digest.update(next((tmp_path / "demo" / part).glob("*.safetensors")).read_bytes())
+    assert result.unet_losses == [1.068343162536621, 1.0652217864990234, 1.0429288148880005]
+    assert digest.hexdigest() == "1dd72582421028ca131aa8ff41767a6d6b00c64d387e3f30801d5f979afe1e2f"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"palettize": "5"}, "unsupported palette width"),
+        ({"palettize": "no/such/recipe.json"}, "is neither a palette width"),
+        ({"palettize": "2", "steps": 0}, "steps must be >= 1"),
+        ({"palettize": "2", "lr": 0.0}, "lr must be > 0"),
+        ({"palettize": "2", "distill": -1.0}, "distill must be >= 0"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(fields, message):
+    with pytest.raises(InvalidValueError, match=message):
+        QatConfig(**fields)
+
+
+def test_a_data_aware_recipe_is_refused(tmp_path):
+    from workbench.recipes.recipe import Recipe
+
+    path = Recipe("r", {"down_blocks.0.resnets.0.conv1": "wkmeans2"}).save(tmp_path / "r.json")
+    with pytest.raises(InvalidValueError, match="plain k-means palettes only"):
+        _run(QatConfig(str(path), steps=1, batch=1))
+
+
+def test_the_command_line_rejects_bad_input_in_one_line(capsys, tmp_path):
+    assert cli_main(["train", "--palettize", "7", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "palette width" in err
+    assert cli_main(["train", "--steps", "10", "--out", str(tmp_path / "x")]) == 2
+    assert "--palettize" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dkm_trains_the_same_recipe_to_at_most_2_to_the_nbits_values():
+    from workbench.tune.dkm import train_dkm
+
+    pipe = tiny_sd_pipeline()
+    record = train_dkm(pipe, DATA, QatConfig("2", steps=2, batch=2, min_numel=10_000), log=lambda line: None)
+    assert record["max_distinct"] <= 4 and len(record["losses"]) == 2 and all(np.isfinite(record["losses"]))

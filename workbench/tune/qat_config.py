@@ -1,0 +1,90 @@
+"""Training-time palettization's settings (`QatConfig`), checked when built; no torch here, so the command line checks
+them before it imports the training code (`workbench.tune.qat`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import InvalidValueError
+
+UNIFORM_WIDTHS = (1, 2, 3, 4, 6, 8)  # `--palettize N`: per-tensor k-means at N bits on every candidate layer
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """How to fine-tune the demo model's UNet while its weights are palettized. Frozen; `to_dict`/`from_dict`
+    round-trip through JSON.
+
+    Args:
+        palettize (`str`): a uniform width ("2": per-tensor k-means at 2 bits on every candidate layer) or a recipe
+            file (ours or the reference's pre-analysis JSON; `workbench.recipes.recipe.load_recipe`).
+        recipe_name (`str`, defaults to ""): which recipe of that file ("": its only one).
+        steps (`int`, defaults to 40): optimizer steps (AdamW, 5% warmup then cosine decay, as the demo's training).
+        batch (`int`, defaults to 32): training images per step (the demo's own training: 64).
+        lr (`float`, defaults to 3e-4): peak learning rate of the float masters (the defaults are the settings
+            `benchmarks/learned_qat.py` measured).
+        recluster_every (`int`, defaults to 0): steps between exact k-means re-fits of every palette on the float
+            masters (`workbench.palettes.fit.fit_palette`); 0 keeps the first assignment (the post-training k-means')
+            for the whole run, and every LUT entry is the mean of the masters assigned to it after every step. On the
+            demo model a re-fit raised the loss threefold (docs/training_time.md): Adam moves every master by about
+            the learning rate whatever its layer's scale, and a re-fit from scratch sees that drift where the
+            centroid (a mean) averages it out.
+        distill (`float`, defaults to 1.0): weight of the float UNet's prediction as a second target beside the
+            data's (the loss is `data + distill * teacher`, both weighted per timestep as the demo's loss); 0 trains
+            on the data alone.
+        min_numel (`int`, defaults to 2048): with a uniform width, the candidate layers have more weights than this
+            (the analysis' default on the demo model).
+        seed (`int`, defaults to 0): seeds every batch drawn (the dataset is the base model's own).
+    """
+
+    palettize: str
+    recipe_name: str = ""
+    steps: int = 40
+    batch: int = 32
+    lr: float = 3e-4
+    recluster_every: int = 0
+    distill: float = 1.0
+    min_numel: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "palettize", str(self.palettize))
+        for name in ("steps", "batch"):
+            if getattr(self, name) < 1:
+                raise InvalidValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("recluster_every", "min_numel", "seed"):
+            if getattr(self, name) < 0:
+                raise InvalidValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InvalidValueError(f"lr must be > 0, got {self.lr}")
+        if not self.distill >= 0:
+            raise InvalidValueError(f"distill must be >= 0, got {self.distill}")
+        if self.uniform_bits is None and not Path(self.palettize).is_file():
+            raise InvalidValueError(
+                f"--palettize {self.palettize!r} is neither a palette width "
+                f"({', '.join(map(str, UNIFORM_WIDTHS))}) nor a recipe file"
+            )
+
+    @property
+    def uniform_bits(self) -> int | None:
+        """The width of a uniform `palettize` ("2" -> 2), None for a recipe file."""
+        text = self.palettize.strip()
+        if text.isdigit() and int(text) in UNIFORM_WIDTHS:
+            return int(text)
+        if text.isdigit():
+            valid = ", ".join(map(str, UNIFORM_WIDTHS))
+            raise InvalidValueError(f"--palettize {text}: unsupported palette width; valid: {valid} or a recipe file")
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QatConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidValueError(f"unknown QatConfig keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
