@@ -65,7 +65,7 @@ def _kept_calls(n_calls: int, timesteps: int) -> list[int]:
 
 
 @torch.no_grad()
-def _record_batch(pipe, prompts: Sequence[str], seed: int, steps: int | None) -> list[tuple]:
+def _record_batch(pipe, prompts: Sequence[str], seed: int, options: dict) -> list[tuple]:
     """Run the float pipeline on `prompts` (seeds `seed + i`) and return every UNet call's (args, kwargs, output)."""
     calls = []
 
@@ -73,7 +73,6 @@ def _record_batch(pipe, prompts: Sequence[str], seed: int, steps: int | None) ->
         out = output[0] if isinstance(output, tuple) else output.sample
         calls.append((args, dict(kwargs), out.detach().clone()))
 
-    options = {} if steps is None else {"num_inference_steps": steps}
     handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
     try:
         pipe(
@@ -99,7 +98,14 @@ def _field(kwargs: dict, args: tuple, name: str, position: int):
 
 @torch.no_grad()
 def record_calibration(
-    pipe, prompts: Sequence[str], *, timesteps: int, seed: int, steps: int | None = None, batch_size: int = 8
+    pipe,
+    prompts: Sequence[str],
+    *,
+    timesteps: int,
+    seed: int,
+    steps: int | None = None,
+    resolution: int | None = None,
+    batch_size: int = 8,
 ) -> Calibration:
     """The float UNet's calls along its own sampling trajectories for `prompts`, `timesteps` calls per prompt.
 
@@ -110,6 +116,7 @@ def record_calibration(
         timesteps (`int`): UNet calls kept per trajectory, spread evenly over it (first and last included).
         seed (`int`): the first prompt's seed.
         steps (`int`, *optional*): sampling steps; None = the pipeline's default.
+        resolution (`int`, *optional*): square images of this side (pixels); None = the pipeline's default.
         batch_size (`int`, defaults to 8): prompts per pipeline run.
 
     Returns:
@@ -117,9 +124,11 @@ def record_calibration(
     """
     parts: dict[str, list] = {k: [] for k in ("sample", "timestep", "states", "target", "added")}
     keys = []  # (prompt, kept call) of every row, in the order the rows are concatenated
+    options = {} if steps is None else {"num_inference_steps": steps}
+    options.update({} if resolution is None else {"height": resolution, "width": resolution})
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        calls = _record_batch(pipe, batch, seed + start, steps)
+        calls = _record_batch(pipe, batch, seed + start, options)
         n = len(batch)
         for k, (args, kwargs, out) in enumerate(calls[i] for i in _kept_calls(len(calls), timesteps)):
             parts["sample"].append(_pairs(_field(kwargs, args, "sample", 0), n))

@@ -25,6 +25,7 @@ class TuneConfig:
         timesteps (`int`, defaults to 12): calibration timesteps per prompt, spread over the sampler's schedule:
             the float model's own trajectory is recorded and every `sampling_steps / timesteps`-th UNet call kept.
         sampling_steps (`int`, *optional*): the calibration trajectories' steps; None = the pipeline's default.
+        resolution (`int`, *optional*): the calibration images' side in pixels; None = the pipeline's default.
         batch (`int`, defaults to 16): calibration samples (one prompt at one timestep, its CFG pair) per step.
         chunk (`int`, *optional*): samples per forward/backward pass (gradients accumulated): memory follows it;
             None = the whole batch at once.
@@ -43,6 +44,7 @@ class TuneConfig:
     prompts: int = 16
     timesteps: int = 12
     sampling_steps: int | None = None
+    resolution: int | None = None
     batch: int = 16
     chunk: int | None = None
     loss: str = "guided"
@@ -53,7 +55,7 @@ class TuneConfig:
     def __post_init__(self):
         for name in ("steps", "prompts", "timesteps", "batch", "eval_every"):
             _check_int(name, getattr(self, name), 0 if name == "steps" else 1)
-        for name in ("sampling_steps", "chunk"):
+        for name in ("sampling_steps", "resolution", "chunk"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)

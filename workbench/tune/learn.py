@@ -207,8 +207,9 @@ def tune_luts(
         prompts = list(prompts or DEFAULT_PROMPTS)
         prompts = [prompts[i % len(prompts)] for i in range(config.prompts)]
         seed = config.seed + CALIBRATION_SEED_OFFSET
+        steps, resolution = config.sampling_steps, config.resolution
         calibration = record_calibration(
-            pipe, prompts, timesteps=config.timesteps, seed=seed, steps=config.sampling_steps
+            pipe, prompts, timesteps=config.timesteps, seed=seed, steps=steps, resolution=resolution
         )
     generator = torch.Generator().manual_seed(config.seed)
     if config.checkpointing:
