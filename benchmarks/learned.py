@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 SIZES = {"2b": 2, "3b": 3, "2p5": 2.5}
-MIXED_STRATEGIES = ("size-aware", "refined")
+MIXED_STRATEGIES = ("size-aware", "refined")  # and Apple's rule, at the size it gives
 
 
 def _peak_gb() -> float:
@@ -94,8 +94,8 @@ def _adherence(rates: dict | None) -> float:
     return float("nan") if rates is None else float(np.mean([rates["color"], rates["shape"], rates["position"]]))
 
 
-def _candidates(bench: Bench, work: Path, smoke: bool) -> dict[str, dict[str, dict]]:
-    """Size -> {candidate name: recipe (layer -> PaletteConfig)}: the post-training recipes each size compares."""
+def _candidates(bench: Bench, size: str, work: Path, smoke: bool) -> dict[str, dict]:
+    """{candidate name: recipe (layer -> PaletteConfig)}: the post-training recipes of a size."""
     from dataclasses import replace
 
     from workbench.analysis.run import run_analysis
@@ -104,18 +104,19 @@ def _candidates(bench: Bench, work: Path, smoke: bool) -> dict[str, dict[str, di
 
     unet = bench.pipe.unet
     layers = compressible_layers(unet, min_numel=bench.analysis.min_numel)
-    out = {}
-    for size in ("2b", "3b"):
+    if size != "2p5":
         nbits = SIZES[size]
-        out[size] = {f"kmeans{nbits}": dict.fromkeys(layers, PaletteConfig(nbits))}
-        out[size][f"wkmeans{nbits}"] = dict.fromkeys(layers, PaletteConfig(nbits, "wkmeans"))
+        configs = (PaletteConfig(nbits), PaletteConfig(nbits, "wkmeans"))
+        return {config.key: dict.fromkeys(layers, config) for config in configs}
     config = bench.analysis
     if smoke:
         config = replace(config, nbits=(1, 2, 4), num_recipes=2)
     result = run_analysis(bench.pipe, config, out_dir=work / "analysis", progress=False)
-    mixed = [r for r in result.recipes if r.strategy in MIXED_STRATEGIES and abs(r.selector - 2.5) < 1e-6]
-    out["2p5"] = {r.name: {n: as_config(b) for n, b in r.bits.items() if as_config(b) is not None} for r in mixed}
-    return out
+    # the targets' recipes: Apple's largest at or under 2.5 b/p, size-aware and refined at exactly its size
+    target = max(r.selector for r in result.recipes if r.strategy == "size-aware" and r.selector <= 2.5 + 1e-9)
+    mixed = [r for r in result.recipes if r.strategy in MIXED_STRATEGIES and r.selector == target]
+    mixed += [r for r in result.recipes if r.strategy == "apple" and abs(r.bits_per_param - target) < 1e-5]
+    return {r.name: {n: as_config(b) for n, b in r.bits.items() if as_config(b) is not None} for r in mixed}
 
 
 def _importance(bench: Bench):
@@ -126,58 +127,68 @@ def _importance(bench: Bench):
     return collect_importance(bench.pipe.unet, layers, bench.probe)
 
 
-def post_training(bench: Bench, candidates: dict) -> dict:
-    """Size -> {"best": name, "recipe", "palettes": GivenPalettes, "figures": {name: measured}}."""
+def post_training(bench: Bench, recipes: dict, importance) -> dict:
+    """One size's candidates measured: {"best": name, "recipe", "palettes": GivenPalettes, "figures": {name: ...}}."""
     from workbench.palettes.given import GivenPalettes
 
-    importance = _importance(bench)
-    out = {}
-    for size, recipes in candidates.items():
-        figures = {}
-        for name, recipe in recipes.items():
-            start = time.perf_counter()
-            palettes = GivenPalettes.fit(bench.pipe.unet, recipe, importance)
-            figures[name] = {**bench.measure(recipe, palettes), "seconds": time.perf_counter() - start}
-            figures[name]["palettes"] = palettes
-            print(f"  {size} {name}: {_fmt(figures[name])}", flush=True)
-        best = max(figures, key=lambda k: figures[k]["image_psnr_db"])
-        out[size] = {
-            "best": best,
-            "recipe": recipes[best],
-            "palettes": figures[best].pop("palettes"),
-            "figures": figures,
-        }
-        for f in figures.values():
-            f.pop("palettes", None)
-    return out
+    figures, palettes = {}, {}
+    for name, recipe in recipes.items():
+        start = time.perf_counter()
+        palettes[name] = GivenPalettes.fit(bench.pipe.unet, recipe, importance)
+        figures[name] = {**bench.measure(recipe, palettes[name]), "seconds": time.perf_counter() - start}
+        figures[name]["bits_per_param"] = _bits_per_param(bench, recipe)
+        print(f"  {name}: {_fmt(figures[name])}", flush=True)
+    best = max(figures, key=lambda k: figures[k]["image_psnr_db"])
+    return {"best": best, "recipe": recipes[best], "palettes": palettes[best], "figures": figures}
 
 
-def run_lut(bench: Bench, post: dict, work: Path, steps: int, smoke: bool) -> dict:
-    """Learned LUTs from each size's best post-training palettes: measured, saved, exported and read back."""
-    from workbench.tune.config import TuneConfig
+def _bits_per_param(bench: Bench, recipe: dict) -> float:
+    from workbench.models.layers import compressible_layers
+    from workbench.palettes.size import bits_per_param
+
+    layers = compressible_layers(bench.pipe.unet, min_numel=bench.analysis.min_numel)
+    return bits_per_param(recipe, {n: m.weight.numel() for n, m in layers.items()})
+
+
+def run_lut(bench: Bench, size: str, post: dict, work: Path, config) -> dict:
+    """Learned LUTs from a size's best post-training palettes: measured, saved, exported and read back."""
     from workbench.tune.learn import calibration_prompts, tune_luts
 
-    config = TuneConfig(steps=steps)
-    if smoke:
+    result = tune_luts(bench.pipe, config=config, start=post["palettes"], prompts=calibration_prompts(None, 64))
+    figures = {**bench.measure(post["recipe"], result.palettes), "seconds": result.seconds}
+    path = result.save(work / f"lut_{size}", recipe_name=f"{post['best']}_tuned", size=size, start=post["best"])
+    figures.update(
+        calibration_gain_db=result.gain_db,
+        best_step=result.best_step,
+        peak_gb=_peak_gb(),
+        exact=_export_exact(path, work / f"lut_{size}" / "export"),
+        gain_db=figures["image_psnr_db"] - post["figures"][post["best"]]["image_psnr_db"],
+    )
+    print(f"  learned LUTs from {post['best']}: {_fmt(figures)} | gain {figures['gain_db']:+.2f} dB", flush=True)
+    return figures
+
+
+def run_size(bench: Bench, size: str, work: Path, args, importance) -> dict:
+    """A size's post-training candidates and (with `lut` in the parts) its learned LUTs, cached in
+    `work/size_<size>.json` for the same settings (sizes can run in processes of their own, then be gathered)."""
+    from workbench.tune.config import TuneConfig
+
+    config = TuneConfig(steps=args.steps)
+    if args.smoke:
         config = TuneConfig(steps=2, prompts=2, timesteps=2, sampling_steps=3, batch=2, eval_every=1)
-    out = {}
-    for size, p in post.items():
-        result = tune_luts(bench.pipe, config=config, start=p["palettes"], prompts=calibration_prompts(None, 64))
-        figures = {**bench.measure(p["recipe"], result.palettes), "seconds": result.seconds}
-        path = result.save(work / f"lut_{size}", recipe_name=f"{p['best']}_tuned", size=size, start=p["best"])
-        figures.update(
-            calibration_gain_db=result.gain_db,
-            best_step=result.best_step,
-            peak_gb=_peak_gb(),
-            exact=_export_exact(path, work / f"lut_{size}" / "export"),
-            gain_db=None,
-        )
-        figures["gain_db"] = figures["image_psnr_db"] - post[size]["figures"][p["best"]]["image_psnr_db"]
-        out[size] = figures
-        print(
-            f"  {size} learned LUTs from {p['best']}: {_fmt(figures)} | gain {figures['gain_db']:+.2f} dB", flush=True
-        )
-    return out
+    settings = {"tune": config.to_dict(), "images": len(bench.captions), "smoke": args.smoke}
+    cache = work / f"size_{size}.json"
+    if cache.exists() and json.loads(cache.read_text())["settings"] == settings:
+        print(f"{size}: from {cache}")
+        return json.loads(cache.read_text())
+    print(f"{size}: post-training", flush=True)
+    post = post_training(bench, _candidates(bench, size, work, args.smoke), importance)
+    record = {"settings": settings, "best": post["best"], "post": post["figures"]}
+    if "lut" in args.parts:
+        record["lut"] = run_lut(bench, size, post, work, config)
+    work.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def _export_exact(palettes: Path, out: Path) -> bool:
@@ -205,7 +216,7 @@ def _learned_qat():
     return module
 
 
-def run_trained(parts: set[str], post: dict, work: Path, smoke: bool) -> dict:
+def run_trained(parts: set[str], recipes: dict, work: Path, smoke: bool) -> dict:
     """# ---- qat / dkm: `benchmarks/learned_qat.py`'s run_qat / run_dkm (GIVEN_PALETTES_API.md), if present ----"""
     from workbench.resources import demo_model_dir
 
@@ -217,35 +228,34 @@ def run_trained(parts: set[str], post: dict, work: Path, smoke: bool) -> dict:
         return out
     for part in sorted(parts & {"qat", "dkm"}):
         run = getattr(module, f"run_{part}")
-        for size, p in post.items():
-            out[part][size] = run(demo_model_dir(), p["recipe"], size, work / part, smoke)
+        for size, recipe in recipes.items():
+            out[part][size] = run(demo_model_dir(), recipe, size, work / part, smoke)
             print(f"  {size} {part}: {_fmt(out[part][size])}", flush=True)
     return out
 
 
-def _last_line(lut: dict, trained: dict, post: dict) -> str:
+def _last_line(sizes: dict, trained: dict) -> str:
     nan = float("nan")
 
     def get(d: dict, size: str, key: str):
-        return d.get(size, {}).get(key, nan)
+        return (d.get(size) or {}).get(key, nan)
 
+    lut = {size: r["lut"] for size, r in sizes.items() if "lut" in r}
     qat, dkm = trained["qat"], trained["dkm"]
-    qat_gain = get(qat, "2b", "image_psnr_db") - post["2b"]["figures"][post["2b"]["best"]]["image_psnr_db"]
+    post_2b = sizes["2b"]["post"][sizes["2b"]["best"]]["image_psnr_db"] if "2b" in sizes else nan
     exact = [f["exact"] for f in lut.values()] + [f.get("exact") for f in qat.values()]
     figures = {
         "lut_gain_2b_db": get(lut, "2b", "gain_db"),
         "lut_gain_2p5_db": get(lut, "2p5", "gain_db"),
         "lut_gain_3b_db": get(lut, "3b", "gain_db"),
-        "qat_gain_2b_db": qat_gain,
+        "qat_gain_2b_db": get(qat, "2b", "image_psnr_db") - post_2b,
         "qat_image_psnr_2b_db": get(qat, "2b", "image_psnr_db"),
         "qat_adherence_2b": get(qat, "2b", "adherence"),
         "dkm_image_psnr_2b_db": get(dkm, "2b", "image_psnr_db"),
         "dkm_peak_gb": get(dkm, "2b", "peak_gb"),
         "ours_peak_gb": get(qat, "2b", "peak_gb"),
     }
-    text = " ".join(
-        f"{k}={v:.2f}" if isinstance(v, float) and not math.isnan(v) else f"{k}=nan" for k, v in figures.items()
-    )
+    text = " ".join(f"{k}={v:.2f}" if not math.isnan(v) else f"{k}=nan" for k, v in figures.items())
     return text + f" exact={all(e is True for e in exact) if exact else 'n/a'}"
 
 
@@ -263,27 +273,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    if parts - {"lut", "qat", "dkm"} or set(sizes) - set(SIZES) or "2b" not in sizes:
-        sys.exit(f"--parts {args.parts!r} / --sizes {args.sizes!r}: parts lut,qat,dkm; sizes 2b,3b,2p5 (2b needed)")
+    if parts - {"lut", "qat", "dkm"} or set(sizes) - set(SIZES) or not sizes:
+        sys.exit(f"--parts {args.parts!r} / --sizes {args.sizes!r}: parts of lut,qat,dkm; sizes of 2b,3b,2p5")
     work = Path(args.out)
+    args.parts = parts
     began = time.perf_counter()
     with torch_threads(args.threads):
         bench = Bench(2 if args.smoke else args.images, args.smoke)
-        candidates = {s: c for s, c in _candidates(bench, work, args.smoke).items() if s in sizes}
-        print(f"post-training ({time.perf_counter() - began:.0f} s):", flush=True)
-        post = post_training(bench, candidates)
-        lut = run_lut(bench, post, work, args.steps, args.smoke) if "lut" in parts else {}
-        trained = run_trained(parts, post, work, args.smoke)
-    record = {"post": {s: {k: v for k, v in p.items() if k in ("best", "figures")} for s, p in post.items()}}
-    record.update(lut=lut, trained=trained, seconds=time.perf_counter() - began, peak_gb=_peak_gb())
+        importance = _importance(bench)
+        results = {size: run_size(bench, size, work, args, importance) for size in sizes}
+        recipes = {}
+        if parts & {"qat", "dkm"}:
+            recipes = {size: _candidates(bench, size, work, args.smoke)[r["best"]] for size, r in results.items()}
+        trained = run_trained(parts, recipes, work, args.smoke)
+    record = {"sizes": results, "trained": trained, "seconds": time.perf_counter() - began, "peak_gb": _peak_gb()}
     (work / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    for size, p in post.items():
-        line = f"{size}: best post-training {p['best']} {p['figures'][p['best']]['image_psnr_db']:.2f} dB"
-        if size in lut:
-            line += f" | learned LUTs {lut[size]['image_psnr_db']:.2f} dB ({lut[size]['gain_db']:+.2f})"
+    for size, r in results.items():
+        post = r["post"][r["best"]]
+        line = f"{size} ({post['bits_per_param']:.2f} b/p): best post-training {r['best']} {_fmt(post)}"
+        if "lut" in r:
+            line += f" | learned LUTs {_fmt(r['lut'])}, gain {r['lut']['gain_db']:+.2f} dB, exact={r['lut']['exact']}"
         print(line)
     print(f"wall {time.perf_counter() - began:.0f} s, peak {_peak_gb():.2f} GB")
-    print(_last_line(lut, trained, post))
+    print(_last_line(results, trained))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ class TuneConfig:
 
     Args:
         steps (`int`, defaults to 300): Adam steps on the LUT entries.
-        lr (`float`, defaults to 0.003): Adam's step size, relative to each layer's weight RMS (a LUT entry moves
+        lr (`float`, defaults to 0.01): Adam's step size, relative to each layer's weight RMS (a LUT entry moves
             by about `lr * rms` a step whatever the layer's scale).
         prompts (`int`, defaults to 16): calibration prompts (the demo model: captions of its shapes world, another
             draw than the evaluation's; another model: the analysis' prompts, cycled).
@@ -40,7 +40,7 @@ class TuneConfig:
     """
 
     steps: int = 300
-    lr: float = 0.003
+    lr: float = 0.01
     prompts: int = 16
     timesteps: int = 12
     sampling_steps: int | None = None
