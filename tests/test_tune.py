@@ -235,3 +235,32 @@ def test_tune_config_is_checked():
     with pytest.raises(InvalidValueError, match="lr=0"):
         TuneConfig(lr=0)
     assert TuneConfig.from_dict(TuneConfig(steps=3).to_dict()) == TuneConfig(steps=3)
+
+
+def test_cli_tune_rejects_bad_settings_before_loading_anything(tmp_path, capsys):
+    from workbench.cli.main import main
+
+    assert main(["tune", "--nbits", "2", "--out", str(tmp_path), "--lr", "5"]) == 2
+    assert "lr=5.0 must be a number in (0, 1)" in capsys.readouterr().err
+    assert main(["tune", "--nbits", "2", "--out", str(tmp_path), "--recipe-name", "x"]) == 2
+    assert main(["export", "--palettes", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")]) == 2
+    assert "given-palettes file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_tune_then_export_the_tuned_palettes_bit_exact(tmp_path):
+    import json
+
+    from workbench.cli.main import main
+    from workbench.models.tiny import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "model")
+    model, out = str(tmp_path / "model"), tmp_path / "tuned"
+    settings = ["--steps", "2", "--prompts", "2", "--timesteps", "2", "--sampling-steps", "3", "--resolution", "16"]
+    assert main(["tune", model, "--nbits", "2", "--min-numel", "20000", "--out", str(out), *settings]) == 0
+    given = GivenPalettes.load(out / "palettes.npz")
+    assert json.loads((out / "tune.json").read_text())["palettes_digest"] == given.digest
+    assert main(["export", model, "--palettes", str(out / "palettes.npz"), "--out", str(tmp_path / "coreml")]) == 0
+    report = json.loads((tmp_path / "coreml" / "verification.json").read_text())
+    unet = next(p for p in report["packages"] if p["component"] == "unet")
+    assert unet["verification"]["all_bit_exact"] and len(unet["verification"]["layers"]) == len(given)
