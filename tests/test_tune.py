@@ -164,7 +164,8 @@ def test_learnable_luts_give_each_entry_the_sum_of_its_weights_gradients_and_res
     name, palette = next((n, p) for n, p in given.items() if p.config == GROUPED)
     layer = get_layer(pipe.unet, name)
     original = layer.weight
-    x = torch.randn(3, layer.weight.shape[1], *([4, 4] if layer.weight.dim() == 4 else []))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, layer.weight.shape[1], *([4, 4] if layer.weight.dim() == 4 else []), generator=generator)
     forward = torch.nn.functional.conv2d if layer.weight.dim() == 4 else torch.nn.functional.linear
 
     dense = torch.from_numpy(palette.dense().astype(np.float32)).requires_grad_(True)
@@ -176,7 +177,9 @@ def test_learnable_luts_give_each_entry_the_sum_of_its_weights_gradients_and_res
     )
     with learnable_luts(pipe.unet, GivenPalettes({name: palette})) as luts:
         forward(x, layer.weight).square().sum().backward()
-        assert torch.allclose(luts[name].lut.grad.double(), expected, rtol=1e-5, atol=1e-6)
+        # float32 sums in another order: equal to 1e-5 of the largest entry's gradient
+        scale = float(expected.abs().max())
+        assert torch.allclose(luts[name].lut.grad.double(), expected, rtol=1e-5, atol=1e-5 * scale)
         assert learned_palettes(luts).digest == GivenPalettes({name: palette}).digest  # unchanged: no step taken
     assert layer.weight is original and type(layer) in (torch.nn.Linear, torch.nn.Conv2d)
 
