@@ -217,7 +217,11 @@ def _learned_qat():
 
 
 def run_trained(parts: set[str], recipes: dict, work: Path, smoke: bool) -> dict:
-    """# ---- qat / dkm: `benchmarks/learned_qat.py`'s run_qat / run_dkm (GIVEN_PALETTES_API.md), if present ----"""
+    """# ---- qat / dkm: the other half of issue 25, in `benchmarks/learned_qat.py` when present ----
+
+    It exposes `run_qat(model_dir, recipe, name, work, smoke) -> dict` and `run_dkm(...)` (recipe: layer ->
+    `PaletteConfig`; name: "2b", "3b", "2p5"), each dict with `image_psnr_db`, `one_step_psnr_db`, `adherence`,
+    `seconds`, `peak_gb`, `exact`; they are called here with each size's best post-training recipe."""
     from workbench.resources import demo_model_dir
 
     module = _learned_qat() if parts & {"qat", "dkm"} else None
