@@ -40,7 +40,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
         (["export", "--out", "x", "--nbits", "7"], "argument --nbits: unsupported bit width 7"),
         (["report", "--threads", "0"], "argument --threads: 0 is out of range"),
         (["analyze"], "the following arguments are required: --out"),
-        (["report", "--notebooks", "9"], "unknown notebook '9'; valid: numbers 1-5"),
+        (["report", "--notebooks", "9"], "unknown notebook '9'; valid: numbers 1-6"),
         (["report", "--run", "../up"], "run name '../up' must be a plain folder name"),
     ],
 )

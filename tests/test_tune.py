@@ -141,3 +141,129 @@ def test_an_export_with_given_palettes_stores_exactly_them(pipe, tmp_path):
 
     fitted = verify_package(package.path, pipe.unet, recipe, component="unet", prefix="unet")
     assert not any(c.bit_exact for c in fitted.layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learned LUTs
+
+
+def test_the_gradient_of_a_lut_entry_is_the_finite_difference_of_the_loss():
+    from workbench.tune.luts import _Gather
+
+    generator = torch.Generator().manual_seed(0)
+    lut = torch.randn(2, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    indices = torch.randint(0, 4, (2, 12), generator=generator, dtype=torch.uint8)
+    probe = torch.randn(2, 12, dtype=torch.float64, generator=generator)
+    assert torch.autograd.gradcheck(lambda t: (_Gather.apply(t, indices) * probe).sin().sum(), (lut,))
+
+
+def test_learnable_luts_give_each_entry_the_sum_of_its_weights_gradients_and_restore_the_layer(pipe):
+    from workbench.tune.luts import learnable_luts, learned_palettes
+
+    given = GivenPalettes.fit(pipe.unet, _recipe(pipe.unet))
+    name, palette = next((n, p) for n, p in given.items() if p.config == GROUPED)
+    layer = get_layer(pipe.unet, name)
+    original = layer.weight
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, layer.weight.shape[1], *([4, 4] if layer.weight.dim() == 4 else []), generator=generator)
+    forward = torch.nn.functional.conv2d if layer.weight.dim() == 4 else torch.nn.functional.linear
+
+    dense = torch.from_numpy(palette.dense().astype(np.float32)).requires_grad_(True)
+    forward(x, dense).square().sum().backward()  # the weights' gradients, computed apart
+    groups = palette.lut.shape[0]
+    expected = torch.zeros(groups, palette.lut.shape[1], dtype=torch.float64)
+    expected.scatter_add_(
+        1, torch.from_numpy(palette.indices.reshape(groups, -1)).long(), dense.grad.reshape(groups, -1).double()
+    )
+    with learnable_luts(pipe.unet, GivenPalettes({name: palette})) as luts:
+        forward(x, layer.weight).square().sum().backward()
+        # float32 sums in another order: equal to 1e-5 of the largest entry's gradient
+        scale = float(expected.abs().max())
+        assert torch.allclose(luts[name].lut.grad.double(), expected, rtol=1e-5, atol=1e-5 * scale)
+        assert learned_palettes(luts).digest == GivenPalettes({name: palette}).digest  # unchanged: no step taken
+    assert layer.weight is original and type(layer) in (torch.nn.Linear, torch.nn.Conv2d)
+
+
+# 16x16 pixels (8x8 latents): a tiny UNet call is cheap; the whole calibration set (4 samples) is the batch
+TINY_TUNE = {"steps": 4, "lr": 0.01, "prompts": 2, "timesteps": 2, "sampling_steps": 3, "resolution": 16, "batch": 4}
+
+
+@pytest.fixture(scope="module")
+def tuned(pipe):
+    """Two short tunes of the same recipe with the same seed, and the starting palettes."""
+    from workbench.tune.config import TuneConfig
+    from workbench.tune.learn import tune_luts
+
+    recipe = _recipe(pipe.unet)
+    config = TuneConfig(**TINY_TUNE, eval_every=2)
+    prompts = ["a red circle", "a blue square"]
+    first = tune_luts(pipe, recipe, config, prompts=prompts, progress=False)
+    second = tune_luts(pipe, recipe, config, prompts=prompts, progress=False)
+    return first, second, GivenPalettes.fit(pipe.unet, recipe)
+
+
+def test_a_tune_is_deterministic_for_a_seed(tuned):
+    first, second, start = tuned
+    assert first.palettes.digest == second.palettes.digest and first.history == second.history
+    assert first.palettes.digest != start.digest  # it learned something
+    for name, p in first.palettes.items():
+        assert np.array_equal(p.indices, start[name].indices)  # the cluster assignment is kept
+
+
+def test_a_short_tune_lowers_the_distillation_loss_on_its_calibration_set(tuned):
+    first, _, _ = tuned
+    assert first.history[0][1] == first.start_loss and first.best_step > 0
+    assert first.loss <= 0.985 * first.start_loss, f"{first.start_loss} -> {first.loss}"
+    assert first.loss == min(loss for _, loss in first.history)
+
+
+def test_tuned_luts_are_what_the_calibration_loss_measured(pipe, tuned):
+    """The loss reported is the loss of the palettes returned (float16 LUTs as stored), not of float32 masters."""
+    from workbench.tune.calibration import record_calibration
+    from workbench.tune.learn import CALIBRATION_SEED_OFFSET, calibration_loss
+
+    first, _, _ = tuned
+    calibration = record_calibration(
+        pipe, ["a red circle", "a blue square"], timesteps=2, seed=CALIBRATION_SEED_OFFSET, steps=3, resolution=16
+    )
+    with palettized(pipe.unet, first.palettes.configs, given=first.palettes):
+        assert calibration_loss(pipe.unet, calibration, "guided") == pytest.approx(first.loss, rel=1e-5)
+
+
+def test_tune_config_is_checked():
+    from workbench.tune.config import TuneConfig
+
+    with pytest.raises(InvalidValueError, match="loss='l1'"):
+        TuneConfig(loss="l1")
+    with pytest.raises(InvalidValueError, match="lr=0"):
+        TuneConfig(lr=0)
+    assert TuneConfig.from_dict(TuneConfig(steps=3).to_dict()) == TuneConfig(steps=3)
+
+
+def test_cli_tune_rejects_bad_settings_before_loading_anything(tmp_path, capsys):
+    from workbench.cli.main import main
+
+    assert main(["tune", "--nbits", "2", "--out", str(tmp_path), "--lr", "5"]) == 2
+    assert "lr=5.0 must be a number in (0, 1)" in capsys.readouterr().err
+    assert main(["tune", "--nbits", "2", "--out", str(tmp_path), "--recipe-name", "x"]) == 2
+    assert main(["export", "--palettes", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")]) == 2
+    assert "given-palettes file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_tune_then_export_the_tuned_palettes_bit_exact(tmp_path):
+    import json
+
+    from workbench.cli.main import main
+    from workbench.models.tiny import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "model")
+    model, out = str(tmp_path / "model"), tmp_path / "tuned"
+    settings = ["--steps", "2", "--prompts", "2", "--timesteps", "2", "--sampling-steps", "3", "--resolution", "16"]
+    assert main(["tune", model, "--nbits", "2", "--min-numel", "20000", "--out", str(out), *settings]) == 0
+    given = GivenPalettes.load(out / "palettes.npz")
+    assert json.loads((out / "tune.json").read_text())["palettes_digest"] == given.digest
+    assert main(["export", model, "--palettes", str(out / "palettes.npz"), "--out", str(tmp_path / "coreml")]) == 0
+    report = json.loads((tmp_path / "coreml" / "verification.json").read_text())
+    unet = next(p for p in report["packages"] if p["component"] == "unet")
+    assert unet["verification"]["all_bit_exact"] and len(unet["verification"]["layers"]) == len(given)

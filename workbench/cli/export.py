@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> None:
         recipe_file=args.recipe,
         recipe_name=args.recipe_name,
         importance_file=args.importance,
+        palettes_file=args.palettes,
     )
     print(report.summary())
     print(f"verification report: {report.out_dir}/verification.json")
@@ -71,6 +72,11 @@ def add_parser(sub) -> None:
     p.add_argument("--min-numel", type=int_in_range(0), default=2048, help="--nbits layers: more weights (2048)")
     p.add_argument(
         "--importance", default=None, help="the analysis' importance.npz, for recipes with data-aware palettes"
+    )
+    p.add_argument(
+        "--palettes",
+        default=None,
+        help="given palettes (workbench tune's palettes.npz) stored as they are; alone: with their own recipe",
     )
     p.add_argument(
         "--chunk-unet",

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from workbench import __version__
-from workbench.cli import analyze, apply, export, layers, recipe, report, train
+from workbench.cli import analyze, apply, export, layers, recipe, report, train, tune
 from workbench.cli.common import EXIT_USER_ERROR, Parser, UsageError
 from workbench.errors import is_user_error
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="workbench", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"workbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (layers, recipe, export, apply, train, analyze, report):
+    for command in (layers, recipe, export, apply, train, tune, analyze, report):
         command.add_parser(sub)
     return parser
 

@@ -26,6 +26,7 @@ from workbench.metrics import image_psnr, image_ssim
 from workbench.models.generation import generate_images
 from workbench.models.layers import compressible_layers
 from workbench.palettes.apply import palettized
+from workbench.palettes.given import GivenPalettes
 from workbench.palettes.size import SizeReport, size_report
 from workbench.recipes.recipe import Recipe
 from workbench.sweep.probe import OneStepProbe
@@ -158,7 +159,8 @@ def seed_matched_images(
     Args:
         pipe: a diffusers text-to-image pipeline; its UNet is palettized in place and restored exactly.
         prompts (`Sequence[str]`): one row each.
-        recipes (`Mapping[str, Mapping]`): column name -> recipe (layer -> bits or `PaletteConfig`), in order.
+        recipes (`Mapping[str, Mapping]`): column name -> recipe (layer -> bits or `PaletteConfig`), in order; or
+            given palettes (`GivenPalettes`, e.g. learned LUTs), used as they are.
         layers (`Mapping[str, nn.Module]`, *optional*): layers to size the columns by; defaults to every
             Linear/Conv2d of the UNet (`compressible_layers(unet, min_numel=0)`).
         seed (`int`, defaults to 0): seed of the first row.
@@ -181,8 +183,10 @@ def seed_matched_images(
     columns = [column_for(reference_name, layers, {})]
     per_column = [generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs)]
     for name, recipe in recipes.items():
+        given = recipe if isinstance(recipe, GivenPalettes) else None
+        recipe = recipe.configs if given is not None else recipe
         columns.append(column_for(name, layers, recipe))
-        with palettized(pipe.unet, recipe, cache=cache):
+        with palettized(pipe.unet, recipe, cache=cache, given=given):
             per_column.append(generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs))
     images = tuple(tuple(column[r] for column in per_column) for r in range(len(prompts)))
     psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)

@@ -15,6 +15,7 @@ NOTEBOOKS: tuple[str, ...] = (
     "03_mixed_bit_analysis",
     "04_seed_matched_comparison",
     "05_coreml_export",
+    "06_learned_palettes",
 )
 
 

@@ -89,6 +89,36 @@ def plot_palette_histograms(weight, palettes, *, title: str | None = None, bins:
     return fig
 
 
+def plot_learned_palette(weight, start, learned, *, title: str | None = None, bins: int = 200):
+    """The weight's histogram with a palette's LUT before (post-training fit, red dashed) and after learning (blue).
+
+    Args:
+        weight (`torch.Tensor` or `np.ndarray`): the float weight.
+        start, learned (`Palette`): the same indices, two LUTs (the first group's, for grouped palettes).
+        title (`str`, *optional*): axes title.
+        bins (`int`, defaults to 200): histogram bins.
+
+    Returns:
+        `matplotlib.figure.Figure`.
+    """
+    values = _as_numpy(weight).astype(np.float32).ravel()
+    fig, ax = _new_axes(None, (9, 3.6))
+    ax.hist(values, bins=bins, color="#7f7f7f", label=f"{values.size:,} weights")
+    used = np.unique(start.indices[: max(1, start.indices.shape[0] // start.lut.shape[0])])
+    for palette, color, style, label in (
+        (start, PALETTE_COLOR, "--", "fitted LUT"),
+        (learned, "#1f77b4", "-", "learned LUT"),
+    ):
+        for i, value in enumerate(palette.lut[0].astype(np.float32)[used]):
+            ax.axvline(value, color=color, ls=style, lw=1.0, label=label if i == 0 else None)
+    ax.set_xlabel("weight value (float16, unitless)")
+    ax.set_ylabel("number of weights")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def plot_data_aware_palettes(weight, importance, plain, aware, *, title: str | None = None, bins: int = 200):
     """Where a plain and a data-aware palette put their LUT entries, over the histogram each one is fitted to.
 
