@@ -23,7 +23,7 @@ report: install
 
 # The README's two figures (docs/*.png), from a full report on the demo model.
 readme-figures: report
-	$(BIN)/python -c "from workbench.report import readme_figures; print(*readme_figures('reports/$(RUN)', 'docs'))"
+	$(BIN)/python -c "from workbench.report.index import readme_figures; print(*readme_figures('reports/$(RUN)', 'docs'))"
 
 # -rs: say why a test was skipped (tests/test_browser.py without a Chromium, the GPU tests without a GPU)
 test: install

@@ -59,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="analysis folder (its store is started afresh)")
     parser.add_argument("--model", default=None, help="default: the demo model")
+    parser.add_argument("--nbits", type=int, nargs="+", default=None, help="widths (default: 1 2 4 6 8)")
     args = parser.parse_args()
 
     last = rss_mb()
@@ -80,7 +81,8 @@ def main() -> None:
         sampler = PhaseSampler()
         sampler.start()
         start = time.perf_counter()
-        run_analysis(pipe, config_for_model(args.model), out_dir=args.out, resume=False, progress=False)
+        config = config_for_model(args.model, nbits=None if args.nbits is None else tuple(args.nbits))
+        run_analysis(pipe, config, out_dir=args.out, resume=False, progress=False)
         wall = time.perf_counter() - start
         sampler.stop.set()
         sampler.join()

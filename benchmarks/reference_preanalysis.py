@@ -8,13 +8,16 @@ not vendored: pass a checkout with --apple-src (e.g. a `git archive` of the repo
   stack) for two names only: `compute_psnr`, taken here from torch2coreml's own source (that one function, compiled
   from the file), and `get_pipeline`, which here loads the local folder in float32 on the CPU, as `workbench
   analyze` does (Apple's loads `variant="fp16"` weights from the hub);
+- its int8 baseline builds a `coremltools.optimize.coreml._quantization_passes.AffineQuantParams`, a plain record
+  of four attributes that coremltools 9 no longer has: an empty class stands in where it is missing;
 - at import it fetches eight test images for img2img pipelines with `requests.get` (not reachable here; not used
   by a text-to-image pipeline): a stand-in returns a blank image;
 - its fixed settings are set to `workbench analyze`'s defaults on the model: candidate layers over --min-numel
   weights (its `PALETTIZE_MIN_SIZE`, 1e5, is the default of `get_palettizable_modules`), images of --resolution px
   (its `TEST_RESOLUTION`, 768), one torch thread. Its 8 prompts, widths 1 2 4 6 8, 7 recipes are its own.
 
-Peak RSS is the process's `ru_maxrss`; run it under `/usr/bin/time -v` for the same figure from outside. The last
+Peak RSS is the process's `ru_maxrss`; run it under `/usr/bin/time -v` for the same figure from outside. The
+script resumes from the JSON in its output folder (its sweeps are kept there as they finish). The last
 line holds the figures. Example:
     git -C ml-stable-diffusion archive HEAD python_coreml_stable_diffusion | tar -x -C /tmp/apple
     /usr/bin/time -v .venv/bin/python benchmarks/reference_preanalysis.py --apple-src /tmp/apple --out /tmp/ref
@@ -68,6 +71,11 @@ def _install_stand_ins(apple_src: Path) -> None:
         return types.SimpleNamespace(raw=buffer)
 
     sys.modules["requests"] = types.SimpleNamespace(get=blank_image)
+
+    from coremltools.optimize.coreml import _quantization_passes
+
+    if not hasattr(_quantization_passes, "AffineQuantParams"):  # coremltools < 8 had it; the script sets 4 fields
+        _quantization_passes.AffineQuantParams = type("AffineQuantParams", (), {})
 
 
 def main() -> None:

@@ -132,6 +132,8 @@ def test_04_seed_matched(report):
     _figure(out, "04_seed_matched_grid.png")
     summary = _table(out, "04_recipe_summary.csv")
     assert summary["name"].iloc[0] == "float16" and len(summary) >= 2
+    # the workbench's recipes beside Apple's rule: every strategy the analysis ran is in the grid
+    assert {"apple", "size-aware", "refined"} <= set(summary["strategy"])
     cells = _table(out, "04_cells.csv")
     assert len(cells) == 2 * len(summary)  # 2 prompts in smoke
     assert (cells.groupby("prompt")["seed"].nunique() == 1).all(), "a row must use one seed in every column"

@@ -77,7 +77,7 @@ def write_index(out_dir: Path, config: ReportConfig, result: ReportResult) -> Pa
 README_FIGURES = {"03_psnr_vs_size.png": "psnr_vs_size.png", "04_seed_matched_grid.png": "seed_matched_grid.png"}
 
 
-def readme_figures(run_dir: str | os.PathLike, docs_dir: str | os.PathLike, max_width: int = 900) -> list[Path]:
+def readme_figures(run_dir: str | os.PathLike, docs_dir: str | os.PathLike, max_width: int = 1600) -> list[Path]:
     """Copy the README's figures out of a finished report, shrunk to `max_width` pixels and palette-quantised
     (small enough to commit): `figures/03_psnr_vs_size.png` and `figures/04_seed_matched_grid.png`.
 
