@@ -142,8 +142,8 @@ def test_basics_notebook_and_palette_explorer(ran, shots, out_dir):
 
 
 def _bits_per_param(text: str) -> float:
-    match = re.search(r"^(\S+): ([0-9.]+) bits/param", text)
-    assert match, f"no 'NAME: X bits/param' in the recipe explorer's text: {text!r}"
+    match = re.search(r"^(\S+)[^:\n]*: ([0-9.]+) bits/param", text)  # "NAME (strategy): X bits/param · ..."
+    assert match, f"no 'NAME (strategy): X bits/param' in the recipe explorer's text: {text!r}"
     return float(match.group(2))
 
 
