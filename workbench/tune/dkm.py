@@ -24,7 +24,7 @@ from workbench.demo.config import TrainConfig
 from workbench.demo.stages import Log, VaeStage
 from workbench.palettes.config import PaletteConfig
 from workbench.recipes.recipe import Recipe
-from workbench.tune.qat import fine_tune, prepare_tuning, qat_recipe
+from workbench.tune.qat import fine_tune, training_setup
 from workbench.tune.qat_config import QatConfig
 
 
@@ -54,15 +54,8 @@ def train_dkm(
     """
     from coremltools.optimize.torch.palettization import DKMPalettizer
 
-    from workbench.demo.stages import encoded_stage
-    from workbench.demo.world import make_dataset
-
     started = time.perf_counter()
-    recipe = qat_recipe(pipe.unet, config)
-    data = make_dataset(train_config.n_images, seed=train_config.seed, image_size=train_config.image_size)
-    if stage1 is None:
-        stage1 = encoded_stage(pipe.vae, torch.from_numpy(data.images))
-    tuning = prepare_tuning(pipe, stage1, data.captions, train_config, config)
+    recipe, stage1, tuning = training_setup(pipe, train_config, config, stage1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("coremltools").setLevel(logging.ERROR)

@@ -36,7 +36,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from workbench.demo.config import TrainConfig
-from workbench.demo.stages import Log, UnetObjective, VaeStage, lr_factor, recent_loss, set_lr, step_generator
+from workbench.demo.stages import (
+    Log,
+    UnetObjective,
+    VaeStage,
+    encoded_stage,
+    lr_factor,
+    recent_loss,
+    set_lr,
+    step_generator,
+)
+from workbench.demo.world import make_dataset
 from workbench.errors import InvalidValueError
 from workbench.models.layers import compressible_layers
 from workbench.palettes.config import PaletteConfig
@@ -287,6 +297,16 @@ def _ours_after_step(unet: nn.Module, palettes: dict[str, TrainedPalette], confi
     return after
 
 
+def training_setup(pipe, train_config: TrainConfig, config: QatConfig, stage1: VaeStage | None = None):
+    """What a palettized fine-tuning of `pipe` needs, ours or DKM's: the recipe `config.palettize` names, the
+    dataset's latents (`stage1`, encoded here if not given) and the `FineTuning` (data, loss, teacher)."""
+    recipe = qat_recipe(pipe.unet, config)
+    data = make_dataset(train_config.n_images, seed=train_config.seed, image_size=train_config.image_size)
+    if stage1 is None:
+        stage1 = encoded_stage(pipe.vae, torch.from_numpy(data.images))
+    return recipe, stage1, prepare_tuning(pipe, stage1, data.captions, train_config, config)
+
+
 def train_palettized(
     pipe,
     train_config: TrainConfig,
@@ -311,15 +331,8 @@ def train_palettized(
     Returns:
         `QatResult`.
     """
-    from workbench.demo.stages import encoded_stage
-    from workbench.demo.world import make_dataset
-
     started = time.perf_counter()
-    recipe = qat_recipe(pipe.unet, config)
-    data = make_dataset(train_config.n_images, seed=train_config.seed, image_size=train_config.image_size)
-    if stage1 is None:
-        stage1 = encoded_stage(pipe.vae, torch.from_numpy(data.images))
-    tuning = prepare_tuning(pipe, stage1, data.captions, train_config, config)
+    recipe, stage1, tuning = training_setup(pipe, train_config, config, stage1)
     trained = attach_palettes(pipe.unet, recipe)
     log(f"palettized {len(trained)} layers ({recipe.name}); training {config.steps} steps")
     t0 = time.perf_counter()
