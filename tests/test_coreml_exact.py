@@ -7,6 +7,7 @@ import coremltools as ct
 import numpy as np
 import pytest
 import torch
+from small_convert import convert_small
 from torch import nn
 
 from workbench.coreml import coreml_weight_names, package_weights, palettized_weight_names, verify_package
@@ -43,19 +44,6 @@ def _small_net():
     return net
 
 
-def _convert(net, target):
-    x = torch.zeros(1, 8, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ct.convert(
-            torch.jit.trace(net, x),
-            inputs=[ct.TensorType(name="x", shape=x.shape)],
-            convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16,
-            minimum_deployment_target=target,
-        )
-
-
 RECIPES = {
     "per_tensor": {
         name: PaletteConfig(nbits)
@@ -76,7 +64,7 @@ def test_coreml_package_weights_equal_the_simulation(recipe_name, tmp_path):
     recipe = RECIPES[recipe_name]
     net = _small_net()
     ios18 = any(cfg.needs_ios18 for cfg in recipe.values())
-    model = _convert(net, ct.target.iOS18 if ios18 else ct.target.iOS17)
+    model = convert_small(net, ct.target.iOS18 if ios18 else ct.target.iOS17)
     layers = compressible_layers(net, min_numel=0)
     names = coreml_weight_names(layers)
     config = ct.optimize.coreml.OptimizationConfig(
@@ -123,7 +111,7 @@ def test_data_aware_palettes_are_stored_as_fitted(recipe_name, tmp_path):
     recipe = DATA_AWARE[recipe_name]
     net = _small_net()
     ios18 = any(cfg.needs_ios18 for cfg in recipe.values())
-    model = _convert(net, ct.target.iOS18 if ios18 else ct.target.iOS17)
+    model = convert_small(net, ct.target.iOS18 if ios18 else ct.target.iOS17)
     layers = compressible_layers(net, min_numel=0)
     names = coreml_weight_names(layers)
     rng = np.random.default_rng(0)
@@ -169,7 +157,7 @@ def saved(tmp_path_factory):
     )
     with warnings.catch_warnings(), sklearn_single_thread():
         warnings.simplefilter("ignore")
-        compressed = ct.optimize.coreml.palettize_weights(_convert(net, ct.target.iOS17), config)
+        compressed = ct.optimize.coreml.palettize_weights(convert_small(net, ct.target.iOS17), config)
     path = tmp_path_factory.mktemp("verify") / "net.mlpackage"
     compressed.save(str(path))
     return net, names, path
@@ -272,7 +260,7 @@ def test_the_export_hands_over_the_palettes_core_ml_would_fit(recipe_name, tmp_p
 
     recipe = RECIPES[recipe_name]
     net = _small_net()
-    model = _convert(net, ct.target.iOS18 if any(cfg.needs_ios18 for cfg in recipe.values()) else ct.target.iOS17)
+    model = convert_small(net, ct.target.iOS18 if any(cfg.needs_ios18 for cfg in recipe.values()) else ct.target.iOS17)
     stored = {}
     for mode, module in (("coreml", None), ("explicit", net)):
         path = tmp_path / f"{mode}.mlpackage"

@@ -4,6 +4,7 @@ read back exactly as given."""
 import numpy as np
 import pytest
 import torch
+from small_convert import convert_small
 
 from workbench.coreml import ExportConfig, export_pipeline, package_weights
 from workbench.coreml.components import layer_weight_names
@@ -84,23 +85,6 @@ class TwoConvs(torch.nn.Module):
         return self.head(torch.relu(self.stem(x)))
 
 
-def _convert(net, target):
-    import warnings
-
-    import coremltools as ct
-
-    x = torch.zeros(1, 8, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ct.convert(
-            torch.jit.trace(net, x),
-            inputs=[ct.TensorType(name="x", shape=x.shape)],
-            convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16,
-            minimum_deployment_target=target,
-        )
-
-
 def test_core_ml_stores_the_given_palettes_and_verify_proves_it(tmp_path):
     import coremltools as ct
 
@@ -114,7 +98,7 @@ def test_core_ml_stores_the_given_palettes_and_verify_proves_it(tmp_path):
     recipe = {"stem": PaletteConfig(2), "head": GROUPED}
     given = _moved(GivenPalettes.fit(net, recipe))
     names = coreml_weight_names(compressible_layers(net, min_numel=0))
-    model = compress_model(_convert(net, ct.target.iOS18), recipe, names=names, module=net, given=given)
+    model = compress_model(convert_small(net, ct.target.iOS18), recipe, names=names, module=net, given=given)
     model.save(str(tmp_path / "net.mlpackage"))
     stored = package_weights(tmp_path / "net.mlpackage")
     for name in given:
