@@ -15,7 +15,7 @@ from workbench.analysis.refine import search_name
 from workbench.analysis.run import run_analysis
 from workbench.compare.seed_matched import column_for
 from workbench.errors import InvalidValueError
-from workbench.models.layers import compressible_layers, get_layer
+from workbench.models.layers import compressible_layers, get_layer, gradient_checkpointing
 from workbench.palettes.apply import palettized
 from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import PaletteConfig, as_config
@@ -363,3 +363,22 @@ def test_consumed_gradient_is_the_gradient(pipe):
             assert probe.distortion_gradient(params, batch_chunk=chunk, consume=consume) == pytest.approx(d)
             assert all(torch.allclose(got[i], g, rtol=1e-4, atol=1e-10) for i, g in enumerate(grads) if g.any())
             assert all(p.grad is None for p in params)
+
+
+def test_checkpointed_gradient_is_bitwise_the_plain_one(pipe):
+    """Gradient checkpointing (the refinement's default) runs the same operations on the same values again: the
+    same D and gradients, bit for bit, whole and consumed; the UNet's own setting is left as it was."""
+    with torch_threads(1):
+        probe = OneStepProbe(pipe, PROMPTS, seed=0)
+        names = list(compressible_layers(pipe.unet, 2048))
+        params = [get_layer(pipe.unet, n).weight for n in names]
+        with gradient_checkpointing(pipe.unet) as on:
+            assert on and pipe.unet.is_gradient_checkpointing
+        assert not pipe.unet.is_gradient_checkpointing
+        d, grads = probe.distortion_gradient(params)
+        d_c, grads_c = probe.distortion_gradient(params, checkpointing=True)
+        assert d == d_c and all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+        got: dict[int, torch.Tensor] = {}
+        assert probe.distortion_gradient(params, consume=lambda i, g: got.__setitem__(i, g), checkpointing=True) == d
+        assert all(torch.equal(got[i], g) for i, g in enumerate(grads) if i in got) and len(got) > len(names) // 2
+        assert not pipe.unet.is_gradient_checkpointing

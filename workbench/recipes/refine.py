@@ -133,6 +133,8 @@ class RefineSettings:
         batch_chunk: UNet batch rows per backward pass (bounds activation memory); None = the whole batch.
         min_gain: dB of mean PSNR a round must gain for another round to follow (0: any gain).
         max_evaluations: candidates measured at most (a round that would pass it is not started); None = no cap.
+        checkpointing: the UNet's gradient checkpointing in each round's backward pass (the same gradient, with
+            activations of about one block instead of the whole UNet's, for one more forward pass).
     """
 
     rounds: int = DEFAULT_ROUNDS
@@ -140,6 +142,7 @@ class RefineSettings:
     batch_chunk: int | None = None
     min_gain: float = 0.0
     max_evaluations: int | None = None
+    checkpointing: bool = True
 
 
 @dataclass(frozen=True)
@@ -375,7 +378,13 @@ def _binned_gradient(probe, unet, names, space: OptionSpace, pricing: Pricing, s
         part = GradientSums(*bins.gradient_sums(original, grad))
         sums[name] = part if name not in sums else sums[name] + part
 
-    current = probe.distortion_gradient(params, batch_chunk=settings.batch_chunk, weights=weights, consume=consume)
+    current = probe.distortion_gradient(
+        params,
+        batch_chunk=settings.batch_chunk,
+        weights=weights,
+        consume=consume,
+        checkpointing=settings.checkpointing,
+    )
     return current, sums
 
 

@@ -40,6 +40,7 @@ from workbench.palettes.cache import PaletteCache
 from workbench.palettes.config import as_config
 from workbench.palettes.stash import WeightStash
 from workbench.sweep.store import Evaluation, EvaluationRunner
+from workbench.threads import release_free_heap
 
 
 class LayerPrefix(Mapping):
@@ -247,6 +248,7 @@ class LocalExecutor:
         finally:
             if not self.keep_state:
                 self.state.reset()
+            release_free_heap()  # what the fits and passes freed, before the next phase's peak stacks on it
 
     def _prefetch(self, tasks: Sequence[EvalTask]) -> None:
         """Queue the palettes of `tasks` (each once), of layers not replaced now (their weights are the originals

@@ -24,7 +24,9 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from workbench.metrics import PSNR_PEAK_EPS, psnr_per_item
+from workbench.models.layers import gradient_checkpointing
 from workbench.sweep.replay import DEFAULT_REPLAY_MEMORY, UpstreamReplay
+from workbench.threads import release_free_heap
 
 
 class OneStepProbe:
@@ -181,6 +183,7 @@ class OneStepProbe:
         batch_chunk: int | None = None,
         weights: Sequence[float] | None = None,
         consume: Callable[[int, torch.Tensor], None] | None = None,
+        checkpointing: bool = False,
     ) -> tuple[float, list[torch.Tensor]] | float:
         """The latent distortion with the UNet's current weights and its gradient with respect to `params`.
 
@@ -200,6 +203,9 @@ class OneStepProbe:
                 of `params[i]` comes out of the backward pass (once per chunk with `batch_chunk`: the gradient is
                 the sum of what it receives; never for a parameter D does not depend on), and dropped after it, so
                 the gradients of all `params` are never held at once.
+            checkpointing (`bool`, defaults to False): the UNet's gradient checkpointing during the backward pass
+                (`workbench.models.layers.gradient_checkpointing`): the same gradient, activations of about one
+                block instead of the whole UNet's, one more forward pass.
 
         Returns:
             `tuple[float, list[torch.Tensor]]`: D, and dD/dp for each of `params` (float32, on their device); with
@@ -210,24 +216,29 @@ class OneStepProbe:
         try:
             for p in params:
                 p.requires_grad_(True)
-            if consume is not None:
-                distortion, grads = self._consumed_gradient(params, batch_chunk, weights, consume), None
-            elif batch_chunk is None or batch_chunk >= self.unet_batch:
-                with torch.enable_grad():
-                    distortion = self._distortion(self.pipe.unet(*self._unet_args, **self._unet_kwargs)[0], weights)
-                    parts = torch.autograd.grad(distortion, params, allow_unused=True)
-                self.forward_calls += 1
-                zero = torch.zeros_like
-                grads = [zero(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, parts)]
-            else:
-                distortion, grads = self._chunked_gradient(params, batch_chunk, weights)
+            with gradient_checkpointing(self.pipe.unet, checkpointing):
+                distortion, grads = self._gradient(params, batch_chunk, weights, consume)
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
+            release_free_heap()  # the backward pass' buffers, freed to the threads' arenas: back to the system
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.forward_seconds += time.perf_counter() - start
         return float(distortion.detach()) if consume is not None else (float(distortion.detach()), grads)
+
+    def _gradient(self, params, batch_chunk, weights, consume) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """`distortion_gradient`'s passes, with `params` requiring grad: D, and the gradients (None with consume)."""
+        if consume is not None:
+            return self._consumed_gradient(params, batch_chunk, weights, consume), None
+        if batch_chunk is not None and batch_chunk < self.unet_batch:
+            return self._chunked_gradient(params, batch_chunk, weights)
+        with torch.enable_grad():
+            distortion = self._distortion(self.pipe.unet(*self._unet_args, **self._unet_kwargs)[0], weights)
+            parts = torch.autograd.grad(distortion, params, allow_unused=True)
+        self.forward_calls += 1
+        zero = torch.zeros_like
+        return distortion, [zero(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, parts)]
 
     def _consumed_gradient(self, params, batch_chunk, weights, consume) -> torch.Tensor:
         """D, its gradient handed to `consume` parameter by parameter (post-accumulate hooks on a backward pass

@@ -26,6 +26,7 @@ import torch
 from workbench.analysis.config import DEFAULT_PROMPTS
 from workbench.demo.world import make_dataset
 from workbench.io import environment, write_json_atomic
+from workbench.models.layers import gradient_checkpointing
 from workbench.models.loader import is_demo_model
 from workbench.palettes.given import GivenPalettes
 from workbench.recipes.recipe import Recipe
@@ -212,14 +213,8 @@ def tune_luts(
             pipe, prompts, timesteps=config.timesteps, seed=seed, steps=steps, resolution=resolution
         )
     generator = torch.Generator().manual_seed(config.seed)
-    if config.checkpointing:
-        unet.enable_gradient_checkpointing()
-    try:
-        with learnable_luts(unet, start) as luts:
-            best, history = _optimise(unet, luts, calibration, config, generator, progress)
-    finally:
-        if config.checkpointing:
-            unet.disable_gradient_checkpointing()
+    with gradient_checkpointing(unet, config.checkpointing), learnable_luts(unet, start) as luts:
+        best, history = _optimise(unet, luts, calibration, config, generator, progress)
     (_, start_loss), (best_step, best_loss, palettes) = history[0], best
     return TuneResult(
         palettes=palettes,
