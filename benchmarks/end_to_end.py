@@ -50,8 +50,12 @@ def timed(command: list[str], log: Path) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(command)}; see {log}")
     peak = usage.ru_maxrss * 1024 / 1e9  # KiB on Linux
-    print(f"  {seconds / 60:.2f} min, peak RSS {peak:.2f} GB", flush=True)
+    WRITTEN[log.stem] = usage.ru_oublock * 512 / 1e9  # blocks of 512 bytes, as getrusage counts them
+    print(f"  {seconds / 60:.2f} min, peak RSS {peak:.2f} GB, wrote {WRITTEN[log.stem]:.2f} GB to disk", flush=True)
     return seconds, peak
+
+
+WRITTEN: dict[str, float] = {}  # log name -> GB the step wrote to disk (its getrusage output blocks)
 
 
 FOLDERS: dict[str, Path] = {}  # arch -> an existing full-size folder (--sd15 / --sdxl)
@@ -119,6 +123,7 @@ def chain(work: Path, results: dict) -> None:
         sd15_chain_min=(seconds + export_s) / 60,
         sd15_analysis_peak_over_weights_gb=peak - unet_weight_gb(sd15),
         fullsize_overhead=run["timing"]["overhead"],
+        sd15_analysis_written_gb=WRITTEN["analyze-sd15"],
     )
     results.setdefault("exact", []).append(exact(out))
 
