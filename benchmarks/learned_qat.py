@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-STEPS = 40  # optimizer steps of every training run (ours and DKM alike), batch BATCH
+STEPS = 120  # optimizer steps of every training run (ours and DKM alike), batch BATCH
 BATCH = 32
 EVAL_IMAGES = 32
-LR, DISTILL, RECLUSTER_EVERY = 3e-4, 1.0, 0
+LR, DISTILL, RECLUSTER_EVERY = 1e-3, 1.0, 0
 TRAINING = {"lr": LR, "distill": DISTILL, "recluster_every": RECLUSTER_EVERY}
 SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3, **TRAINING}
 MIXED_TARGET = 2.5

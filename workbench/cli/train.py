@@ -79,9 +79,9 @@ def add_parser(sub) -> None:
     q.add_argument("--palettize", default=None, metavar="BITS_OR_RECIPE", help="a width (2, 3...) or a recipe JSON")
     q.add_argument("--recipe-name", default=None, help="which recipe of the file (default: its only one)")
     q.add_argument("--model", default=None, help="the trained pipeline folder (default: the demo model)")
-    q.add_argument("--steps", type=int_in_range(1), default=None, help="optimizer steps (40)")
+    q.add_argument("--steps", type=int_in_range(1), default=None, help="optimizer steps (120)")
     q.add_argument("--batch", type=int_in_range(1), default=None, help="images per step (32)")
-    q.add_argument("--lr", type=float_in_range(1e-12), default=None, help="peak learning rate (3e-4)")
+    q.add_argument("--lr", type=float_in_range(1e-12), default=None, help="peak learning rate (1e-3)")
     q.add_argument(
         "--recluster-every", type=int_in_range(0), default=None, help="steps between k-means re-fits (0: never)"
     )

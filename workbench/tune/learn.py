@@ -30,6 +30,7 @@ from workbench.models.layers import gradient_checkpointing
 from workbench.models.loader import is_demo_model
 from workbench.palettes.given import GivenPalettes
 from workbench.recipes.recipe import Recipe
+from workbench.threads import release_free_heap
 from workbench.tune.calibration import Calibration, record_calibration
 from workbench.tune.config import TuneConfig
 from workbench.tune.luts import LutWeight, learnable_luts, learned_palettes
@@ -240,6 +241,7 @@ def _optimise(unet, luts, cal: Calibration, config: TuneConfig, generator, progr
     bar = tqdm(range(1, config.steps + 1), desc="tune", unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
         train = _step(unet, cal, next(draws), config, optimizer)
+        release_free_heap()  # the step's dense weights and activations, before the next step's stack on them
         if step % config.eval_every == 0 or step == config.steps:
             loss = calibration_loss(unet, cal, config.loss, chunk)
             history.append((step, loss))

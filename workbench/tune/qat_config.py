@@ -21,9 +21,9 @@ class QatConfig:
         palettize (`str`): a uniform width ("2": per-tensor k-means at 2 bits on every candidate layer) or a recipe
             file (ours or the reference's pre-analysis JSON; `workbench.recipes.recipe.load_recipe`).
         recipe_name (`str`, defaults to ""): which recipe of that file ("": its only one).
-        steps (`int`, defaults to 40): optimizer steps (AdamW, 5% warmup then cosine decay, as the demo's training).
+        steps (`int`, defaults to 120): optimizer steps (AdamW, 5% warmup then cosine decay, as the demo's training).
         batch (`int`, defaults to 32): training images per step (the demo's own training: 64).
-        lr (`float`, defaults to 3e-4): peak learning rate of the float masters (the defaults are the settings
+        lr (`float`, defaults to 1e-3): peak learning rate of the float masters (the defaults are the settings
             `benchmarks/learned_qat.py` measured).
         recluster_every (`int`, defaults to 0): steps between exact k-means re-fits of every palette on the float
             masters (`workbench.palettes.fit.fit_palette`); 0 keeps the first assignment (the post-training k-means')
@@ -41,9 +41,9 @@ class QatConfig:
 
     palettize: str
     recipe_name: str = ""
-    steps: int = 40
+    steps: int = 120
     batch: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     recluster_every: int = 0
     distill: float = 1.0
     min_numel: int = 2048
