@@ -100,8 +100,8 @@ class LayerBins:
 
     Attributes:
         segment: flat weights per segment (`segment_of`).
-        keys: the occupied bins, sorted (int64).
-        first: the flat position of each bin's first weight (reads `q_c(k)` off any palette).
+        keys: the occupied bins, sorted (int32 where they fit, as on every SD layer: half the memory).
+        first: the flat position of each bin's first weight (reads `q_c(k)` off any palette; int32 where it fits).
         imp, imp_w: per bin, the sum of the importance and of importance times the float32 weight.
         imp_w2: the sum of importance times the weight squared.
     """
@@ -118,7 +118,9 @@ class LayerBins:
         w, bits = _flat(weight)
         h, h1, first, h2 = _bin_stats(bits, w, importance, segment)
         occupied = np.flatnonzero(first < bits.size)
-        return cls(segment, occupied, first[occupied], h[occupied], h1[occupied], float(h2))
+        index = np.int32 if max(bits.size, first.size) < 2**31 else np.int64
+        keys, positions = occupied.astype(index), first[occupied].astype(index)
+        return cls(segment, keys, positions, h[occupied], h1[occupied], float(h2))
 
     def gradient_sums(self, original: torch.Tensor, grad: torch.Tensor) -> tuple[np.ndarray, float]:
         """`(G, <g, W>)`: the gradient's sum over each bin of the original weight, and its inner product with it."""
