@@ -117,3 +117,32 @@ def test_dkm_trains_the_same_recipe_to_at_most_2_to_the_nbits_values():
     pipe = tiny_sd_pipeline()
     record = train_dkm(pipe, DATA, QatConfig("2", steps=2, batch=2, min_numel=10_000), log=lambda line: None)
     assert record["max_distinct"] <= 4 and len(record["losses"]) == 2 and all(np.isfinite(record["losses"]))
+
+
+def test_learned_luts_train_only_the_luts_of_palettized_layers_and_end_exact(tmp_path):
+    """`luts="learned"`: the LUTs are the trained parameters (their indices stay the post-training k-means'), the
+    other parameters train as before, and the model ends holding exactly `LUT[indices]`, deterministically."""
+    from workbench.palettes.fit import fit_palette
+
+    config = QatConfig("2", steps=3, batch=2, luts="learned", lut_lr=0.05, min_numel=10_000, seed=5)
+    fresh = tiny_sd_pipeline()
+    pipe, result = _run(config, tmp_path / "learned")
+    assert result.exact and len(result.palettes) >= 20
+    moved = 0
+    for name, palette in result.palettes.items():
+        start = fit_palette(fresh.unet.get_submodule(name).weight, palette.config)
+        assert np.array_equal(start.indices, palette.indices), name  # the assignment stays
+        moved += not np.array_equal(start.lut, palette.lut)
+    assert moved >= len(result.palettes) // 2
+    biases = [n for n, _ in fresh.unet.named_parameters() if n.endswith("bias")]
+    trained, before = pipe.unet.state_dict(), fresh.unet.state_dict()
+    assert any(not torch.equal(trained[n], before[n]) for n in biases)  # the unpalettized parameters train too
+    _, again = _run(config)
+    assert again.losses == result.losses
+
+
+def test_learned_luts_keep_their_assignment_so_refits_are_refused():
+    with pytest.raises(InvalidValueError, match="recluster_every needs luts='centroid'"):
+        QatConfig("2", luts="learned", recluster_every=2)
+    with pytest.raises(InvalidValueError, match="valid: centroid, learned"):
+        QatConfig("2", luts="soft")

@@ -12,10 +12,12 @@ from workbench.cli.common import UsageError, float_in_range, int_in_range
 from workbench.demo.config import TrainConfig, add_arguments
 from workbench.errors import InvalidValueError
 from workbench.resources import demo_model_dir
-from workbench.tune.qat_config import QatConfig
+from workbench.tune.qat_config import LUT_MODES, QatConfig
 
 # `--palettize`'s options, each named as its `QatConfig` field
-_QAT_OPTIONS = ("recipe_name", "steps", "batch", "lr", "recluster_every", "distill", "min_numel", "seed")
+_QAT_OPTIONS = (
+    "recipe_name", "steps", "batch", "lr", "recluster_every", "distill", "luts", "lut_lr", "min_numel", "seed",
+)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
@@ -86,6 +88,13 @@ def add_parser(sub) -> None:
         "--recluster-every", type=int_in_range(0), default=None, help="steps between k-means re-fits (0: never)"
     )
     q.add_argument("--distill", type=float_in_range(0.0), default=None, help="weight of the float teacher (1.0)")
+    q.add_argument(
+        "--luts", choices=LUT_MODES, default=None,
+        help="centroid: each LUT entry the mean of its float masters; learned: the entries trained (centroid)",
+    )  # fmt: skip
+    q.add_argument(
+        "--lut-lr", type=float_in_range(1e-12), default=None, help="learned LUTs: step size / layer RMS (0.01)"
+    )
     q.add_argument("--min-numel", type=int_in_range(0), default=None, help="a width: layers over this (2048)")
     q.add_argument("--seed", type=int_in_range(0), default=None, help="seeds the batches (0)")
     p.set_defaults(func=run)

@@ -144,14 +144,8 @@ def _adam(luts: Mapping[str, LutWeight], lr: float) -> torch.optim.Adam:
     """Adam with one group per layer, its step size `lr` times the layer's weight RMS (from its palette)."""
     groups = []
     for lut in luts.values():
-        groups.append({"params": [lut.lut], "lr": lr * max(_rms(lut), 1e-8)})
+        groups.append({"params": [lut.lut], "lr": lr * max(lut.rms(), 1e-8)})
     return torch.optim.Adam(groups)
-
-
-def _rms(lut: LutWeight) -> float:
-    """The RMS of the layer's palettized weight (counts of each entry times its square, over all weights)."""
-    counts = torch.zeros_like(lut.lut).scatter_add_(1, lut.indices.long(), torch.ones(lut.indices.shape))
-    return float(((counts * lut.lut.detach() ** 2).sum() / counts.sum()).sqrt())
 
 
 def _draws(size: int, batch: int, generator: torch.Generator):

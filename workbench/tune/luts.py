@@ -66,6 +66,12 @@ class LutWeight(nn.Module):
         stored = self.lut + (self.lut.to(torch.float16).float() - self.lut).detach()  # float16 as stored, STE
         return _Gather.apply(stored, self.indices).view(self.shape).to(original.dtype)
 
+    def rms(self) -> float:
+        """The RMS of the palettized weight (each entry's count times its square, over all weights): the scale of
+        the layer, which step sizes are taken relative to."""
+        counts = torch.zeros_like(self.lut).scatter_add_(1, self.indices.long(), torch.ones(self.indices.shape))
+        return float(((counts * self.lut.detach() ** 2).sum() / counts.sum()).sqrt())
+
     def palette(self) -> Palette:
         """The current LUT as a `Palette` (float16, as Core ML stores it) with the fixed indices."""
         lut = self.lut.detach().to("cpu", torch.float16).numpy()

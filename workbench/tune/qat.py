@@ -43,7 +43,6 @@ from workbench.demo.stages import (
     encoded_stage,
     lr_factor,
     recent_loss,
-    set_lr,
     step_generator,
 )
 from workbench.demo.world import make_dataset
@@ -53,6 +52,7 @@ from workbench.palettes.config import PaletteConfig
 from workbench.palettes.fit import Palette, fit_palette
 from workbench.palettes.given import GivenPalettes
 from workbench.recipes.recipe import Recipe, load_recipe
+from workbench.tune.luts import LutWeight
 from workbench.tune.qat_config import QatConfig
 
 PALETTES_FILE = "palettes.npz"  # beside the fine-tuned pipeline
@@ -153,27 +153,45 @@ class TrainedPalette(nn.Module):
         return Palette(self.lut.cpu().half().numpy(), self.indices.cpu().to(torch.uint8).numpy(), self.config)
 
 
-def attach_palettes(unet: nn.Module, recipe: Recipe) -> dict[str, TrainedPalette]:
-    """Palettize `unet`'s recipe layers for training (their weights read `LUT[indices]`); layer -> palette."""
+def attach_palettes(unet: nn.Module, recipe: Recipe, luts: str = "centroid") -> dict[str, TrainedPalette | LutWeight]:
+    """Palettize `unet`'s recipe layers for training (their weights read `LUT[indices]`); layer -> palette.
+    `luts` (`QatConfig.luts`): "centroid", float masters and `TrainedPalette`s; "learned", the LUTs themselves
+    trained (`LutWeight`, started from the post-training k-means), the masters frozen."""
     palettes = {}
     for name, config in recipe.configs.items():
         layer = unet.get_submodule(name)
-        palettes[name] = TrainedPalette(layer.weight, config)
+        if luts == "learned":
+            palettes[name] = LutWeight(fit_palette(layer.weight.detach(), config)).to(layer.weight.device)
+        else:
+            palettes[name] = TrainedPalette(layer.weight, config)
         parametrize.register_parametrization(layer, "weight", palettes[name])
+        if luts == "learned":
+            layer.parametrizations.weight.original.requires_grad_(False)
     return palettes
 
 
 @torch.no_grad()
-def detach_palettes(unet: nn.Module, palettes: dict[str, TrainedPalette]) -> dict[str, Palette]:
-    """Make every palettized weight a plain parameter holding exactly `LUT[indices]`; layer -> final palette."""
+def detach_palettes(unet: nn.Module, palettes: dict[str, TrainedPalette | LutWeight]) -> dict[str, Palette]:
+    """Make every palettized weight a plain parameter holding exactly `LUT[indices]` (float16 values); layer ->
+    final palette."""
     out = {}
     for name, trained in palettes.items():
         layer = unet.get_submodule(name)
-        dense = trained.dense()
         out[name] = trained.palette()
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-        layer.weight.copy_(dense)
+        layer.weight.requires_grad_(True)
+        layer.weight.copy_(torch.from_numpy(out[name].dense().astype(np.float32)))
     return out
+
+
+def param_groups(unet: nn.Module, config: QatConfig) -> list[dict]:
+    """The optimizer's groups, each with its peak learning rate under "peak": every trainable parameter at
+    `config.lr`, except learned LUTs (`LutWeight`), each at `config.lut_lr` times its layer's weight RMS."""
+    luts = [m for m in unet.modules() if isinstance(m, LutWeight)]
+    held = {id(m.lut) for m in luts}
+    rest = [p for p in unet.parameters() if p.requires_grad and id(p) not in held]
+    return [{"params": rest, "peak": config.lr}, *({"params": [m.lut], "peak": config.lut_lr * max(m.rms(), 1e-8)}
+                                                    for m in luts)]  # fmt: skip
 
 
 def master(unet: nn.Module, name: str) -> torch.Tensor:
@@ -197,20 +215,23 @@ class FineTuning:
 
 
 def fine_tune(unet: nn.Module, tuning: FineTuning, config: QatConfig, after_step: AfterStep, log: Log) -> list[float]:
-    """`config.steps` AdamW steps on every trainable parameter of `unet` (learning rate `config.lr`, the demo's
-    warmup and cosine decay, gradient norm clipped to 1, no weight decay); the loss is the demo's weighted MSE to the
-    data's target plus `config.distill` times the same to the float teacher's prediction. Batch `step` is drawn from
-    `step_generator(config.seed, QAT_STAGE, step)`. Returns the loss of every step."""
+    """`config.steps` AdamW steps on every trainable parameter of `unet` (learning rate `config.lr`, learned LUTs
+    their own: `param_groups`; the demo's warmup and cosine decay, gradient norm clipped to 1, no weight decay);
+    the loss is the demo's weighted MSE to the data's target plus `config.distill` times the same to the float
+    teacher's prediction. Batch `step` is drawn from `step_generator(config.seed, QAT_STAGE, step)`. Returns the
+    loss of every step."""
     from tqdm.auto import tqdm
 
     objective, text_encoder, teacher = tuning.objective, tuning.text_encoder, tuning.teacher
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    groups = param_groups(unet, config)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     unet.train()
     losses: list[float] = []
     bar = tqdm(range(config.steps), desc="palettized training", unit="step", mininterval=1.0)
     for step in bar:
-        set_lr(optimizer, config.lr * lr_factor(step, config.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak"] * lr_factor(step, config.steps)
         batch = objective.batch(step_generator(config.seed, QAT_STAGE, step))
         pred = objective.prediction(unet, text_encoder, batch)
         loss = objective.weighted_error(pred, objective.target(batch), batch.t)
@@ -333,10 +354,11 @@ def train_palettized(
     """
     started = time.perf_counter()
     recipe, stage1, tuning = training_setup(pipe, train_config, config, stage1)
-    trained = attach_palettes(pipe.unet, recipe)
-    log(f"palettized {len(trained)} layers ({recipe.name}); training {config.steps} steps")
+    trained = attach_palettes(pipe.unet, recipe, config.luts)
+    log(f"palettized {len(trained)} layers ({recipe.name}, {config.luts} LUTs); training {config.steps} steps")
     t0 = time.perf_counter()
-    losses = fine_tune(pipe.unet, tuning, config, _ours_after_step(pipe.unet, trained, config), log)
+    after = _ours_after_step(pipe.unet, trained, config) if config.luts == "centroid" else lambda step: None
+    losses = fine_tune(pipe.unet, tuning, config, after, log)
     seconds = {"encode": stage1.seconds.get("encode", 0.0), "train": time.perf_counter() - t0}
     palettes = detach_palettes(pipe.unet, trained)
     exact = check_exact(pipe.unet, palettes)

@@ -10,6 +10,7 @@ from typing import Any
 from workbench.errors import InvalidValueError
 
 UNIFORM_WIDTHS = (1, 2, 3, 4, 6, 8)  # `--palettize N`: per-tensor k-means at N bits on every candidate layer
+LUT_MODES = ("centroid", "learned")  # how LUT entries train (`QatConfig.luts`)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class QatConfig:
         distill (`float`, defaults to 1.0): weight of the float UNet's prediction as a second target beside the
             data's (the loss is `data + distill * teacher`, both weighted per timestep as the demo's loss); 0 trains
             on the data alone.
+        luts (`str`, defaults to "centroid"): how the LUT entries train. "centroid": each entry is the float16 mean
+            of the float masters assigned to it, after every step (the masters train; `recluster_every` applies).
+            "learned": the entries themselves are parameters (`workbench.tune.luts.LutWeight`, the learned-LUT
+            parametrization), their gradient the sum of their weights' gradients, each layer's step size `lut_lr`
+            times its weight RMS; the assignment stays the post-training k-means'; no float masters.
+        lut_lr (`float`, defaults to 0.01): with `luts="learned"`, the LUT entries' peak step size relative to their
+            layer's weight RMS (as `workbench tune`); the schedule is the same warmup and cosine decay.
         min_numel (`int`, defaults to 2048): with a uniform width, the candidate layers have more weights than this
             (the analysis' default on the demo model).
         seed (`int`, defaults to 0): seeds every batch drawn (the dataset is the base model's own).
@@ -46,6 +54,8 @@ class QatConfig:
     lr: float = 1e-3
     recluster_every: int = 0
     distill: float = 1.0
+    luts: str = "centroid"
+    lut_lr: float = 0.01
     min_numel: int = 2048
     seed: int = 0
 
@@ -59,6 +69,12 @@ class QatConfig:
                 raise InvalidValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise InvalidValueError(f"lr must be > 0, got {self.lr}")
+        if self.luts not in LUT_MODES:
+            raise InvalidValueError(f"luts={self.luts!r}; valid: {', '.join(LUT_MODES)}")
+        if not self.lut_lr > 0:
+            raise InvalidValueError(f"lut_lr must be > 0, got {self.lut_lr}")
+        if self.luts == "learned" and self.recluster_every:
+            raise InvalidValueError("recluster_every needs luts='centroid' (learned LUTs keep their assignment)")
         if not self.distill >= 0:
             raise InvalidValueError(f"distill must be >= 0, got {self.distill}")
         if self.uniform_bits is None and not Path(self.palettize).is_file():
