@@ -10,6 +10,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 
 class UserError(Exception):
     """An error the user can fix by changing what they asked for; its message says what was wrong and what is
@@ -45,3 +48,16 @@ def parse_bool(text: str, *, name: str) -> bool:
     if value in _TRUE or value in _FALSE:
         return value in _TRUE
     raise InvalidValueError(f"{name}={text!r} is not a boolean; valid: {', '.join(_TRUE + _FALSE)} (any case)")
+
+
+def from_known_fields(cls, data: dict[str, Any]):
+    """`cls(**data)` for a dataclass config read from JSON, refusing keys it has no field for.
+
+    Raises:
+        InvalidValueError: an unknown key, naming them and the valid ones (and whatever `cls` itself refuses).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise InvalidValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid: {sorted(known)}")
+    return cls(**data)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import InvalidValueError, parse_bool
+from workbench.errors import InvalidValueError, from_known_fields, parse_bool
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidValueError(f"unknown TrainConfig keys {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data)
 
     def with_overrides(self, pairs: Iterable[str]) -> TrainConfig:
         """This config with `KEY=VALUE` overrides (`--set`) applied, each value read strictly as its field's type.

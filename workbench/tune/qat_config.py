@@ -3,11 +3,11 @@ them before it imports the training code (`workbench.tune.qat`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import InvalidValueError
+from workbench.errors import InvalidValueError, from_known_fields
 
 UNIFORM_WIDTHS = (1, 2, 3, 4, 6, 8)  # `--palettize N`: per-tensor k-means at N bits on every candidate layer
 LUT_MODES = ("centroid", "learned")  # how LUT entries train (`QatConfig.luts`)
@@ -99,8 +99,4 @@ class QatConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QatConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidValueError(f"unknown QatConfig keys {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data)
