@@ -120,3 +120,25 @@ def test_generation_seeds_each_prompt_independently_of_its_batch(pipe):
     assert both.dtype == np.uint8 and both.shape == (2, 64, 64, 3)
     assert np.abs(both[1].astype(int) - second_alone[0].astype(int)).max() <= 1  # batched math may round
     assert not np.array_equal(both[0], generate_images(pipe, PROMPTS[:1], seed=8, steps=2)[0])
+
+
+def test_a_trained_unet_column_is_swapped_in_whole_and_the_pipeline_keeps_its_own(pipe, comparison):
+    import copy
+
+    from workbench.compare.seed_matched import TrainedUnet
+    from workbench.palettes.given import GivenPalettes
+
+    layers = compressible_layers(pipe.unet, 2048)
+    given = GivenPalettes.fit(pipe.unet, dict.fromkeys(layers, 2))
+    trained = copy.deepcopy(pipe.unet)  # "trained" to exactly the 2-bit palettes, nothing else changed
+    with torch.no_grad():
+        for name in given:
+            trained.get_submodule(name).weight.copy_(torch.from_numpy(given.dense(name).astype(np.float32)))
+    own = pipe.unet
+    result = seed_matched_images(
+        pipe, PROMPTS, {"trained": TrainedUnet(trained, given)}, layers=layers, steps=2, seed=3
+    )
+    assert pipe.unet is own
+    assert result.columns[1].bits_per_param == comparison.columns[2].bits_per_param == 2.0
+    for row, expected in zip(result.images, comparison.images):
+        assert np.array_equal(row[1], expected[2])  # the same images as the 2-bit palettes applied in place

@@ -24,7 +24,7 @@ DATA = TrainConfig(n_images=8, image_size=32, vae_channels=(32, 64), unet_channe
 
 
 # layers over 10,000 weights: every palette by the exact 1-D k-means (the small-tensor path is the demo's, measured)
-CONFIG = QatConfig("2", steps=3, batch=2, recluster_every=2, min_numel=10_000, seed=5)
+CONFIG = QatConfig("2", steps=3, batch=2, assignment="fixed", recluster_every=2, min_numel=10_000, seed=5)
 
 
 def _run(config: QatConfig, out=None):
@@ -87,6 +87,9 @@ def test_a_run_is_deterministic_for_a_seed(trained):
         ({"palettize": "2", "steps": 0}, "steps must be >= 1"),
         ({"palettize": "2", "lr": 0.0}, "lr must be > 0"),
         ({"palettize": "2", "distill": -1.0}, "distill must be >= 0"),
+        ({"palettize": "2", "assignment": "hard"}, "assignment='hard'; valid: fixed, nearest, soft"),
+        ({"palettize": "2", "temperature": -1.0}, "temperature must be >= 0"),
+        ({"palettize": "2", "recluster_every": 4}, "with assignment='soft' give assignment='fixed'"),
     ],
 )
 def test_bad_settings_are_one_line_errors(fields, message):
@@ -146,3 +149,53 @@ def test_learned_luts_keep_their_assignment_so_refits_are_refused():
         QatConfig("2", luts="learned", recluster_every=2)
     with pytest.raises(InvalidValueError, match="valid: centroid, learned"):
         QatConfig("2", luts="soft")
+
+
+def test_the_assignment_step_moves_each_weight_to_its_nearest_entry():
+    from workbench.palettes.config import PaletteConfig
+    from workbench.tune.qat import TrainedPalette
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(8, 6, 3, 3, generator=generator)
+    trained = TrainedPalette(weight, PaletteConfig(2, granularity="per_grouped_channel", group_size=4))
+    moved = weight + 0.3 * torch.randn(weight.shape, generator=generator)
+    trained.reassign(moved)
+    luts = trained.lut.reshape(2, 1, 4)  # two groups of four output channels
+    distances = (moved.reshape(2, -1, 1) - luts).abs()
+    expected = distances.argmin(-1).reshape(weight.shape)
+    assert torch.equal(trained.indices, expected)
+    chosen = distances.gather(-1, trained.indices.reshape(2, -1, 1))
+    assert torch.equal(chosen, distances.min(-1, keepdim=True).values)  # no weight has a nearer entry
+    assert (trained.indices != TrainedPalette(weight, trained.config).indices).any()  # some weights changed entry
+
+
+def test_the_soft_weight_is_a_differentiable_kmeans_iteration_and_hard_at_temperature_0():
+    from workbench.palettes.config import PaletteConfig
+    from workbench.tune.qat import TrainedPalette
+
+    weight = torch.randn(16, 40, generator=torch.Generator().manual_seed(4))
+    trained = TrainedPalette(weight, PaletteConfig(2), soft=True)
+    master = weight.clone().requires_grad_(True)
+    hard = trained.soft_weight(master)
+    nearest = (weight.reshape(-1, 1) - trained.lut.reshape(1, -1)).abs().argmin(-1)
+    means = torch.stack([weight.reshape(-1)[nearest == k].mean() for k in range(4)])
+    assert torch.allclose(hard.reshape(-1), means[nearest], atol=1e-6)  # one Lloyd iteration from the LUT
+    upstream = torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
+    hard.backward(upstream)  # every master of a cluster gets the mean of its cluster's weights' gradients
+    cluster_mean = torch.stack([upstream.reshape(-1)[nearest == k].mean() for k in range(4)])
+    assert torch.allclose(master.grad.reshape(-1), cluster_mean[nearest], atol=1e-6)
+    trained.temperature = 0.1
+    soft = trained.soft_weight(weight)
+    assert 0 < (soft - hard).abs().max() and torch.unique(soft).numel() > 4  # weights near midpoints are mixed
+    assert (soft - hard).abs().mean() < 0.1 * weight.std()  # ... and the rest stay near their cluster's centroid
+
+
+@pytest.mark.parametrize("assignment", ["nearest", "soft"])
+def test_a_moving_assignment_trains_deterministically_and_ends_exact(assignment):
+    config = QatConfig("2", steps=3, batch=2, assignment=assignment, min_numel=10_000, seed=5)
+    pipe_a, a = _run(config)
+    pipe_b, b = _run(config)
+    assert a.exact and b.exact and a.losses == b.losses
+    for name, palette in a.palettes.items():
+        assert np.array_equal(palette.indices, b.palettes[name].indices), name
+        assert np.array_equal(palette.lut, b.palettes[name].lut), name

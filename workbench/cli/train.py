@@ -9,14 +9,15 @@ import json
 from pathlib import Path
 
 from workbench.cli.common import UsageError, float_in_range, int_in_range
-from workbench.demo.config import TrainConfig, add_arguments
+from workbench.demo.config import TRAINING_FILE, TrainConfig, TrainResult, add_arguments
 from workbench.errors import InvalidValueError
 from workbench.resources import demo_model_dir
-from workbench.tune.qat_config import LUT_MODES, QatConfig
+from workbench.tune.qat_config import ASSIGNMENTS, LUT_MODES, QatConfig
 
 # `--palettize`'s options, each named as its `QatConfig` field
 _QAT_OPTIONS = (
-    "recipe_name", "steps", "batch", "lr", "recluster_every", "distill", "luts", "lut_lr", "min_numel", "seed",
+    "recipe_name", "steps", "batch", "lr", "recluster_every", "distill", "luts", "assignment", "temperature",
+    "lut_lr", "min_numel", "seed",
 )  # fmt: skip
 
 
@@ -41,10 +42,9 @@ def _base_config(args: argparse.Namespace, model: Path) -> TrainConfig:
     """The data and loss the model was trained with: `--config`, else the model's `training.json`; `--set` on top."""
     if args.config is not None:
         return TrainConfig.load(args.config, args.set)
-    record = model / "training.json"
-    if not record.is_file():
-        raise InvalidValueError(f"{model} has no training.json (the data it was trained on); give --config")
-    return TrainConfig.from_dict(json.loads(record.read_text(encoding="utf-8"))["config"]).with_overrides(args.set)
+    if not (model / TRAINING_FILE).is_file():
+        raise InvalidValueError(f"{model} has no {TRAINING_FILE} (the data it was trained on); give --config")
+    return TrainResult.load(model).config.with_overrides(args.set)
 
 
 def _run_palettized(args: argparse.Namespace) -> None:
@@ -92,6 +92,17 @@ def add_parser(sub) -> None:
         "--luts", choices=LUT_MODES, default=None,
         help="centroid: each LUT entry the mean of its float masters; learned: the entries trained (centroid)",
     )  # fmt: skip
+    q.add_argument(
+        "--assignment", choices=ASSIGNMENTS, default=None,
+        help="fixed: the post-training k-means'; nearest: re-assigned every step; soft: a softmax over the entries, "
+        "annealed to hard (soft)",
+    )  # fmt: skip
+    q.add_argument(
+        "--temperature",
+        type=float_in_range(0.0),
+        default=None,
+        help="soft: first temperature / weight variance (0.01)",
+    )
     q.add_argument(
         "--lut-lr", type=float_in_range(1e-12), default=None, help="learned LUTs: step size / layer RMS (0.01)"
     )

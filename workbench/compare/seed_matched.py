@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,21 @@ class SeedMatchedImages:
         )
 
 
+@dataclass(frozen=True)
+class TrainedUnet:
+    """A column whose UNet was trained with its palettes (training-time palettization, `workbench.tune.qat`): its
+    palettized weights already are `palettes`' values and its other parameters were trained too, so the whole UNet
+    is swapped into the pipeline for the column.
+
+    Attributes:
+        unet (`nn.Module`): the trained UNet (same architecture as the pipeline's).
+        palettes (`GivenPalettes`): its palettes, which size the column.
+    """
+
+    unet: torch.nn.Module = field(repr=False)
+    palettes: GivenPalettes
+
+
 def _psnr_caption(value: float) -> str:
     return "identical" if math.isinf(value) else f"PSNR {value:.1f} dB"
 
@@ -160,7 +176,7 @@ def seed_matched_images(
         pipe: a diffusers text-to-image pipeline; its UNet is palettized in place and restored exactly.
         prompts (`Sequence[str]`): one row each.
         recipes (`Mapping[str, Mapping]`): column name -> recipe (layer -> bits or `PaletteConfig`), in order; or
-            given palettes (`GivenPalettes`, e.g. learned LUTs), used as they are.
+            given palettes (`GivenPalettes`, e.g. learned LUTs), used as they are; or a `TrainedUnet`, swapped in.
         layers (`Mapping[str, nn.Module]`, *optional*): layers to size the columns by; defaults to every
             Linear/Conv2d of the UNet (`compressible_layers(unet, min_numel=0)`).
         seed (`int`, defaults to 0): seed of the first row.
@@ -183,6 +199,11 @@ def seed_matched_images(
     columns = [column_for(reference_name, layers, {})]
     per_column = [generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs)]
     for name, recipe in recipes.items():
+        if isinstance(recipe, TrainedUnet):
+            columns.append(column_for(name, layers, recipe.palettes.configs))
+            with _unet_swapped(pipe, recipe.unet):
+                per_column.append(generate_images(pipe, prompts, seed=seed, steps=steps, **kwargs))
+            continue
         given = recipe if isinstance(recipe, GivenPalettes) else None
         recipe = recipe.configs if given is not None else recipe
         columns.append(column_for(name, layers, recipe))
@@ -192,6 +213,17 @@ def seed_matched_images(
     psnr = tuple(tuple(image_psnr(row[0], image) for image in row) for row in images)
     ssim = tuple(tuple(image_ssim(row[0], image) for image in row) for row in images)
     return SeedMatchedImages(tuple(prompts), seeds, tuple(columns), images, psnr, ssim, steps)
+
+
+@contextmanager
+def _unet_swapped(pipe, unet: torch.nn.Module):
+    """`pipe.unet` is `unet` inside the block, the pipeline's own again after it."""
+    original = pipe.unet
+    pipe.unet = unet
+    try:
+        yield
+    finally:
+        pipe.unet = original
 
 
 def uniform_recipes(layers, nbits) -> dict[str, dict[str, int]]:

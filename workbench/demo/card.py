@@ -328,7 +328,7 @@ def document(out: str | Path, *, n_images: int = 64, log: Log = print) -> Adhere
         `AdherenceReport` of the benchmark.
     """
     out = Path(out)
-    result = TrainResult.from_dict(json.loads((out / "training.json").read_text(encoding="utf-8")))
+    result = TrainResult.load(out)
     with torch_threads(result.config.threads):
         pipe = load_pipeline(out, device="cpu", dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)

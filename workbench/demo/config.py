@@ -201,6 +201,9 @@ def _check_diffusion(config: TrainConfig) -> None:
         )
 
 
+TRAINING_FILE = "training.json"  # a trained folder's record (`TrainResult`)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a run produced: where, how long each stage took, the parameter counts and loss curves."""
@@ -236,6 +239,14 @@ class TrainResult:
             vae_losses=data["vae_losses"],
             unet_losses=data["unet_losses"],
         )
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> TrainResult:
+        """The record of a trained pipeline folder (its `training.json`): how it was trained, on which data."""
+        path = Path(folder) / TRAINING_FILE
+        if not path.is_file():
+            raise InvalidValueError(f"{folder} has no {TRAINING_FILE}: it was not trained by the workbench")
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def to_frame(self):
         """Loss curves, one row per logged step: stage, step, loss."""

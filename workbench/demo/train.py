@@ -45,7 +45,7 @@ import torch
 
 from workbench.demo.card import document
 from workbench.demo.components import assemble_pipeline, build_components
-from workbench.demo.config import TrainConfig, TrainResult, _count, add_arguments
+from workbench.demo.config import TRAINING_FILE, TrainConfig, TrainResult, _count, add_arguments
 from workbench.demo.stages import Log, train_unet, vae_stage
 from workbench.demo.world import make_dataset
 from workbench.errors import InvalidValueError
@@ -118,7 +118,7 @@ def _train(config: TrainConfig, out: Path, ckpt: Path | None, device: str, log: 
     parameters = {name: _count(getattr(pipe, name)) for name in ("unet", "vae", "text_encoder")}
     seconds["total"] = time.perf_counter() - started + (sum(stage1.seconds.values()) if stage1.resumed else 0.0)
     result = TrainResult(out, config, seconds, parameters, stage1.scaling_factor, stage1.losses, unet_losses)
-    (out / "training.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
+    (out / TRAINING_FILE).write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
     log(f"wrote {out}: {parameters}, seconds { ({k: round(v, 1) for k, v in seconds.items()}) }")
     return result
 

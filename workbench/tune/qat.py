@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,12 +110,17 @@ class TrainedPalette(nn.Module):
         indices (`torch.Tensor`): int64, the weight's shape.
     """
 
-    def __init__(self, master: torch.Tensor, config: PaletteConfig) -> None:
+    def __init__(self, master: torch.Tensor, config: PaletteConfig, *, soft: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.soft = soft  # `QatConfig.assignment == "soft"`: the forward pass is `soft_weight`
+        self.temperature = 0.0  # of the soft assignment, relative to `variance`; set by the loop every step
         self.register_buffer("lut", torch.empty(0), persistent=False)
         self.register_buffer("indices", torch.empty(0, dtype=torch.long), persistent=False)
         self.refit(master)
+        groups = self.lut.shape[0]
+        variance = master.detach().reshape(groups, -1).float().var(dim=1, correction=0).clamp_min(1e-12)
+        self.register_buffer("variance", variance.reshape(groups, 1, 1), persistent=False)
 
     @torch.no_grad()
     def refit(self, master: torch.Tensor) -> None:
@@ -122,6 +128,19 @@ class TrainedPalette(nn.Module):
         palette = fit_palette(master.detach(), self.config)
         self.lut = torch.from_numpy(palette.lut.astype(np.float32)).to(master.device)
         self.indices = torch.from_numpy(palette.indices.astype(np.int64)).to(master.device)
+
+    @torch.no_grad()
+    def reassign(self, master: torch.Tensor) -> None:
+        """Each weight <- the index of its group's LUT entry nearest to its master (ties to the lower index): k-means'
+        assignment step, warm-started from the current LUT, so only weights that crossed a midpoint move."""
+        groups, size = self.lut.shape
+        rows = master.detach().reshape(groups, -1).float()
+        indices = torch.empty(rows.shape, dtype=torch.long, device=rows.device)
+        chunk = max(1, (1 << 22) // (groups * size))  # bounds the distances held at once to 4M floats
+        for start in range(0, rows.shape[1], chunk):
+            part = rows[:, start : start + chunk]
+            indices[:, start : start + chunk] = (part.unsqueeze(-1) - self.lut.unsqueeze(1)).abs().argmin(-1)
+        self.indices = indices.reshape(self.indices.shape)
 
     def _flat_indices(self) -> torch.Tensor:
         """Every weight's index into the flattened LUT (group g's entries start at g * 2**nbits)."""
@@ -145,7 +164,28 @@ class TrainedPalette(nn.Module):
         means = (sums / counts.clamp_min(1)).half().float()
         self.lut = torch.where(counts > 0, means, self.lut.reshape(-1)).reshape(self.lut.shape)
 
+    def soft_weight(self, master: torch.Tensor) -> torch.Tensor:
+        """The weight under a soft assignment (differentiable in the master): each weight's attention over its
+        group's entries is `softmax(-(w - lut)**2 / (temperature * variance))`, the centroids are the attention-
+        weighted means of the masters (one differentiable k-means iteration from the current LUT), and the weight is
+        its attention's mix of them. At temperature 0 the attention is the nearest entry, and the weight is its
+        cluster's mean: every master of a cluster gets the same gradient, the cluster's."""
+        groups = self.lut.shape[0]
+        weights = master.reshape(groups, -1, 1)
+        start = self.lut.unsqueeze(1)
+        if self.temperature > 0:
+            attention = torch.softmax(-((weights - start) ** 2) / (self.temperature * self.variance), dim=-1)
+        else:
+            nearest = (weights.detach() - start).abs().argmin(-1)
+            attention = torch.nn.functional.one_hot(nearest, self.lut.shape[1]).to(weights.dtype)
+        mass = attention.sum(1, keepdim=True)
+        centroids = (attention * weights).sum(1, keepdim=True) / mass.clamp_min(1e-12)
+        centroids = torch.where(mass > 1e-6, centroids, start)
+        return (attention * centroids).sum(-1).reshape(master.shape)
+
     def forward(self, master: torch.Tensor) -> torch.Tensor:
+        if self.soft:  # recomputed in the backward pass: nothing of size weights x entries is kept
+            return torch.utils.checkpoint.checkpoint(self.soft_weight, master, use_reentrant=False)
         return _StraightThrough.apply(master, self.dense().to(master.dtype))
 
     def palette(self) -> Palette:
@@ -153,17 +193,20 @@ class TrainedPalette(nn.Module):
         return Palette(self.lut.cpu().half().numpy(), self.indices.cpu().to(torch.uint8).numpy(), self.config)
 
 
-def attach_palettes(unet: nn.Module, recipe: Recipe, luts: str = "centroid") -> dict[str, TrainedPalette | LutWeight]:
+def attach_palettes(
+    unet: nn.Module, recipe: Recipe, luts: str = "centroid", assignment: str = "fixed"
+) -> dict[str, TrainedPalette | LutWeight]:
     """Palettize `unet`'s recipe layers for training (their weights read `LUT[indices]`); layer -> palette.
-    `luts` (`QatConfig.luts`): "centroid", float masters and `TrainedPalette`s; "learned", the LUTs themselves
-    trained (`LutWeight`, started from the post-training k-means), the masters frozen."""
+    `luts` (`QatConfig.luts`): "centroid", float masters and `TrainedPalette`s (soft ones with `assignment="soft"`);
+    "learned", the LUTs themselves trained (`LutWeight`, started from the post-training k-means), the masters
+    frozen."""
     palettes = {}
     for name, config in recipe.configs.items():
         layer = unet.get_submodule(name)
         if luts == "learned":
             palettes[name] = LutWeight(fit_palette(layer.weight.detach(), config)).to(layer.weight.device)
         else:
-            palettes[name] = TrainedPalette(layer.weight, config)
+            palettes[name] = TrainedPalette(layer.weight, config, soft=assignment == "soft")
         parametrize.register_parametrization(layer, "weight", palettes[name])
         if luts == "learned":
             layer.parametrizations.weight.original.requires_grad_(False)
@@ -303,17 +346,31 @@ def check_exact(unet: nn.Module, palettes: dict[str, Palette]) -> bool:
     return True
 
 
+def soft_temperature(step: int, config: QatConfig) -> float:
+    """The soft assignment's temperature at `step`: `config.temperature` falling as a half cosine to 0 at three
+    quarters of the steps, then 0 (hard: the last quarter trains the palettes the package will hold)."""
+    soft_steps = max(1, (3 * config.steps) // 4)
+    if step >= soft_steps:
+        return 0.0
+    return config.temperature * 0.5 * (1 + math.cos(math.pi * step / soft_steps))
+
+
 def _ours_after_step(unet: nn.Module, palettes: dict[str, TrainedPalette], config: QatConfig) -> AfterStep:
-    """The centroid step after every optimizer step, and the exact re-fit every `recluster_every` steps (not after
-    the last: the model written is the one the last step trained)."""
+    """After every optimizer step: with `assignment` "nearest" or "soft" the assignment step, then the centroid step
+    (and the next step's temperature); the exact re-fit instead every `recluster_every` steps (not after the last:
+    the model written is the one the last step trained)."""
 
     def after(step: int) -> None:
         refit = config.recluster_every and (step + 1) % config.recluster_every == 0 and step + 1 < config.steps
         for name, trained in palettes.items():
+            weights = master(unet, name)
             if refit:
-                trained.refit(master(unet, name))
-            else:
-                trained.update_lut(master(unet, name))
+                trained.refit(weights)
+                continue
+            if config.assignment != "fixed":
+                trained.reassign(weights)
+            trained.update_lut(weights)
+            trained.temperature = soft_temperature(step + 1, config)
 
     return after
 
@@ -354,7 +411,9 @@ def train_palettized(
     """
     started = time.perf_counter()
     recipe, stage1, tuning = training_setup(pipe, train_config, config, stage1)
-    trained = attach_palettes(pipe.unet, recipe, config.luts)
+    trained = attach_palettes(pipe.unet, recipe, config.luts, config.assignment)
+    for palette in trained.values():
+        palette.temperature = soft_temperature(0, config) if config.assignment == "soft" else 0.0
     log(f"palettized {len(trained)} layers ({recipe.name}, {config.luts} LUTs); training {config.steps} steps")
     t0 = time.perf_counter()
     after = _ours_after_step(pipe.unet, trained, config) if config.luts == "centroid" else lambda step: None

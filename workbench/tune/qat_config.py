@@ -11,6 +11,11 @@ from workbench.errors import InvalidValueError, from_known_fields
 
 UNIFORM_WIDTHS = (1, 2, 3, 4, 6, 8)  # `--palettize N`: per-tensor k-means at N bits on every candidate layer
 LUT_MODES = ("centroid", "learned")  # how LUT entries train (`QatConfig.luts`)
+ASSIGNMENTS = (
+    "fixed",
+    "nearest",
+    "soft",
+)  # how weights choose their LUT entry while training (`QatConfig.assignment`)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,18 @@ class QatConfig:
             "learned": the entries themselves are parameters (`workbench.tune.luts.LutWeight`, the learned-LUT
             parametrization), their gradient the sum of their weights' gradients, each layer's step size `lut_lr`
             times its weight RMS; the assignment stays the post-training k-means'; no float masters.
+        assignment (`str`, defaults to "soft"): with `luts="centroid"` (learned LUTs keep theirs), which entry each weight reads while training.
+            "soft": a soft assignment in the forward pass (each weight a softmax-weighted mix of its group's
+            centroids, the centroids the weighted means of the masters: one differentiable k-means iteration,
+            recomputed in the backward pass so nothing of size weights x entries is kept), its `temperature` annealed
+            to 0 (hard) at three quarters of the steps; after every step each weight takes its nearest entry and each
+            entry the mean of its masters. "fixed": the post-training k-means' assignment for the whole run, the
+            gradient straight through to the masters. "nearest": as "fixed", but each weight moves to the entry
+            nearest its master after every step. On the demo model at 2 bits "soft" gave the best images
+            (docs/training_time.md).
+        temperature (`float`, defaults to 0.01): with `assignment="soft"`, the first temperature, relative to each
+            palette group's weight variance: between two entries one standard deviation apart, the attention changes
+            by a factor e over `temperature / 2` standard deviations around their midpoint.
         lut_lr (`float`, defaults to 0.01): with `luts="learned"`, the LUT entries' peak step size relative to their
             layer's weight RMS (as `workbench tune`); the schedule is the same warmup and cosine decay.
         min_numel (`int`, defaults to 2048): with a uniform width, the candidate layers have more weights than this
@@ -55,6 +72,8 @@ class QatConfig:
     recluster_every: int = 0
     distill: float = 1.0
     luts: str = "centroid"
+    assignment: str = "soft"
+    temperature: float = 0.01
     lut_lr: float = 0.01
     min_numel: int = 2048
     seed: int = 0
@@ -67,20 +86,31 @@ class QatConfig:
         for name in ("recluster_every", "min_numel", "seed"):
             if getattr(self, name) < 0:
                 raise InvalidValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InvalidValueError(f"lr must be > 0, got {self.lr}")
-        if self.luts not in LUT_MODES:
-            raise InvalidValueError(f"luts={self.luts!r}; valid: {', '.join(LUT_MODES)}")
-        if not self.lut_lr > 0:
-            raise InvalidValueError(f"lut_lr must be > 0, got {self.lut_lr}")
-        if self.luts == "learned" and self.recluster_every:
-            raise InvalidValueError("recluster_every needs luts='centroid' (learned LUTs keep their assignment)")
-        if not self.distill >= 0:
-            raise InvalidValueError(f"distill must be >= 0, got {self.distill}")
+        for name in ("lr", "lut_lr"):
+            if not getattr(self, name) > 0:
+                raise InvalidValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("distill", "temperature"):
+            if not getattr(self, name) >= 0:
+                raise InvalidValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self._check_modes()
         if self.uniform_bits is None and not Path(self.palettize).is_file():
             raise InvalidValueError(
                 f"--palettize {self.palettize!r} is neither a palette width "
                 f"({', '.join(map(str, UNIFORM_WIDTHS))}) nor a recipe file"
+            )
+
+    def _check_modes(self) -> None:
+        """`luts` and `assignment` are known, and combine."""
+        if self.luts not in LUT_MODES:
+            raise InvalidValueError(f"luts={self.luts!r}; valid: {', '.join(LUT_MODES)}")
+        if self.assignment not in ASSIGNMENTS:
+            raise InvalidValueError(f"assignment={self.assignment!r}; valid: {', '.join(ASSIGNMENTS)}")
+        if self.luts == "learned" and self.recluster_every:
+            raise InvalidValueError("recluster_every needs luts='centroid' (learned LUTs keep their assignment)")
+        if self.recluster_every and self.assignment != "fixed":
+            raise InvalidValueError(
+                f"recluster_every re-fits a fixed assignment; with assignment={self.assignment!r} give "
+                "assignment='fixed' (--assignment fixed)"
             )
 
     @property

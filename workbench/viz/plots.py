@@ -89,14 +89,18 @@ def plot_palette_histograms(weight, palettes, *, title: str | None = None, bins:
     return fig
 
 
-def plot_learned_palette(weight, start, learned, *, title: str | None = None, bins: int = 200):
+def plot_learned_palette(
+    weight, start, learned, *, title: str | None = None, bins: int = 200, label: str = "learned LUT"
+):
     """The weight's histogram with a palette's LUT before (post-training fit, red dashed) and after learning (blue).
 
     Args:
         weight (`torch.Tensor` or `np.ndarray`): the float weight.
-        start, learned (`Palette`): the same indices, two LUTs (the first group's, for grouped palettes).
+        start, learned (`Palette`): two LUTs of the same layer (the first group's, for grouped palettes); the
+            entries drawn are those the first group's weights use in `start`.
         title (`str`, *optional*): axes title.
         bins (`int`, defaults to 200): histogram bins.
+        label (`str`, defaults to "learned LUT"): the legend's name of the second LUT (e.g. "trained LUT").
 
     Returns:
         `matplotlib.figure.Figure`.
@@ -107,7 +111,7 @@ def plot_learned_palette(weight, start, learned, *, title: str | None = None, bi
     used = np.unique(start.indices[: max(1, start.indices.shape[0] // start.lut.shape[0])])
     for palette, color, style, label in (
         (start, PALETTE_COLOR, "--", "fitted LUT"),
-        (learned, "#1f77b4", "-", "learned LUT"),
+        (learned, "#1f77b4", "-", label),
     ):
         for i, value in enumerate(palette.lut[0].astype(np.float32)[used]):
             ax.axvline(value, color=color, ls=style, lw=1.0, label=label if i == 0 else None)
