@@ -11,7 +11,8 @@ size-aware and refined strategies at exactly 2.5 b/p, stored under `--out` and r
    calibrated on the float model's own trajectories of other captions and seeds than the evaluation's; exported to
    Core ML with the palettes as given and read back (`exact`).
 3. `qat`, `dkm`: `benchmarks/learned_qat.py`'s `run_qat` / `run_dkm` at the same recipes, if that module is present
-   (its own training, evaluation images and peak memory; see its docstring).
+   (its own training, evaluation images and peak memory; see its docstring), each from plain k-means palettes of
+   that best recipe's widths (training re-fits plain k-means; the best may be data-aware).
 
 Measured per recipe: image PSNR after full sampling (`--images` demo captions, image `i` from seed `i`, the
 pipeline's default 50 steps and guidance; `workbench.metrics.image_psnr` per image through
@@ -233,9 +234,17 @@ def run_trained(parts: set[str], recipes: dict, work: Path, smoke: bool) -> dict
     for part in sorted(parts & {"qat", "dkm"}):
         run = getattr(module, f"run_{part}")
         for size, recipe in recipes.items():
-            out[part][size] = run(demo_model_dir(), recipe, size, work / part, smoke)
+            out[part][size] = run(demo_model_dir(), _plain_kmeans(recipe), size, work / part, smoke)
             print(f"  {size} {part}: {_fmt(out[part][size])}", flush=True)
     return out
+
+
+def _plain_kmeans(recipe: dict) -> dict:
+    """The recipe's widths and groupings as plain k-means palettes: training starts from those (it re-fits plain
+    k-means as Core ML would), whatever palettes the best post-training recipe had (data-aware, uniform)."""
+    from dataclasses import replace
+
+    return {name: replace(config, mode="kmeans") for name, config in recipe.items()}
 
 
 def _last_line(sizes: dict, trained: dict) -> str:

@@ -48,7 +48,7 @@ BATCH = 32
 EVAL_IMAGES = 32
 LR, DISTILL, RECLUSTER_EVERY, LUTS, LUT_LR, ASSIGNMENT, TEMPERATURE = 1e-3, 1.0, 0, "centroid", 0.01, "soft", 0.01
 TRAINING = {"lr": LR, "distill": DISTILL, "recluster_every": RECLUSTER_EVERY, "luts": LUTS, "lut_lr": LUT_LR,
-            "assignment": ASSIGNMENT, "temperature": TEMPERATURE, "seed": 0}  # fmt: skip
+            "assignment": ASSIGNMENT, "temperature": TEMPERATURE, "anneal": True, "seed": 0}  # fmt: skip
 SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3, **TRAINING}
 MIXED_TARGET = 2.5
 
@@ -95,7 +95,7 @@ def _child(args: argparse.Namespace) -> None:
     stage1 = VaeStage([], saved["scaling_factor"], saved["latents"], saved["seconds"])
     config = QatConfig(args.recipe, steps=args.steps, batch=args.batch, lr=args.lr, distill=args.distill)
     extra = {"recluster_every": args.recluster_every, "luts": args.luts, "lut_lr": args.lut_lr}
-    extra.update(assignment=args.assignment, temperature=args.temperature, seed=args.seed)
+    extra.update(assignment=args.assignment, temperature=args.temperature, anneal=args.anneal, seed=args.seed)
     config = QatConfig.from_dict(dict(config.to_dict(), **extra))
     before, cpu = _peak_gb(), time.process_time()
     record = {"method": args.child, "qat": config.to_dict(), "steps": args.steps, "batch": args.batch}
@@ -122,7 +122,7 @@ def _spawn(child: str, model_dir: Path, out: Path, settings: dict, recipe: Path 
     command += ["--recluster-every", str(settings["recluster_every"])]
     command += ["--luts", settings["luts"], "--lut-lr", str(settings["lut_lr"])]
     command += ["--assignment", settings["assignment"], "--temperature", str(settings["temperature"])]
-    command += ["--seed", str(settings["seed"])]
+    command += ["--seed", str(settings["seed"]), "--anneal" if settings["anneal"] else "--no-anneal"]
     if settings["n_images"] is not None:
         command += ["--n-images", str(settings["n_images"])]
     if recipe is not None:
@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--temperature", type=float, default=None, help=f"ours, soft: first temperature ({TEMPERATURE})"
     )
+    parser.add_argument(
+        "--anneal", action=argparse.BooleanOptionalAction, default=None, help="ours, soft: anneal to hard (yes)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seeds the training batches, ours and DKM's (0)")
     parser.add_argument("--eval-images", type=int, default=None, help=f"images per measurement ({EVAL_IMAGES})")
     parser.add_argument("--n-images", type=int, default=None, help=argparse.SUPPRESS)
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     started, settings, numels = time.perf_counter(), _settings(args.smoke), _candidates(model_dir)
     given = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "distill": args.distill}
     given.update(recluster_every=args.recluster_every, luts=args.luts, lut_lr=args.lut_lr, assignment=args.assignment)
-    given.update(temperature=args.temperature, seed=args.seed)
+    given.update(temperature=args.temperature, seed=args.seed, anneal=args.anneal)
     settings.update({k: v for k, v in dict(given, eval_images=args.eval_images).items() if v is not None})
     nan = dict.fromkeys(("image_psnr_db", "one_step_psnr_db", "adherence", "train_seconds", "peak_gb"), math.nan)
     figures = {}

@@ -347,8 +347,11 @@ def check_exact(unet: nn.Module, palettes: dict[str, Palette]) -> bool:
 
 
 def soft_temperature(step: int, config: QatConfig) -> float:
-    """The soft assignment's temperature at `step`: `config.temperature` falling as a half cosine to 0 at three
-    quarters of the steps, then 0 (hard: the last quarter trains the palettes the package will hold)."""
+    """The soft assignment's temperature at `step`: with `config.anneal`, `config.temperature` falling as a half
+    cosine to 0 at three quarters of the steps, then 0 (hard: the last quarter trains the palettes the package will
+    hold); without, `config.temperature` throughout (the palettes are the nearest entries after the last step)."""
+    if not config.anneal:
+        return config.temperature
     soft_steps = max(1, (3 * config.steps) // 4)
     if step >= soft_steps:
         return 0.0

@@ -45,18 +45,20 @@ class QatConfig:
             "learned": the entries themselves are parameters (`workbench.tune.luts.LutWeight`, the learned-LUT
             parametrization), their gradient the sum of their weights' gradients, each layer's step size `lut_lr`
             times its weight RMS; the assignment stays the post-training k-means'; no float masters.
-        assignment (`str`, defaults to "soft"): with `luts="centroid"` (learned LUTs keep theirs), which entry each weight reads while training.
-            "soft": a soft assignment in the forward pass (each weight a softmax-weighted mix of its group's
-            centroids, the centroids the weighted means of the masters: one differentiable k-means iteration,
-            recomputed in the backward pass so nothing of size weights x entries is kept), its `temperature` annealed
-            to 0 (hard) at three quarters of the steps; after every step each weight takes its nearest entry and each
-            entry the mean of its masters. "fixed": the post-training k-means' assignment for the whole run, the
-            gradient straight through to the masters. "nearest": as "fixed", but each weight moves to the entry
-            nearest its master after every step. On the demo model at 2 bits "soft" gave the best images
-            (docs/training_time.md).
+        assignment (`str`, defaults to "soft"): with `luts="centroid"` (learned LUTs keep theirs), which entry each
+            weight reads while training. "soft": a soft assignment in the forward pass (each weight a softmax-weighted
+            mix of its group's centroids, the centroids the weighted means of the masters: one differentiable k-means
+            iteration, recomputed in the backward pass so nothing of size weights x entries is kept), its
+            `temperature` annealed to 0 (hard) at three quarters of the steps (`anneal`); after every step each
+            weight takes its nearest entry and each entry the mean of its masters. "fixed": the post-training k-means'
+            assignment for the whole run, the gradient straight through to the masters. "nearest": as "fixed", but
+            each weight moves to the entry nearest its master after every step (docs/training_time.md).
         temperature (`float`, defaults to 0.01): with `assignment="soft"`, the first temperature, relative to each
             palette group's weight variance: between two entries one standard deviation apart, the attention changes
             by a factor e over `temperature / 2` standard deviations around their midpoint.
+        anneal (`bool`, defaults to True): with `assignment="soft"`, anneal the temperature to 0 at three quarters
+            of the steps (the last quarter hard); False keeps it constant, and the palettes written are each
+            weight's nearest entry after the last step (as DKM's `finalize`).
         lut_lr (`float`, defaults to 0.01): with `luts="learned"`, the LUT entries' peak step size relative to their
             layer's weight RMS (as `workbench tune`); the schedule is the same warmup and cosine decay.
         min_numel (`int`, defaults to 2048): with a uniform width, the candidate layers have more weights than this
@@ -74,6 +76,7 @@ class QatConfig:
     luts: str = "centroid"
     assignment: str = "soft"
     temperature: float = 0.01
+    anneal: bool = True
     lut_lr: float = 0.01
     min_numel: int = 2048
     seed: int = 0
