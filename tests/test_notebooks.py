@@ -162,7 +162,7 @@ def test_06_learned_on_tiny_sd_skips_training_it_has_no_data_for(report):
     out = report.out_dir
     _figure(out, "06_learned_lut_histogram.png")
     assert not (out / "figures" / "06_trained_lut_histogram.png").exists()
-    assert list(_table(out, "06_learned_psnr.csv")["column"]) == ["float16", "2-bit k-means", "2-bit learned"]
+    assert list(_table(out, "06_learned_recipes.csv")["name"]) == ["float16", "2-bit k-means", "2-bit learned"]
 
 
 @pytest.mark.slow  # the demo model in smoke mode: learned LUTs, then training with the palettes (~1 min)
@@ -172,7 +172,9 @@ def test_06_on_the_demo_model_trains_with_the_palettes_and_shows_the_trained_col
     _figure(tmp_path, "06_trained_lut_histogram.png")
     losses = _table(tmp_path, "06_qat_loss.csv")
     assert len(losses) == 2 and losses["loss"].notna().all()  # smoke: two steps, one row each
-    psnr = _table(tmp_path, "06_learned_psnr.csv").set_index("column")["image_psnr_db"]
+    table = _table(tmp_path, "06_learned_recipes.csv").set_index("name")
+    assert (table["bits_per_param"].iloc[1:] == 2.0).all() and table["color_adherence"].notna().all()
+    psnr = table["image_psnr_db"]
     assert list(psnr.index) == ["float16", "2-bit k-means", "2-bit learned", "2-bit trained"]
     assert (psnr.iloc[1:] > 10).all()  # the palettized columns are images of the same scenes, not noise
 

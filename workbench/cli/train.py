@@ -17,7 +17,7 @@ from workbench.tune.qat_config import ASSIGNMENTS, LUT_MODES, QatConfig
 # `--palettize`'s options, each named as its `QatConfig` field
 _QAT_OPTIONS = (
     "recipe_name", "steps", "batch", "lr", "recluster_every", "distill", "luts", "assignment", "temperature",
-    "lut_lr", "min_numel", "seed",
+    "anneal", "lut_lr", "min_numel", "seed",
 )  # fmt: skip
 
 
@@ -103,6 +103,10 @@ def add_parser(sub) -> None:
         default=None,
         help="soft: first temperature / weight variance (0.01)",
     )
+    q.add_argument(
+        "--anneal", action=argparse.BooleanOptionalAction, default=None,
+        help="soft: anneal the temperature to hard at three quarters of the steps (--no-anneal: constant)",
+    )  # fmt: skip
     q.add_argument(
         "--lut-lr", type=float_in_range(1e-12), default=None, help="learned LUTs: step size / layer RMS (0.01)"
     )
