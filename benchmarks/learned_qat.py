@@ -46,9 +46,9 @@ import numpy as np
 STEPS = 120  # optimizer steps of every training run (ours and DKM alike), batch BATCH
 BATCH = 32
 EVAL_IMAGES = 32
-LR, DISTILL, RECLUSTER_EVERY, LUTS, LUT_LR, ASSIGNMENT, TEMPERATURE = 1e-3, 1.0, 0, "centroid", 0.01, "soft", 0.01
+LR, DISTILL, RECLUSTER_EVERY, LUTS, LUT_LR, ASSIGNMENT, TEMPERATURE = 1e-3, 1.0, 0, "centroid", 0.01, "soft", 0.1
 TRAINING = {"lr": LR, "distill": DISTILL, "recluster_every": RECLUSTER_EVERY, "luts": LUTS, "lut_lr": LUT_LR,
-            "assignment": ASSIGNMENT, "temperature": TEMPERATURE, "anneal": True, "seed": 0}  # fmt: skip
+            "assignment": ASSIGNMENT, "temperature": TEMPERATURE, "anneal": False, "seed": 0}  # fmt: skip
 SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3, **TRAINING}
 MIXED_TARGET = 2.5
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "--temperature", type=float, default=None, help=f"ours, soft: first temperature ({TEMPERATURE})"
     )
     parser.add_argument(
-        "--anneal", action=argparse.BooleanOptionalAction, default=None, help="ours, soft: anneal to hard (yes)"
+        "--anneal", action=argparse.BooleanOptionalAction, default=None, help="ours, soft: anneal to hard (no)"
     )
     parser.add_argument("--seed", type=int, default=None, help="seeds the training batches, ours and DKM's (0)")
     parser.add_argument("--eval-images", type=int, default=None, help=f"images per measurement ({EVAL_IMAGES})")

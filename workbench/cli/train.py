@@ -101,11 +101,11 @@ def add_parser(sub) -> None:
         "--temperature",
         type=float_in_range(0.0),
         default=None,
-        help="soft: first temperature / weight variance (0.01)",
+        help="soft: temperature / weight variance (0.1)",
     )
     q.add_argument(
         "--anneal", action=argparse.BooleanOptionalAction, default=None,
-        help="soft: anneal the temperature to hard at three quarters of the steps (--no-anneal: constant)",
+        help="soft: anneal the temperature to hard at three quarters of the steps (default: constant)",
     )  # fmt: skip
     q.add_argument(
         "--lut-lr", type=float_in_range(1e-12), default=None, help="learned LUTs: step size / layer RMS (0.01)"

@@ -1,13 +1,15 @@
 """Training-time palettization: fine-tune a UNet on its own training data while its weights are palettized.
 
 The design (argued in docs/training_time.md): every palettized layer keeps a float32 *master* weight and a palette
-(`workbench.palettes.fit.Palette`'s LUT and indices). The forward pass uses `LUT[indices]`, exactly the weight the
-Core ML package will hold; the backward pass hands the gradient of that weight to the master unchanged (a
-straight-through estimator). After every optimizer step each LUT entry becomes the float16-rounded mean of the masters
-assigned to it (the k-means centroid step, O(weights)). The assignment is the post-training k-means' and stays, unless
-`recluster_every` asks for re-fits from scratch by the exact k-means Core ML itself runs (`fit_palette` on the float16
-masters; off by default: on the demo model they raised the loss, docs/training_time.md).
-Nothing of size weights x clusters is ever held: the memory over plain training is one index per weight.
+(`workbench.palettes.fit.Palette`'s LUT and indices). By default (`QatConfig.assignment="soft"`) the forward pass
+reads each weight through a soft assignment over its group's entries (a softmax of the squared distances at a
+temperature relative to the layer's variance), the centroids being the attention-weighted means of the masters: one
+differentiable k-means iteration, recomputed in the backward pass, so a cluster's masters move together and a master
+near a midpoint may cross it. After every optimizer step each weight takes its nearest entry and each entry becomes
+the float16-rounded mean of its masters (k-means' two steps, O(weights)). `assignment="fixed"` keeps the
+post-training assignment and hands the gradient of `LUT[indices]` straight through to the masters; `"nearest"`
+re-assigns after each step; `recluster_every` re-fits from scratch by the exact k-means Core ML runs (on the demo
+model it raised the loss). Nothing of size weights x clusters is kept beyond one layer's forward pass.
 
 The first palettes are the post-training ones (`fit_palette` on the float weights), so step 0 is plain k-means
 palettization; the model written at the end holds `LUT[indices]` exactly, so `workbench export` with the same recipe

@@ -49,16 +49,17 @@ class QatConfig:
             weight reads while training. "soft": a soft assignment in the forward pass (each weight a softmax-weighted
             mix of its group's centroids, the centroids the weighted means of the masters: one differentiable k-means
             iteration, recomputed in the backward pass so nothing of size weights x entries is kept), its
-            `temperature` annealed to 0 (hard) at three quarters of the steps (`anneal`); after every step each
+            `temperature` constant or annealed to 0 (`anneal`); after every step each
             weight takes its nearest entry and each entry the mean of its masters. "fixed": the post-training k-means'
             assignment for the whole run, the gradient straight through to the masters. "nearest": as "fixed", but
             each weight moves to the entry nearest its master after every step (docs/training_time.md).
-        temperature (`float`, defaults to 0.01): with `assignment="soft"`, the first temperature, relative to each
+        temperature (`float`, defaults to 0.1): with `assignment="soft"`, the first temperature, relative to each
             palette group's weight variance: between two entries one standard deviation apart, the attention changes
             by a factor e over `temperature / 2` standard deviations around their midpoint.
-        anneal (`bool`, defaults to True): with `assignment="soft"`, anneal the temperature to 0 at three quarters
-            of the steps (the last quarter hard); False keeps it constant, and the palettes written are each
-            weight's nearest entry after the last step (as DKM's `finalize`).
+        anneal (`bool`, defaults to False): with `assignment="soft"`, True anneals the temperature to 0 at three
+            quarters of the steps (the last quarter hard); False keeps it constant, and the palettes written are each
+            weight's nearest entry after the last step (as DKM's `finalize`). Constant was better and steadier on the
+            demo model (docs/training_time.md).
         lut_lr (`float`, defaults to 0.01): with `luts="learned"`, the LUT entries' peak step size relative to their
             layer's weight RMS (as `workbench tune`); the schedule is the same warmup and cosine decay.
         min_numel (`int`, defaults to 2048): with a uniform width, the candidate layers have more weights than this
@@ -75,8 +76,8 @@ class QatConfig:
     distill: float = 1.0
     luts: str = "centroid"
     assignment: str = "soft"
-    temperature: float = 0.01
-    anneal: bool = True
+    temperature: float = 0.1
+    anneal: bool = False
     lut_lr: float = 0.01
     min_numel: int = 2048
     seed: int = 0
