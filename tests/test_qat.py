@@ -204,9 +204,9 @@ def test_a_moving_assignment_trains_deterministically_and_ends_exact(assignment)
 def test_the_temperature_anneals_to_hard_at_three_quarters_or_stays_constant():
     from workbench.tune.qat import soft_temperature
 
-    annealed = QatConfig("2", steps=8, temperature=0.02)
+    annealed = QatConfig("2", steps=8, temperature=0.02, anneal=True)
     schedule = [soft_temperature(step, annealed) for step in range(8)]
     assert schedule[0] == 0.02 and all(a > b for a, b in zip(schedule[:6], schedule[1:6]))
     assert schedule[6:] == [0.0, 0.0]  # the last quarter trains the hard palettes
-    constant = QatConfig("2", steps=8, temperature=0.02, anneal=False)
+    constant = QatConfig("2", steps=8, temperature=0.02)  # the default: constant
     assert [soft_temperature(step, constant) for step in range(8)] == [0.02] * 8
