@@ -3,10 +3,10 @@
 The design (argued in docs/training_time.md): every palettized layer keeps a float32 *master* weight and a palette
 (`workbench.palettes.fit.Palette`'s LUT and indices). By default (`QatConfig.assignment="soft"`) the forward pass
 reads each weight through a soft assignment over its group's entries (a softmax of the squared distances at a
-temperature relative to the layer's variance), the centroids being the attention-weighted means of the masters: one
-differentiable k-means iteration, recomputed in the backward pass, so a cluster's masters move together and a master
-near a midpoint may cross it. After every optimizer step each weight takes its nearest entry and each entry becomes
-the float16-rounded mean of its masters (k-means' two steps, O(weights)). `assignment="fixed"` keeps the
+temperature relative to the squared spacing of the entries), the centroids being the attention-weighted means of the
+masters: one differentiable k-means iteration, recomputed in the backward pass, so a cluster's masters move together
+and a master near a midpoint may cross it. After every optimizer step each weight takes its nearest entry and each
+entry becomes the float16-rounded mean of its masters (k-means' two steps, O(weights)). `assignment="fixed"` keeps the
 post-training assignment and hands the gradient of `LUT[indices]` straight through to the masters; `"nearest"`
 re-assigns after each step; `recluster_every` re-fits from scratch by the exact k-means Core ML runs (on the demo
 model it raised the loss). Nothing of size weights x clusters is kept beyond one layer's forward pass.
@@ -116,13 +116,15 @@ class TrainedPalette(nn.Module):
         super().__init__()
         self.config = config
         self.soft = soft  # `QatConfig.assignment == "soft"`: the forward pass is `soft_weight`
-        self.temperature = 0.0  # of the soft assignment, relative to `variance`; set by the loop every step
+        self.temperature = 0.0  # of the soft assignment, relative to `spacing`; set by the loop every step
         self.register_buffer("lut", torch.empty(0), persistent=False)
         self.register_buffer("indices", torch.empty(0, dtype=torch.long), persistent=False)
         self.refit(master)
         groups = self.lut.shape[0]
-        variance = master.detach().reshape(groups, -1).float().var(dim=1, correction=0).clamp_min(1e-12)
-        self.register_buffer("variance", variance.reshape(groups, 1, 1), persistent=False)
+        # the squared mean spacing of each group's first entries, (max - min) / (2**nbits - 1): the soft assignment's
+        # scale, so that a temperature mixes the same share of a gap at every width
+        gap = (self.lut.amax(dim=1) - self.lut.amin(dim=1)) / max(1, self.lut.shape[1] - 1)
+        self.register_buffer("spacing", gap.square().clamp_min(1e-12).reshape(groups, 1, 1), persistent=False)
 
     @torch.no_grad()
     def refit(self, master: torch.Tensor) -> None:
@@ -168,7 +170,7 @@ class TrainedPalette(nn.Module):
 
     def soft_weight(self, master: torch.Tensor) -> torch.Tensor:
         """The weight under a soft assignment (differentiable in the master): each weight's attention over its
-        group's entries is `softmax(-(w - lut)**2 / (temperature * variance))`, the centroids are the attention-
+        group's entries is `softmax(-(w - lut)**2 / (temperature * spacing))`, the centroids are the attention-
         weighted means of the masters (one differentiable k-means iteration from the current LUT), and the weight is
         its attention's mix of them. At temperature 0 the attention is the nearest entry, and the weight is its
         cluster's mean: every master of a cluster gets the same gradient, the cluster's."""
@@ -176,7 +178,7 @@ class TrainedPalette(nn.Module):
         weights = master.reshape(groups, -1, 1)
         start = self.lut.unsqueeze(1)
         if self.temperature > 0:
-            attention = torch.softmax(-((weights - start) ** 2) / (self.temperature * self.variance), dim=-1)
+            attention = torch.softmax(-((weights - start) ** 2) / (self.temperature * self.spacing), dim=-1)
         else:
             nearest = (weights.detach() - start).abs().argmin(-1)
             attention = torch.nn.functional.one_hot(nearest, self.lut.shape[1]).to(weights.dtype)

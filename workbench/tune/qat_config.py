@@ -53,9 +53,10 @@ class QatConfig:
             weight takes its nearest entry and each entry the mean of its masters. "fixed": the post-training k-means'
             assignment for the whole run, the gradient straight through to the masters. "nearest": as "fixed", but
             each weight moves to the entry nearest its master after every step (docs/training_time.md).
-        temperature (`float`, defaults to 0.1): with `assignment="soft"`, the first temperature, relative to each
-            palette group's weight variance: between two entries one standard deviation apart, the attention changes
-            by a factor e over `temperature / 2` standard deviations around their midpoint.
+        temperature (`float`, defaults to 0.1): with `assignment="soft"`, the temperature relative to the squared
+            mean spacing of each palette group's first entries ((max - min) / (2**nbits - 1)): between two adjacent
+            entries the attention changes by a factor e over `temperature / 2` of their gap around its midpoint, at
+            every width.
         anneal (`bool`, defaults to False): with `assignment="soft"`, True anneals the temperature to 0 at three
             quarters of the steps (the last quarter hard); False keeps it constant, and the palettes written are each
             weight's nearest entry after the last step (as DKM's `finalize`). Constant was better and steadier on the
