@@ -46,7 +46,7 @@ import numpy as np
 STEPS = 120  # optimizer steps of every training run (ours and DKM alike), batch BATCH
 BATCH = 32
 EVAL_IMAGES = 32
-LR, DISTILL, RECLUSTER_EVERY, LUTS, LUT_LR, ASSIGNMENT, TEMPERATURE = 1e-3, 1.0, 0, "centroid", 0.01, "soft", 0.1
+LR, DISTILL, RECLUSTER_EVERY, LUTS, LUT_LR, ASSIGNMENT, TEMPERATURE = 1e-3, 1.0, 0, "centroid", 0.01, "soft", 0.06
 TRAINING = {"lr": LR, "distill": DISTILL, "recluster_every": RECLUSTER_EVERY, "luts": LUTS, "lut_lr": LUT_LR,
             "assignment": ASSIGNMENT, "temperature": TEMPERATURE, "anneal": False, "seed": 0}  # fmt: skip
 SMOKE = {"steps": 2, "batch": 2, "n_images": 64, "eval_images": 2, "sample_steps": 3, **TRAINING}

@@ -101,7 +101,7 @@ def add_parser(sub) -> None:
         "--temperature",
         type=float_in_range(0.0),
         default=None,
-        help="soft: temperature / squared entry spacing (0.1)",
+        help="soft: temperature / squared entry spacing (0.06)",
     )
     q.add_argument(
         "--anneal", action=argparse.BooleanOptionalAction, default=None,

@@ -53,7 +53,7 @@ class QatConfig:
             weight takes its nearest entry and each entry the mean of its masters. "fixed": the post-training k-means'
             assignment for the whole run, the gradient straight through to the masters. "nearest": as "fixed", but
             each weight moves to the entry nearest its master after every step (docs/training_time.md).
-        temperature (`float`, defaults to 0.1): with `assignment="soft"`, the temperature relative to the squared
+        temperature (`float`, defaults to 0.06): with `assignment="soft"`, the temperature relative to the squared
             mean spacing of each palette group's first entries ((max - min) / (2**nbits - 1)): between two adjacent
             entries the attention changes by a factor e over `temperature / 2` of their gap around its midpoint, at
             every width.
@@ -77,7 +77,7 @@ class QatConfig:
     distill: float = 1.0
     luts: str = "centroid"
     assignment: str = "soft"
-    temperature: float = 0.1
+    temperature: float = 0.06
     anneal: bool = False
     lut_lr: float = 0.01
     min_numel: int = 2048
